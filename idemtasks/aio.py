@@ -1,0 +1,114 @@
+"""Asyncio side of the client: submit and look up without blocking the event loop.
+
+The record is written through an :class:`AsyncStore` (redis.asyncio for Redis, SQLAlchemy's async engine for
+PostgreSQL and SQLite, a worker thread for MariaDB and the memory store). Publishing goes through kombu, which is
+synchronous, so it runs in a thread: the loop keeps serving other requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+from typing import Any
+
+from .config import ACCEPT_WINDOW, DEFAULT_TTL
+from .errors import IdempotencyKeyMismatch
+from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
+from .models import Operation, Status, Submission
+from .stores import Store, shared_store
+from .stores.base import CreateRequest
+
+__all__ = ["AsyncStore", "ThreadedAsyncStore", "async_store_for", "submit_async"]
+
+
+class AsyncStore(abc.ABC):
+    """The part of the store a web process needs: create, read, and the clock."""
+
+    @abc.abstractmethod
+    async def _create(self, req: CreateRequest) -> tuple[Operation, bool]: ...
+
+    @abc.abstractmethod
+    async def _get(self, digest: str) -> Operation | None: ...
+
+    @abc.abstractmethod
+    async def now(self) -> float: ...
+
+    async def create(self, scope: str, key: str, task_name: str, fingerprint: str, *, ttl: float,
+                     payload: str | None = None) -> Submission:
+        digest = key_digest(scope, key)
+        op, created = await self._create(
+            CreateRequest(digest, scope, key, task_name, fingerprint, new_operation_id(digest), ttl, payload))
+        if not created and op.fingerprint != fingerprint:
+            raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=op.id, stored_fingerprint=op.fingerprint,
+                                         fingerprint=fingerprint)
+        return Submission(op, created)
+
+    async def get_by_id(self, operation_id: str) -> Operation | None:
+        from .identity import digest_from_id
+
+        digest = digest_from_id(operation_id)
+        if digest is None:
+            return None
+        op = await self._get(digest)
+        return op if op is not None and op.id == operation_id else None
+
+
+class ThreadedAsyncStore(AsyncStore):
+    """Any synchronous store, its calls moved off the event loop onto worker threads."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
+        return await asyncio.to_thread(self.store._create, req)
+
+    async def _get(self, digest: str) -> Operation | None:
+        return await asyncio.to_thread(self.store._get, digest)
+
+    async def now(self) -> float:
+        return await asyncio.to_thread(self.store.now)
+
+
+_async_stores: dict[tuple[int, int, str], AsyncStore] = {}
+
+
+def async_store_for(store: Store | str) -> AsyncStore:
+    """The async counterpart of a store, one per store URL, process and event loop."""
+    sync = store if isinstance(store, Store) else shared_store(store)
+    cache_key = (os.getpid(), id(asyncio.get_running_loop()), sync.url + f"#{id(sync)}")
+    existing = _async_stores.get(cache_key)
+    if existing is None:
+        existing = _async_stores[cache_key] = _native(sync) or ThreadedAsyncStore(sync)
+    return existing
+
+
+def _native(store: Store) -> AsyncStore | None:
+    kind = type(store).__name__  # by name: neither backend module is imported unless it is in use
+    if kind == "RedisStore":
+        from .stores.redis_async import AsyncRedisStore
+
+        return AsyncRedisStore(store)  # type: ignore[arg-type]
+    if kind == "SQLStore":
+        from .stores.sql_async import AsyncSQLStore, supports
+
+        return AsyncSQLStore(store) if supports(store) else None  # type: ignore[arg-type]
+    return None
+
+
+async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: str, scope: str | None = None,
+                       fingerprint: str | None = None, store: AsyncStore | None = None, **options: Any) -> Submission:
+    """:meth:`IdempotentTask.submit <idemtasks.task.IdempotentTask.submit>` for asyncio code."""
+    task._settled()
+    key = validate_key(key)
+    scope = validate_scope(scope if scope is not None else task.idempotency_scope)
+    call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+    fingerprint = fingerprint or fingerprint_of_call(call)
+    astore = store or async_store_for(task.store)
+    sub = await astore.create(scope, key, task.name, fingerprint, ttl=float(task.idempotency_ttl or DEFAULT_TTL),
+                              payload=call)
+    op = sub.operation
+    if sub.created or (op.status is Status.PENDING and op.needs_publish
+                       and await astore.now() - op.created_at >= ACCEPT_WINDOW):
+        await asyncio.to_thread(task.publish, op, args, kwargs, abandon_on_failure=sub.created, **options)
+    return sub

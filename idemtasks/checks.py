@@ -1,0 +1,70 @@
+"""Start-up checks: lease and delivery settings that would quietly weaken the guarantees.
+
+Run once when a worker starts (``worker_init``), logged as warnings that say what to change; also callable
+directly as :func:`check_settings`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+__all__ = ["check_settings", "watch"]
+
+logger = logging.getLogger("idemtasks.checks")
+
+#: Brokers that redeliver an unacked message after a visibility timeout, even while the first copy still runs.
+_VISIBILITY_BROKERS = ("redis", "rediss", "sqs", "sentinel")
+_DEFAULT_VISIBILITY = 3600.0
+_watched: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def check_settings(app: Any) -> list[str]:
+    """Return one warning per idempotent task whose settings undermine exactly-once delivery."""
+    from .task import IdempotentTask
+
+    conf = app.conf
+    broker = str(conf.broker_url or "").split("://", 1)[0].split("+", 1)[0]
+    visibility = float((conf.broker_transport_options or {}).get("visibility_timeout", _DEFAULT_VISIBILITY))
+    warnings: list[str] = []
+    for name, task in sorted(app.tasks.items()):
+        if not isinstance(task, IdempotentTask):
+            continue
+        lease = float(task.lease_seconds or 0.0)
+        if not task.acks_late:
+            warnings.append(f"{name}: acks_late is off, so a message is acked before the body runs and a killed "
+                            "worker loses it; set acks_late=True and task_reject_on_worker_lost=True (or run the "
+                            f"sweeper) so the operation is taken over after its lease of {lease:g}s")
+        elif not task.reject_on_worker_lost:
+            warnings.append(f"{name}: with acks_late but without reject_on_worker_lost, a SIGKILLed pool child's "
+                            "message is acked, not redelivered; set task_reject_on_worker_lost=True")
+        if broker in _VISIBILITY_BROKERS:
+            if task.time_limit and float(task.time_limit) > visibility:
+                warnings.append(f"{name}: time_limit {task.time_limit}s exceeds the broker visibility_timeout "
+                                f"{visibility:g}s, so long runs are redelivered while running (the duplicate waits "
+                                "on the lease); raise broker_transport_options['visibility_timeout']")
+            if lease >= visibility:
+                warnings.append(f"{name}: lease_seconds {lease:g}s is not shorter than the visibility_timeout "
+                                f"{visibility:g}s; after a crash the redelivered message finds a live lease and "
+                                "waits; lower idemtasks_lease")
+        if task.time_limit and lease > float(task.time_limit) * 2:
+            warnings.append(f"{name}: lease_seconds {lease:g}s is far longer than time_limit {task.time_limit}s; a "
+                            "child killed by the time limit keeps its operation until the lease runs out")
+    return warnings
+
+
+def watch(app: Any) -> None:
+    """Arrange for :func:`check_settings` to be logged when a worker for ``app`` starts."""
+    if app in _watched:
+        return
+    _watched.add(app)
+    from celery import signals
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", app) is not app:
+            return
+        for warning in check_settings(app):
+            logger.warning("idemtasks: %s", warning)
+
+    signals.worker_init.connect(on_worker_init, weak=False)

@@ -1,0 +1,96 @@
+"""Settings, in Celery's idiom: ``idemtasks_*`` keys in ``app.conf``, overridable per task class.
+
+==============================  ======================================  ==========================================
+``app.conf`` key                task attribute                          default
+==============================  ======================================  ==========================================
+``idemtasks_store_url``         ``store_url``                           :data:`DEFAULT_STORE_URL`
+``idemtasks_ttl``               ``idempotency_ttl``                     :data:`DEFAULT_TTL` (24 h)
+``idemtasks_lease``             ``lease_seconds``                       :data:`DEFAULT_LEASE` (60 s)
+``idemtasks_scope``             ``idempotency_scope``                   :data:`~idemtasks.identity.DEFAULT_SCOPE`
+``idemtasks_on_busy``           ``on_busy``                             :data:`DEFAULT_ON_BUSY` (``"retry"``)
+``idemtasks_busy_countdown``    ``busy_countdown``                      :data:`DEFAULT_BUSY_COUNTDOWN` (1 s)
+``idemtasks_store_retry_max``   ``store_retry_max_delay``               :data:`DEFAULT_STORE_RETRY_MAX_DELAY` (60 s)
+``idemtasks_max_args_bytes``    ``max_args_bytes``                      :data:`DEFAULT_MAX_ARGS_BYTES` (256 KiB)
+``idemtasks_max_result_bytes``  ``max_result_bytes``                    :data:`DEFAULT_MAX_RESULT_BYTES` (1 MiB)
+``idemtasks_pipeline``          ``pipeline_completions``                :data:`DEFAULT_PIPELINE` (``True``)
+==============================  ======================================  ==========================================
+
+Task-only attributes: ``key_func`` (key for messages sent without :meth:`submit`), ``retry_on`` (exception types
+that are retried rather than stored as terminal failures), ``transactional`` and ``transaction_url``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigurationError
+from .identity import DEFAULT_SCOPE
+
+__all__ = [
+    "ACCEPT_WINDOW",
+    "DEFAULT_BUSY_COUNTDOWN",
+    "DEFAULT_LEASE",
+    "DEFAULT_MAX_ARGS_BYTES",
+    "DEFAULT_MAX_RESULT_BYTES",
+    "DEFAULT_ON_BUSY",
+    "DEFAULT_PIPELINE",
+    "DEFAULT_STORE_RETRY_MAX_DELAY",
+    "DEFAULT_STORE_URL",
+    "DEFAULT_TTL",
+    "ON_BUSY_POLICIES",
+    "SETTINGS",
+]
+
+#: The embedded default: a SQLite file in the working directory, so nothing needs a server to try idemtasks.
+DEFAULT_STORE_URL = "sqlite:///idemtasks.sqlite3"
+#: How long an operation is remembered after its last change (Stripe keeps keys at least 24 h).
+DEFAULT_TTL = 24 * 3600.0
+#: How long a claim stays valid without renewal. A running task renews it every third of this, so this is
+#: roughly how long a crashed worker's operation waits before another worker may take it over.
+DEFAULT_LEASE = 60.0
+#: What a duplicate does when another worker holds a live lease: ``"retry"`` (republish itself after
+#: ``busy_countdown`` and replay the holder's result once it is stored), ``"wait"`` (poll the store in place, holding a
+#: worker slot), or ``"ignore"`` (drop the duplicate; the holder's result is in the store).
+DEFAULT_ON_BUSY = "retry"
+ON_BUSY_POLICIES = ("retry", "wait", "ignore")
+#: Delay before a busy duplicate looks again.
+DEFAULT_BUSY_COUNTDOWN = 1.0
+#: Cap of the exponential back-off used while the store is unreachable (the body never runs unclaimed).
+DEFAULT_STORE_RETRY_MAX_DELAY = 60.0
+#: Limits on the canonical JSON of stored arguments and results; a payments API has no business storing more.
+DEFAULT_MAX_ARGS_BYTES = 256 * 1024
+DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
+#: Write a completion without waiting for its answer where the store can (Redis): one synchronous round trip per
+#: executed task instead of two. See :mod:`idemtasks.stores.redis_lane` for what that defers and what it does not.
+DEFAULT_PIPELINE = True
+
+#: How long a just-created operation counts as "still being accepted": its message is not yet confirmed published.
+#: A duplicate inside this window is told to come back (HTTP 409); after it, the first request is presumed dead and
+#: the message is published again, which is safe because the worker's claim deduplicates.
+ACCEPT_WINDOW = 10.0
+
+#: (task attribute, ``app.conf`` key, default)
+SETTINGS: tuple[tuple[str, str, Any], ...] = (
+    ("store_url", "idemtasks_store_url", DEFAULT_STORE_URL),
+    ("idempotency_ttl", "idemtasks_ttl", DEFAULT_TTL),
+    ("lease_seconds", "idemtasks_lease", DEFAULT_LEASE),
+    ("idempotency_scope", "idemtasks_scope", DEFAULT_SCOPE),
+    ("on_busy", "idemtasks_on_busy", DEFAULT_ON_BUSY),
+    ("busy_countdown", "idemtasks_busy_countdown", DEFAULT_BUSY_COUNTDOWN),
+    ("store_retry_max_delay", "idemtasks_store_retry_max", DEFAULT_STORE_RETRY_MAX_DELAY),
+    ("max_args_bytes", "idemtasks_max_args_bytes", DEFAULT_MAX_ARGS_BYTES),
+    ("max_result_bytes", "idemtasks_max_result_bytes", DEFAULT_MAX_RESULT_BYTES),
+    ("pipeline_completions", "idemtasks_pipeline", DEFAULT_PIPELINE),
+)
+
+
+def validate(task_name: str, values: dict[str, Any]) -> None:
+    """Refuse settings that would break the guarantees rather than discover it under load."""
+    lease, ttl = float(values["lease_seconds"]), float(values["idempotency_ttl"])
+    if lease <= 0:
+        raise ConfigurationError(f"{task_name}: lease_seconds must be positive, not {lease}")
+    # The record must outlive any lease on it, or a running operation could expire and its key start a second one.
+    if ttl < 2 * lease:
+        raise ConfigurationError(f"{task_name}: idempotency_ttl ({ttl}) must be at least twice lease_seconds ({lease})")
+    if values["on_busy"] not in ON_BUSY_POLICIES:
+        raise ConfigurationError(f"{task_name}: on_busy must be one of {ON_BUSY_POLICIES}, not {values['on_busy']!r}")

@@ -1,0 +1,74 @@
+"""Django adapter: ``submit`` for views, and URL patterns for the status route.
+
+::
+
+    idem = Idempotency(store="redis://…")
+    urlpatterns = [path("payments", create_payment), path("", include(idem.urls()))]
+
+    def create_payment(request):
+        body = json.loads(request.body)
+        return idem.submit(request, charge, (body["account"], body["amount"]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+try:
+    from django.http import HttpRequest, HttpResponse
+    from django.urls import URLPattern, path
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the Django adapter needs Django: pip install idemtasks[django]") from exc
+
+from ..http.core import HttpPolicy, Reply
+from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
+from ..stores import Store
+
+__all__ = ["Idempotency", "to_response"]
+
+
+def to_response(reply: Reply) -> HttpResponse:
+    response = HttpResponse(reply.json_bytes(), status=reply.status, content_type=reply.media_type)
+    for name, value in reply.headers.items():
+        response[name] = value
+    return response
+
+
+class Idempotency:
+    """Idempotent writes and the status route for a Django project."""
+
+    def __init__(self, *, store: Store | str | None = None, policy: HttpPolicy | None = None,
+                 caller: Callable[[Mapping[str, str]], str | None] | None = None, status_prefix: str = "") -> None:
+        self.endpoint = Endpoint(store, policy=policy, status_prefix=status_prefix)
+        # The caller owns its keys and operations; by default the Bearer token names it (hashed before storage).
+        self.caller = caller or bearer_caller
+
+    def incoming(self, request: HttpRequest) -> IncomingRequest:
+        headers = dict(request.headers.items())
+        match = getattr(request, "resolver_match", None)
+        route = "/" + match.route.lstrip("/") if match is not None and match.route else request.path
+        return IncomingRequest(method=request.method or "POST", route=route, path=request.path,
+                               query=request.META.get("QUERY_STRING", ""), body=request.body, headers=headers,
+                               caller=self.caller(headers))
+
+    def check(self, request: HttpRequest, policy: HttpPolicy | None = None) -> HttpResponse | None:
+        """The key problem of a write (missing, invalid) as a response, before the view validates its body."""
+        prepared = self.endpoint.prepare(self.incoming(request), policy)
+        return to_response(prepared) if isinstance(prepared, Reply) else None
+
+    def submit(self, request: HttpRequest, task: Any, args: Any = None, kwargs: Any = None, *,
+               policy: HttpPolicy | None = None, **options: Any) -> HttpResponse:
+        """Record and enqueue ``task(*args, **kwargs)`` for this request, or replay its key's outcome."""
+        return to_response(self.endpoint.submit(self.incoming(request), task, args, kwargs, policy=policy,
+                                                **options))
+
+    def status_view(self, request: HttpRequest, operation_id: str) -> HttpResponse:
+        if request.method != "GET":
+            return HttpResponse(status=405, headers={"Allow": "GET"})
+        caller = self.caller(dict(request.headers.items()))
+        return to_response(self.endpoint.status(operation_id, caller))
+
+    def urls(self) -> list[URLPattern]:
+        """``path("", include(idem.urls()))`` mounts ``operations/<id>`` (prefix it to match ``status_prefix``)."""
+        return [path("operations/<str:operation_id>", self.status_view, name="idemtasks-operation")]

@@ -1,0 +1,92 @@
+"""FastAPI / Starlette adapter: async all the way, so the event loop never waits on the store.
+
+::
+
+    idem = Idempotency(store="redis://…")
+    app.include_router(idem.router)          # GET /operations/{operation_id}
+
+    @app.post("/payments")
+    async def create_payment(request: Request) -> Response:
+        body = Payment.model_validate_json(await request.body())
+        return await idem.submit(request, charge, (body.account, body.amount))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+try:
+    from fastapi import APIRouter
+    from starlette.requests import Request
+    from starlette.responses import Response
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the FastAPI adapter needs FastAPI: pip install idemtasks[fastapi]") from exc
+
+from ..aio import AsyncStore, async_store_for, submit_async
+from ..errors import IdemtasksError
+from ..http import core
+from ..http.core import HttpPolicy, Reply
+from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
+from ..stores import Store
+
+__all__ = ["Idempotency", "to_response"]
+
+
+def to_response(reply: Reply) -> Response:
+    return Response(reply.json_bytes(), status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
+
+
+class Idempotency:
+    """Idempotent writes and the status route for one FastAPI application."""
+
+    def __init__(self, *, store: Store | str | None = None, policy: HttpPolicy | None = None,
+                 caller: Callable[[Mapping[str, str]], str | None] = bearer_caller, status_prefix: str = "") -> None:
+        self.endpoint = Endpoint(store, policy=policy, status_prefix=status_prefix)
+        self.caller = caller
+        self.router = APIRouter()
+        self.router.add_api_route(f"{self.endpoint.status_prefix}/operations/{{operation_id}}", self.status,
+                                  methods=["GET"], name="idemtasks-operation")
+
+    def _async_store(self, task: Any | None = None) -> AsyncStore:
+        return async_store_for(self.endpoint.store_for(task))
+
+    async def incoming(self, request: Request) -> IncomingRequest:
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        headers = dict(request.headers.items())
+        return IncomingRequest(method=request.method, route=route, path=request.url.path,
+                               query=request.url.query, body=await request.body(), headers=headers,
+                               caller=self.caller(headers))
+
+    async def check(self, request: Request, policy: HttpPolicy | None = None) -> Response | None:
+        """The key problem of a write (missing, invalid) as a response, before the handler validates its body."""
+        prepared = self.endpoint.prepare(await self.incoming(request), policy)
+        return to_response(prepared) if isinstance(prepared, Reply) else None
+
+    async def submit(self, request: Request, task: Any, args: Any = None, kwargs: Any = None, *,
+                     policy: HttpPolicy | None = None, **options: Any) -> Response:
+        """Record and enqueue ``task(*args, **kwargs)`` for this request, or replay what its key already did."""
+        policy = policy or self.endpoint.policy
+        prepared = self.endpoint.prepare(await self.incoming(request), policy)
+        if isinstance(prepared, Reply):
+            return to_response(prepared)
+        key, scope, fp = prepared
+        astore = self._async_store(task)
+        try:
+            sub = await submit_async(task, args, kwargs, key=key, scope=scope, fingerprint=fp, store=astore,
+                                     **options)
+            now = sub.operation.updated_at
+            if not sub.created and sub.operation.needs_publish:  # only then does the answer depend on the clock
+                now = await astore.now()
+        except IdemtasksError as exc:
+            return to_response(core.error_reply(exc, policy))
+        return to_response(core.accepted(sub, self.endpoint.location(sub.operation.id), policy, now=now))
+
+    async def status(self, operation_id: str, request: Request) -> Response:
+        """``GET …/operations/{operation_id}``: the caller's own operation, or 404."""
+        caller = self.caller(dict(request.headers.items()))
+        try:
+            op = await self._async_store().get_by_id(operation_id)
+        except IdemtasksError as exc:
+            return to_response(core.error_reply(exc, self.endpoint.policy))
+        return to_response(core.status_reply(op, caller, self.endpoint.policy))

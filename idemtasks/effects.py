@@ -1,0 +1,138 @@
+"""Transactional mode: the body's database writes commit exactly once, together with a completion marker.
+
+The body of a ``transactional`` task runs inside one SQL transaction on the user's database. Before it commits, a
+row keyed by the operation id is inserted into ``idemtasks_effects`` in that same transaction. The primary key lets
+exactly one transaction per operation commit: a second holder (a takeover after a crash, or a zombie that lost its
+lease but kept running) collides with the committed marker, rolls its own writes back, and adopts the stored result.
+Because the marker lives next to the business rows, this holds whatever store keeps the operations (Redis or SQL).
+
+Table ``idemtasks_effects``: ``operation_id`` VARCHAR(64) primary key, ``fencing_token`` BIGINT,
+``result`` TEXT (JSON), ``created_at`` DOUBLE (epoch seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import StoreError, StoreUnavailable
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import mysql
+    from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("transactional tasks need SQLAlchemy: pip install idemtasks[sql]") from exc
+
+__all__ = ["EffectsLedger", "effects_table", "ledger_for"]
+
+_DISCONNECTS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+
+
+def effects_table(metadata: sa.MetaData, name: str = "idemtasks_effects") -> sa.Table:
+    """The marker table, for users who manage their schema with migrations."""
+    return sa.Table(
+        name, metadata,
+        sa.Column("operation_id", sa.String(64), primary_key=True),
+        sa.Column("fencing_token", sa.BigInteger, nullable=False),
+        sa.Column("result", sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")),
+        sa.Column("created_at", sa.Float(53), nullable=False, index=True),
+    )
+
+
+class EffectsLedger:
+    """The marker table on one database, and the transactions the bodies run in."""
+
+    def __init__(self, url: str, *, engine: sa.Engine | None = None, create_schema: bool = True) -> None:
+        if engine is None:
+            from .stores.sql_schema import make_engine
+
+            engine = make_engine(url)
+        self.engine = engine
+        self.table = effects_table(sa.MetaData())
+        if create_schema:
+            from .stores.sql_schema import create_tables
+
+            with _wrapped():
+                create_tables(engine, [self.table])
+
+    @contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """A connection inside a transaction: committed on normal exit, rolled back on an exception.
+
+        Only the database's own failures are wrapped; what the body raises passes through unchanged.
+        """
+        with _wrapped():
+            conn = self.engine.connect()
+            tx = conn.begin()
+        try:
+            yield conn
+        except BaseException:
+            tx.rollback()
+            raise
+        else:
+            with _wrapped():
+                tx.commit()
+        finally:
+            conn.close()
+
+    def record(self, conn: sa.Connection, operation_id: str, token: int, result_json: str) -> str | None:
+        """Insert the marker inside the body's transaction; return ``None`` if this transaction owns the effects,
+        or the committed result JSON of the holder that got there first (the caller must then roll back)."""
+        try:
+            with conn.begin_nested():
+                conn.execute(self.table.insert().values(
+                    operation_id=operation_id, fencing_token=token, result=result_json, created_at=time.time()))
+            return None
+        except IntegrityError:
+            # The other holder committed first (on PostgreSQL and MariaDB our INSERT waited for its commit).
+            prior = self.lookup(operation_id, conn=conn)
+            if prior is None:  # pragma: no cover - would mean the row vanished between two statements
+                raise StoreError(f"effects marker of {operation_id} collided but cannot be read") from None
+            return prior
+
+    def lookup(self, operation_id: str, *, conn: sa.Connection | None = None) -> str | None:
+        """The result JSON committed for ``operation_id``, or ``None`` if no transaction committed yet."""
+        query = sa.select(self.table.c.result).where(self.table.c.operation_id == operation_id)
+        with _wrapped():
+            if conn is not None:
+                row = conn.execute(query).first()
+            else:
+                with self.engine.connect() as own:
+                    row = own.execute(query).first()
+        return None if row is None else str(row[0])
+
+    def purge(self, older_than: float) -> int:
+        """Delete markers of operations that have long expired from the store."""
+        with _wrapped(), self.engine.begin() as conn:
+            return int(conn.execute(self.table.delete().where(self.table.c.created_at < older_than)).rowcount)
+
+
+@contextmanager
+def _wrapped() -> Iterator[None]:
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except _DISCONNECTS as exc:
+        raise StoreUnavailable(f"transaction database unreachable: {exc}") from exc
+    except (SQLAlchemyError, DBAPIError) as exc:
+        raise StoreError(f"transaction database error: {exc}") from exc
+
+
+_ledgers: dict[tuple[int, str], EffectsLedger] = {}
+_lock = threading.Lock()
+
+
+def ledger_for(url: str) -> EffectsLedger:
+    """One ledger per database URL and per process (pool children must not share their parent's sockets)."""
+    key = (os.getpid(), url)
+    with _lock:
+        ledger = _ledgers.get(key)
+        if ledger is None:
+            ledger = _ledgers[key] = EffectsLedger(url)
+        return ledger
+

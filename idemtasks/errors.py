@@ -1,0 +1,135 @@
+"""The exceptions idemtasks raises.
+
+Every exception derives from one root, so ``except IdemtasksError`` catches them all::
+
+    IdemtasksError
+    ├── InvalidKey                  the idempotency key or scope is not acceptable
+    ├── IdempotencyKeyMismatch      one key, two different payloads
+    ├── NotSerializable             arguments or a result cannot be stored as JSON
+    ├── TooLarge                    arguments or a result exceed a configured size limit
+    ├── ConfigurationError          a setting or store URL makes no sense
+    ├── StoreError                  the store failed
+    │   └── StoreUnavailable        the store cannot be reached (retry later)
+    ├── PublishFailed               the operation was recorded but the broker refused the message
+    ├── LeaseLost                   a holder was fenced off: another worker took the operation over
+    └── OperationFailed             replay of an operation whose stored outcome is a failure
+
+Driver exceptions (redis-py, SQLAlchemy, kombu) are never leaked: they are wrapped with ``raise … from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "IdempotencyKeyMismatch",
+    "IdemtasksError",
+    "InvalidKey",
+    "LeaseLost",
+    "NotSerializable",
+    "OperationFailed",
+    "PublishFailed",
+    "StoreError",
+    "StoreUnavailable",
+    "TooLarge",
+]
+
+
+class IdemtasksError(Exception):
+    """Raised by idemtasks, never directly: the root of every error below."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Celery pickles exceptions (result backends, eager mode) and replaces any it cannot round-trip with a
+        # base class; keyword-only constructors need this to survive as themselves, fields included.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[IdemtasksError], args: tuple[object, ...], state: dict[str, object]) -> IdemtasksError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
+class InvalidKey(IdemtasksError, ValueError):
+    """Raised when an idempotency key or scope is empty, too long, not a string or not printable."""
+
+    def __init__(self, message: str, *, value: object) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class IdempotencyKeyMismatch(IdemtasksError):
+    """Raised when a key already names an operation whose payload fingerprint differs from this request's."""
+
+    def __init__(
+        self, *, scope: str, key: str, operation_id: str, stored_fingerprint: str, fingerprint: str
+    ) -> None:
+        super().__init__(
+            f"idempotency key {key!r} in scope {scope!r} was used for operation {operation_id} with a different payload"
+        )
+        self.scope = scope
+        self.key = key
+        self.operation_id = operation_id
+        self.stored_fingerprint = stored_fingerprint
+        self.fingerprint = fingerprint
+
+
+class NotSerializable(IdemtasksError, TypeError):
+    """Raised when task arguments (``what="arguments"``) or a result (``what="result"``) are not JSON-serializable."""
+
+    def __init__(self, message: str, *, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+class TooLarge(IdemtasksError, ValueError):
+    """Raised when serialized arguments or a result exceed the configured size limit."""
+
+    def __init__(self, *, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what}: {size} bytes serialized, over the limit of {limit}")
+        self.what = what
+        self.size = size
+        self.limit = limit
+
+
+class ConfigurationError(IdemtasksError, ValueError):
+    """Raised when a setting, a task option or a store URL is invalid (for example an unknown URL scheme)."""
+
+
+class StoreError(IdemtasksError):
+    """Raised when the store answered with an error that retrying will not fix."""
+
+
+class StoreUnavailable(StoreError):
+    """Raised when the store cannot be reached or timed out; the operation is unchanged and a retry is safe."""
+
+
+class PublishFailed(IdemtasksError):
+    """Raised when the operation was recorded but its message could not be published; submitting again republishes."""
+
+    def __init__(self, message: str, *, operation_id: str) -> None:
+        super().__init__(message)
+        self.operation_id = operation_id
+
+
+class LeaseLost(IdemtasksError):
+    """Raised when a holder tries to change an operation after another holder took it over (stale fencing token)."""
+
+    def __init__(self, *, operation_id: str, fencing_token: int, current_token: int | None) -> None:
+        super().__init__(
+            f"operation {operation_id}: fencing token {fencing_token} is stale"
+            + ("" if current_token is None else f" (current holder has {current_token})")
+        )
+        self.operation_id = operation_id
+        self.fencing_token = fencing_token
+        self.current_token = current_token
+
+
+class OperationFailed(IdemtasksError):
+    """Raised when a replayed operation's stored outcome is a failure; carries the original error's type and message."""
+
+    def __init__(self, *, operation_id: str, error_type: str, error_message: str) -> None:
+        super().__init__(f"{error_type}: {error_message}")
+        self.operation_id = operation_id
+        self.error_type = error_type
+        self.error_message = error_message

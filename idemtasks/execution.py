@@ -1,0 +1,351 @@
+"""One attempt of an idempotent task: claim, then run the body, replay, or come back later.
+
+Store round trips: an executed attempt makes two (claim, completion), a replay one (the claim). Lease renewals
+happen only for bodies longer than a third of the lease.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from celery.exceptions import Ignore, Reject, Retry
+
+from .errors import (
+    IdempotencyKeyMismatch,
+    IdemtasksError,
+    LeaseLost,
+    OperationFailed,
+    StoreError,
+    StoreUnavailable,
+)
+from .identity import canonical_call, dump_json, fingerprint_of_call, load_json
+from .lease import Hold, keeper
+from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
+from .stores.base import Store
+
+__all__ = ["Attempt", "run_attempt"]
+
+logger = logging.getLogger("idemtasks.task")
+
+_HOST = socket.gethostname()
+_owners: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())
+
+
+def _new_owner() -> str:
+    """A lease owner unique to this attempt: host, process, a random tag per process and a counter (a fresh UUID
+    per task costs a urandom call; the tag keeps two processes that reuse a pid apart)."""
+    global _owners
+    pid, prefix, counter = _owners
+    if pid != os.getpid():  # first use, or a forked pool child
+        pid, prefix, counter = _owners = (os.getpid(), f"{_HOST}:{os.getpid()}:{secrets.token_hex(4)}:",
+                                          itertools.count(1))
+    return f"{prefix}{next(counter)}"
+#: In-process tries of a completion before it is carried over to a republished message (store outage).
+_FINISH_DELAYS = (0.1, 0.5, 2.0)
+
+
+@dataclass(eq=False)
+class Attempt:
+    """The operation a body is running for. ``fencing_token`` is what a downstream system can fence on."""
+
+    store: Store = field(repr=False)
+    operation: Operation
+    ttl: float
+    hold: Hold | None = field(default=None, repr=False)
+    released: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.operation.id
+
+    @property
+    def scope(self) -> str:
+        return self.operation.scope
+
+    @property
+    def key(self) -> str:
+        return self.operation.key
+
+    @property
+    def fencing_token(self) -> int:
+        return self.operation.fencing_token
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once a renewal found that another worker took the operation over."""
+        return self.hold is not None and self.hold.lost
+
+    def release(self) -> None:
+        """Give the operation back (running → pending) for a retry."""
+        self.released = True
+        self.store.release(self.operation, self.fencing_token, ttl=self.ttl)
+
+    def release_quietly(self) -> None:
+        try:
+            self.release()
+        except IdemtasksError as exc:
+            # The lease will run out and the operation be taken over; nothing is lost, only delayed.
+            logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
+
+
+def run_attempt(task: Any, scope: str, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    request = task.request
+    ttl, lease = float(task.idempotency_ttl), float(task.lease_seconds)
+    header = (request.headers or {}).get("idemtasks") or {}
+    # A submitted message carries the fingerprint its operation was created with (which may be an HTTP request's
+    # hash); other messages are identified by their arguments.
+    call = None
+    fp = header.get("fp")
+    if fp is None:
+        call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+        fp = fingerprint_of_call(call)
+    store: Store = task.store
+    carried = header.get("finish")
+    if carried is not None:
+        done = _finish_carried(task, store, scope, key, carried, ttl)
+        if done is not _NOTHING:
+            return done
+    while True:
+        try:
+            claim = store.claim(scope, key, task.name, fp, owner=_new_owner(),
+                                lease=lease, ttl=ttl, operation_id=request.id, payload=call)
+        except StoreError as exc:
+            _come_back_later(task, exc)
+        op = claim.operation
+        if claim.outcome is ClaimOutcome.CLAIMED:
+            return _execute(task, Attempt(store, op, ttl), args, kwargs)
+        if claim.outcome is ClaimOutcome.DONE:
+            return _replay(op)
+        if claim.outcome is ClaimOutcome.MISMATCH:
+            raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=op.id,
+                                         stored_fingerprint=op.fingerprint, fingerprint=fp)
+        _wait_for_holder(task, claim)
+
+
+def _replay(op: Operation) -> Any:
+    if op.status is Status.SUCCEEDED:
+        return op.result
+    assert op.error is not None
+    raise OperationFailed(operation_id=op.id, error_type=op.error.type, error_message=op.error.message)
+
+
+def _wait_for_holder(task: Any, claim: ClaimResult) -> None:
+    """A duplicate met a live lease. Returns to claim again (``wait``), or leaves by raising ``Ignore``."""
+    policy = task.on_busy
+    countdown = float(task.busy_countdown)
+    if policy == "ignore":
+        raise Ignore()
+    if policy == "retry" and not task.request.is_eager:
+        _republish(task, countdown)
+    # "wait" (and eager mode, which has no queue to come back through): poll until the holder finishes or its
+    # lease runs out, whichever is first; the next claim then replays or takes over.
+    lease_left = (claim.operation.lease_expires_at or 0.0) - task.store.now()
+    time.sleep(max(0.01, min(countdown, lease_left + 0.01)))
+
+
+def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    request = task.request
+    request.idemtasks_attempt = attempt
+    attempt.hold = keeper.hold(attempt.store, attempt.operation, attempt.fencing_token,
+                               lease=float(task.lease_seconds), ttl=attempt.ttl)
+    try:
+        try:
+            if task.transactional:
+                result, result_json = _run_transactional(task, attempt, args, kwargs)
+            else:
+                result = task.run(*args, **kwargs)
+                result_json = dump_json(result, what="result", limit=task.max_result_bytes)
+        except Retry:
+            raise  # retry() gave the operation back before publishing
+        except (Ignore, Reject):
+            attempt.release_quietly()
+            raise
+        except BaseException as exc:
+            if attempt.released:
+                raise
+            if task.retry_on and isinstance(exc, task.retry_on):
+                try:
+                    task.retry(exc=exc, countdown=min(2.0 ** request.retries, 300.0))
+                except Retry:
+                    raise
+                except BaseException:
+                    pass
+            if not isinstance(exc, Exception):  # SystemExit/KeyboardInterrupt: shutting down, not the body's fault
+                attempt.release_quietly()
+                raise
+            if task.transactional and (isinstance(exc, StoreUnavailable) or _database_outage(exc)):
+                # The transaction's database dropped the connection (a restart, pg_terminate_backend, a failover)
+                # or broke a deadlock — in the body, at BEGIN or at COMMIT: the body's writes rolled back with it.
+                # An outage to ride out like the store's, never a payment stored as failed.
+                attempt.release_quietly()
+                _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
+            _finish(task, attempt, Status.FAILED, None, ErrorInfo(type(exc).__name__, str(exc)[:2000]))
+            raise
+        _finish(task, attempt, Status.SUCCEEDED, result_json, None)
+        return result
+    finally:
+        keeper.release(attempt.hold)
+        request.idemtasks_attempt = None
+        request.idemtasks_connection = None
+
+
+def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
+    from .effects import ledger_for
+
+    ledger = ledger_for(_transaction_url(task))
+    if attempt.operation.attempts > 1:
+        # A previous holder may have committed its effects and died before completing the operation.
+        prior = ledger.lookup(attempt.id)
+        if prior is not None:
+            return load_json(prior), prior
+    try:
+        with ledger.transaction() as conn:
+            task.request.idemtasks_connection = conn
+            result = task.run(*args, **kwargs)
+            result_json = dump_json(result, what="result", limit=task.max_result_bytes)
+            prior = ledger.record(conn, attempt.id, attempt.fencing_token, result_json)
+            if prior is not None:
+                raise _AlreadyCommitted(prior)  # rolls this holder's writes back
+    except _AlreadyCommitted as done:
+        return load_json(done.result_json), done.result_json
+    return result, result_json
+
+
+def _database_outage(exc: BaseException) -> bool:
+    """SQLAlchemy's errors for a lost connection or a transient server condition (not the body's own SQL)."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def _transaction_url(task: Any) -> str:
+    url = task.transaction_url or task.store_url
+    if not isinstance(url, str) or url.split(":", 1)[0].split("+", 1)[0] in ("redis", "rediss", "memory"):
+        raise IdemtasksError(f"{task.name}: transactional tasks need transaction_url (a SQL database URL)")
+    return url
+
+
+class _AlreadyCommitted(Exception):
+    def __init__(self, result_json: str) -> None:
+        super().__init__("another holder committed this operation's effects first")
+        self.result_json = result_json
+
+
+def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> None:
+    """Store the outcome, fenced. A short store outage is ridden out here; a longer one is carried over to a
+    republished copy of this message, which completes the operation without running the body again.
+
+    Where the store pipelines completions (Redis), the outcome is written without waiting for the answer, which is
+    read behind the next claim; what then turns out not to have landed is settled by :func:`_settler`. Not in eager
+    mode (the caller reads the store next), and not once a renewal found the lease lost (the holder must hear it).
+    """
+    op = attempt.operation
+    store = attempt.store
+    if task.pipeline_completions and store.pipelines_completions and not attempt.lease_lost \
+            and not task.request.is_eager:
+        store.finish_pipelined(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
+                               error=error, ttl=attempt.ttl, settle=_settler(task, attempt, status, result_json, error))
+        return
+    for n, delay in enumerate((*_FINISH_DELAYS, None)):
+        try:
+            attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
+                                 error=error, ttl=attempt.ttl, again=n > 0)
+            return
+        except LeaseLost:
+            raise
+        except StoreError as exc:
+            if delay is None:
+                _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error))
+            time.sleep(delay)
+
+
+def _carry(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> dict[str, Any]:
+    return {"id": attempt.id, "token": attempt.fencing_token, "status": status.value, "result": result_json,
+            "error": None if error is None else [error.type, error.message]}
+
+
+def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | None,
+             error: ErrorInfo | None) -> Callable[[IdemtasksError], None]:
+    """What to do, later and from another thread, with a pipelined completion that did not land."""
+    request = task.request  # this delivery's context: it outlives the call, for a republish
+
+    def settle(exc: IdemtasksError) -> None:
+        op = attempt.operation
+        for delay in (*_FINISH_DELAYS, None):
+            if isinstance(exc, LeaseLost):
+                logger.error("idemtasks: operation %s was taken over before this attempt's outcome was stored "
+                             "(fencing token %d is stale); the outcome was discarded", op.id, attempt.fencing_token)
+                return
+            if delay is None:
+                break
+            time.sleep(delay)
+            try:
+                attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
+                                     error=error, ttl=attempt.ttl, again=True)
+                return
+            except IdemtasksError as again:
+                exc = again
+        try:
+            _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error), request=request)
+        except Ignore:
+            pass
+        except Exception as publish_exc:
+            # Neither the store nor the broker: the lease runs out and recovery runs the operation again.
+            logger.error("idemtasks: the outcome of operation %s could not be stored (%s) nor carried over (%s)",
+                         op.id, exc, publish_exc)
+
+    return settle
+
+
+_NOTHING = object()
+
+
+def _finish_carried(task: Any, store: Store, scope: str, key: str, carried: dict[str, Any], ttl: float) -> Any:
+    status = Status(carried["status"])
+    error = None if carried["error"] is None else ErrorInfo(*carried["error"])
+    try:
+        store.finish(scope, key, carried["id"], carried["token"], status, result_json=carried["result"],
+                     error=error, ttl=ttl, again=True)
+    except LeaseLost:
+        return _NOTHING  # taken over meanwhile: claim normally, which replays or waits for the new holder
+    except StoreError as exc:
+        _come_back_later(task, exc, finish=carried)
+    if status is Status.SUCCEEDED:
+        return load_json(carried["result"])
+    raise OperationFailed(operation_id=carried["id"], error_type=error.type if error else "Error",
+                          error_message=error.message if error else "")
+
+
+def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] | None = None,
+                     request: Any = None) -> NoReturn:
+    """The store is unreachable: never run the body unclaimed; publish this message again with back-off."""
+    request = request or task.request
+    if request.is_eager:
+        raise exc
+    outages = int(((request.headers or {}).get("idemtasks") or {}).get("outages", 0)) + 1
+    countdown = min(float(task.store_retry_max_delay), 0.5 * 2.0 ** outages)
+    logger.error("idemtasks: store %s unreachable for %s[%s] (%s); the body did not run%s, trying again in %.1fs",
+                 task.store.url, task.name, request.id, exc, "" if finish is None else " again", countdown)
+    _republish(task, countdown, request=request, outages=outages, finish=finish)
+
+
+def _republish(task: Any, countdown: float, *, request: Any = None, **extra: Any) -> NoReturn:
+    """Send this same message (same task id, same retry count) again later, and drop this delivery."""
+    request = request or task.request
+    headers = dict(request.headers or {})
+    header = dict(headers.get("idemtasks") or {})
+    header.update({k: v for k, v in extra.items() if v is not None})
+    headers["idemtasks"] = header
+    sig = task.signature_from_request(request, countdown=countdown, retries=request.retries, headers=headers)
+    sig.apply_async()
+    raise Ignore()

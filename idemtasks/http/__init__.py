@@ -1,0 +1,8 @@
+"""The HTTP side: ``Idempotency-Key`` semantics shared by the FastAPI, Flask and Django adapters."""
+
+from __future__ import annotations
+
+from .core import HttpPolicy, Reply
+from .endpoint import Endpoint, IncomingRequest, bearer_caller
+
+__all__ = ["Endpoint", "HttpPolicy", "IncomingRequest", "Reply", "bearer_caller"]

@@ -1,0 +1,210 @@
+"""HTTP semantics of the ``Idempotency-Key`` header, independent of any web framework.
+
+Defaults follow the IETF draft "The Idempotency-Key HTTP Header Field"; what the big public APIs disagree on is a
+field of :class:`HttpPolicy`. Every error is ``application/problem+json`` (RFC 9457) with a stable ``code``.
+
+=====================================================  ==========  ================================
+situation                                              status      ``code``
+=====================================================  ==========  ================================
+first request                                          202         (body: the operation)
+replay, operation pending or running                   202         ``Idempotent-Replayed: true``
+replay, operation succeeded / failed                   200 / 200   ``Idempotent-Replayed: true``
+key missing on an endpoint that requires one           400         ``idempotency_key_required``
+key invalid (empty, > 255, not printable ASCII)        400         ``idempotency_key_invalid``
+same key, different request                            422 (409)   ``idempotency_key_mismatch``
+same key, first request still being accepted           409         ``idempotency_key_in_use``
+body or arguments over the size limit                  413         ``payload_too_large``
+store or broker unreachable                            503         ``service_unavailable``
+status of an unknown / expired / foreign operation     404         ``operation_not_found``
+status of the caller's own operation                   200         ``Retry-After`` while unfinished
+=====================================================  ==========  ================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from ..config import ACCEPT_WINDOW
+from ..errors import (
+    IdempotencyKeyMismatch,
+    IdemtasksError,
+    InvalidKey,
+    NotSerializable,
+    PublishFailed,
+    StoreError,
+    TooLarge,
+)
+from ..identity import MAX_KEY_LENGTH
+from ..models import Operation, Status, Submission
+
+__all__ = [
+    "ACCEPT_WINDOW",
+    "HttpPolicy",
+    "Reply",
+    "accepted",
+    "caller_scope",
+    "error_reply",
+    "owns",
+    "problem",
+    "read_key",
+    "request_fingerprint",
+    "status_reply",
+]
+
+PROBLEM_JSON = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """The per-endpoint choices. The defaults are the IETF draft's."""
+
+    header_names: tuple[str, ...] = ("Idempotency-Key", "X-Idempotency-Key")
+    required: bool = True
+    mismatch_status: int = 422
+    succeeded_status: int = 200
+    failed_status: int = 200
+    #: Request headers that are part of the fingerprint (e.g. ``("Content-Type",)``).
+    fingerprint_headers: tuple[str, ...] = ()
+    #: ``Retry-After`` seconds for 409, 503 and unfinished operations.
+    retry_after: int = 1
+    #: Largest request body accepted (413 ``payload_too_large`` beyond it), checked before anything is stored.
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What an adapter turns into its framework's response: status, headers and a JSON body."""
+
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def media_type(self) -> str:
+        return PROBLEM_JSON if self.status >= 400 else "application/json"
+
+    def json_bytes(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def problem(status: int, code: str, title: str, detail: str, *, retry_after: int | None = None,
+            **extra: Any) -> Reply:
+    body = {"type": f"https://idemtasks.dev/problems/{code.replace('_', '-')}", "title": title, "status": status,
+            "detail": detail, "code": code, **extra}
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    return Reply(status, body, headers)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    lowered = name.lower()
+    for k, v in headers.items():
+        if k.lower() == lowered:
+            return v
+    return None
+
+
+def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
+    """The request's idempotency key, ``None`` if absent; raises :class:`InvalidKey` if present but unusable.
+
+    HTTP keys are stricter than the core's: printable ASCII only, since header values in other encodings are
+    read differently by different servers and proxies.
+    """
+    for name in policy.header_names:
+        value = _header(headers, name)
+        if value is None:
+            continue
+        value = value.strip()
+        if not value:
+            raise InvalidKey("the idempotency key is empty", value=value)
+        if len(value) > MAX_KEY_LENGTH:
+            raise InvalidKey(f"the idempotency key is longer than {MAX_KEY_LENGTH} characters", value=value)
+        if not all(" " <= ch <= "~" for ch in value):
+            raise InvalidKey("the idempotency key must be printable ASCII", value=value)
+        return value
+    return None
+
+
+def _caller_id(caller: str | None) -> str:
+    # Hashed: the identity may be a secret API token, and the scope is stored in plain text.
+    return hashlib.sha256(caller.encode()).hexdigest()[:32] if caller else "anonymous"
+
+
+def caller_scope(caller: str | None, method: str, route: str) -> str:
+    """The scope of a key: the caller's identity and the endpoint (method and route template)."""
+    return f"{_caller_id(caller)}|{method.upper()} {route}"
+
+
+def owns(caller: str | None, op: Operation) -> bool:
+    """Whether ``caller`` created ``op``: another caller's operation is reported as not found."""
+    return op.scope.startswith(_caller_id(caller) + "|")
+
+
+def request_fingerprint(method: str, path: str, query: str, body: bytes, headers: Mapping[str, str],
+                        policy: HttpPolicy) -> str:
+    """A hash of what makes two requests "the same": method, path, sorted query, body and chosen headers."""
+    h = hashlib.sha256()
+    canonical_query = urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
+    for part in (method.upper(), path, canonical_query):
+        h.update(part.encode() + b"\x00")
+    for name in policy.fingerprint_headers:
+        h.update(f"{name.lower()}:{_header(headers, name) or ''}".encode() + b"\x00")
+    h.update(body)
+    return "http:" + h.hexdigest()[:27]  # as long as a call's fingerprint: 108 bits, tagged with where it came from
+
+
+def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str]) -> Reply:
+    if op.status is Status.SUCCEEDED:
+        return Reply(policy.succeeded_status, op.to_dict(), headers)
+    if op.status is Status.FAILED:
+        return Reply(policy.failed_status, op.to_dict(), headers)
+    return Reply(202, op.to_dict(), {**headers, "Retry-After": str(policy.retry_after)})
+
+
+def accepted(sub: Submission, location: str, policy: HttpPolicy, *, now: float) -> Reply:
+    """The answer to a write: 202 for a new operation, the operation as it stands for a replay, 409 while the
+    first request is still being accepted."""
+    op = sub.operation
+    if sub.created:
+        return Reply(202, op.to_dict(), {"Location": location, "Retry-After": str(policy.retry_after)})
+    if op.status is Status.PENDING and op.needs_publish and now - op.created_at < ACCEPT_WINDOW:
+        return problem(409, "idempotency_key_in_use", "Request in progress",
+                       "a request with this idempotency key is still being processed; retry later",
+                       retry_after=policy.retry_after)
+    return _operation_reply(op, policy, {"Location": location, "Idempotent-Replayed": "true"})
+
+
+def status_reply(op: Operation | None, caller: str | None, policy: HttpPolicy) -> Reply:
+    if op is None or not owns(caller, op):
+        return problem(404, "operation_not_found", "Not found", "no such operation")
+    # The status resource itself exists: always 200, with a hint of when to poll again while unfinished.
+    return Reply(200, op.to_dict(), {} if op.is_final else {"Retry-After": str(policy.retry_after)})
+
+
+def error_reply(exc: Exception, policy: HttpPolicy) -> Reply:
+    """Map an idemtasks error to its documented problem response; anything else is re-raised by the caller."""
+    if isinstance(exc, InvalidKey):
+        return problem(400, "idempotency_key_invalid", "Invalid idempotency key", str(exc))
+    if isinstance(exc, IdempotencyKeyMismatch):
+        return problem(policy.mismatch_status, "idempotency_key_mismatch", "Idempotency key reused",
+                       "this idempotency key was already used with a different request", operation=exc.operation_id)
+    if isinstance(exc, TooLarge):
+        return problem(413, "payload_too_large", "Payload too large", str(exc))
+    if isinstance(exc, NotSerializable):
+        return problem(400, "invalid_request", "Invalid request", str(exc))
+    if isinstance(exc, (StoreError, PublishFailed)):
+        return problem(503, "service_unavailable", "Service unavailable",
+                       "the request could not be recorded or queued; retry with the same idempotency key",
+                       retry_after=max(policy.retry_after, 1))
+    if isinstance(exc, IdemtasksError):
+        return problem(500, "internal_error", "Internal error", type(exc).__name__)
+    raise exc
+
+
+def key_required() -> Reply:
+    return problem(400, "idempotency_key_required", "Idempotency key required",
+                   "this endpoint requires an Idempotency-Key header")

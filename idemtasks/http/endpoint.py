@@ -1,0 +1,119 @@
+"""The request flow every adapter shares: read the key, scope it, fingerprint the request, submit, answer.
+
+Adapters only translate their framework's request into an :class:`IncomingRequest` and a :class:`~.core.Reply`
+back into a response; the semantics live here and in :mod:`idemtasks.http.core`, tested once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigurationError, IdemtasksError, InvalidKey
+from ..models import Submission
+from ..stores import Store, shared_store
+from . import core
+from .core import HttpPolicy, Reply
+
+__all__ = ["Endpoint", "IncomingRequest", "bearer_caller"]
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """What the HTTP layer needs of a request. ``route`` is the route template (``/payments``), not the path."""
+
+    method: str
+    route: str
+    path: str
+    query: str
+    body: bytes
+    headers: Mapping[str, str]
+    caller: str | None
+
+
+def bearer_caller(headers: Mapping[str, str]) -> str | None:
+    """The default caller identity: the token of ``Authorization: Bearer <token>``, or ``None`` (anonymous)."""
+    for name, value in headers.items():
+        if name.lower() == "authorization" and value[:7].lower() == "bearer ":
+            return value[7:].strip() or None
+    return None
+
+
+class Endpoint:
+    """Idempotent writes and status reads for one API, in any framework.
+
+    ``status_prefix`` is where the adapter mounts the status route: ``Location`` is
+    ``{status_prefix}/operations/{id}``.
+    """
+
+    def __init__(self, store: Store | str | None = None, *, policy: HttpPolicy | None = None,
+                 status_prefix: str = "") -> None:
+        if store is None:
+            # The status route has no task to take a store from: refuse now rather than 500 on every poll.
+            raise ConfigurationError("an idempotent endpoint needs the store its tasks use (store=URL or Store)")
+        self._store = store
+        self.policy = policy or HttpPolicy()
+        self.status_prefix = status_prefix.rstrip("/")
+
+    def store_for(self, task: Any | None = None) -> Store:
+        """The endpoint's store; a ``task`` writing elsewhere would hand out locations that answer 404."""
+        store = self._store if isinstance(self._store, Store) else shared_store(str(self._store))
+        if task is not None:
+            task._settled()
+            if task.store.url != store.url:
+                raise ConfigurationError(f"task {task.name} writes to {task.store.url}, but this endpoint reads "
+                                         f"operations from {store.url}")
+        return store
+
+    def location(self, operation_id: str) -> str:
+        return f"{self.status_prefix}/operations/{operation_id}"
+
+    def prepare(self, req: IncomingRequest, policy: HttpPolicy | None = None) -> tuple[str, str, str] | Reply:
+        """Key, scope and fingerprint of a write, or the problem reply that ends it (nothing is stored)."""
+        policy = policy or self.policy
+        if len(req.body) > policy.max_body_bytes:
+            return core.problem(413, "payload_too_large", "Payload too large",
+                                f"the request body is over {policy.max_body_bytes} bytes")
+        try:
+            key = core.read_key(req.headers, policy)
+        except InvalidKey as exc:
+            return core.error_reply(exc, policy)
+        if key is None:
+            if policy.required:
+                return core.key_required()
+            key = f"anonymous-{uuid.uuid4().hex}"  # an optional endpoint: recorded, but nothing to deduplicate
+        scope = core.caller_scope(req.caller, req.method, req.route)
+        fp = core.request_fingerprint(req.method, req.path, req.query, req.body, req.headers, policy)
+        return key, scope, fp
+
+    def submit(self, req: IncomingRequest, task: Any, args: Any = None, kwargs: Any = None, *,
+               policy: HttpPolicy | None = None, **options: Any) -> Reply:
+        """Record and enqueue ``task(*args, **kwargs)`` for this request, or replay what the key already did."""
+        policy = policy or self.policy
+        prepared = self.prepare(req, policy)
+        if isinstance(prepared, Reply):
+            return prepared
+        key, scope, fp = prepared
+        store = self.store_for(task)
+        try:
+            sub = task.submit(args, kwargs, key=key, scope=scope, fingerprint=fp, **options)
+            now = accept_clock(sub, store.now)
+        except IdemtasksError as exc:
+            return core.error_reply(exc, policy)
+        return core.accepted(sub, self.location(sub.operation.id), policy, now=now)
+
+    def status(self, operation_id: str, caller: str | None, *, task: Any | None = None) -> Reply:
+        """``GET …/operations/{id}``: the caller's own operation, or 404."""
+        try:
+            op = self.store_for(task).get_by_id(operation_id)
+        except IdemtasksError as exc:
+            return core.error_reply(exc, self.policy)
+        return core.status_reply(op, caller, self.policy)
+
+
+def accept_clock(sub: Submission, now: Callable[[], float]) -> float:
+    """The store's time, read only when the answer depends on it: a replay of an operation still being accepted."""
+    op = sub.operation
+    return now() if not sub.created and op.needs_publish else op.updated_at

@@ -1,0 +1,133 @@
+"""Keys, scopes, operation ids, fingerprints and the JSON codec for stored values.
+
+The operation id starts with the digest of ``(scope, key)``: a store can find the record from the id alone (one
+round trip, and on Redis Cluster the same hash slot), while the random tail keeps the id unguessable and makes an
+operation re-created after expiry a different operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import Any
+
+from kombu.utils.json import JSONEncoder
+from kombu.utils.json import loads as _kombu_loads
+
+from .errors import InvalidKey, NotSerializable, TooLarge
+
+__all__ = [
+    "DEFAULT_SCOPE",
+    "MAX_KEY_LENGTH",
+    "MAX_SCOPE_LENGTH",
+    "canonical_call",
+    "digest_from_id",
+    "dump_json",
+    "fingerprint",
+    "fingerprint_of_call",
+    "key_digest",
+    "load_json",
+    "new_operation_id",
+    "validate_key",
+    "validate_scope",
+]
+
+#: The scope of keys submitted without one: a single global namespace.
+DEFAULT_SCOPE = "global"
+#: Longest accepted idempotency key, as Stripe and most public APIs allow.
+MAX_KEY_LENGTH = 255
+#: Longest accepted scope; scopes are built from caller identity and route, so they get more room than keys.
+MAX_SCOPE_LENGTH = 1024
+
+_DIGEST_LEN = 32  # hex characters: 128 bits of sha256
+_RANDOM_LEN = 24  # hex characters: 96 random bits
+ID_LENGTH = _DIGEST_LEN + _RANDOM_LEN
+_HEX = frozenset("0123456789abcdef")
+
+
+def _validate(value: object, *, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidKey(f"{what} must be a string, not {type(value).__name__}", value=value)
+    if not value:
+        raise InvalidKey(f"{what} must not be empty", value=value)
+    if len(value) > limit:
+        raise InvalidKey(f"{what} is {len(value)} characters long; the limit is {limit}", value=value)
+    if not value.isprintable():
+        raise InvalidKey(f"{what} contains characters that are not printable", value=value)
+    return value
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is a string of 1 to 255 printable characters, else raise :class:`InvalidKey`."""
+    return _validate(key, what="idempotency key", limit=MAX_KEY_LENGTH)
+
+
+def validate_scope(scope: object) -> str:
+    """Return ``scope`` if it is a string of 1 to 1024 printable characters, else raise :class:`InvalidKey`."""
+    return _validate(scope, what="scope", limit=MAX_SCOPE_LENGTH)
+
+
+def key_digest(scope: str, key: str) -> str:
+    """The store's address for ``(scope, key)``. NUL cannot occur in either part, so the join is unambiguous."""
+    return hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()[:_DIGEST_LEN]
+
+
+def new_operation_id(digest: str) -> str:
+    return digest + secrets.token_hex(_RANDOM_LEN // 2)
+
+
+def digest_from_id(operation_id: str) -> str | None:
+    """The ``(scope, key)`` digest inside an operation id, or ``None`` for a string that is not one of our ids."""
+    if len(operation_id) != ID_LENGTH or not _HEX.issuperset(operation_id):
+        return None
+    return operation_id[:_DIGEST_LEN]
+
+
+class _CanonicalEncoder(JSONEncoder):
+    # kombu's encoder knows datetime, Decimal, UUID and friends and tags them so they decode to the same type,
+    # which keeps a replayed result identical to the first one. Anything else is refused rather than str()-ed.
+    pass
+
+
+def dump_json(value: Any, *, what: str, limit: int | None = None, canonical: bool = False) -> str:
+    """Serialize ``value`` for storage; raise :class:`NotSerializable` or :class:`TooLarge` instead of storing junk."""
+    try:
+        text = json.dumps(
+            value,
+            cls=_CanonicalEncoder,
+            sort_keys=canonical,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise NotSerializable(f"{what} cannot be stored as JSON: {exc}", what=what) from exc
+    # A character takes 1 to 4 bytes in UTF-8: only encode when the text could be over the limit.
+    if limit is not None and len(text) * 4 > limit:
+        size = len(text.encode())
+        if size > limit:
+            raise TooLarge(what=what, size=size, limit=limit)
+    return text
+
+
+def load_json(text: str | None) -> Any:
+    return None if text is None else _kombu_loads(text)  # type: ignore[no-untyped-call]
+
+
+def canonical_call(task_name: str, args: Any, kwargs: Any, *, limit: int | None = None) -> str:
+    """The task name and its arguments as canonical JSON (sorted keys, tuples as lists): what an operation stores
+    so that recovery can publish its message again, and what its fingerprint hashes."""
+    return dump_json([task_name, list(args or ()), dict(kwargs or {})], what="arguments", limit=limit,
+                     canonical=True)
+
+
+def fingerprint_of_call(call: str) -> str:
+    """128 bits of sha256, like the key digest: a stored record pays for every byte, and a client can only ever
+    collide with its own operations (fingerprints are compared within one scope and key)."""
+    return hashlib.sha256(call.encode()).hexdigest()[:_DIGEST_LEN]
+
+
+def fingerprint(task_name: str, args: Any, kwargs: Any, *, limit: int | None = None) -> str:
+    """A stable hash of the task name and its arguments in canonical JSON."""
+    return fingerprint_of_call(canonical_call(task_name, args, kwargs, limit=limit))

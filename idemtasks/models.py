@@ -1,0 +1,109 @@
+"""The status model: what an operation is, and what a claim or a completion found.
+
+These types belong to idemtasks, not to Celery: ``AsyncResult.state`` says ``PENDING`` for ids it has never seen,
+so it cannot tell a client whether its write was accepted.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["ClaimOutcome", "ClaimResult", "ErrorInfo", "Operation", "Status", "Submission"]
+
+
+class Status(str, enum.Enum):
+    """Where an operation stands. ``SUCCEEDED`` and ``FAILED`` are final: they never change again."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (Status.SUCCEEDED, Status.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The stored failure of an operation: the exception's class name and message."""
+
+    type: str
+    message: str
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """The durable record of one logical write, identified by ``(scope, key)``.
+
+    ``id`` is opaque and unguessable; it doubles as the Celery task id, so ``AsyncResult(op.id)`` works.
+    Timestamps are seconds since the epoch (UTC) as measured by the store's clock where it has one.
+    """
+
+    id: str
+    scope: str
+    key: str
+    task_name: str
+    fingerprint: str
+    status: Status
+    result: Any
+    error: ErrorInfo | None
+    attempts: int
+    fencing_token: int
+    lease_owner: str | None
+    lease_expires_at: float | None
+    created_at: float
+    updated_at: float
+    expires_at: float
+    needs_publish: bool = False
+    #: The call as canonical JSON ``[task_name, args, kwargs]``, kept so recovery can publish the message again.
+    payload: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public JSON shape of the operation (used by the HTTP layer); no lease owner, no fingerprint."""
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "result": self.result,
+            "error": None if self.error is None else {"type": self.error.type, "message": self.error.message},
+            "attempts": self.attempts,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "expires_at": _iso(self.expires_at),
+        }
+
+
+class ClaimOutcome(str, enum.Enum):
+    """What a worker's claim found. Only ``CLAIMED`` lets the body run."""
+
+    CLAIMED = "claimed"  # pending, absent, expired, or running under a dead lease: the caller now holds it
+    BUSY = "busy"  # running under a live lease: a concurrent duplicate
+    DONE = "done"  # succeeded or failed: replay the stored outcome
+    MISMATCH = "mismatch"  # same key, different payload fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """A claim's outcome and the operation as it stands after the claim."""
+
+    outcome: ClaimOutcome
+    operation: Operation
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What ``submit`` returns: the operation, and whether this call created it (``False`` on a replay)."""
+
+    operation: Operation
+    created: bool

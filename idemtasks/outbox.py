@@ -1,0 +1,84 @@
+"""Transactional enqueue (an outbox) for the SQL store.
+
+A web handler records the operation inside its own database transaction, next to its business rows; the message is
+published only after the commit. A rollback leaves neither the rows nor the operation. If the process dies between
+the commit and the publish, the operation is pending with its call stored, and recovery
+(:mod:`idemtasks.recovery`) publishes it once it has waited ``idemtasks_pending_after`` seconds::
+
+    outbox = Outbox(store)                      # a SQLStore on the same database as the handler's tables
+    with engine.begin() as conn:
+        conn.execute(orders.insert().values(...))
+        staged = outbox.stage(conn, charge, (order_id, amount), key=request_key)
+    staged.publish()                            # after the commit
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from .config import DEFAULT_TTL
+from .errors import ConfigurationError, IdempotencyKeyMismatch
+from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
+from .models import Operation
+from .stores.base import CreateRequest, decide_create
+from .stores.sql import SQLStore
+
+__all__ = ["Outbox", "Staged"]
+
+
+@dataclass
+class Staged:
+    """An operation recorded in a transaction; :meth:`publish` sends its message once that transaction committed."""
+
+    operation: Operation
+    created: bool
+    task: Any
+    args: Any
+    kwargs: Any
+
+    def publish(self) -> None:
+        if self.created:
+            self.task.publish(self.operation, self.args, self.kwargs)
+
+
+class Outbox:
+    def __init__(self, store: SQLStore) -> None:
+        if not isinstance(store, SQLStore):
+            raise ConfigurationError("the outbox needs a SQL store on the same database as the transaction")
+        self.store = store
+
+    def stage(self, conn: sa.Connection, task: Any, args: Any = None, kwargs: Any = None, *, key: str,
+              scope: str | None = None) -> Staged:
+        """Record the operation in ``conn``'s transaction; a repeat of a live key returns it (``created=False``)."""
+        task._settled()
+        key = validate_key(key)
+        scope = validate_scope(scope if scope is not None else task.idempotency_scope)
+        call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+        fp = fingerprint_of_call(call)
+        digest = key_digest(scope, key)
+        t, store = self.store.table, self.store
+        now = float(conn.execute(sa.select(store._now())).scalar_one())
+        req = CreateRequest(digest, scope, key, task.name, fp, new_operation_id(digest),
+                            float(task.idempotency_ttl or DEFAULT_TTL), call)
+        op, _ = decide_create(None, req, now)
+        values = {**store._row_values(op, digest), "payload": call}
+        try:
+            # A savepoint: a duplicate key must not abort the caller's whole transaction (PostgreSQL would).
+            with conn.begin_nested():
+                conn.execute(t.insert().values(**values))
+            return Staged(op, True, task, args, kwargs)
+        except IntegrityError:
+            pass
+        row = conn.execute(sa.select(t).where(t.c.key_hash == digest).with_for_update()).one()
+        if float(row.expires_at) <= now:  # an expired record counts as absent: this call replaces it
+            conn.execute(t.update().where(t.c.key_hash == digest).values(**values))
+            return Staged(op, True, task, args, kwargs)
+        existing = store._op(row)
+        if existing.fingerprint != fp:
+            raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
+                                         stored_fingerprint=existing.fingerprint, fingerprint=fp)
+        return Staged(existing, False, task, args, kwargs)

@@ -1,0 +1,127 @@
+"""Recovery: publish again the operations that would otherwise never finish.
+
+Two kinds are found by :meth:`Store.stale <idemtasks.stores.base.Store.stale>`:
+
+* pending operations unchanged for ``idemtasks_pending_after`` seconds — their message was lost between the
+  record and the broker (a web process killed mid-submit, a transactional enqueue committed but never
+  published), or a broker lost it;
+* running operations whose lease ran out — their holder died and its message is gone (early acks, a virtual
+  transport's in-memory unacked messages, a Redis broker that would redeliver only after its visibility timeout).
+  Such an operation is first put back to pending (fenced on its token), then published.
+
+Publishing again is always safe: the worker's claim turns any extra copy into a replay. The sweeper runs as a
+thread in every worker process that has ``idemtasks_sweep_interval`` set (so a plain ``celery worker`` recovers by
+itself, no beat needed), as the ``idemtasks.sweep`` task for beat, and as ``python -m idemtasks sweep -A app``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import IdemtasksError
+from .models import Status
+from .stores import Store
+
+__all__ = ["DEFAULT_PENDING_AFTER", "DEFAULT_SWEEP_INTERVAL", "SweepReport", "Sweeper", "install"]
+
+logger = logging.getLogger("idemtasks.recovery")
+
+#: Seconds between sweeps of the in-worker sweeper; ``idemtasks_sweep_interval`` (0 or ``None`` turns it off).
+DEFAULT_SWEEP_INTERVAL = 30.0
+#: Seconds a pending operation may wait, unchanged, before its message is presumed lost and published again;
+#: ``idemtasks_pending_after``. Longer than a normal queueing delay, shorter than a client's patience.
+DEFAULT_PENDING_AFTER = 60.0
+
+
+@dataclass
+class SweepReport:
+    republished: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class Sweeper:
+    """Sweeps every store used by the idempotent tasks of one Celery app."""
+
+    def __init__(self, app: Any, *, limit: int = 500, pending_after: float | None = None) -> None:
+        self.app = app
+        self.limit = limit
+        self.pending_after = float(pending_after if pending_after is not None
+                                   else app.conf.get("idemtasks_pending_after", DEFAULT_PENDING_AFTER))
+
+    def stores(self) -> list[Store]:
+        from .task import IdempotentTask
+
+        found: dict[int, Store] = {}
+        for task in list(self.app.tasks.values()):
+            if isinstance(task, IdempotentTask):
+                task._settled()
+                store = task.store
+                found[id(store)] = store
+        return list(found.values())
+
+    def sweep(self) -> SweepReport:
+        report = SweepReport()
+        for store in self.stores():
+            try:
+                self._sweep_store(store, report)
+            except IdemtasksError as exc:
+                logger.warning("idemtasks: sweep of %s failed: %s", store.url, exc)
+        if report.republished:
+            logger.info("idemtasks: recovery published %d operation(s) again (%d taken from dead holders)",
+                        len(report.republished), len(report.requeued))
+        return report
+
+    def _sweep_store(self, store: Store, report: SweepReport) -> None:
+        for op in store.stale(pending_after=self.pending_after, limit=self.limit):
+            task = self.app.tasks.get(op.task_name)
+            if task is None or op.payload is None:
+                report.skipped.append(op.id)  # another app's task, or a record made by a claim without its call
+                continue
+            if op.status is Status.RUNNING:
+                if not store.requeue(op):
+                    continue  # claimed or renewed meanwhile: alive after all
+                report.requeued.append(op.id)
+            _name, args, kwargs = json.loads(op.payload)
+            try:
+                task.publish(op, args, kwargs)
+            except IdemtasksError as exc:
+                logger.warning("idemtasks: could not publish operation %s again: %s", op.id, exc)
+                continue
+            report.republished.append(op.id)
+
+
+def install(app: Any, *, beat_task: bool = True) -> None:
+    """Run a sweeper thread in each worker of ``app`` (if ``idemtasks_sweep_interval`` is set) and, with
+    ``beat_task``, register the ``idemtasks.sweep`` task for beat schedules."""
+    from celery import signals
+
+    if beat_task:
+        @app.task(name="idemtasks.sweep", ignore_result=True)  # type: ignore[untyped-decorator]
+        def sweep() -> int:
+            return len(Sweeper(app).sweep().republished)
+
+    def start(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", app) is not app:
+            return
+        interval = app.conf.get("idemtasks_sweep_interval", DEFAULT_SWEEP_INTERVAL)
+        if not interval:
+            return
+        sweeper = Sweeper(app)
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(float(interval)):
+                try:
+                    sweeper.sweep()
+                except Exception:  # a sweep must never kill the worker's recovery loop
+                    logger.exception("idemtasks: sweep failed")
+
+        threading.Thread(target=loop, name="idemtasks-sweeper", daemon=True).start()
+        signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)
+
+    signals.worker_init.connect(start, weak=False)

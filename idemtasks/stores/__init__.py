@@ -1,0 +1,58 @@
+"""Stores and how a URL picks one.
+
+``redis://`` and ``rediss://`` open :class:`~idemtasks.stores.redis.RedisStore`; ``postgresql…``, ``sqlite…``,
+``mysql…`` and ``mariadb…`` open :class:`~idemtasks.stores.sql.SQLStore`; ``memory://`` opens
+:class:`~idemtasks.stores.memory.MemoryStore`. Backends are imported only when asked for, so the core needs
+neither redis-py nor SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import Store
+
+__all__ = ["Store", "open_store", "shared_store"]
+
+_SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """Open a new store for ``url``; ``options`` go to the backend's constructor."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(f"store URL {url!r} is not a URL (expected e.g. redis://, postgresql+psycopg://, "
+                                 "sqlite:///, mysql+pymysql://, memory://)")
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+
+        return RedisStore(url, **options)
+    if scheme in _SQL_SCHEMES:
+        from .sql import SQLStore
+
+        return SQLStore(url, **options)
+    if scheme == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore(url, **options)
+    raise ConfigurationError(f"store URL scheme {scheme!r} is not supported; use redis, rediss, postgresql, "
+                             "sqlite, mysql, mariadb or memory")
+
+
+_shared: dict[tuple[int, str], Store] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_store(url: str) -> Store:
+    """One store per URL and per process: connections must not cross a fork (prefork pool children)."""
+    cache_key = (os.getpid(), url)
+    store = _shared.get(cache_key)
+    if store is None:
+        with _shared_lock:
+            store = _shared.get(cache_key)
+            if store is None:
+                store = _shared[cache_key] = open_store(url)
+    return store

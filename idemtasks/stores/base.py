@@ -1,0 +1,288 @@
+"""The store contract: public operations here, a few atomic primitives in each backend.
+
+A backend implements only what must be atomic, each primitive in one round trip where the server allows it:
+
+* ``_create``  insert a pending operation unless a live one holds the key (submit);
+* ``_claim``   pending/absent/expired/dead-lease → running under a new lease and a higher fencing token (worker);
+* ``_finish``  running → succeeded/failed, or → pending for a retry, only while the caller's token is current;
+* ``_renew``   push a live lease further, fenced;
+* ``_stale``   list what recovery must publish again; ``_requeue`` give a dead holder's operation back, fenced;
+* ``_mark_published`` clear ``needs_publish`` once the message of a new operation reached the broker;
+* ``_abandon`` delete a new operation whose message could not be published, so a retry starts afresh;
+* ``_get``     read one record by its ``(scope, key)`` digest.
+
+A duplicate, a busy lease or a stale token are ordinary return values; only infrastructure failures raise
+(:class:`~idemtasks.errors.StoreUnavailable` / :class:`~idemtasks.errors.StoreError`).
+
+Every record expires ``ttl`` seconds after its last write, so an operation can never expire while a worker is
+still renewing its lease; an expired record is treated as absent everywhere.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
+from ..identity import digest_from_id, key_digest, load_json, new_operation_id
+from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission
+
+__all__ = ["ClaimRequest", "CreateRequest", "FinishRequest", "Store", "decide_claim", "decide_create"]
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    digest: str
+    scope: str
+    key: str
+    task_name: str
+    fingerprint: str
+    new_id: str
+    ttl: float
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    digest: str
+    scope: str
+    key: str
+    task_name: str
+    fingerprint: str
+    new_id: str  # used only when the claim has to create the record (absent or expired)
+    owner: str  # unique per attempt: how a backend tells its own win from somebody else's record
+    lease: float
+    ttl: float
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FinishRequest:
+    digest: str
+    operation_id: str
+    token: int
+    status: Status  # SUCCEEDED, FAILED, or PENDING for a release
+    result: str | None  # JSON text
+    error: ErrorInfo | None
+    ttl: float
+
+
+def decide_create(current: Operation | None, req: CreateRequest, now: float) -> tuple[Operation, bool]:
+    """Reference semantics of ``_create`` for backends that decide in Python under a lock or row lock."""
+    if current is not None and current.expires_at > now:
+        return current, False
+    op = Operation(
+        id=req.new_id, scope=req.scope, key=req.key, task_name=req.task_name, fingerprint=req.fingerprint,
+        status=Status.PENDING, result=None, error=None, attempts=0, fencing_token=0, lease_owner=None,
+        lease_expires_at=None, created_at=now, updated_at=now, expires_at=now + req.ttl, needs_publish=True,
+        payload=req.payload,
+    )
+    return op, True
+
+
+def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tuple[ClaimOutcome, Operation]:
+    """Reference semantics of ``_claim``; the Redis script and the SQL statement encode the same table."""
+    if current is None or current.expires_at <= now:
+        op, _ = decide_create(None, CreateRequest(
+            req.digest, req.scope, req.key, req.task_name, req.fingerprint, req.new_id, req.ttl, req.payload), now)
+        # An expired record's token carries on: a holder of the old record never shares a token with the new one.
+        current = op if current is None else dataclasses.replace(op, fencing_token=current.fencing_token)
+    elif current.fingerprint != req.fingerprint:
+        return ClaimOutcome.MISMATCH, current
+    elif current.status.is_final:
+        return ClaimOutcome.DONE, current
+    elif current.status is Status.RUNNING and (current.lease_expires_at or 0.0) > now:
+        return ClaimOutcome.BUSY, current
+    claimed = dataclasses.replace(
+        current, status=Status.RUNNING, attempts=current.attempts + 1, fencing_token=current.fencing_token + 1,
+        lease_owner=req.owner, lease_expires_at=now + req.lease, updated_at=now, expires_at=now + req.ttl,
+        needs_publish=False,
+    )
+    return ClaimOutcome.CLAIMED, claimed
+
+
+class Store(abc.ABC):
+    """Where operations live. Thread-safe; after a fork, each process opens its own connections."""
+
+    #: The URL this store was opened from (without a password), for logs and diagnostics.
+    url: str = ""
+
+    def __init__(self) -> None:
+        #: Store round trips made by this instance; tests and benchmarks read it to check the cost per task.
+        self.round_trips = 0
+
+    # ----------------------------------------------------------------- public operations
+
+    def create(self, scope: str, key: str, task_name: str, fingerprint: str, *, ttl: float,
+               payload: str | None = None) -> Submission:
+        """Record a pending operation for ``(scope, key)``, or return the live one (``created=False``).
+
+        ``payload`` is the call (:func:`~idemtasks.identity.canonical_call`), kept for recovery.
+        Raises :class:`IdempotencyKeyMismatch` when the live operation was created for another payload.
+        """
+        digest = key_digest(scope, key)
+        req = CreateRequest(digest, scope, key, task_name, fingerprint, new_operation_id(digest), ttl, payload)
+        op, created = self._create(req)
+        if not created and op.fingerprint != fingerprint:
+            raise IdempotencyKeyMismatch(
+                scope=scope, key=key, operation_id=op.id, stored_fingerprint=op.fingerprint, fingerprint=fingerprint
+            )
+        return Submission(op, created)
+
+    def claim(
+        self, scope: str, key: str, task_name: str, fingerprint: str, *,
+        owner: str, lease: float, ttl: float, operation_id: str | None = None, payload: str | None = None,
+    ) -> ClaimResult:
+        """Try to become the holder of ``(scope, key)``; the outcome says whether the body may run.
+
+        ``operation_id`` is the id to give the record if the claim must create it (a message whose record expired,
+        or a task sent without :meth:`submit`); it is ignored when it does not belong to ``(scope, key)``.
+        """
+        digest = key_digest(scope, key)
+        new_id = operation_id if operation_id and digest_from_id(operation_id) == digest else new_operation_id(digest)
+        return self._claim(ClaimRequest(digest, scope, key, task_name, fingerprint, new_id, owner, lease, ttl,
+                                        payload))
+
+    def succeed(self, op: Operation, token: int, result_json: str, *, ttl: float) -> None:
+        """Store the result; raises :class:`LeaseLost` if ``token`` is no longer the current fencing token."""
+        self.finish(op.scope, op.key, op.id, token, Status.SUCCEEDED, result_json=result_json, ttl=ttl)
+
+    def fail(self, op: Operation, token: int, error: ErrorInfo, *, ttl: float) -> None:
+        """Store a terminal failure; raises :class:`LeaseLost` like :meth:`succeed`."""
+        self.finish(op.scope, op.key, op.id, token, Status.FAILED, error=error, ttl=ttl)
+
+    def release(self, op: Operation, token: int, *, ttl: float) -> None:
+        """Give the operation back (running → pending) so a retry can claim it; raises :class:`LeaseLost`."""
+        self.finish(op.scope, op.key, op.id, token, Status.PENDING, ttl=ttl)
+
+    def finish(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
+               result_json: str | None = None, error: ErrorInfo | None = None, ttl: float, again: bool = False) -> None:
+        """Move a held operation to ``status``; raises :class:`LeaseLost` when ``token`` is stale.
+
+        ``again``: this completion was sent before and its answer lost (a dropped connection), so it may have
+        landed; finding exactly it stored is then success rather than :class:`LeaseLost`. A repeat is otherwise
+        refused like any completion of a finished operation.
+        """
+        self._finish_or_raise(FinishRequest(key_digest(scope, key), operation_id, token, status, result_json, error,
+                                            ttl), again=again)
+
+    #: Whether :meth:`finish_pipelined` can send a completion without waiting for its answer.
+    pipelines_completions = False
+
+    def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
+                         result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
+                         settle: Callable[[IdemtasksError], None]) -> None:
+        """:meth:`finish`, without waiting for the answer where the backend can (see ``pipelines_completions``).
+
+        What cannot be settled by sending the completion again — :class:`LeaseLost`, or a
+        :class:`~idemtasks.errors.StoreError` that outlasts a resend — is passed to ``settle`` later, from another
+        thread. A backend that cannot pipeline finishes synchronously and raises, like :meth:`finish`.
+        """
+        self.finish(scope, key, operation_id, token, status, result_json=result_json, error=error, ttl=ttl)
+
+    def _finish_or_raise(self, req: FinishRequest, *, again: bool) -> None:
+        if not self._finish(req) and (lost := self._refusal(req, again=again)) is not None:
+            raise lost
+
+    def _refusal(self, req: FinishRequest, *, again: bool) -> LeaseLost | None:
+        """Why a completion was refused: ``LeaseLost``, or ``None`` when it was sent ``again`` and this very
+        completion had landed the first time."""
+        current = self._get(req.digest)
+        if (again and current is not None and current.id == req.operation_id and current.status is req.status
+                and current.fencing_token == req.token and current.error == req.error
+                and (req.status is not Status.SUCCEEDED or current.result == load_json(req.result))):
+            return None  # nobody else can finish under this token (every claim moves it on): it was this one
+        return LeaseLost(
+            operation_id=req.operation_id, fencing_token=req.token,
+            current_token=None if current is None or current.id != req.operation_id else current.fencing_token,
+        )
+
+    def renew(self, op: Operation, token: int, *, lease: float, ttl: float) -> bool:
+        """Extend a live lease; ``False`` means the caller is no longer the holder."""
+        return self._renew(key_digest(op.scope, op.key), op.id, token, lease, ttl)
+
+    def mark_published(self, op: Operation) -> None:
+        """Clear ``needs_publish``: the message of ``op`` is with the broker."""
+        self._mark_published(key_digest(op.scope, op.key), op.id)
+
+    def abandon(self, op: Operation) -> None:
+        """Delete ``op`` if it is still pending and never claimed: its message could not be published, and a
+        retry of the request must be free to start over rather than find a record that nothing will run."""
+        self._abandon(key_digest(op.scope, op.key), op.id)
+
+    def stale(self, *, pending_after: float, limit: int = 500) -> list[Operation]:
+        """Operations that may never finish by themselves: pending and unchanged for ``pending_after`` seconds,
+        or running under a lease that ran out (see :mod:`idemtasks.recovery`)."""
+        return self._stale(pending_after, limit)
+
+    def requeue(self, op: Operation) -> bool:
+        """Put a running operation whose lease ran out back to pending, fenced on its token (the dead holder stays
+        fenced off, since finishing needs ``running``); ``False`` if it was claimed, renewed or finished."""
+        return self._requeue(key_digest(op.scope, op.key), op.id, op.fencing_token)
+
+    def get(self, scope: str, key: str) -> Operation | None:
+        """The live operation for ``(scope, key)``, or ``None``."""
+        return self._get(key_digest(scope, key))
+
+    def get_by_id(self, operation_id: str) -> Operation | None:
+        """The live operation with this id, or ``None`` (unknown, expired, or replaced after expiry)."""
+        digest = digest_from_id(operation_id)
+        if digest is None:
+            return None
+        op = self._get(digest)
+        return op if op is not None and op.id == operation_id else None
+
+    def now(self) -> float:
+        """The clock leases are measured with; backends with a server clock override this."""
+        return time.time()
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
+        """Release connections."""
+
+    # ----------------------------------------------------------------- atomic primitives
+
+    @abc.abstractmethod
+    def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
+        """Atomically: if no live record holds ``req.digest``, write a pending one; return (record, created)."""
+
+    @abc.abstractmethod
+    def _claim(self, req: ClaimRequest) -> ClaimResult:
+        """Atomically apply :func:`decide_claim` to the record at ``req.digest`` and return its outcome."""
+
+    @abc.abstractmethod
+    def _finish(self, req: FinishRequest) -> bool:
+        """Atomically: if the record is ``req.operation_id``, running, with fencing token ``req.token``, move it to
+        ``req.status`` with the result or error, clear the lease and reset its expiry; report whether it did."""
+
+    @abc.abstractmethod
+    def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
+        """Atomically: if running with ``token``, set the lease to now + ``lease`` (and expiry to now + ``ttl``)."""
+
+    @abc.abstractmethod
+    def _mark_published(self, digest: str, operation_id: str) -> None:
+        """If the record is ``operation_id`` and still pending: clear ``needs_publish`` and set ``updated_at`` to now
+        (recovery's clock for pending records restarts with every publish)."""
+
+    @abc.abstractmethod
+    def _abandon(self, digest: str, operation_id: str) -> None:
+        """Delete the record if it is ``operation_id``, pending, and has never been claimed (attempts 0)."""
+
+    @abc.abstractmethod
+    def _get(self, digest: str) -> Operation | None:
+        """Read the live record at ``digest`` (``None`` if absent or expired)."""
+
+    @abc.abstractmethod
+    def _stale(self, pending_after: float, limit: int) -> list[Operation]:
+        """Up to ``limit`` live records pending and unchanged for ``pending_after`` seconds or more, or running
+        under an expired lease, oldest first."""
+
+    @abc.abstractmethod
+    def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
+        """Atomically: if running with ``token`` under an expired lease, move to pending (token unchanged)."""
+
+    @abc.abstractmethod
+    def purge_expired(self) -> int:
+        """Delete expired records; return how many (stores with native expiry may return 0)."""

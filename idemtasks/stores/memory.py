@@ -1,0 +1,121 @@
+"""An in-process store for users' unit tests and eager mode. Not shared between processes, not durable."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+from ..identity import load_json
+from ..models import ClaimResult, Operation, Status
+from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(Store):
+    """Keeps operations in a dict guarded by one lock; every primitive counts as one round trip."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        super().__init__()
+        self.url = url
+        self._lock = threading.Lock()
+        self._records: dict[str, Operation] = {}
+
+    def _live(self, digest: str, now: float) -> Operation | None:
+        op = self._records.get(digest)
+        return op if op is not None and op.expires_at > now else None
+
+    def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
+        with self._lock:
+            self.round_trips += 1
+            op, created = decide_create(self._live(req.digest, time.time()), req, time.time())
+            self._records[req.digest] = op
+            return op, created
+
+    def _claim(self, req: ClaimRequest) -> ClaimResult:
+        with self._lock:
+            self.round_trips += 1
+            now = time.time()
+            outcome, op = decide_claim(self._records.get(req.digest), req, now)  # expired ones too: their token
+            self._records[req.digest] = op
+            return ClaimResult(outcome, op)
+
+    def _holds(self, digest: str, operation_id: str, token: int, now: float) -> Operation | None:
+        op = self._live(digest, now)
+        if op is None or op.id != operation_id or op.status is not Status.RUNNING or op.fencing_token != token:
+            return None
+        return op
+
+    def _finish(self, req: FinishRequest) -> bool:
+        with self._lock:
+            self.round_trips += 1
+            now = time.time()
+            op = self._holds(req.digest, req.operation_id, req.token, now)
+            if op is None:
+                return False
+            self._records[req.digest] = dataclasses.replace(
+                op, status=req.status, result=None if req.result is None else load_json(req.result), error=req.error,
+                lease_owner=None, lease_expires_at=None, updated_at=now, expires_at=now + req.ttl,
+            )
+            return True
+
+    def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
+        with self._lock:
+            self.round_trips += 1
+            now = time.time()
+            op = self._holds(digest, operation_id, token, now)
+            if op is None:
+                return False
+            self._records[digest] = dataclasses.replace(
+                op, lease_expires_at=now + lease, expires_at=max(op.expires_at, now + ttl)
+            )
+            return True
+
+    def _mark_published(self, digest: str, operation_id: str) -> None:
+        with self._lock:
+            self.round_trips += 1
+            op = self._live(digest, time.time())
+            if op is not None and op.id == operation_id and op.status is Status.PENDING:
+                self._records[digest] = dataclasses.replace(op, needs_publish=False, updated_at=time.time())
+
+    def _abandon(self, digest: str, operation_id: str) -> None:
+        with self._lock:
+            self.round_trips += 1
+            op = self._records.get(digest)
+            if op is not None and op.id == operation_id and op.status is Status.PENDING and op.attempts == 0:
+                del self._records[digest]
+
+    def _stale(self, pending_after: float, limit: int) -> list[Operation]:
+        with self._lock:
+            self.round_trips += 1
+            now = time.time()
+            found = [op for op in self._records.values() if op.expires_at > now and (
+                (op.status is Status.PENDING and op.updated_at <= now - pending_after)
+                or (op.status is Status.RUNNING and (op.lease_expires_at or 0.0) <= now))]
+            return sorted(found, key=lambda op: op.updated_at)[:limit]
+
+    def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
+        with self._lock:
+            self.round_trips += 1
+            now = time.time()
+            op = self._holds(digest, operation_id, token, now)
+            if op is None or (op.lease_expires_at or 0.0) > now:
+                return False
+            self._records[digest] = dataclasses.replace(
+                op, status=Status.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
+            return True
+
+    def _get(self, digest: str) -> Operation | None:
+        with self._lock:
+            self.round_trips += 1
+            return self._live(digest, time.time())
+
+    def purge_expired(self) -> int:
+        with self._lock:
+            now = time.time()
+            dead = [d for d, op in self._records.items() if op.expires_at <= now]
+            for digest in dead:
+                del self._records[digest]
+            return len(dead)
+

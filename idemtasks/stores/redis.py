@@ -1,0 +1,321 @@
+"""The Redis store: one Lua script (one round trip) per state change, one ``HGETALL`` per read.
+
+Each operation is a hash at ``{namespace}:{<digest>}``. The braces are a Redis Cluster hash tag: everything about
+one ``(scope, key)`` lives in one slot, and since the operation id starts with the same digest, a lookup by id
+needs no index. Recovery's index of unfinished operations (``{namespace}:pending`` and ``{namespace}:running``) is
+the one thing outside that slot. The record layout and the scripts are in :mod:`idemtasks.stores.redis_scripts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import redis
+    from redis.backoff import EqualJitterBackoff
+    from redis.exceptions import ClusterDownError, ReadOnlyError, RedisError, TryAgainError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the Redis store needs redis-py: pip install idemtasks[redis]") from exc
+
+from ..errors import ConfigurationError, IdemtasksError, StoreError, StoreUnavailable
+from ..identity import key_digest, load_json
+from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
+from . import redis_scripts as lua
+from .base import ClaimRequest, CreateRequest, FinishRequest, Store
+from .redis_lane import Lane, lanes_supported
+
+__all__ = ["RedisStore", "parse_record", "public_url", "tail"]
+
+logger = logging.getLogger("idemtasks.store")
+
+_STATUS = {"p": Status.PENDING, "r": Status.RUNNING, "s": Status.SUCCEEDED, "f": Status.FAILED}
+_STATUS_CODE = {v: k for k, v in _STATUS.items()}
+_CLAIM = {"b": ClaimOutcome.BUSY, "d": ClaimOutcome.DONE, "m": ClaimOutcome.MISMATCH}
+# Failover and resharding answer with errors that a later attempt gets past, unlike a bad command.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError)
+
+
+def public_url(url: str) -> str:
+    """The URL without its password (in the user info or a ``password=`` query parameter), for logs."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    if "password=" in query.lower():
+        query = "&".join("password=***" if p.lower().startswith("password=") else p for p in query.split("&"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _us(value: str) -> float:
+    return int(value) / 1_000_000
+
+
+def parse_record(flat: list[Any], digest: str | None = None) -> Operation:
+    """A record as a flat list (field, value, field, value, …: what ``HGETALL`` and the scripts answer) at the key
+    of ``digest`` (or, from the recovery script, with the digest in a ``d`` field)."""
+    h = dict(zip(map(_text, flat[::2]), map(_text, flat[1::2]), strict=True))
+    le = h.get("le")
+    return Operation(
+        id=(digest or h["d"]) + h["id"], scope=h["s"], key=h["k"], task_name=h["t"], fingerprint=h["f"],
+        status=_STATUS[h["st"]],
+        result=load_json(h.get("r")), error=ErrorInfo(h["et"], h.get("em", "")) if "et" in h else None,
+        attempts=int(h["a"]), fencing_token=int(h["tok"]), lease_owner=h.get("lo"),
+        lease_expires_at=None if le is None else _us(le), created_at=_us(h["c"]), updated_at=_us(h["u"]),
+        expires_at=_us(h["x"]), needs_publish="np" in h, payload=h.get("p"),
+    )
+
+
+def tail(digest: str, operation_id: str) -> str:
+    """What a record stores of an operation id: the part after the digest its key already holds. An id that does
+    not start with ``digest`` yields a value no record holds, so every script treats it as somebody else's."""
+    return operation_id[len(digest):] if operation_id.startswith(digest) else "!"
+
+
+def finish_args(req: FinishRequest) -> list[str]:
+    err = req.error
+    return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
+            err.type if err else "", err.message if err else "", repr(req.ttl)]
+
+
+def _published_answer(answer: Any) -> None:
+    if isinstance(answer, Exception):
+        logger.warning("idemtasks: an operation may stay flagged as unpublished (%s); harmless: its duplicates "
+                       "wait a few seconds more, and the claim clears the flag", answer)
+
+
+class RedisStore(Store):
+    """Operations in Redis. ``namespace`` prefixes every key, so several applications can share one server.
+
+    ``client`` lets an application share its own ``redis.Redis``; the store then leaves it open on :meth:`close`.
+    """
+
+    def __init__(self, url: str, *, namespace: str = "idemtasks", client: Any = None,
+                 socket_timeout: float = 5.0, cluster: bool = False) -> None:
+        super().__init__()
+        self.url = public_url(url)
+        if "{" in namespace or "}" in namespace:
+            # Redis Cluster hashes the first {...} of a key: braces here would put every record in one slot.
+            raise ConfigurationError(f"Redis namespace {namespace!r} must not contain braces")
+        self.namespace = namespace
+        self._pending_key, self._running_key = f"{namespace}:pending", f"{namespace}:running"
+        # On Redis Cluster a script may only touch its record's slot: no index keys, and recovery scans instead.
+        self.cluster = cluster
+        self._indexes = [] if cluster else [self._pending_key, self._running_key]
+        self.socket_timeout = socket_timeout
+        self._raw_url = url  # with its password: the asyncio twin of this store connects with it
+        self._own_client = client is None
+        # Two retries ride out a stale pooled connection or a failover; redis-py's default (ten) would hold a worker
+        # for ten socket timeouts when the server is gone. A create or claim resent after a lost reply answers as the
+        # first run did (see redis_scripts); a resent finish whose first run landed reports LeaseLost, as any backend.
+        factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
+        self.client: Any = client or factory(
+            url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+            health_check_interval=30, retry=Retry(EqualJitterBackoff(cap=0.5, base=0.02), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        self._create_script = self.client.register_script(lua.CREATE)
+        self._claim_script = self.client.register_script(lua.CLAIM)
+        self._finish_script = self.client.register_script(lua.FINISH)
+        self._renew_script = self.client.register_script(lua.RENEW)
+        self._published_script = self.client.register_script(lua.MARK_PUBLISHED)
+        self._abandon_script = self.client.register_script(lua.ABANDON)
+        self._requeue_script = self.client.register_script(lua.REQUEUE)
+        self._stale_script = self.client.register_script(lua.STALE)
+        # A worker thread's claims and completions go through its own connection (see redis_lane); a cluster
+        # routes by slot, and an application's own client may not be a plain pool, so those stay synchronous.
+        self._local = threading.local()
+        self._lanes = not cluster and isinstance(self.client, redis.Redis) and lanes_supported()
+        self.pipelines_completions = self._lanes
+        self._loaded_for = 0  # the pid that loaded the lanes' scripts
+
+    def record_key(self, digest: str) -> str:
+        return f"{self.namespace}:{{{digest}}}"
+
+    @contextmanager
+    def _call(self, *, count: bool = True) -> Iterator[None]:
+        """Count one round trip and translate redis-py's exceptions into the store's own."""
+        self.round_trips += count
+        try:
+            yield
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"Redis store {self.url} unavailable: {exc}") from exc
+        except RedisError as exc:
+            raise StoreError(f"Redis store {self.url} failed: {exc}") from exc
+
+    def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
+        keys = [self.record_key(req.digest), *self._indexes[:1]]
+        args = [tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, repr(req.ttl),
+                req.payload or ""]
+        lane = self._lane()
+        with self._call():
+            if lane is None:
+                code, flat = self._create_script(keys=keys, args=args)
+            else:
+                code, flat = lane.call(self._create_script.sha, lua.CREATE, keys, args)
+        return parse_record(flat, req.digest), _text(code) == "n"
+
+    def _lane(self) -> Lane | None:
+        lane: Lane | None = getattr(self._local, "lane", None)
+        if lane is None or lane.pid != os.getpid():  # a forked child never touches its parent's socket
+            if not self._lanes:
+                return None
+            pool = self.client.connection_pool
+            # No health-check PING: it would read a pipelined completion's answer as its PONG.
+            conn = pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0})
+            if self._loaded_for != os.getpid():
+                with self._call(count=False):  # once per process, not per task
+                    # A pipelined call's NOSCRIPT is only heard a call later: load what lanes send up front.
+                    for script in (lua.CREATE, lua.CLAIM, lua.FINISH, lua.MARK_PUBLISHED):
+                        self.client.script_load(script)
+                self._loaded_for = os.getpid()
+            lane = self._local.lane = Lane(conn, self.client.script_load)
+        return lane
+
+    def _claim(self, req: ClaimRequest) -> ClaimResult:
+        keys = [self.record_key(req.digest), *self._indexes]
+        args = [tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, req.owner,
+                repr(req.lease),
+                repr(req.ttl), req.payload or ""]
+        lane = self._lane()
+        with self._call():
+            if lane is None:
+                reply = self._claim_script(keys=keys, args=args)
+            else:
+                reply = lane.call(self._claim_script.sha, lua.CLAIM, keys, args)
+        code = _text(reply[0])
+        if code != "c":
+            return ClaimResult(_CLAIM[code], parse_record(reply[1], req.digest))
+        # A win comes back without what the request already says (scope, key, fingerprint, owner) and without
+        # what a claimed record cannot have (result, error): serialising the whole hash is most of a script's cost.
+        op_id, task, created, attempts, token, lease, updated, expires = map(_text, reply[1:9])
+        payload = reply[9]  # Lua's false: no payload
+        return ClaimResult(ClaimOutcome.CLAIMED, Operation(
+            id=req.digest + op_id, scope=req.scope, key=req.key, task_name=task, fingerprint=req.fingerprint,
+            status=Status.RUNNING, result=None, error=None, attempts=int(attempts), fencing_token=int(token),
+            lease_owner=req.owner, lease_expires_at=_us(lease), created_at=_us(created), updated_at=_us(updated),
+            expires_at=_us(expires), payload=None if payload is None else _text(payload),
+        ))
+
+    def _finish(self, req: FinishRequest) -> bool:
+        with self._call():
+            return bool(self._finish_script(keys=[self.record_key(req.digest), *self._indexes],
+                                            args=finish_args(req)))
+
+    def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
+                         result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
+                         settle: Callable[[IdemtasksError], None]) -> None:
+        lane = self._lane()
+        req = FinishRequest(key_digest(scope, key), operation_id, token, status, result_json, error, ttl)
+        if lane is None:
+            self._finish_or_raise(req, again=False)
+            return
+
+        def resolve(answer: Any) -> None:
+            if answer == 1:
+                return
+            try:
+                if isinstance(answer, int):
+                    lost = self._refusal(req, again=False)
+                    if lost is not None:
+                        settle(lost)
+                else:  # the connection broke, or an error reply (NOSCRIPT after a restart): send it again
+                    self._finish_or_raise(req, again=True)
+            except IdemtasksError as exc:
+                settle(exc)
+
+        self.round_trips += 1
+        lane.send(self._finish_script.sha, [self.record_key(req.digest), *self._indexes], finish_args(req), resolve)
+
+    def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
+        with self._call():
+            return bool(self._renew_script(keys=[self.record_key(digest)],
+                                           args=[tail(digest, operation_id), str(token), repr(lease), repr(ttl)]))
+
+    def _mark_published(self, digest: str, operation_id: str) -> None:
+        keys, args = [self.record_key(digest)], [tail(digest, operation_id)]
+        lane = self._lane()
+        if lane is None:
+            with self._call():
+                self._published_script(keys=keys, args=args)
+            return
+        # Not waited for: the flag only makes a duplicate of a just-created operation wait for ACCEPT_WINDOW, and
+        # the worker's claim clears it anyway. A submit then costs one synchronous round trip, the create.
+        self.round_trips += 1
+        lane.send(self._published_script.sha, keys, args, _published_answer)
+
+    def _abandon(self, digest: str, operation_id: str) -> None:
+        with self._call():
+            self._abandon_script(keys=[self.record_key(digest), *self._indexes[:1]], args=[tail(digest, operation_id)])
+
+    def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
+        with self._call():
+            return bool(self._requeue_script(keys=[self.record_key(digest), *self._indexes],
+                                             args=[tail(digest, operation_id), str(token)]))
+
+    def _stale(self, pending_after: float, limit: int) -> list[Operation]:
+        if self.cluster:
+            return self._scan_stale(pending_after, limit)
+        with self._call():
+            found = self._stale_script(keys=[self._pending_key, self._running_key],
+                                       args=[f"{self.namespace}:{{", repr(float(pending_after)), str(int(limit))])
+        ops = sorted((parse_record(flat) for flat in found), key=lambda op: op.updated_at)
+        return ops[:limit]
+
+    def _scan_stale(self, pending_after: float, limit: int) -> list[Operation]:
+        """Redis Cluster: no index can span the slots, so walk every node's records (a sweep, not a hot path)."""
+        now, ops = self.now(), []
+        with self._call():
+            for key in self.client.scan_iter(match=f"{self.namespace}:{{*}}", count=1000):
+                flat = self.client.execute_command("HGETALL", key)
+                if isinstance(flat, dict):
+                    flat = [x for pair in flat.items() for x in pair]
+                if not flat:
+                    continue
+                op = parse_record(flat, _text(key)[-33:-1])
+                if op.expires_at > now and (
+                        (op.status is Status.PENDING and op.updated_at <= now - pending_after)
+                        or (op.status is Status.RUNNING and (op.lease_expires_at or 0.0) <= now)):
+                    ops.append(op)
+        return sorted(ops, key=lambda op: op.updated_at)[:limit]
+
+    def _get(self, digest: str) -> Operation | None:
+        with self._call():
+            flat = self.client.execute_command("HGETALL", self.record_key(digest))
+        if not flat:
+            return None
+        if isinstance(flat, dict):  # RESP3 answers a map
+            flat = [x for pair in flat.items() for x in pair]
+        op = parse_record(flat, digest)
+        # Redis evicts a millisecond after the expiry; the local clock closes that gap (a script would cost a TIME).
+        return op if op.expires_at > time.time() else None
+
+    def now(self) -> float:
+        with self._call():
+            seconds, micros = self.client.time()
+        return float(seconds) + float(micros) / 1_000_000
+
+    def purge_expired(self) -> int:
+        return 0  # Redis expires records by itself
+
+    def close(self) -> None:
+        lane: Lane | None = getattr(self._local, "lane", None)
+        if lane is not None and lane.pid == os.getpid():
+            self._local.lane = None
+            lane.close()
+        if self._own_client:
+            self.client.close()

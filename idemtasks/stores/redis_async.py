@@ -1,0 +1,64 @@
+"""The web-facing half of the Redis store on redis.asyncio: the same Lua scripts, awaited."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..aio import AsyncStore
+from ..errors import StoreError, StoreUnavailable
+from ..models import Operation
+from . import redis_scripts as lua
+from .base import CreateRequest
+from .redis import RedisStore, parse_record, tail
+
+__all__ = ["AsyncRedisStore"]
+
+
+class AsyncRedisStore(AsyncStore):
+    """Shares the key layout and namespace of a :class:`RedisStore`, with its own asyncio connection pool."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.sync = store
+        self.client = aioredis.Redis.from_url(
+            store._raw_url, decode_responses=True, socket_timeout=store.socket_timeout,
+            socket_connect_timeout=store.socket_timeout)
+        self._create_script = self.client.register_script(lua.CREATE)
+
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        self.sync.round_trips += 1
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"Redis store {self.sync.url} unreachable: {exc}") from exc
+        except RedisError as exc:
+            raise StoreError(f"Redis store {self.sync.url} failed: {exc}") from exc
+
+    async def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
+        async with self._call():
+            code, flat = await self._create_script(
+                keys=[self.sync.record_key(req.digest), *self.sync._indexes[:1]],
+                args=[tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, repr(req.ttl),
+                      req.payload or ""])
+        return parse_record(flat, req.digest), (code.decode() if isinstance(code, bytes) else code) == "n"
+
+    async def _get(self, digest: str) -> Operation | None:
+        import time
+
+        async with self._call():
+            h = await self.client.hgetall(self.sync.record_key(digest))
+        if not h:
+            return None
+        op = parse_record([x for pair in h.items() for x in pair], digest)
+        return op if op.expires_at > time.time() else None
+
+    async def now(self) -> float:
+        async with self._call():
+            seconds, micros = await self.client.time()
+        return float(seconds) + micros / 1_000_000

@@ -1,0 +1,230 @@
+"""The Lua scripts of the Redis store: each state change is one script, so one atomic round trip.
+
+A record is one hash at ``{namespace}:{<digest>}``. Field names are short and empty fields are never written: a store
+keeps millions of records, and a small hash stays in Redis' compact listpack encoding.
+
+==========  ==================  ==========  ====================================
+field       meaning             field       meaning
+==========  ==================  ==========  ====================================
+``id``      id after the digest ``a``       attempts
+``s``       scope               ``tok``     fencing token
+``k``       key                 ``lo``      lease owner
+``t``       task name           ``le``      lease expiry
+``f``       fingerprint         ``c/u/x``   created / updated / expires
+``st``      status p/r/s/f      ``np``      present while the message awaits publishing
+``r``       result JSON         ``et/em``   error type / message (``em`` absent when empty)
+``p``       the call (payload)
+==========  ==================  ==========  ====================================
+
+An operation id is the record's digest followed by 24 random hex characters; the digest is already in the key, so
+``id`` holds only the rest (32 bytes less per record: enough to keep a typical record in a smaller allocation).
+The scripts take and return that rest; :mod:`idemtasks.stores.redis` joins the two.
+
+Times are integer microseconds since the epoch: a listpack stores an integer in 9 bytes instead of a 17-character
+decimal, and integers compare exactly. They come from the server's ``TIME``, so leases do not depend on the clocks
+of the machines that hold them. Expiry is kept both in ``x`` (checked by the scripts, so an expired record is absent
+even while Redis still keeps it) and as the key's own expiry, ten minutes later (so nothing has to purge).
+Arguments stay in seconds (what the Python side has); the scripts convert.
+
+Recovery needs the operations that are pending, or running under a dead lease, without scanning the keyspace: two
+sorted sets per namespace, ``{namespace}:pending`` and ``{namespace}:running``, hold the digests of the records in
+that status. The scripts keep membership exact on every change of status; scores (time of the last change, lease
+expiry) are only a lower bound, since renewing a lease or publishing does not touch the index: :data:`STALE` checks
+each record and moves a member that is not yet stale to its true score. These keys are outside the records' hash
+slots: on Redis Cluster (``RedisStore(cluster=True)``) the scripts are given only the record's key, keep no index,
+and recovery scans the records instead.
+
+redis-py resends a command whose reply was lost (timeout, dropped connection). A create or a claim resent that way
+recognises its own earlier effect and answers as the first run did: a create finds its own fresh id (otherwise the
+caller would take its own submission for somebody else's and never publish it), a claim its own owner on a live
+lease (otherwise it would report itself busy). A finish stays strict, as the contract wants: a repeated one is refused.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ABANDON", "CLAIM", "CREATE", "FINISH", "MARK_PUBLISHED", "RENEW", "REQUEUE", "STALE"]
+
+# An expired record is absent to every script at once (``x``), but Redis keeps the key ten minutes longer
+# (``KEEP_MS``): a claim that re-creates it then continues its fencing token, so no holder of the old record can
+# share a token with the new one.
+# The server clock in microseconds. Helpers are written out inline rather than as Lua functions: a closure per call
+# is measurable next to the few microseconds a script costs. ``%.0f`` prints a whole number of microseconds exactly
+# (``tostring`` would round it to 14 digits). A key expires one millisecond after ``x`` rather than before it.
+# The digest, the index's member, is what the record's key ends with: '{namespace}:{<32 hex>}'.
+_CLOCK = """
+local KEEP_MS = 600000
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local k = KEYS[1]
+local d = string.sub(k, -33, -2)
+"""
+
+# KEYS: record, pending index. ARGV: id, scope, key, task, fingerprint, ttl, payload ('' for none)
+#   ->  {'n' (created) | 'e' (existing), record}
+# (Without index keys — Redis Cluster — the index is not kept and recovery scans instead.)
+CREATE = _CLOCK + """
+local h = redis.call('HGETALL', k)
+if #h > 0 then
+  local rec = {}
+  for i = 1, #h, 2 do rec[h[i]] = h[i + 1] end
+  if (tonumber(rec.x) or 0) > now then return {rec.id == ARGV[1] and 'n' or 'e', h} end
+  redis.call('DEL', k)
+end
+local x = now + math.floor(ARGV[6] * 1000000 + 0.5)
+local c = string.format('%.0f', now)
+local rec = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'st', 'p', 'a', '0', 'tok', '0',
+             'c', c, 'u', c, 'x', string.format('%.0f', x), 'np', '1'}
+if ARGV[7] and ARGV[7] ~= '' then rec[#rec + 1] = 'p'; rec[#rec + 1] = ARGV[7] end
+redis.call('HSET', k, unpack(rec))
+redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
+if KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
+return {'n', rec}
+"""
+
+# KEYS: record, pending index, running index. ARGV: id, scope, key, task, fingerprint, owner, lease, ttl, payload
+#   ->  {'c', id, task, created, attempts, token, lease expiry, updated, expires, payload}: claimed (the caller knows
+#       the rest)
+#   ->  {'b' | 'd' | 'm', record}: busy, done, mismatch
+CLAIM = _CLOCK + """
+local r = redis.call('HMGET', k, 'x', 'f', 'st', 'le', 'lo', 'id', 't', 'c', 'a', 'tok', 'u', 'np', 'p')
+local w
+if (tonumber(r[1]) or 0) > now then
+  if r[2] ~= ARGV[5] then return {'m', redis.call('HGETALL', k)} end
+  if r[3] == 's' or r[3] == 'f' then return {'d', redis.call('HGETALL', k)} end
+  if r[3] == 'r' and (tonumber(r[4]) or 0) > now then
+    if r[5] == ARGV[6] then return {'c', r[6], r[7], r[8], r[9], r[10], r[4], r[11], r[1], r[13]} end
+    return {'b', redis.call('HGETALL', k)}
+  end
+  -- pending, or running under a dead lease: take it with the next fencing token
+  if r[12] then redis.call('HDEL', k, 'np') end
+  w = {}
+else
+  -- absent or expired: a message whose record is gone, or a task sent without submit
+  if r[1] then redis.call('DEL', k) end
+  -- An expired record's token carries on: a holder of the old record can never share a token with the new one.
+  r[6], r[7], r[8], r[9], r[10], r[13] = ARGV[1], ARGV[4], string.format('%.0f', now), 0, tonumber(r[10]) or 0, false
+  w = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'c', r[8]}
+  if ARGV[9] ~= '' then r[13] = ARGV[9]; w[13], w[14] = 'p', ARGV[9] end
+end
+local x = now + math.floor(ARGV[8] * 1000000 + 0.5)
+local lease = now + math.floor(ARGV[7] * 1000000 + 0.5)
+local a, tok = tostring(r[9] + 1), tostring(r[10] + 1)
+local le, u, xs = string.format('%.0f', lease), string.format('%.0f', now), string.format('%.0f', x)
+local n = #w
+w[n + 1], w[n + 2], w[n + 3], w[n + 4], w[n + 5], w[n + 6], w[n + 7] = 'st', 'r', 'a', a, 'tok', tok, 'lo'
+w[n + 8], w[n + 9], w[n + 10], w[n + 11], w[n + 12], w[n + 13], w[n + 14] = ARGV[6], 'le', le, 'u', u, 'x', xs
+redis.call('HSET', k, unpack(w))
+redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
+if KEYS[2] then redis.call('ZREM', KEYS[2], d) end
+if KEYS[3] then redis.call('ZADD', KEYS[3], lease, d) end
+return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13]}
+"""
+
+# KEYS: record, pending index, running index.
+# ARGV: id, token, status (s/f/p), result ('' for none), error type, error message, ttl  ->  1 | 0
+FINISH = _CLOCK + """
+local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x')
+if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now then return 0 end
+local st = ARGV[3]
+local x = now + math.floor(ARGV[7] * 1000000 + 0.5)
+local w = {'st', st, 'u', string.format('%.0f', now), 'x', string.format('%.0f', x)}
+if st == 's' and ARGV[4] ~= '' then w[7], w[8] = 'r', ARGV[4] end
+if st == 'f' then
+  w[7], w[8] = 'et', ARGV[5]
+  if ARGV[6] ~= '' then w[9], w[10] = 'em', ARGV[6] end
+end
+redis.call('HSET', k, unpack(w))
+redis.call('HDEL', k, 'lo', 'le')
+redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
+if KEYS[3] then redis.call('ZREM', KEYS[3], d) end
+if st == 'p' and KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
+return 1
+"""
+
+# KEYS: record. ARGV: id, token, lease, ttl  ->  1 | 0
+RENEW = _CLOCK + """
+local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x')
+local x = tonumber(rec[4]) or 0
+if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or x <= now then return 0 end
+local le = string.format('%.0f', now + math.floor(ARGV[3] * 1000000 + 0.5))
+local want = now + math.floor(ARGV[4] * 1000000 + 0.5)
+if want > x then
+  redis.call('HSET', k, 'le', le, 'x', string.format('%.0f', want))
+  redis.call('PEXPIREAT', k, math.floor(want / 1000) + KEEP_MS)
+else
+  redis.call('HSET', k, 'le', le)
+end
+return 1
+"""
+
+# KEYS: record. ARGV: id  ->  1
+MARK_PUBLISHED = _CLOCK + """
+local rec = redis.call('HMGET', k, 'id', 'st', 'x')
+if rec[1] == ARGV[1] and rec[2] == 'p' and (tonumber(rec[3]) or 0) > now then
+  redis.call('HSET', k, 'u', string.format('%.0f', now))
+  redis.call('HDEL', k, 'np')
+end
+return 1
+"""
+
+# KEYS: record, pending index. ARGV: id  ->  1
+# No clock: deleting a record that expired a moment ago changes nothing anybody can observe.
+ABANDON = """
+local rec = redis.call('HMGET', KEYS[1], 'id', 'st', 'a')
+if rec[1] == ARGV[1] and rec[2] == 'p' and rec[3] == '0' then
+  redis.call('DEL', KEYS[1])
+  if KEYS[2] then redis.call('ZREM', KEYS[2], string.sub(KEYS[1], -33, -2)) end
+end
+return 1
+"""
+
+# KEYS: record, pending index, running index. ARGV: id, token  ->  1 | 0
+REQUEUE = _CLOCK + """
+local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x', 'le')
+if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now
+   or (tonumber(rec[5]) or 0) > now then return 0 end
+redis.call('HSET', k, 'st', 'p', 'u', string.format('%.0f', now))
+redis.call('HDEL', k, 'lo', 'le')
+if KEYS[3] then redis.call('ZREM', KEYS[3], d) end
+if KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
+return 1
+"""
+
+# KEYS: pending index, running index. ARGV: record key prefix ('{namespace}:{'), pending_after, limit
+#   ->  {record, record, ...}: up to ``limit`` stale records of each kind (the caller merges and cuts)
+# Reads records by names built here rather than passed in KEYS: their digests are what the index holds. Each member
+# looked at is returned, moved to its true score, or dropped (record gone, expired or in another status), so the
+# next range read starts after what was returned; the work per call is bounded even if the index has much to shed.
+STALE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local prefix, limit = ARGV[1], tonumber(ARGV[3])
+local out = {}
+local function sweep(idx, status, max, field)
+  local found, budget = 0, 4 * limit + 100
+  while found < limit and budget > 0 do
+    local batch = redis.call('ZRANGEBYSCORE', idx, '-inf', max, 'LIMIT', found, limit - found)
+    if #batch == 0 then break end
+    budget = budget - #batch
+    for _, d in ipairs(batch) do
+      local h = redis.call('HGETALL', prefix .. d .. '}')
+      local rec = {}
+      for i = 1, #h, 2 do rec[h[i]] = h[i + 1] end
+      local at = tonumber(rec[field])
+      if rec.st ~= status or (tonumber(rec.x) or 0) <= now or not at then
+        redis.call('ZREM', idx, d)
+      elseif at > max then
+        redis.call('ZADD', idx, at, d)
+      else
+        found = found + 1
+        h[#h + 1] = 'd'  -- the id's head, which the record itself does not hold
+        h[#h + 1] = d
+        out[#out + 1] = h
+      end
+    end
+  end
+end
+sweep(KEYS[1], 'p', now - math.floor(ARGV[2] * 1000000 + 0.5), 'u')
+sweep(KEYS[2], 'r', now, 'le')
+return out
+"""

@@ -1,0 +1,167 @@
+"""The operations table and the engine settings of the SQL store.
+
+Schema (``operations_table``; created by the store unless ``create_schema=False``, or add it to your migrations):
+
+====================  =====================  ==============================================================
+column                type                   note
+====================  =====================  ==============================================================
+``id``                VARCHAR(64) PK         operation id, also the Celery task id
+``key_hash``          CHAR(32) UNIQUE        digest of (scope, key): the uniqueness the store relies on
+``scope``             VARCHAR(1024)
+``idem_key``          VARCHAR(255)           the client's idempotency key (``key`` is a reserved word)
+``task_name``         VARCHAR(255)
+``fingerprint``       VARCHAR(64)            hash of the call or the HTTP request, hex (32 characters today)
+``status``            VARCHAR(16)            pending / running / succeeded / failed
+``result``            TEXT (LONGTEXT) NULL   JSON
+``error_type``        VARCHAR(255) NULL
+``error_message``     TEXT (LONGTEXT) NULL
+``attempts``          INTEGER
+``fencing_token``     BIGINT
+``lease_owner``       VARCHAR(255) NULL
+``lease_expires_at``  DOUBLE NULL            epoch seconds
+``created_at`` …      DOUBLE                 ``created_at``, ``updated_at``, ``expires_at``: epoch seconds
+``needs_publish``     BOOLEAN                default false; true until the message is confirmed published
+``payload``           TEXT (LONGTEXT) NULL   the call ``[task, args, kwargs]`` as JSON, for recovery
+====================  =====================  ==============================================================
+
+Indexes: ``expires_at`` (purge) and ``(status, updated_at)`` (recovery looks for stale pending/running records).
+(LONGTEXT) is the type on MariaDB/MySQL, whose TEXT stops at 64 KiB; there the table is InnoDB, utf8mb4, and the
+hex columns are ASCII with a binary collation (smaller index entries, byte-wise comparison).
+
+Uniqueness is on the digest rather than on the raw key because MariaDB's default collations ignore case and
+trailing spaces, which would merge keys a client considers distinct. ``fingerprint`` is VARCHAR, not CHAR:
+PostgreSQL pads CHAR values when it returns them, and the fingerprint is compared in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import mysql
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import StaticPool
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
+
+__all__ = ["create_tables", "make_engine", "operations_table"]
+
+_LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+
+def _hex(length: int, *, fixed: bool = False) -> sa.types.TypeEngine[str]:
+    base: sa.types.TypeEngine[str] = sa.CHAR(length) if fixed else sa.String(length)
+    variant = (mysql.CHAR if fixed else mysql.VARCHAR)(length, charset="ascii", collation="ascii_bin")
+    return base.with_variant(variant, "mysql", "mariadb")
+
+
+def operations_table(metadata: sa.MetaData, name: str = "idemtasks_operations") -> sa.Table:
+    """The operations table, added to ``metadata`` (for users who manage their schema with migrations)."""
+    return sa.Table(
+        name, metadata,
+        sa.Column("id", _hex(64), primary_key=True),
+        sa.Column("key_hash", _hex(32, fixed=True), nullable=False, unique=True),
+        sa.Column("scope", sa.String(1024), nullable=False),
+        sa.Column("idem_key", sa.String(255), nullable=False),
+        sa.Column("task_name", sa.String(255), nullable=False),
+        sa.Column("fingerprint", _hex(64), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("result", _LONG_TEXT),
+        sa.Column("error_type", sa.String(255)),
+        sa.Column("error_message", _LONG_TEXT),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("fencing_token", sa.BigInteger, nullable=False),
+        sa.Column("lease_owner", sa.String(255)),
+        sa.Column("lease_expires_at", sa.Float(53)),
+        sa.Column("created_at", sa.Float(53), nullable=False),
+        sa.Column("updated_at", sa.Float(53), nullable=False),
+        sa.Column("expires_at", sa.Float(53), nullable=False, index=True),
+        sa.Column("needs_publish", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+        sa.Column("payload", _LONG_TEXT),
+        sa.Index(f"ix_{name}_status_updated", "status", "updated_at"),
+        # MyISAM would silently drop the transactions and row locks the MariaDB path depends on.
+        mysql_engine="InnoDB", mysql_charset="utf8mb4",
+    )
+
+
+def make_engine(url: str, **options: Any) -> sa.Engine:
+    """An engine configured for short, concurrent, conditional writes on each supported database."""
+    u = sa.make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    elif u.drivername in ("mysql", "mariadb"):
+        u = u.set(drivername=f"{u.drivername}+pymysql")
+    backend = u.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {}
+    if backend == "sqlite":
+        # Several worker processes share the file: wait for the write lock instead of failing at once.
+        connect_args.update(timeout=30, check_same_thread=False)
+        if u.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool  # one connection, or every checkout would see its own empty database
+    elif backend == "postgresql":
+        # pre-ping and a short connect timeout: a restarted or unreachable server fails fast as StoreUnavailable.
+        kwargs["pool_pre_ping"] = True
+        connect_args["connect_timeout"] = 5
+    elif backend in ("mysql", "mariadb"):
+        # READ COMMITTED: no gap locks, so two racing inserts of one key collide instead of deadlocking.
+        # UTC session: UNIX_TIMESTAMP(NOW(6)) converts through the session zone, ambiguous in a DST fall-back hour.
+        kwargs.update(pool_pre_ping=True, pool_recycle=3600, isolation_level="READ COMMITTED")
+        connect_args.update(connect_timeout=5, init_command="SET time_zone = '+00:00'")
+    kwargs.update(options)
+    kwargs["connect_args"] = {**connect_args, **options.get("connect_args", {})}
+    engine = sa.create_engine(u, **kwargs)
+    if backend == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    dispose_after_fork(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer; several processes share the file
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints, not every commit: WAL's usual trade
+    cur.close()
+
+
+_forked_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
+def dispose_after_fork(engine: sa.Engine) -> None:
+    """Make a forked child drop the pool it inherited (Celery's prefork pool forks after the store was opened).
+
+    Two processes speaking on one socket corrupt the protocol; ``dispose(close=False)`` forgets the parent's
+    connections without closing them under the parent's feet.
+    """
+    _forked_engines.add(engine)
+
+
+def _reset_after_fork() -> None:
+    for engine in list(_forked_engines):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def create_tables(engine: sa.Engine, tables: Sequence[sa.Table], *, attempts: int = 5) -> None:
+    """Create whichever of ``tables`` are missing; safe when several processes start at once.
+
+    ``checkfirst`` is a read followed by ``CREATE TABLE``: processes starting together all see no table, and all but
+    one then fail (PostgreSQL with DuplicateTable, or a unique violation on ``pg_type`` when the two CREATEs overlap;
+    MariaDB with "table exists"). The losers try again, and the check then finds the table made.
+    """
+    for attempt in range(attempts):
+        try:
+            tables[0].metadata.create_all(engine, tables=list(tables), checkfirst=True)
+            return
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))

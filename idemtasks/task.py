@@ -1,0 +1,197 @@
+"""``IdempotentTask``: a Celery base class that claims its operation on every attempt, before the body runs.
+
+The claim happens in ``__call__``, which Celery invokes for every execution — first delivery, broker redelivery,
+``retry()``, beat, ``send_task`` and eager ``apply()`` alike — so none of them can run the body unclaimed. Nothing
+here depends on ``after_return`` or ``on_failure``: those hooks do not run when a pool child is SIGKILLed, and
+``after_return`` is skipped for RETRY/IGNORED/REJECTED. Recovery from a dead holder rests on lease expiry alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from celery import Task
+
+from . import checks, config
+from .config import ACCEPT_WINDOW
+from .errors import IdemtasksError, PublishFailed
+from .execution import Attempt, run_attempt
+from .identity import canonical_call, fingerprint_of_call, validate_key, validate_scope
+from .models import Operation, Status, Submission
+from .stores import Store, shared_store
+
+__all__ = ["IdempotentTask"]
+
+logger = logging.getLogger("idemtasks.task")
+_configure_lock = threading.RLock()
+
+#: The message header that carries ``(scope, key)`` from :meth:`IdempotentTask.submit` to the worker.
+HEADER = "idemtasks"
+#: Scope of tasks sent without ``submit`` and without ``key_func``: the Celery task id is the key, which still
+#: turns broker redeliveries of one message into replays.
+TASK_ID_SCOPE = "celery-task-id"
+
+
+class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
+    """Base class for exactly-once tasks: ``@app.task(base=IdempotentTask, bind=True)``.
+
+    Settings are read from ``app.conf`` (``idemtasks_*``) at bind time unless the task sets them; see
+    :mod:`idemtasks.config`.
+    """
+
+    store_url: ClassVar[str | Store | None] = None
+    idempotency_ttl: ClassVar[float | None] = None
+    lease_seconds: ClassVar[float | None] = None
+    idempotency_scope: ClassVar[str | None] = None
+    on_busy: ClassVar[str | None] = None
+    busy_countdown: ClassVar[float | None] = None
+    store_retry_max_delay: ClassVar[float | None] = None
+    max_args_bytes: ClassVar[int | None] = None
+    max_result_bytes: ClassVar[int | None] = None
+    pipeline_completions: ClassVar[bool | None] = None
+    #: ``key_func(*args, **kwargs) -> str``: the idempotency key of a message sent without :meth:`submit`.
+    key_func: ClassVar[Callable[..., str] | None] = None
+    #: Exceptions retried with back-off (bounded by ``max_retries``) instead of being stored as terminal failures.
+    retry_on: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Run the body inside a SQL transaction committed together with the operation's completion marker.
+    transactional: ClassVar[bool] = False
+    #: Database of that transaction (defaults to the store URL when the store is SQL).
+    transaction_url: ClassVar[str | None] = None
+    _idemtasks_configured: ClassVar[bool] = False
+
+    @classmethod
+    def bind(cls, app: Any) -> Any:
+        bound = super().bind(app)
+        cls._configure(app)
+        checks.watch(app)
+        return bound
+
+    @classmethod
+    def _configure(cls, app: Any) -> None:
+        with _configure_lock:
+            if cls.__dict__.get("_idemtasks_configured"):
+                return
+            for attr, conf_key, default in config.SETTINGS:
+                if getattr(cls, attr, None) is None:
+                    setattr(cls, attr, app.conf.get(conf_key, default))
+            if getattr(cls, "name", None):
+                config.validate(cls.name, {attr: getattr(cls, attr) for attr, _, _ in config.SETTINGS})
+            cls._idemtasks_configured = True
+
+    def _settled(self) -> None:
+        # Celery binds tasks lazily, and a thread can use a task while another is still binding it: read the
+        # settings here too rather than trust that bind() has finished.
+        if not type(self).__dict__.get("_idemtasks_configured"):
+            type(self)._configure(self.app)
+
+    # ----------------------------------------------------------------- the worker side
+
+    @property
+    def store(self) -> Store:
+        url = self.store_url
+        return url if isinstance(url, Store) else shared_store(str(url))
+
+    @property
+    def operation(self) -> Attempt:
+        """The running attempt: operation id, scope, key and fencing token (pass them downstream)."""
+        attempt: Attempt | None = getattr(self.request, "idemtasks_attempt", None)
+        if attempt is None:
+            raise RuntimeError("no idempotent operation is running in this task context")
+        return attempt
+
+    @property
+    def connection(self) -> Any:
+        """The SQLAlchemy connection of a ``transactional`` task's body, inside its open transaction."""
+        conn = getattr(self.request, "idemtasks_connection", None)
+        if conn is None:
+            raise RuntimeError("self.connection is only available inside the body of a transactional task")
+        return conn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._settled()
+        request = self.request
+        if request.called_directly:
+            # A plain function call: no message, nothing to deduplicate.
+            return super().__call__(*args, **kwargs)
+        scope, key = self._key_of(request, args, kwargs)
+        return run_attempt(self, scope, key, args, kwargs)
+
+    def _key_of(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        header = (request.headers or {}).get(HEADER) or getattr(request, HEADER, None)
+        if header and "key" in header:  # a republished message may carry only bookkeeping (outage count)
+            return header["scope"], header["key"]
+        # Read through the class: a plain function given as ``key_func=`` would otherwise bind to the task.
+        key_func = type(self).key_func
+        if key_func is not None:
+            return validate_scope(self.idempotency_scope), validate_key(key_func(*args, **kwargs))
+        return TASK_ID_SCOPE, validate_key(request.id)
+
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
+              eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
+        """Celery's ``retry``, preceded by giving the operation back so the new message can claim it.
+
+        When the retries are exhausted Celery re-raises the error instead of publishing; the claim is then kept so
+        the failure is stored as terminal.
+        """
+        limit = self.max_retries if max_retries is None else max_retries
+        attempt: Attempt | None = getattr(self.request, "idemtasks_attempt", None)
+        if attempt is not None and not attempt.released and (limit is None or self.request.retries + 1 <= limit):
+            attempt.release()
+        return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
+                             max_retries=max_retries, **options)
+
+    # ----------------------------------------------------------------- the client side
+
+    def submit(self, args: Any = None, kwargs: Any = None, *, key: str, scope: str | None = None,
+               fingerprint: str | None = None, **options: Any) -> Submission:
+        """Record the operation for ``(scope, key)`` and publish its message, once.
+
+        A repeat with the same payload returns the existing operation (``created=False``) and publishes nothing;
+        another payload raises :class:`~idemtasks.errors.IdempotencyKeyMismatch`. ``fingerprint`` replaces the
+        hash of the arguments when something else defines "the same request" (the HTTP layer hashes the request).
+        ``options`` go to ``apply_async`` (queue, countdown, …). If publishing fails, the new record is removed
+        and :class:`~idemtasks.errors.PublishFailed` is raised, so submitting again starts afresh.
+        """
+        self._settled()
+        key = validate_key(key)
+        scope = validate_scope(scope if scope is not None else self.idempotency_scope)
+        call = canonical_call(self.name, args, kwargs, limit=self.max_args_bytes)
+        fp = fingerprint or fingerprint_of_call(call)
+        store = self.store
+        sub = store.create(scope, key, self.name, fp, ttl=float(self.idempotency_ttl or config.DEFAULT_TTL),
+                           payload=call)
+        op = sub.operation
+        if sub.created or (op.status is Status.PENDING and op.needs_publish
+                           and store.now() - op.created_at >= ACCEPT_WINDOW):
+            # New, or created by a request that died before publishing: the claim makes a second copy harmless.
+            self.publish(op, args, kwargs, abandon_on_failure=sub.created, **options)
+        return sub
+
+    def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,
+                **options: Any) -> None:
+        """Publish the message of a recorded operation (used by :meth:`submit` and by recovery)."""
+        headers = {**options.pop("headers", {}), HEADER: {"scope": op.scope, "key": op.key, "fp": op.fingerprint}}
+        if self.app.conf.task_always_eager:
+            # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.
+            self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)
+            return
+        try:
+            self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)
+        except Exception as exc:
+            if abandon_on_failure:
+                try:
+                    self.store.abandon(op)
+                except IdemtasksError as cleanup_exc:
+                    # Left pending and flagged: a repeat after ACCEPT_WINDOW (or the sweeper) publishes it.
+                    logger.error("idemtasks: could not remove unpublished operation %s: %s", op.id, cleanup_exc)
+            raise PublishFailed(f"operation {op.id} was recorded but its message was not published: {exc}",
+                                operation_id=op.id) from exc
+        try:
+            self.store.mark_published(op)
+        except IdemtasksError as exc:
+            # Harmless: the flag only makes duplicates wait ACCEPT_WINDOW, and the worker's claim clears it.
+            logger.warning("idemtasks: could not mark operation %s as published: %s", op.id, exc)
