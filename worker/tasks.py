@@ -1,0 +1,32 @@
+"""The ``charge`` task: one ledger row per operation, exactly once, even if the worker is killed mid-charge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from idemtasks import IdempotentTask
+
+from . import ledger, settings
+from .celery_app import app
+
+
+class Declined(Exception):
+    """The amount is over the limit: a terminal failure, stored and replayed."""
+
+
+class Transient(Exception):
+    """A failure worth retrying (the ``flaky-`` accounts' first attempt)."""
+
+
+@app.task(base=IdempotentTask, bind=True, name="worker.charge", transactional=True,
+          transaction_url=settings.DATABASE_URL, autoretry_for=(Transient,), max_retries=5, default_retry_delay=0.5)
+def charge(self: IdempotentTask, account: str, amount: int) -> dict[str, Any]:
+    if amount > settings.DECLINE_ABOVE:
+        raise Declined(f"amount {amount} is over the limit of {settings.DECLINE_ABOVE}")
+    if account.startswith("flaky-") and self.request.retries == 0:
+        raise Transient("the payment provider timed out; retrying")
+    ledger.engine()  # creates the table on first use
+    # Written through the task's connection: committed together with the operation's completion marker.
+    self.connection.execute(ledger.ledger.insert().values(operation_id=self.operation.id, account=account,
+                                                          amount=amount))
+    return {"payment_id": self.operation.id, "account": account, "amount": amount}
