@@ -1,0 +1,255 @@
+"""The HTTP rules every adapter must keep, written once and run through each framework's own test client.
+
+An adapter's test module provides an ``api`` fixture (an :class:`Api`) serving, on a real store with an embedded
+worker: ``POST /payments`` (key required; the view rejects a non-integer amount before submitting),
+``POST /tips`` (key optional), ``POST /strict`` (mismatch answered 409) and the status route.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from idemtasks import IdempotentTask
+from idemtasks.http.core import HttpPolicy, caller_scope, request_fingerprint
+from idemtasks.stores.base import Store
+from tests.conftest import drop, make_store
+
+
+@dataclass
+class Resp:
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+@dataclass
+class Api:
+    send: Callable[[str, str, bytes, dict[str, str]], Resp]  # method, path, body, headers
+    store: Store
+    runs: Counter[str] = field(default_factory=Counter)
+
+    def post(self, body: Any, key: str | None = None, *, token: str = "alice", path: str = "/payments",
+             header: str = "Idempotency-Key") -> Resp:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        if key is not None:
+            headers[header] = key
+        return self.send("POST", path, json.dumps(body).encode(), headers)
+
+    def get(self, location: str, token: str = "alice") -> Resp:
+        return self.send("GET", location, b"", {"Authorization": f"Bearer {token}"})
+
+    def final(self, location: str, token: str = "alice") -> Resp:
+        return self.final_with(location, {"Authorization": f"Bearer {token}"})
+
+    def final_with(self, location: str, headers: dict[str, str]) -> Resp:
+        """Poll the status route with ``headers`` until the operation is final."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r = self.send("GET", location, b"", headers)
+            if r.json()["status"] in ("succeeded", "failed"):
+                return r
+            time.sleep(0.05)
+        raise AssertionError(f"{location} never finished")
+
+
+def pay_body(request_json: Any) -> tuple[str, int] | None:
+    """The views' own validation: ``None`` means 400 before anything is submitted."""
+    if not isinstance(request_json, dict) or not isinstance(request_json.get("amount"), int):
+        return None
+    return str(request_json["account"]), int(request_json["amount"])
+
+
+def pay(h: Counter[str], account: str, amount: int) -> dict[str, Any]:
+    """The body behind every adapter's test task."""
+    h[account] += 1
+    if amount > 1_000_000:
+        raise ValueError("declined")
+    return {"account": account, "amount": amount}
+
+
+OPTIONAL = HttpPolicy(required=False)
+#: Where alice's keys for ``POST /payments`` live in the store.
+PAYMENTS_SCOPE = caller_scope("alice", "POST", "/payments")
+CONFLICT = HttpPolicy(mismatch_status=409)
+
+
+def acct() -> str:
+    return f"acct-{uuid.uuid4().hex[:10]}"
+
+
+class HttpRules:
+    def test_first_request_is_accepted_with_a_location(self, api: Api) -> None:
+        r = api.post({"account": (a := acct()), "amount": 5}, "k-" + a)
+        assert r.status_code == 202
+        body = r.json()
+        assert r.headers["location"] == f"/operations/{body['id']}"
+        assert set(body) >= {"id", "status", "result", "error", "created_at", "updated_at", "expires_at", "attempts"}
+        done = api.final(r.headers["location"]).json()
+        assert done["status"] == "succeeded" and done["result"] == {"account": a, "amount": 5}
+        assert api.runs[a] == 1
+
+    def test_replay_while_the_operation_is_pending_is_202_marked_replayed(self, api: Api) -> None:
+        a = acct()
+        body = json.dumps({"account": a, "amount": 5}).encode()
+        headers = {"Authorization": "Bearer alice", "Idempotency-Key": "k-" + a, "Content-Type": "application/json"}
+        # A first request that was accepted and published; its worker has not picked it up yet.
+        fp = request_fingerprint("POST", "/payments", "", body, headers, HttpPolicy())
+        first = api.store.create(PAYMENTS_SCOPE, "k-" + a, "x", fp, ttl=3600).operation
+        api.store.mark_published(first)
+        r = api.send("POST", "/payments", body, headers)
+        assert r.status_code == 202 and r.headers["idempotent-replayed"] == "true"
+        assert r.json()["id"] == first.id and r.json()["status"] == "pending"
+        assert r.headers["location"] == f"/operations/{first.id}" and r.headers["retry-after"] == "1"
+        assert api.runs[a] == 0  # a replay publishes nothing
+
+    def test_replay_returns_the_same_operation_marked_replayed(self, api: Api) -> None:
+        a = acct()
+        first = api.post({"account": a, "amount": 5}, "k-" + a)
+        api.final(first.headers["location"])
+        again = api.post({"account": a, "amount": 5}, "k-" + a)
+        assert again.status_code == 200
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json()["id"] == first.json()["id"]
+        assert again.json()["result"] == {"account": a, "amount": 5}
+        assert api.runs[a] == 1
+
+    def test_replay_of_a_failed_operation_carries_the_error(self, api: Api) -> None:
+        a = acct()
+        first = api.post({"account": a, "amount": 2_000_000}, "k-" + a)
+        api.final(first.headers["location"])
+        again = api.post({"account": a, "amount": 2_000_000}, "k-" + a)
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        assert again.json()["status"] == "failed"
+        assert again.json()["error"] == {"type": "ValueError", "message": "declined"}
+        assert api.runs[a] == 1
+
+    def test_missing_key_is_a_400_problem(self, api: Api) -> None:
+        r = api.post({"account": acct(), "amount": 5})
+        assert r.status_code == 400
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == "idempotency_key_required"
+        assert r.json()["status"] == 400 and r.json()["type"].startswith("https://")
+
+    def test_optional_endpoint_runs_without_a_key(self, api: Api) -> None:
+        r = api.post({"account": (a := acct()), "amount": 1}, path="/tips")
+        assert r.status_code == 202
+        api.final(r.headers["location"])
+        assert api.runs[a] == 1
+
+    @pytest.mark.parametrize("bad", [b"", b"x" * 256, "na\u00efve".encode()])
+    def test_invalid_key_is_a_400_problem(self, api: Api, bad: bytes) -> None:
+        headers = {"Idempotency-Key": bad.decode("latin-1"), "Content-Type": "application/json"}
+        r = api.send("POST", "/payments", json.dumps({"account": acct(), "amount": 5}).encode(), headers)
+        assert r.status_code == 400 and r.json()["code"] == "idempotency_key_invalid"
+
+    def test_same_key_with_another_body_is_a_422_mismatch(self, api: Api) -> None:
+        a = acct()
+        first = api.post({"account": a, "amount": 5}, "k-" + a)
+        r = api.post({"account": a, "amount": 6}, "k-" + a)
+        assert r.status_code == 422 and r.json()["code"] == "idempotency_key_mismatch"
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert api.final(first.headers["location"]).json()["result"] == {"account": a, "amount": 5}
+        assert api.runs[a] == 1
+
+    def test_mismatch_status_is_configurable(self, api: Api) -> None:
+        a = acct()
+        api.post({"account": a, "amount": 5}, "k-" + a, path="/strict")
+        r = api.post({"account": a, "amount": 6}, "k-" + a, path="/strict")
+        assert r.status_code == 409 and r.json()["code"] == "idempotency_key_mismatch"
+
+    def test_alternative_header_name_is_accepted(self, api: Api) -> None:
+        a = acct()
+        first = api.post({"account": a, "amount": 5}, "k-" + a, header="X-Idempotency-Key")
+        again = api.post({"account": a, "amount": 5}, "k-" + a)
+        assert first.status_code == 202 and again.json()["id"] == first.json()["id"]
+        api.final(first.headers["location"])
+        assert api.runs[a] == 1
+
+    def test_two_callers_with_one_key_get_two_operations_and_cannot_see_each_other(self, api: Api) -> None:
+        a = acct()
+        mine = api.post({"account": a, "amount": 5}, "shared-" + a, token="alice")
+        theirs = api.post({"account": a, "amount": 5}, "shared-" + a, token="bob")
+        assert mine.json()["id"] != theirs.json()["id"]
+        assert api.get(mine.headers["location"], token="bob").status_code == 404
+        assert api.get(mine.headers["location"], token="alice").status_code == 200
+        api.final(mine.headers["location"], token="alice")
+        api.final(theirs.headers["location"], token="bob")
+        assert api.runs[a] == 2
+
+    def test_status_of_unknown_operation_is_404(self, api: Api) -> None:
+        r = api.get("/operations/" + "0" * 56)
+        assert r.status_code == 404 and r.json()["code"] == "operation_not_found"
+
+    def test_unfinished_operations_carry_retry_after_and_finished_ones_do_not(self, api: Api) -> None:
+        a = acct()
+        r = api.post({"account": a, "amount": 5}, "k-" + a)
+        assert r.headers["retry-after"] == "1"
+        done = api.final(r.headers["location"])
+        assert done.status_code == 200 and "retry-after" not in done.headers
+
+    def test_rejected_request_stores_nothing_and_can_be_retried(self, api: Api) -> None:
+        a = acct()
+        bad = api.post({"account": a, "amount": "five"}, "k-" + a)
+        assert bad.status_code == 400
+        assert api.store.get(PAYMENTS_SCOPE, "k-" + a) is None
+        good = api.post({"account": a, "amount": 5}, "k-" + a)
+        assert good.status_code == 202 and "idempotent-replayed" not in good.headers
+        api.final(good.headers["location"])
+        assert api.runs[a] == 1
+
+    def test_duplicate_while_the_first_is_still_being_accepted_is_a_409(self, api: Api) -> None:
+        a = acct()
+        body = json.dumps({"account": a, "amount": 5}).encode()
+        headers = {"Authorization": "Bearer alice", "Idempotency-Key": "k-" + a, "Content-Type": "application/json"}
+        # The first request recorded its operation and has not yet published its message.
+        fp = request_fingerprint("POST", "/payments", "", body, headers, HttpPolicy())
+        api.store.create(PAYMENTS_SCOPE, "k-" + a, "x", fp, ttl=3600)
+        r = api.send("POST", "/payments", body, headers)
+        assert r.status_code == 409
+        assert r.json()["code"] == "idempotency_key_in_use" and r.headers["retry-after"] == "1"
+        assert api.runs[a] == 0
+
+
+BACKENDS = ["redis", "postgres", "sqlite"]
+
+
+@contextlib.contextmanager
+def paying_worker(store: Store) -> Iterator[tuple[Any, Counter[str]]]:
+    """A Celery app with one idempotent ``pay`` task on ``store``, served by an embedded worker."""
+    app = Celery(f"web{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_ignore_result=True, idemtasks_busy_countdown=0.2)
+    runs: Counter[str] = Counter()
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay")
+    def task(self: IdempotentTask, account: str, amount: int) -> dict[str, Any]:
+        return pay(runs, account, amount)
+
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        yield task, runs
+
+
+@contextlib.contextmanager
+def store_for(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    store = make_store(request.param, tmp_path_factory.mktemp("store"))
+    try:
+        yield store
+    finally:
+        drop(store)

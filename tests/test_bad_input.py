@@ -1,0 +1,132 @@
+"""Bad input and broken infrastructure: each gets a named error, and no operation is left stuck in ``running``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, InvalidKey, Status, StoreUnavailable, open_store
+from idemtasks.config import validate
+from tests.private_redis import PrivateRedis, free_port
+
+
+@pytest.mark.parametrize("url", ["mongodb://localhost/x", "ftp://x", "not a url", "", "redis"])
+def test_unknown_store_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        open_store(url)
+
+
+@pytest.mark.parametrize(("module", "extra", "url"), [("redis", "redis", "redis://127.0.0.1:1/0"),
+                                                       ("sqlalchemy", "sql", "sqlite:///x.sqlite3")])
+def test_missing_extra_names_the_pip_command(module: str, extra: str, url: str) -> None:
+    code = (f"import sys; sys.modules[{module!r}] = None\nfrom idemtasks import open_store\n"
+            f"try:\n    open_store({url!r})\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"pip install idemtasks[{extra}]" in out
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "postgresql+psycopg://postgres@127.0.0.1:{port}/x"])
+def test_unreachable_store_raises_store_unavailable(url: str) -> None:
+    store = open_store(url.format(port=free_port()), **({"create_schema": False} if "postgres" in url else {}))
+    with pytest.raises(StoreUnavailable):
+        store.create("s", "k", "t", "fp", ttl=60)
+    with pytest.raises(StoreUnavailable):
+        store.get("s", "k")
+
+
+def test_settings_that_would_break_the_guarantees_are_refused() -> None:
+    base = {"lease_seconds": 60.0, "idempotency_ttl": 3600.0, "on_busy": "retry"}
+    validate("t", base)
+    with pytest.raises(ConfigurationError):
+        validate("t", {**base, "idempotency_ttl": 90.0})
+    with pytest.raises(ConfigurationError):
+        validate("t", {**base, "lease_seconds": 0})
+    with pytest.raises(ConfigurationError):
+        validate("t", {**base, "on_busy": "run-anyway"})
+
+
+def test_task_key_function_returning_a_bad_key_fails_without_storing(tmp_path: Path) -> None:
+    app = Celery("bad", set_as_current=False)
+    app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
+
+    @app.task(base=IdempotentTask, key_func=lambda x: "", name="bad.keyed")
+    def keyed(x: int) -> int:
+        return x
+
+    result = keyed.apply((1,))
+    assert isinstance(result.result, InvalidKey)
+
+
+@pytest.mark.timeout(60)
+def test_worker_never_runs_the_body_while_the_store_is_down_and_resumes_after(private_redis: PrivateRedis) -> None:
+    store = open_store(f"redis://127.0.0.1:{private_redis.port}/0", socket_timeout=0.5)
+    app = Celery(f"outage{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(idemtasks_store_retry_max=0.5, task_ignore_result=True)
+    runs: Counter[str] = Counter()
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
+              key_func=lambda order: f"order-{order}")
+    def pay(self: IdempotentTask, order: int) -> int:
+        runs[self.operation.key] += 1
+        return order
+
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        private_redis.stop()
+        pay.apply_async((7,))
+        time.sleep(2.0)  # several claim attempts fail meanwhile, each republishing the message
+        assert runs["order-7"] == 0
+        private_redis.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not ((op := _get(store)) and op.is_final):
+            time.sleep(0.1)
+    op = _get(store)
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == 7
+    assert runs["order-7"] == 1
+
+
+def _get(store: object) -> object:
+    try:
+        return store.get("global", "order-7")  # type: ignore[attr-defined]
+    except StoreUnavailable:
+        return None
+
+
+@pytest.mark.timeout(60)
+def test_a_transactional_task_whose_database_is_down_never_stores_a_failure(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'ops.sqlite3'}")
+    app = Celery(f"dbdown{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    # The in-memory broker is shared by the whole process: this task's message is still coming back when the test
+    # ends, so it gets a queue (and a key) no other test uses.
+    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
+    runs: Counter[str] = Counter()
+    nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/ledger?connect_timeout=1"
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+              transaction_url=nowhere)
+    def pay(self: IdempotentTask, order: int) -> int:
+        runs[self.operation.key] += 1
+        return order
+
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        key = f"order-{uuid.uuid4().hex}"
+        op_id = pay.submit((7,), key=key).operation.id
+        time.sleep(3.0)  # several attempts meet the unreachable database, each coming back later
+        op = store.get_by_id(op_id)
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(app.main)
+    # Settle it, so that no sweeper of a later test (recovery sweeps every store it knows) finds it pending.
+    assert op is not None
+    held = store.claim("global", key, op.task_name, op.fingerprint, owner="test", lease=60.0, ttl=3600.0)
+    if held.outcome is ClaimOutcome.CLAIMED:
+        store.succeed(held.operation, held.operation.fencing_token, "7", ttl=3600.0)
+    assert runs[key] == 0
+    # Given back for the next attempt (or still held by the one in flight): never stored as the payment's outcome.
+    assert op is not None and op.status in (Status.PENDING, Status.RUNNING) and op.attempts >= 2

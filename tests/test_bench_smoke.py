@@ -1,0 +1,36 @@
+"""The benchmark still runs: a tiny ``python -m bench.run`` writes its table. Checks no timing (it is not a test of
+speed, and the machine running it may be busy)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import services
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_bench_quick_run_writes_its_table(tmp_path: Path) -> None:
+    # The bench starts private redis-servers; where Redis is expected (CI), the binary is too.
+    services.require("redis")
+    if shutil.which("redis-server") is None:
+        services.missing("redis-server is not on the PATH")
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--tasks", "50", "--runs", "1", "--only",
+           "bare,idemtasks-redis", "--sections", "throughput,roundtrips", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "RESULTS.md").read_text()
+    for config in ("pinned", "prefork"):
+        assert f"## Throughput — {config}" in table
+    assert "| bare |" in table and "| idemtasks-redis |" in table
+    assert (out / "throughput.png").stat().st_size > 0

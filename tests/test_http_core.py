@@ -1,0 +1,176 @@
+"""The framework-agnostic HTTP rules, tested once; the adapters only translate requests and responses."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from idemtasks.errors import (
+    IdempotencyKeyMismatch,
+    InvalidKey,
+    NotSerializable,
+    PublishFailed,
+    StoreUnavailable,
+    TooLarge,
+)
+from idemtasks.http.core import (
+    HttpPolicy,
+    accepted,
+    caller_scope,
+    error_reply,
+    owns,
+    read_key,
+    request_fingerprint,
+    status_reply,
+)
+from idemtasks.models import ErrorInfo, Operation, Status, Submission
+
+POLICY = HttpPolicy()
+
+
+def op(status: Status = Status.PENDING, *, scope: str | None = None, needs_publish: bool = False,
+       created_ago: float = 60.0) -> Operation:
+    now = time.time()
+    return Operation(
+        id="op1", scope=scope or caller_scope("alice", "POST", "/payments"), key="k", task_name="t",
+        fingerprint="fp", status=status, result={"ok": 1} if status is Status.SUCCEEDED else None,
+        error=ErrorInfo("Declined", "no") if status is Status.FAILED else None, attempts=1, fencing_token=1,
+        lease_owner=None, lease_expires_at=None, created_at=now - created_ago, updated_at=now, expires_at=now + 60,
+        needs_publish=needs_publish,
+    )
+
+
+class TestKeys:
+    def test_first_configured_header_wins_and_names_are_case_insensitive(self) -> None:
+        assert read_key({"idempotency-key": " abc "}, POLICY) == "abc"
+        assert read_key({"X-Idempotency-Key": "x"}, POLICY) == "x"
+        assert read_key({}, POLICY) is None
+
+    @pytest.mark.parametrize("bad", ["", "   ", "x" * 256, "caf\u00e9", "tab\there"])
+    def test_unusable_keys_are_invalid(self, bad: str) -> None:
+        with pytest.raises(InvalidKey):
+            read_key({"Idempotency-Key": bad}, POLICY)
+
+    def test_header_names_are_configurable(self) -> None:
+        policy = HttpPolicy(header_names=("Request-Id",))
+        assert read_key({"Request-Id": "r1", "Idempotency-Key": "ignored"}, policy) == "r1"
+
+
+class TestScopeAndFingerprint:
+    def test_scope_hashes_the_caller_and_names_the_endpoint(self) -> None:
+        scope = caller_scope("sk_live_secret", "post", "/payments")
+        assert "sk_live_secret" not in scope and scope.endswith("|POST /payments")
+        assert caller_scope(None, "POST", "/p").startswith("anonymous|")
+
+    def test_only_the_creator_owns_an_operation(self) -> None:
+        mine = op(scope=caller_scope("alice", "POST", "/payments"))
+        assert owns("alice", mine)
+        assert not owns("bob", mine) and not owns(None, mine)
+
+    def test_fingerprint_ignores_query_order_but_not_values_or_body(self) -> None:
+        def fp(query: str, body: bytes = b"{}", method: str = "POST") -> str:
+            return request_fingerprint(method, "/p", query, body, {}, POLICY)
+
+        assert fp("a=1&b=2") == fp("b=2&a=1")
+        assert fp("a=1") != fp("a=2")
+        assert fp("", b'{"x":1}') != fp("", b'{"x":2}')
+        assert fp("", method="PUT") != fp("")
+
+    def test_chosen_headers_join_the_fingerprint(self) -> None:
+        policy = HttpPolicy(fingerprint_headers=("Content-Type",))
+        a = request_fingerprint("POST", "/p", "", b"", {"Content-Type": "a"}, policy)
+        b = request_fingerprint("POST", "/p", "", b"", {"content-type": "b"}, policy)
+        assert a != b
+
+
+class TestReplies:
+    def test_new_operation_is_202_with_location(self) -> None:
+        r = accepted(Submission(op(), True), "/operations/op1", POLICY, now=time.time())
+        assert r.status == 202 and r.headers["Location"] == "/operations/op1" and r.body["status"] == "pending"
+
+    @pytest.mark.parametrize(("status", "code"), [(Status.PENDING, 202), (Status.RUNNING, 202),
+                                                  (Status.SUCCEEDED, 200), (Status.FAILED, 200)])
+    def test_replay_answers_with_the_operation_as_it_stands(self, status: Status, code: int) -> None:
+        r = accepted(Submission(op(status), False), "/operations/op1", POLICY, now=time.time())
+        assert r.status == code and r.headers["Idempotent-Replayed"] == "true"
+        assert ("Retry-After" in r.headers) == (not status.is_final)
+
+    def test_final_statuses_are_configurable(self) -> None:
+        policy = HttpPolicy(succeeded_status=201, failed_status=422)
+        assert accepted(Submission(op(Status.SUCCEEDED), False), "/l", policy, now=time.time()).status == 201
+        assert accepted(Submission(op(Status.FAILED), False), "/l", policy, now=time.time()).status == 422
+
+    def test_first_request_still_being_accepted_is_409_then_released_after_the_window(self) -> None:
+        young = Submission(op(needs_publish=True, created_ago=1.0), False)
+        r = accepted(young, "/l", POLICY, now=time.time())
+        assert r.status == 409 and r.body["code"] == "idempotency_key_in_use" and r.headers["Retry-After"] == "1"
+        old = Submission(op(needs_publish=True, created_ago=60.0), False)
+        assert accepted(old, "/l", POLICY, now=time.time()).status == 202
+
+    def test_status_reply_is_200_for_the_owner_and_404_for_anyone_else(self) -> None:
+        assert status_reply(op(Status.SUCCEEDED), "alice", POLICY).status == 200
+        assert status_reply(op(), "mallory", POLICY).status == 404
+        assert status_reply(None, "alice", POLICY).status == 404
+
+
+class TestErrors:
+    @pytest.mark.parametrize(("exc", "status", "code"), [
+        (InvalidKey("bad", value=""), 400, "idempotency_key_invalid"),
+        (IdempotencyKeyMismatch(scope="s", key="k", operation_id="o", stored_fingerprint="a", fingerprint="b"),
+         422, "idempotency_key_mismatch"),
+        (TooLarge(what="arguments", size=10, limit=5), 413, "payload_too_large"),
+        (NotSerializable("x", what="arguments"), 400, "invalid_request"),
+        (StoreUnavailable("down"), 503, "service_unavailable"),
+        (PublishFailed("broker down", operation_id="o"), 503, "service_unavailable"),
+    ])
+    def test_each_error_has_its_documented_problem(self, exc: Exception, status: int, code: str) -> None:
+        r = error_reply(exc, POLICY)
+        assert (r.status, r.body["code"], r.media_type) == (status, code, "application/problem+json")
+        assert r.body["status"] == status and r.body["title"] and r.body["type"].startswith("https://")
+        if status == 503:
+            assert r.headers["Retry-After"] == "1"
+
+    def test_unknown_exceptions_are_not_swallowed(self) -> None:
+        with pytest.raises(KeyError):
+            error_reply(KeyError("x"), POLICY)
+
+
+class TestLimits:
+    def test_oversized_body_is_a_413_before_anything_is_stored(self) -> None:
+        from idemtasks.http.endpoint import Endpoint, IncomingRequest
+        from idemtasks.stores.memory import MemoryStore
+
+        store = MemoryStore()
+        endpoint = Endpoint(store, policy=HttpPolicy(max_body_bytes=10))
+        req = IncomingRequest("POST", "/p", "/p", "", b"x" * 11, {"Idempotency-Key": "k"}, "alice")
+        reply = endpoint.submit(req, object(), ())
+        assert reply.status == 413 and reply.body["code"] == "payload_too_large"
+        assert store.round_trips == 0
+
+
+class TestEndpointWiring:
+    def test_an_endpoint_needs_a_store(self) -> None:
+        from idemtasks.errors import ConfigurationError
+        from idemtasks.http.endpoint import Endpoint
+
+        with pytest.raises(ConfigurationError):
+            Endpoint(None)
+
+    def test_a_task_writing_to_another_store_is_refused(self) -> None:
+        from celery import Celery
+
+        from idemtasks import IdempotentTask
+        from idemtasks.errors import ConfigurationError
+        from idemtasks.http.endpoint import Endpoint, IncomingRequest
+        from idemtasks.stores.memory import MemoryStore
+
+        app = Celery("wiring", set_as_current=False)
+
+        @app.task(base=IdempotentTask, store_url=MemoryStore("memory://other"), name="wiring.t")
+        def t() -> None:
+            return None
+
+        req = IncomingRequest("POST", "/p", "/p", "", b"", {"Idempotency-Key": "k"}, "alice")
+        with pytest.raises(ConfigurationError):
+            Endpoint(MemoryStore("memory://mine")).submit(req, t)

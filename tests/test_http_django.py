@@ -1,0 +1,150 @@
+"""The HTTP rules through the Django adapter and Django's test client."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import pytest
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(
+        DEBUG=False, ALLOWED_HOSTS=["testserver"], ROOT_URLCONF="tests.apps.django_urls", SECRET_KEY="tests",
+        MIDDLEWARE=[], INSTALLED_APPS=[], DATABASES={}, USE_TZ=True,
+    )
+    import django
+
+    django.setup()
+
+from django.http import HttpRequest, HttpResponse
+from django.test import Client
+from django.urls import clear_url_caches, include, path, resolve
+
+from idemtasks.contrib.django import Idempotency
+from tests.apps import django_urls
+from tests.http_rules import (
+    BACKENDS,
+    CONFLICT,
+    OPTIONAL,
+    Api,
+    HttpRules,
+    Resp,
+    acct,
+    lower,
+    pay_body,
+    paying_worker,
+    store_for,
+)
+
+
+def tenant(headers: Mapping[str, str]) -> str | None:
+    """A custom caller identity: the tenant header instead of the Bearer token."""
+    return lower(headers).get("x-tenant")
+
+
+@dataclass
+class Served:
+    api: Api  # status route at /operations/<id>; the same client also serves /v1
+    idem: Idempotency
+    v1: Idempotency  # mounted under v1/ with status_prefix="/v1" and the tenant as caller
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with store_for(request, tmp_path_factory) as store, paying_worker(store) as (task, runs):
+        idem = Idempotency(store=store)
+        v1 = Idempotency(store=store, caller=tenant, status_prefix="/v1")
+
+        def payments(request: HttpRequest) -> HttpResponse:
+            # The key is checked before the view's own validation, so a bad key is never hidden by a bad body.
+            problem = idem.check(request)
+            if problem is not None:
+                return problem
+            args = pay_body(json.loads(request.body or b"null"))
+            if args is None:
+                return HttpResponse(status=400)
+            return idem.submit(request, task, args)
+
+        def tips(request: HttpRequest) -> HttpResponse:
+            return idem.submit(request, task, pay_body(json.loads(request.body)), policy=OPTIONAL)
+
+        def strict(request: HttpRequest) -> HttpResponse:
+            return idem.submit(request, task, pay_body(json.loads(request.body)), policy=CONFLICT)
+
+        def v1_payments(request: HttpRequest) -> HttpResponse:
+            return v1.submit(request, task, pay_body(json.loads(request.body)))
+
+        django_urls.urlpatterns[:] = [
+            path("payments", payments), path("tips", tips), path("strict", strict), path("", include(idem.urls())),
+            path("v1/payments", v1_payments), path("v1/", include(v1.urls())),
+        ]
+        clear_url_caches()
+        client = Client()
+
+        def send(method: str, path_: str, body: bytes, headers: dict[str, str]) -> Resp:
+            if method == "GET":
+                r = client.get(path_, headers=headers)
+            else:
+                r = client.generic(method, path_, data=body, content_type=headers.get("Content-Type", ""),
+                                   headers={k: v for k, v in headers.items() if k != "Content-Type"})
+            return Resp(r.status_code, lower(dict(r.headers.items())), r.content)
+
+        yield Served(Api(send, store, runs), idem, v1)
+        django_urls.urlpatterns.clear()
+        clear_url_caches()
+
+
+@pytest.fixture
+def api(served: Served) -> Api:
+    return served.api
+
+
+class TestDjango(HttpRules):
+    def test_urls_mount_the_status_view(self, served: Served) -> None:
+        match = resolve("/operations/abc")
+        assert match.url_name == "idemtasks-operation" and match.kwargs == {"operation_id": "abc"}
+
+    def test_status_route_answers_get_only(self, served: Served) -> None:
+        r = served.api.send("POST", "/operations/abc", b"", {"Authorization": "Bearer alice"})
+        assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+    def test_status_prefix_moves_the_location_to_where_the_urls_are_included(self, served: Served) -> None:
+        a = acct()
+        r = served.api.send("POST", "/v1/payments", b'{"account": "%s", "amount": 3}' % a.encode(),
+                            {"Idempotency-Key": "k-" + a, "X-Tenant": "acme", "Content-Type": "application/json"})
+        assert r.status_code == 202
+        assert r.headers["location"] == f"/v1/operations/{r.json()['id']}"
+        assert served.api.send("GET", r.headers["location"], b"", {"X-Tenant": "acme"}).status_code == 200
+
+    def test_a_custom_caller_decides_who_owns_an_operation(self, served: Served) -> None:
+        a = acct()
+        headers = {"Idempotency-Key": "k-" + a, "X-Tenant": "acme", "Content-Type": "application/json"}
+        body = b'{"account": "%s", "amount": 3}' % a.encode()
+        first = served.api.send("POST", "/v1/payments", body, {**headers, "Authorization": "Bearer alice"})
+        # The Bearer token plays no part: the same tenant replays, another tenant gets its own operation.
+        again = served.api.send("POST", "/v1/payments", body, {**headers, "Authorization": "Bearer bob"})
+        other = served.api.send("POST", "/v1/payments", body, {**headers, "X-Tenant": "globex"})
+        assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert other.json()["id"] != first.json()["id"]
+        location = first.headers["location"]
+        assert served.api.send("GET", location, b"", {"X-Tenant": "globex"}).status_code == 404
+        assert served.api.final_with(location, {"X-Tenant": "acme"}).json()["status"] == "succeeded"
+        served.api.final_with(other.headers["location"], {"X-Tenant": "globex"})
+        assert served.api.runs[a] == 2
+
+    def test_the_route_template_scopes_keys_when_the_view_is_resolved(self, served: Served) -> None:
+        a = acct()
+        r = served.api.post({"account": a, "amount": 5}, "k-" + a)
+        op = served.api.store.get_by_id(r.json()["id"])
+        assert op is not None and op.scope.endswith("|POST /payments")
+
+
+def test_without_django_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "django.http", None)
+    monkeypatch.delitem(sys.modules, "idemtasks.contrib.django")
+    with pytest.raises(ImportError, match=r"pip install idemtasks\[django\]"):
+        importlib.import_module("idemtasks.contrib.django")

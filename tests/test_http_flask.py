@@ -1,0 +1,131 @@
+"""The HTTP rules through the Flask extension and Flask's test client."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import flask
+import pytest
+
+from idemtasks.contrib.flask import Idempotency
+from tests.http_rules import (
+    BACKENDS,
+    CONFLICT,
+    OPTIONAL,
+    Api,
+    HttpRules,
+    Resp,
+    acct,
+    lower,
+    pay_body,
+    paying_worker,
+    store_for,
+)
+
+
+def tenant(headers: Mapping[str, str]) -> str | None:
+    """A custom caller identity: the tenant header instead of the Bearer token."""
+    return lower(headers).get("x-tenant")
+
+
+@dataclass
+class Served:
+    api: Api  # the default extension, status route at /operations/<id>
+    app: flask.Flask
+    idem: Idempotency
+    v1: Api  # another extension mounted with status_prefix="/v1" and the tenant as caller
+
+
+def sender(app: flask.Flask) -> Callable[[str, str, bytes, dict[str, str]], Resp]:
+    client = app.test_client()
+
+    def send(method: str, path: str, body: bytes, headers: dict[str, str]) -> Resp:
+        r = client.open(path, method=method, data=body, headers=headers)
+        return Resp(r.status_code, lower(dict(r.headers.items())), r.get_data())
+
+    return send
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with store_for(request, tmp_path_factory) as store, paying_worker(store) as (task, runs):
+        app = flask.Flask(__name__)
+        idem = Idempotency(app, store=store)
+
+        @app.post("/payments")
+        def payments() -> flask.Response:
+            # The key is checked before the view's own validation, so a bad key is never hidden by a bad body.
+            problem = idem.check()
+            if problem is not None:
+                return problem
+            args = pay_body(flask.request.get_json(silent=True))
+            if args is None:
+                return flask.Response(status=400)
+            return idem.submit(task, args)
+
+        @app.post("/tips")
+        def tips() -> flask.Response:
+            return idem.submit(task, pay_body(flask.request.get_json()), policy=OPTIONAL)
+
+        @app.post("/strict")
+        def strict() -> flask.Response:
+            return idem.submit(task, pay_body(flask.request.get_json()), policy=CONFLICT)
+
+        v1_app = flask.Flask(__name__)
+        v1 = Idempotency(store=store, caller=tenant, status_prefix="/v1/")
+        v1.init_app(v1_app)
+
+        @v1_app.post("/v1/payments")
+        def v1_payments() -> flask.Response:
+            return v1.submit(task, pay_body(flask.request.get_json()))
+
+        yield Served(Api(sender(app), store, runs), app, idem, Api(sender(v1_app), store, runs))
+
+
+@pytest.fixture
+def api(served: Served) -> Api:
+    return served.api
+
+
+class TestFlask(HttpRules):
+    def test_init_app_registers_the_extension_and_its_status_route(self, served: Served) -> None:
+        assert served.app.extensions["idemtasks"] is served.idem
+        assert "idemtasks" in served.app.blueprints
+        rules = {r.rule: r.endpoint for r in served.app.url_map.iter_rules()}
+        assert rules["/operations/<operation_id>"] == "idemtasks.operation"
+
+    def test_status_prefix_moves_the_status_route_and_the_location(self, served: Served) -> None:
+        a = acct()
+        r = served.v1.send("POST", "/v1/payments", b'{"account": "%s", "amount": 3}' % a.encode(),
+                           {"Idempotency-Key": "k-" + a, "X-Tenant": "acme", "Content-Type": "application/json"})
+        assert r.status_code == 202
+        assert r.headers["location"] == f"/v1/operations/{r.json()['id']}"
+        done = served.v1.send("GET", r.headers["location"], b"", {"X-Tenant": "acme"})
+        assert done.status_code == 200
+        assert served.v1.send("GET", f"/operations/{r.json()['id']}", b"", {"X-Tenant": "acme"}).status_code == 404
+
+    def test_a_custom_caller_decides_who_owns_an_operation(self, served: Served) -> None:
+        a = acct()
+        headers = {"Idempotency-Key": "k-" + a, "X-Tenant": "acme", "Content-Type": "application/json"}
+        body = b'{"account": "%s", "amount": 3}' % a.encode()
+        first = served.v1.send("POST", "/v1/payments", body, {**headers, "Authorization": "Bearer alice"})
+        # The Bearer token plays no part: the same tenant replays, another tenant gets its own operation.
+        again = served.v1.send("POST", "/v1/payments", body, {**headers, "Authorization": "Bearer bob"})
+        other = served.v1.send("POST", "/v1/payments", body, {**headers, "X-Tenant": "globex"})
+        assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert other.json()["id"] != first.json()["id"]
+        location = first.headers["location"]
+        assert served.v1.send("GET", location, b"", {"X-Tenant": "globex"}).status_code == 404
+        assert served.v1.final_with(location, {"X-Tenant": "acme"}).json()["status"] == "succeeded"
+        served.v1.final_with(other.headers["location"], {"X-Tenant": "globex"})
+        assert served.v1.runs[a] == 2
+
+
+def test_without_flask_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "flask", None)
+    monkeypatch.delitem(sys.modules, "idemtasks.contrib.flask")
+    with pytest.raises(ImportError, match=r"pip install idemtasks\[flask\]"):
+        importlib.import_module("idemtasks.contrib.flask")

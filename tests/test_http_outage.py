@@ -1,0 +1,59 @@
+"""Store or broker outages answer 503 with Retry-After and leave nothing that would block the client's retry."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from starlette.responses import Response
+
+from idemtasks import IdempotentTask, open_store
+from idemtasks.contrib.fastapi import Idempotency
+from idemtasks.stores.base import Store
+from tests.test_bad_input import free_port
+
+
+def service(store: Store | str, broker: str) -> TestClient:
+    celery = Celery(f"out{uuid.uuid4().hex[:6]}", broker=broker, set_as_current=False)
+    celery.conf.update(task_publish_retry=False, broker_connection_retry=False, broker_connection_timeout=1,
+                       task_default_queue=f"q-{celery.main}")
+
+    @celery.task(base=IdempotentTask, store_url=store, name=f"{celery.main}.pay")
+    def pay(amount: int) -> int:
+        return amount
+
+    app = FastAPI()
+    idem = Idempotency(store=store)
+
+    @app.post("/payments")
+    async def payments(request: Request) -> Response:
+        return await idem.submit(request, pay, ((await request.json())["amount"],))
+
+    return TestClient(app)
+
+
+def post(client: TestClient, key: str) -> Any:
+    return client.post("/payments", json={"amount": 5}, headers={"Idempotency-Key": key})
+
+
+def test_unreachable_store_is_a_503_with_retry_after() -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
+    with service(store, "memory://") as client:
+        r = post(client, "k1")
+    assert r.status_code == 503
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["code"] == "service_unavailable" and r.headers["retry-after"] == "1"
+
+
+def test_unreachable_broker_is_a_503_and_the_retry_starts_afresh(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'ops.sqlite3'}")
+    with service(store, f"redis://127.0.0.1:{free_port()}/0") as down:
+        r = post(down, "k2")
+    assert r.status_code == 503 and r.json()["code"] == "service_unavailable"
+    with service(store, "memory://") as up:
+        again = post(up, "k2")
+    assert again.status_code == 202 and "idempotent-replayed" not in again.headers

@@ -1,0 +1,79 @@
+"""Keys, ids, fingerprints and the stored-JSON codec."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from typing import Any
+
+import pytest
+
+from idemtasks import InvalidKey, NotSerializable, TooLarge
+from idemtasks.identity import (
+    digest_from_id,
+    dump_json,
+    fingerprint,
+    key_digest,
+    load_json,
+    new_operation_id,
+    validate_key,
+    validate_scope,
+)
+
+
+@pytest.mark.parametrize("key", ["a", "order-1001", "x" * 255, "clé unicode", "spaces are fine"])
+def test_acceptable_keys(key: str) -> None:
+    assert validate_key(key) == key
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 256, None, 42, b"bytes", "new\nline", "nul\x00"])
+def test_unacceptable_keys_raise_invalid_key_with_the_value(bad: Any) -> None:
+    with pytest.raises(InvalidKey) as info:
+        validate_key(bad)
+    assert info.value.value == bad
+
+
+def test_scope_allows_more_room_than_keys() -> None:
+    assert validate_scope("s" * 1024)
+    with pytest.raises(InvalidKey):
+        validate_scope("s" * 1025)
+
+
+def test_operation_ids_embed_the_key_digest_and_are_unguessable() -> None:
+    d = key_digest("tenant", "k")
+    a, b = new_operation_id(d), new_operation_id(d)
+    assert a != b and digest_from_id(a) == digest_from_id(b) == d
+    assert digest_from_id("not-an-id") is None
+    assert digest_from_id(str(uuid.uuid4())) is None
+
+
+def test_digest_separates_scope_from_key() -> None:
+    assert key_digest("ab", "c") != key_digest("a", "bc")
+
+
+def test_fingerprint_is_canonical() -> None:
+    assert fingerprint("t", (1, 2), {"b": 1, "a": 2}) == fingerprint("t", [1, 2], {"a": 2, "b": 1})
+    assert fingerprint("t", (1,), {}) != fingerprint("t", (2,), {})
+    assert fingerprint("t", (1,), {}) != fingerprint("u", (1,), {})
+
+
+def test_fingerprint_refuses_what_json_cannot_carry() -> None:
+    with pytest.raises(NotSerializable) as info:
+        fingerprint("t", (object(),), {})
+    assert info.value.what == "arguments"
+    with pytest.raises(NotSerializable):
+        fingerprint("t", (float("nan"),), {})
+
+
+def test_stored_values_round_trip_with_their_types() -> None:
+    value = {"when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "amount": decimal.Decimal("1.10"),
+             "id": uuid.UUID(int=7), "items": [1, "two", None]}
+    assert load_json(dump_json(value, what="result")) == value
+
+
+def test_size_limit_counts_encoded_bytes() -> None:
+    dump_json("é" * 10, what="result", limit=30)
+    with pytest.raises(TooLarge) as info:
+        dump_json("é" * 20, what="result", limit=30)
+    assert (info.value.what, info.value.limit) == ("result", 30) and info.value.size > 30

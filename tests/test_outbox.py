@@ -1,0 +1,106 @@
+"""Transactional enqueue: the operation commits or rolls back with the handler's own rows."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from idemtasks import IdempotencyKeyMismatch, IdempotentTask, Status
+from idemtasks.outbox import Outbox
+from idemtasks.recovery import Sweeper
+from idemtasks.stores.sql import SQLStore
+from tests.conftest import drop, make_store
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+def sql_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLStore]:
+    store = make_store(request.param, tmp_path)
+    assert isinstance(store, SQLStore)
+    yield store
+    drop(store)
+
+
+def setup(store: SQLStore) -> tuple[Celery, Any, sa.Table, Counter[str]]:
+    app = Celery(f"ob{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_ignore_result=True, idemtasks_pending_after=0.3)
+    runs: Counter[str] = Counter()
+
+    @app.task(base=IdempotentTask, store_url=store, name=f"{app.main}.ship")
+    def ship(order: str) -> str:
+        runs[order] += 1
+        return f"shipped {order}"
+
+    orders = sa.Table(f"orders_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("id", sa.String(64)))
+    orders.create(store.engine)
+    return app, ship, orders, runs
+
+
+def count(store: SQLStore, orders: sa.Table) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(orders)).scalar_one())
+
+
+def final(store: SQLStore, op_id: str) -> Any:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        op = store.get_by_id(op_id)
+        if op is not None and op.is_final:
+            return op
+        time.sleep(0.05)
+    raise AssertionError(f"{op_id} did not finish")
+
+
+def test_commit_then_publish_runs_the_task_once(sql_store: SQLStore) -> None:
+    app, ship, orders, runs = setup(sql_store)
+    outbox = Outbox(sql_store)
+    with sql_store.engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o1"))
+        staged = outbox.stage(conn, ship, ("o1",), key="order-o1")
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        staged.publish()
+        op = final(sql_store, staged.operation.id)
+    assert op.status is Status.SUCCEEDED and op.result == "shipped o1" and runs["o1"] == 1
+    assert count(sql_store, orders) == 1
+
+
+def test_rollback_leaves_neither_rows_nor_operation(sql_store: SQLStore) -> None:
+    _, ship, orders, _ = setup(sql_store)
+    outbox = Outbox(sql_store)
+    with pytest.raises(RuntimeError), sql_store.engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o2"))
+        staged = outbox.stage(conn, ship, ("o2",), key="order-o2")
+        raise RuntimeError("the handler failed after staging")
+    assert count(sql_store, orders) == 0
+    assert sql_store.get_by_id(staged.operation.id) is None
+
+
+def test_committed_but_never_published_is_published_by_recovery(sql_store: SQLStore) -> None:
+    app, ship, _, runs = setup(sql_store)
+    with sql_store.engine.begin() as conn:
+        staged = Outbox(sql_store).stage(conn, ship, ("o3",), key="order-o3")
+    time.sleep(0.4)  # the process died before staged.publish()
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        assert staged.operation.id in Sweeper(app).sweep().republished
+        op = final(sql_store, staged.operation.id)
+    assert op.status is Status.SUCCEEDED and runs["o3"] == 1
+
+
+def test_repeat_in_a_later_transaction_replays_and_mismatch_is_refused(sql_store: SQLStore) -> None:
+    _, ship, _, _ = setup(sql_store)
+    outbox = Outbox(sql_store)
+    with sql_store.engine.begin() as conn:
+        first = outbox.stage(conn, ship, ("o4",), key="order-o4")
+    with sql_store.engine.begin() as conn:
+        again = outbox.stage(conn, ship, ("o4",), key="order-o4")
+        assert not again.created and again.operation.id == first.operation.id
+        with pytest.raises(IdempotencyKeyMismatch):
+            outbox.stage(conn, ship, ("o5",), key="order-o4")

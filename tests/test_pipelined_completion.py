@@ -1,0 +1,178 @@
+"""Pipelined completions on Redis: written without waiting, never lost, and still fenced.
+
+A worker thread's completion goes out on its own connection and its answer is read behind the next claim, or by
+the collector thread when the worker goes idle. These tests drive that path on real servers, including the
+answers that are not "done": a refused (zombie) completion, a flushed script cache, a connection killed before the
+server ran the completion, and a server that is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from idemtasks import ClaimOutcome, LeaseLost, Status, StoreUnavailable
+from idemtasks.errors import IdemtasksError
+from idemtasks.stores.redis import RedisStore
+from idemtasks.stores.redis_lane import COLLECT_AFTER
+from tests import services
+from tests.conftest import drop, make_store
+from tests.private_redis import PrivateRedis
+
+TTL = 3600.0
+
+
+class Settled:
+    """The ``settle`` callback of one completion: what it was handed, if anything."""
+
+    def __init__(self) -> None:
+        self.errors: list[IdemtasksError] = []
+        self.called = threading.Event()
+
+    def __call__(self, exc: IdemtasksError) -> None:
+        self.errors.append(exc)
+        self.called.set()
+
+
+@pytest.fixture
+def store() -> Iterator[RedisStore]:
+    services.require("redis")
+    s = RedisStore(services.REDIS_URL, namespace=f"idemtasks-test:pipe{uuid.uuid4().hex[:10]}")
+    yield s
+    drop(s)
+    s.close()
+
+
+def claim(store: RedisStore, key: str, *, lease: float = 30.0) -> ClaimOutcome:
+    return store.claim("s", key, "t", "fp", owner=uuid.uuid4().hex, lease=lease, ttl=TTL).outcome
+
+
+def held(store: RedisStore, key: str, *, lease: float = 30.0):  # type: ignore[no-untyped-def]
+    res = store.claim("s", key, "t", "fp", owner=uuid.uuid4().hex, lease=lease, ttl=TTL)
+    assert res.outcome is ClaimOutcome.CLAIMED
+    return res.operation
+
+
+def finish_pipelined(store: RedisStore, op, settled: Settled, result: str = '"paid"') -> None:  # type: ignore[no-untyped-def]
+    store.finish_pipelined(op.scope, op.key, op.id, op.fencing_token, Status.SUCCEEDED, result_json=result, ttl=TTL,
+                           settle=settled)
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_redis_pipelines_completions_and_a_duplicate_behind_one_replays_it(store: RedisStore) -> None:
+    assert store.pipelines_completions
+    op, settled = held(store, "k"), Settled()
+    finish_pipelined(store, op, settled)
+    # The duplicate's claim goes out behind the completion on the same connection: Redis has always run it first.
+    res = store.claim("s", "k", "t", "fp", owner="dup", lease=30.0, ttl=TTL)
+    assert res.outcome is ClaimOutcome.DONE and res.operation.result == "paid"
+    assert not settled.errors
+
+
+def test_the_outcome_is_visible_to_other_clients_without_another_claim(store: RedisStore) -> None:
+    op, settled = held(store, "k"), Settled()
+    finish_pipelined(store, op, settled)
+    reader = RedisStore(services.REDIS_URL, namespace=store.namespace)
+    try:
+        assert wait_for(lambda: (o := reader.get("s", "k")) is not None and o.status is Status.SUCCEEDED, 1.0)
+    finally:
+        reader.close()
+    assert not settled.errors
+
+
+def test_a_zombies_pipelined_completion_is_refused_and_it_hears_so_while_idle(store: RedisStore) -> None:
+    zombie, settled = held(store, "k", lease=0.2), Settled()
+    time.sleep(0.3)
+    other = RedisStore(services.REDIS_URL, namespace=store.namespace)  # another worker, another connection
+    try:
+        successor = held(other, "k")
+    finally:
+        other.close()
+    finish_pipelined(store, zombie, settled, result='"late"')
+    # Nothing else runs on the zombie's connection: the collector reads the refusal.
+    assert settled.called.wait(COLLECT_AFTER * 20)
+    [lost] = settled.errors
+    assert isinstance(lost, LeaseLost) and lost.current_token == successor.fencing_token
+    op = store.get("s", "k")
+    assert op is not None and op.status is Status.RUNNING and op.result is None
+
+
+def test_a_completion_sent_after_the_script_cache_was_flushed_is_sent_again(private_redis: PrivateRedis) -> None:
+    store = RedisStore(private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        op, settled = held(store, "k"), Settled()
+        admin.script_flush()  # what a restarted server looks like to a loaded script
+        finish_pipelined(store, op, settled)
+        assert claim(store, "other") is ClaimOutcome.CLAIMED  # reads the NOSCRIPT answer, then sends it again
+        done = store.get("s", "k")
+        assert done is not None and done.status is Status.SUCCEEDED and done.result == "paid"
+        assert not settled.errors
+    finally:
+        admin.close()
+        store.close()
+
+
+def test_a_completion_whose_connection_is_killed_before_it_ran_is_sent_again(private_redis: PrivateRedis) -> None:
+    store = RedisStore(private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        op, settled = held(store, "k"), Settled()
+        # Hold every write, so the completion sits unrun in the server while its connection is killed under it.
+        admin.execute_command("CLIENT", "PAUSE", "800", "WRITE")
+        finish_pipelined(store, op, settled)
+        time.sleep(0.05)
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        # The collector reads a dead connection: the outcome is unknown, so the store sends it again.
+        assert wait_for(lambda: (o := store.get("s", "k")) is not None and o.status is Status.SUCCEEDED, 5.0)
+        assert store.get("s", "k").result == "paid"  # type: ignore[union-attr]
+        time.sleep(COLLECT_AFTER * 3)
+        assert not settled.errors
+    finally:
+        admin.close()
+        store.close()
+
+
+def test_a_completion_the_store_never_ran_reaches_settle_as_unavailable(private_redis: PrivateRedis) -> None:
+    store = RedisStore(private_redis.url, socket_timeout=0.5)
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        op, settled = held(store, "k"), Settled()
+        admin.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+        finish_pipelined(store, op, settled)
+        private_redis.stop()  # gone before the completion ran
+        assert settled.called.wait(10.0)
+        assert all(isinstance(e, StoreUnavailable) for e in settled.errors) and len(settled.errors) == 1
+    finally:
+        admin.close()
+        store.close()
+
+
+def test_stores_that_cannot_pipeline_finish_at_once_and_raise(tmp_path: Path) -> None:
+    sql = make_store("sqlite", tmp_path)
+    try:
+        assert not sql.pipelines_completions
+        zombie = sql.claim("s", "k", "t", "fp", owner="a", lease=0.2, ttl=TTL).operation
+        time.sleep(0.3)
+        assert sql.claim("s", "k", "t", "fp", owner="b", lease=30.0, ttl=TTL).outcome is ClaimOutcome.CLAIMED
+        settled = Settled()
+        with pytest.raises(LeaseLost):
+            sql.finish_pipelined("s", "k", zombie.id, zombie.fencing_token, Status.SUCCEEDED, result_json="1",
+                                 ttl=TTL, settle=settled)
+        assert not settled.errors
+    finally:
+        drop(sql)

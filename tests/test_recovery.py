@@ -1,0 +1,128 @@
+"""Recovery: operations whose message was lost, or whose holder died with its message, still finish once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from idemtasks import IdempotentTask, LeaseLost, Status
+from idemtasks.identity import canonical_call, fingerprint_of_call
+from idemtasks.recovery import Sweeper, install
+from idemtasks.stores.base import Store
+from tests.conftest import BACKENDS, drop, make_store
+from tests.workers import ROOT
+
+
+@dataclass
+class Rig:
+    app: Celery
+    task: Any
+    store: Store
+    runs: Counter[str]
+
+    def lost_submit(self, amount: int) -> tuple[str, str]:
+        """What a web process killed between recording the operation and publishing its message leaves behind."""
+        key = f"lost-{uuid.uuid4().hex}"
+        call = canonical_call(self.task.name, (key, amount), {})
+        op = self.store.create("global", key, self.task.name, fingerprint_of_call(call), ttl=3600, payload=call)
+        return key, op.operation.id
+
+    def final(self, op_id: str, timeout: float = 20) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            op = self.store.get_by_id(op_id)
+            if op is not None and op.is_final:
+                return op
+            time.sleep(0.05)
+        raise AssertionError(f"{op_id} never finished: {self.store.get_by_id(op_id)}")
+
+
+@pytest.fixture(params=BACKENDS)
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    store = make_store(request.param, tmp_path_factory.mktemp("recovery"))
+    app = Celery(f"rec{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_ignore_result=True, idemtasks_pending_after=0.3, idemtasks_sweep_interval=0.3,
+                    idemtasks_busy_countdown=0.2)
+    runs: Counter[str] = Counter()
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge", lease_seconds=0.5,
+              idempotency_ttl=3600.0)
+    def charge(self: IdempotentTask, key: str, amount: int) -> int:
+        runs[key] += 1
+        return amount
+
+    yield Rig(app, charge, store, runs)
+    if request.param != "memory":
+        drop(store)
+
+
+def test_pending_operation_whose_message_was_lost_is_published_again(rig: Rig) -> None:
+    key, op_id = rig.lost_submit(10)
+    sweeper = Sweeper(rig.app)
+    assert sweeper.sweep().republished == []  # too young: its message may still be on its way
+    time.sleep(0.4)
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        assert sweeper.sweep().republished == [op_id]
+        op = rig.final(op_id)
+    assert op.status is Status.SUCCEEDED and op.result == 10 and rig.runs[key] == 1
+
+
+def test_running_operation_whose_holder_died_with_its_message_is_taken_over(rig: Rig) -> None:
+    key, op_id = rig.lost_submit(20)
+    fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
+    dead = rig.store.claim("global", key, rig.task.name, fp, owner="dead", lease=0.3, ttl=3600).operation
+    time.sleep(0.4)
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        report = Sweeper(rig.app).sweep()
+        assert report.requeued == [op_id] and report.republished == [op_id]
+        op = rig.final(op_id)
+    assert op.status is Status.SUCCEEDED and op.fencing_token == dead.fencing_token + 1
+    with pytest.raises(LeaseLost):
+        rig.store.succeed(dead, dead.fencing_token, "0", ttl=3600)
+    assert rig.runs[key] == 1
+
+
+def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
+    key, op_id = rig.lost_submit(30)
+    fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
+    rig.store.claim("global", key, rig.task.name, fp, owner="alive", lease=30, ttl=3600)
+    done_key, done_id = rig.lost_submit(31)
+    held = rig.store.claim("global", done_key, rig.task.name, rig.store.get_by_id(done_id).fingerprint,  # type: ignore[union-attr]
+                           owner="w", lease=30, ttl=3600).operation
+    rig.store.succeed(held, held.fencing_token, "31", ttl=3600)
+    time.sleep(0.4)
+    report = Sweeper(rig.app).sweep()
+    assert op_id not in report.republished and done_id not in report.republished
+
+
+def test_a_worker_sweeps_by_itself_without_beat(rig: Rig) -> None:
+    install(rig.app, beat_task=False)
+    key, op_id = rig.lost_submit(40)
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(op_id)
+    assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
+
+
+def test_sweep_command_runs_once_and_reports() -> None:
+    out = subprocess.run([sys.executable, "-m", "idemtasks", "sweep", "-A", "tests.apps.procapp"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT),
+                                                                           "PROCAPP_STORE": "memory://"})
+    assert out.returncode == 0, out.stderr
+    assert "published again: 0" in out.stdout
+
+
+def test_the_beat_task_sweeps(tmp_path: object) -> None:
+    app = Celery(f"beat{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
+    install(app)
+    assert app.tasks["idemtasks.sweep"].apply().get() == 0

@@ -1,0 +1,94 @@
+"""The Redis store on a real three-node Redis Cluster of this test's own: every script touches one slot only."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from idemtasks.errors import LeaseLost
+from idemtasks.models import ClaimOutcome, Status
+from idemtasks.stores.redis import RedisStore
+from tests import services
+
+
+def cluster_ports(n: int) -> list[int]:
+    """Ports whose cluster bus (port + 10000) is free as well."""
+    import random
+    import socket
+
+    found: list[int] = []
+    while len(found) < n:
+        p = random.randrange(20000, 50000)
+        try:
+            for port in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        found.append(p)
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        services.missing("redis-server and redis-cli are needed for a Redis Cluster")
+    workdir = Path(tmp_path_factory.mktemp("cluster"))
+    ports = cluster_ports(3)
+    procs = [subprocess.Popen(["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                               "--cluster-config-file", f"nodes-{p}.conf", "--save", "", "--appendonly", "no",
+                               "--dir", str(workdir)], stdout=subprocess.DEVNULL) for p in ports]
+    try:
+        time.sleep(0.5)
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"], capture_output=True,
+                                  text=True).stdout
+            if "cluster_state:ok" in info:
+                break
+            time.sleep(0.2)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def store(cluster: str) -> Iterator[RedisStore]:
+    s = RedisStore(cluster, cluster=True, namespace=f"c{uuid.uuid4().hex[:6]}")
+    yield s
+    s.close()
+
+
+def test_keys_spread_over_slots_and_the_whole_life_cycle_works(store: RedisStore) -> None:
+    slots = {store.client.keyslot(store.record_key(f"{i:032x}")) for i in range(50)}
+    assert len(slots) > 10
+    for i in range(20):
+        sub = store.create("s", f"k{i}", "t", "fp", ttl=60, payload='["t",[],{}]')
+        assert sub.created
+        res = store.claim("s", f"k{i}", "t", "fp", owner=f"w{i}", lease=30, ttl=60)
+        assert res.outcome is ClaimOutcome.CLAIMED
+        store.succeed(res.operation, res.operation.fencing_token, str(i), ttl=60)
+        assert store.claim("s", f"k{i}", "t", "fp", owner="x", lease=30, ttl=60).outcome is ClaimOutcome.DONE
+        assert store.get_by_id(sub.operation.id).result == i  # type: ignore[union-attr]
+
+
+def test_recovery_scans_the_cluster(store: RedisStore) -> None:
+    lost = store.create("s", "lost", "t", "fp", ttl=60, payload='["t",[],{}]').operation
+    dead = store.claim("s", "dead", "t", "fp", owner="gone", lease=0.2, ttl=60).operation
+    time.sleep(0.4)
+    stale = {op.id: op for op in store.stale(pending_after=0.1)}
+    assert set(stale) == {lost.id, dead.id}
+    assert store.requeue(stale[dead.id])
+    assert store.get_by_id(dead.id).status is Status.PENDING  # type: ignore[union-attr]
+    with pytest.raises(LeaseLost):
+        store.succeed(dead, dead.fencing_token, "1", ttl=60)

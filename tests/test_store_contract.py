@@ -1,0 +1,316 @@
+"""The store contract, run against every backend: memory, Redis, PostgreSQL, SQLite and MariaDB."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from idemtasks.errors import IdempotencyKeyMismatch, LeaseLost
+from idemtasks.identity import digest_from_id, key_digest
+from idemtasks.models import ClaimOutcome, ErrorInfo, Status
+from idemtasks.stores.base import Store
+from tests import services
+
+TTL = 3600.0
+LEASE = 30.0
+
+
+def claim(store: Store, scope: str, key: str, fp: str = "fp-a", *, lease: float = LEASE, owner: str | None = None,
+          ttl: float = TTL, operation_id: str | None = None):  # type: ignore[no-untyped-def]
+    return store.claim(scope, key, "tasks.charge", fp, owner=owner or uuid.uuid4().hex, lease=lease, ttl=ttl,
+                       operation_id=operation_id)
+
+
+class TestCreate:
+    def test_first_create_records_a_pending_operation(self, store: Store, scope: str) -> None:
+        sub = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        assert sub.created
+        op = sub.operation
+        assert (op.scope, op.key, op.task_name, op.fingerprint) == (scope, "k1", "tasks.charge", "fp-a")
+        assert op.status is Status.PENDING
+        assert (op.attempts, op.fencing_token, op.result, op.error) == (0, 0, None, None)
+        assert digest_from_id(op.id) == key_digest(scope, "k1")
+        assert op.created_at <= op.updated_at < op.expires_at
+
+    def test_repeat_returns_the_same_operation_without_creating(self, store: Store, scope: str) -> None:
+        first = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        again = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        assert not again.created
+        assert again.operation.id == first.operation.id
+
+    def test_same_key_with_another_payload_is_a_mismatch(self, store: Store, scope: str) -> None:
+        first = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        with pytest.raises(IdempotencyKeyMismatch) as info:
+            store.create(scope, "k1", "tasks.charge", "fp-b", ttl=TTL)
+        err = info.value
+        assert (err.operation_id, err.stored_fingerprint, err.fingerprint) == (first.operation.id, "fp-a", "fp-b")
+
+    def test_scopes_isolate_keys(self, store: Store, scope: str) -> None:
+        a = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        b = store.create(scope + "-other", "k1", "tasks.charge", "fp-b", ttl=TTL)
+        assert a.created and b.created and a.operation.id != b.operation.id
+
+    def test_keys_differing_only_in_case_or_trailing_space_are_distinct(self, store: Store, scope: str) -> None:
+        ids = {store.create(scope, k, "tasks.charge", "fp", ttl=TTL).operation.id for k in ("Key", "key", "key ")}
+        assert len(ids) == 3
+
+    def test_expired_operation_is_absent_and_its_key_starts_a_new_one(self, store: Store, scope: str) -> None:
+        old = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=1.0).operation
+        time.sleep(1.3)
+        assert store.get(scope, "k1") is None
+        assert store.get_by_id(old.id) is None
+        new = store.create(scope, "k1", "tasks.charge", "fp-b", ttl=TTL)
+        assert new.created and new.operation.id != old.id
+
+
+class TestClaim:
+    def test_claiming_a_pending_operation_runs_it_under_a_lease(self, store: Store, scope: str) -> None:
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        res = claim(store, scope, "k1", owner="w1")
+        assert res.outcome is ClaimOutcome.CLAIMED
+        held = res.operation
+        assert held.id == op.id and held.status is Status.RUNNING
+        assert (held.attempts, held.fencing_token, held.lease_owner) == (1, 1, "w1")
+        assert held.lease_expires_at is not None and held.lease_expires_at > store.now()
+
+    def test_claim_without_a_record_creates_it_running(self, store: Store, scope: str) -> None:
+        res = claim(store, scope, "beat-key")
+        assert res.outcome is ClaimOutcome.CLAIMED
+        assert res.operation.status is Status.RUNNING and res.operation.fencing_token == 1
+        assert store.get(scope, "beat-key") == res.operation
+
+    def test_claim_uses_the_given_id_only_if_it_belongs_to_the_key(self, store: Store, scope: str) -> None:
+        mine = key_digest(scope, "k1") + "ab" * 12
+        assert claim(store, scope, "k1", operation_id=mine).operation.id == mine
+        foreign = key_digest(scope, "other") + "ab" * 12
+        got = claim(store, scope, "k2", operation_id=foreign).operation.id
+        assert got != foreign and digest_from_id(got) == key_digest(scope, "k2")
+
+    def test_live_lease_makes_a_duplicate_busy(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", owner="w1").operation
+        res = claim(store, scope, "k1", owner="w2")
+        assert res.outcome is ClaimOutcome.BUSY
+        assert res.operation.lease_owner == "w1" and res.operation.fencing_token == held.fencing_token
+
+    def test_expired_lease_is_taken_over_with_a_higher_token(self, store: Store, scope: str) -> None:
+        first = claim(store, scope, "k1", owner="w1", lease=0.3).operation
+        time.sleep(0.5)
+        res = claim(store, scope, "k1", owner="w2")
+        assert res.outcome is ClaimOutcome.CLAIMED
+        assert res.operation.id == first.id
+        assert res.operation.fencing_token == first.fencing_token + 1
+        assert res.operation.attempts == 2 and res.operation.lease_owner == "w2"
+
+    def test_a_record_recreated_after_expiry_keeps_counting_tokens(self, store: Store, scope: str) -> None:
+        old = claim(store, scope, "k1", lease=0.3, ttl=1.0).operation
+        time.sleep(1.3)
+        # A redelivered message of the expired operation re-creates it under the same id.
+        again = claim(store, scope, "k1", operation_id=old.id)
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation.id == old.id
+        assert again.operation.fencing_token > old.fencing_token
+        with pytest.raises(LeaseLost):
+            store.succeed(old, old.fencing_token, '"zombie"', ttl=TTL)
+
+    def test_claim_with_another_payload_is_a_mismatch_and_changes_nothing(self, store: Store, scope: str) -> None:
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        res = claim(store, scope, "k1", fp="fp-b")
+        assert res.outcome is ClaimOutcome.MISMATCH
+        assert store.get_by_id(op.id) == op
+
+    @pytest.mark.parametrize("final", [Status.SUCCEEDED, Status.FAILED])
+    def test_final_operation_is_done_and_never_claimed_again(self, store: Store, scope: str, final: Status) -> None:
+        held = claim(store, scope, "k1").operation
+        if final is Status.SUCCEEDED:
+            store.succeed(held, held.fencing_token, '{"paid": 1}', ttl=TTL)
+        else:
+            store.fail(held, held.fencing_token, ErrorInfo("Declined", "too much"), ttl=TTL)
+        res = claim(store, scope, "k1")
+        assert res.outcome is ClaimOutcome.DONE
+        assert res.operation.status is final
+        assert res.operation.fencing_token == held.fencing_token
+
+
+class TestFinish:
+    def test_success_stores_the_result_and_clears_the_lease(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1").operation
+        store.succeed(held, held.fencing_token, '{"amount": 5, "tags": ["a"]}', ttl=TTL)
+        op = store.get_by_id(held.id)
+        assert op is not None and op.status is Status.SUCCEEDED
+        assert op.result == {"amount": 5, "tags": ["a"]}
+        assert (op.error, op.lease_owner, op.lease_expires_at) == (None, None, None)
+
+    def test_failure_stores_the_error(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1").operation
+        store.fail(held, held.fencing_token, ErrorInfo("CardDeclined", "insufficient funds"), ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.FAILED
+        assert op.error == ErrorInfo("CardDeclined", "insufficient funds") and op.result is None
+
+    def test_stale_holder_cannot_overwrite_the_new_holders_result(self, store: Store, scope: str) -> None:
+        zombie = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.5)
+        fresh = claim(store, scope, "k1").operation
+        store.succeed(fresh, fresh.fencing_token, '"fresh"', ttl=TTL)
+        with pytest.raises(LeaseLost) as info:
+            store.succeed(zombie, zombie.fencing_token, '"zombie"', ttl=TTL)
+        assert info.value.fencing_token == zombie.fencing_token
+        op = store.get(scope, "k1")
+        assert op is not None and op.result == "fresh"
+
+    def test_stale_holder_cannot_complete_while_new_holder_runs(self, store: Store, scope: str) -> None:
+        zombie = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.5)
+        fresh = claim(store, scope, "k1").operation
+        with pytest.raises(LeaseLost) as info:
+            store.fail(zombie, zombie.fencing_token, ErrorInfo("X", "late"), ttl=TTL)
+        assert info.value.current_token == fresh.fencing_token
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.RUNNING and op.lease_owner == fresh.lease_owner
+
+    def test_a_result_never_changes_once_stored(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1").operation
+        store.succeed(held, held.fencing_token, "1", ttl=TTL)
+        with pytest.raises(LeaseLost):
+            store.succeed(held, held.fencing_token, "2", ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and op.result == 1
+
+    def test_release_lets_a_retry_claim_again(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1").operation
+        store.release(held, held.fencing_token, ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.PENDING and op.lease_owner is None
+        again = claim(store, scope, "k1")
+        assert again.outcome is ClaimOutcome.CLAIMED
+        assert again.operation.fencing_token == held.fencing_token + 1 and again.operation.attempts == 2
+
+    def test_renew_extends_only_the_current_holders_lease(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", lease=0.5).operation
+        assert store.renew(held, held.fencing_token, lease=30.0, ttl=TTL)
+        time.sleep(0.7)
+        assert claim(store, scope, "k1").outcome is ClaimOutcome.BUSY
+        assert not store.renew(held, held.fencing_token + 1, lease=30.0, ttl=TTL)
+
+    def test_renew_fails_after_takeover(self, store: Store, scope: str) -> None:
+        zombie = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.5)
+        claim(store, scope, "k1")
+        assert not store.renew(zombie, zombie.fencing_token, lease=30.0, ttl=TTL)
+
+
+class TestLookup:
+    def test_get_by_id_and_by_key_agree(self, store: Store, scope: str) -> None:
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        assert store.get_by_id(op.id) == op == store.get(scope, "k1")
+
+    def test_unknown_or_malformed_ids_are_none(self, store: Store, scope: str) -> None:
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        assert store.get_by_id(op.id[:-1] + ("0" if op.id[-1] != "0" else "1")) is None
+        assert store.get_by_id("not-an-id") is None
+        assert store.get_by_id("") is None
+        assert store.get(scope, "nope") is None
+
+    def test_new_operation_needs_publishing_until_marked(self, store: Store, scope: str) -> None:
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        assert op.needs_publish
+        store.mark_published(op)
+        again = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        assert not again.created and not again.operation.needs_publish
+
+    def test_claim_clears_needs_publish(self, store: Store, scope: str) -> None:
+        store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        assert not claim(store, scope, "k1").operation.needs_publish
+
+    def test_abandon_removes_only_a_never_claimed_pending_operation(self, store: Store, scope: str) -> None:
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        store.abandon(op)
+        assert store.get(scope, "k1") is None
+        fresh = store.create(scope, "k1", "tasks.charge", "fp-b", ttl=TTL)
+        assert fresh.created
+        held = claim(store, scope, "k1", fp="fp-b").operation
+        store.abandon(held)
+        assert store.get(scope, "k1") is not None
+
+    def test_purge_removes_expired_records(self, store: Store, scope: str) -> None:
+        store.create(scope, "old", "tasks.charge", "fp", ttl=0.5)
+        live = store.create(scope, "live", "tasks.charge", "fp", ttl=TTL).operation
+        time.sleep(0.8)
+        store.purge_expired()
+        assert store.get(scope, "old") is None
+        assert store.get(scope, "live") == live
+
+
+class TestCost:
+    def test_each_state_change_is_one_round_trip(self, store: Store, scope: str) -> None:
+        store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        before = store.round_trips
+        held = claim(store, scope, "k1").operation
+        store.succeed(held, held.fencing_token, "null", ttl=TTL)
+        executed = store.round_trips - before
+        before = store.round_trips
+        assert claim(store, scope, "k1").outcome is ClaimOutcome.DONE
+        replay = store.round_trips - before
+        limit = 2 if "mysql" not in type(store).__name__.lower() and "mysql" not in store.url else 4
+        assert executed <= limit and replay <= limit // 2
+
+
+class TestConcurrency:
+    def test_threads_racing_on_one_key_yield_one_winner(self, store: Store, scope: str) -> None:
+        outcomes: list[ClaimOutcome] = []
+        barrier = threading.Barrier(8)
+
+        def racer(i: int) -> None:
+            barrier.wait()
+            outcomes.append(claim(store, scope, "hot", owner=f"t{i}").outcome)
+
+        threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes.count(ClaimOutcome.CLAIMED) == 1
+        assert outcomes.count(ClaimOutcome.BUSY) == 7
+
+    def test_processes_racing_on_one_key_yield_one_winner(self, server_store: Store, scope: str,
+                                                          tmp_path: Path) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        start = ctx.Event()
+        results = ctx.Queue()
+        spec = _store_spec(server_store)
+        procs = [ctx.Process(target=_claim_in_process, args=(spec, scope, start, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        time.sleep(1.0)  # let every child import and connect before the start signal
+        start.set()
+        got = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert got.count("claimed") == 1, got
+        assert got.count("busy") == 5, got
+
+
+def _store_spec(store: Store) -> tuple[str, dict[str, str]]:
+    from idemtasks.stores.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        return services.REDIS_URL, {"namespace": store.namespace}
+    from idemtasks.stores.sql import SQLStore
+
+    assert isinstance(store, SQLStore)
+    return store.engine.url.render_as_string(hide_password=False), {"table": store.table.name}
+
+
+def _claim_in_process(spec: tuple[str, dict[str, str]], scope: str, start: object, results: object) -> None:
+    from idemtasks.stores import open_store
+
+    url, options = spec
+    store = open_store(url, **options)
+    store.get(scope, "warm-up")  # connect before the race starts
+    start.wait()  # type: ignore[attr-defined]
+    res = claim(store, scope, "hot")
+    results.put(res.outcome.value)  # type: ignore[attr-defined]

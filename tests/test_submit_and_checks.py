@@ -1,0 +1,109 @@
+"""Publishing failures on submit, and the start-up checks of lease and delivery settings."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+from celery import Celery
+
+from idemtasks import IdempotentTask, PublishFailed, Status
+from idemtasks.checks import check_settings
+from idemtasks.stores.base import Store
+from tests.test_bad_input import free_port
+
+
+def app_with(broker: str, store: Store) -> tuple[Celery, IdempotentTask]:
+    app = Celery(f"pub{uuid.uuid4().hex[:6]}", broker=broker, set_as_current=False)
+    app.conf.update(task_publish_retry=False, broker_connection_retry=False, broker_connection_timeout=1,
+                    task_default_queue=f"q-{app.main}")
+
+    @app.task(base=IdempotentTask, store_url=store, name=f"{app.main}.charge")
+    def charge(amount: int) -> int:
+        return amount
+
+    return app, charge
+
+
+def test_failed_publish_leaves_nothing_behind_and_a_repeat_publishes(server_store: Store) -> None:
+    _, down = app_with(f"redis://127.0.0.1:{free_port()}/0", server_store)
+    with pytest.raises(PublishFailed) as info:
+        down.submit((5,), key="k-pub")
+    assert server_store.get_by_id(info.value.operation_id) is None  # no record that nothing would ever run
+    up_app, up = app_with("memory://", server_store)
+    with up_app.connection_for_write() as conn:
+        sub = up.submit((5,), key="k-pub")
+        assert sub.created and sub.operation.status is Status.PENDING
+        assert not server_store.get_by_id(sub.operation.id).needs_publish  # type: ignore[union-attr]
+        received = conn.SimpleQueue(up_app.conf.task_default_queue).get(timeout=5)
+        assert received.headers["id"] == sub.operation.id
+        received.ack()
+
+
+def test_repeat_submit_publishes_nothing(server_store: Store) -> None:
+    app, task = app_with("memory://", server_store)
+    first = task.submit((1,), key="k-once")
+    again = task.submit((1,), key="k-once")
+    assert first.created and not again.created and again.operation.id == first.operation.id
+    with app.connection_for_write() as conn:
+        queue = conn.SimpleQueue(app.conf.task_default_queue)
+        assert queue.get(timeout=2).headers["id"] == first.operation.id
+        with pytest.raises(queue.Empty):
+            queue.get(timeout=0.5)
+
+
+def checked(**conf: object) -> list[str]:
+    app = Celery(f"chk{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(idemtasks_store_url="memory://", **conf)
+
+    @app.task(base=IdempotentTask, name=f"{app.main}.task", time_limit=conf.pop("time_limit", None))  # type: ignore[misc]
+    def task() -> None:
+        return None
+
+    app.finalize()
+    return check_settings(app)
+
+
+def test_recommended_settings_raise_no_warning() -> None:
+    assert checked(broker_url="redis://localhost//", task_acks_late=True, task_reject_on_worker_lost=True) == []
+
+
+def test_early_acks_are_reported() -> None:
+    warnings = checked(broker_url="amqp://localhost//")
+    assert any("acks_late is off" in w for w in warnings)
+
+
+def test_acks_late_without_reject_on_worker_lost_is_reported() -> None:
+    warnings = checked(broker_url="amqp://localhost//", task_acks_late=True)
+    assert any("reject_on_worker_lost" in w for w in warnings)
+
+
+def test_lease_and_time_limit_against_the_visibility_timeout_are_reported() -> None:
+    warnings = checked(broker_url="redis://localhost//", task_acks_late=True, task_reject_on_worker_lost=True,
+                       broker_transport_options={"visibility_timeout": 30}, time_limit=100)
+    assert any("time_limit 100s exceeds the broker visibility_timeout 30s" in w for w in warnings)
+    assert any("lease_seconds 60s is not shorter than the visibility_timeout 30s" in w for w in warnings)
+
+
+def test_warnings_are_logged_when_a_worker_starts(caplog: pytest.LogCaptureFixture) -> None:
+    from celery import signals
+
+    app = Celery(f"chk{uuid.uuid4().hex[:6]}", broker="amqp://localhost//", set_as_current=False)
+    app.conf.update(idemtasks_store_url="memory://")
+
+    @app.task(base=IdempotentTask, name=f"{app.main}.logged")
+    def task() -> None:
+        return None
+
+    app.finalize()
+    task.bind(app)
+
+    class FakeWorker:  # the sender of worker_init is the worker; only its .app is read
+        pass
+
+    sender = FakeWorker()
+    sender.app = app  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="idemtasks.checks"):
+        signals.worker_init.send(sender=sender)
+    assert any("acks_late is off" in r.getMessage() for r in caplog.records)
