@@ -39,7 +39,7 @@ def _all_at_once(work: Callable[[sa.Engine], None], url: str) -> list[BaseExcept
         barrier.wait()
         try:
             work(engine)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted on below
+        except BaseException as exc:  # collected and asserted on below
             errors.append(exc)
 
     threads = [threading.Thread(target=contend, args=(engine,)) for engine in engines]
@@ -60,7 +60,7 @@ def test_processes_creating_the_same_table_together_all_succeed(server: str) -> 
         table = sa.Table(name, sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                          sa.Column("account", sa.String(64), index=True))
         try:
-            errors = _all_at_once(lambda engine: create_tables(engine, [table]), url)
+            errors = _all_at_once(lambda engine, table=table: create_tables(engine, [table]), url)
             assert errors == []
             with sa.create_engine(url, poolclass=NullPool).connect() as conn:
                 assert sa.inspect(conn).has_table(name)
