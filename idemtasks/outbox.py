@@ -61,7 +61,7 @@ class Outbox:
         fp = fingerprint_of_call(call)
         digest = key_digest(scope, key)
         t, store = self.store.table, self.store
-        now = float(conn.execute(sa.select(store._now())).scalar_one())
+        now = float(conn.execute(*store.clock_statement()).scalar_one())
         req = CreateRequest(digest, scope, key, task.name, fp, new_operation_id(digest),
                             float(task.idempotency_ttl or DEFAULT_TTL), call)
         op, _ = decide_create(None, req, now)

@@ -10,6 +10,8 @@ functions of :mod:`.base`, and a write, in one transaction.
 
 Clocks: PostgreSQL and MariaDB use the server's clock, so workers with skewed clocks still agree on leases;
 SQLite, being in-process, uses the local one.
+
+The statements themselves are in :mod:`.sql_statements`, built once per store.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Any, TypeVar
 
 try:
     import sqlalchemy as sa
-    from sqlalchemy.dialects import postgresql, sqlite
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.pool import StaticPool
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -34,6 +35,7 @@ from ..identity import load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
 from .sql_schema import create_tables, dispose_after_fork, make_engine, operations_table
+from .sql_statements import Statements
 
 __all__ = ["SQLStore", "make_engine", "operations_table"]
 
@@ -67,7 +69,7 @@ class SQLStore(Store):
         self.dialect = engine.dialect.name
         self._autocommit = (engine.execution_options(isolation_level="AUTOCOMMIT")
                             if self.dialect == "postgresql" else engine)
-        self._upsert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(self.dialect)
+        self.sql = Statements(self.table, self.dialect)
         # A StaticPool (sqlite :memory:) hands every thread the same connection, hence the same transaction: one
         # thread's commit, or the pool's rollback on return, would land in the middle of another's primitive.
         self._serial: contextlib.AbstractContextManager[Any] = (
@@ -108,24 +110,19 @@ class SQLStore(Store):
         with self._guarded(retry=retry), self._serial, engine.begin() as conn:
             yield conn
 
-    def _run(self, conn: sa.Connection, stmt: sa.Executable) -> sa.CursorResult[Any]:
+    def _run(self, conn: sa.Connection, stmt: sa.Executable, params: dict[str, Any]) -> sa.CursorResult[Any]:
         self.round_trips += 1
-        return conn.execute(stmt)
+        return conn.execute(stmt, params)
 
-    def _now(self) -> Any:
-        """``now`` as a SQL expression, on the server's clock where the server has one."""
-        if self.dialect == "postgresql":
-            # statement_timestamp() is fixed for the whole statement: every CASE below sees the same instant.
-            return sa.cast(sa.literal_column("extract(epoch from statement_timestamp())"), sa.Float(53))
-        if self.dialect in ("mysql", "mariadb"):
-            return sa.literal_column("UNIX_TIMESTAMP(NOW(6))", sa.Float(53))  # NOW() is fixed per statement too
-        return sa.literal(time.time(), sa.Float(53))
+    def clock_statement(self) -> tuple[Any, dict[str, Any]]:
+        """The statement that reads ``now`` on the store's clock, and its parameters."""
+        return self.sql.clock, self.sql.params()
 
     def now(self) -> float:
         if self.dialect == "sqlite":
             return time.time()
         with self._tx() as conn:
-            return float(self._run(conn, sa.select(self._now())).scalar_one())
+            return float(self._run(conn, *self.clock_statement()).scalar_one())
 
     def _op(self, row: Any) -> Operation:
         return Operation(
@@ -152,82 +149,35 @@ class SQLStore(Store):
     # ----------------------------------------------------------------- create and claim
 
     def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
-        if self._upsert is None:
+        if self.sql.upsert is None:
             def decide(cur: Operation | None, now: float) -> tuple[tuple[Operation, bool], Operation | None]:
                 op, created = decide_create(cur, req, now)
                 return (op, created), op if created else None
 
             return self._locked(req.digest, decide)
         with self._tx() as conn:
-            row = self._run(conn, self.create_statement(req)).one()
+            row = self._run(conn, *self.create_statement(req)).one()
         return self._op(row), row.id == req.new_id
 
-    def create_statement(self, req: CreateRequest) -> Any:
-        """PostgreSQL/SQLite: the one statement of ``_create`` (shared with the asyncio store)."""
-        t, now = self.table, self._now()
-        values = {
-            "id": req.new_id, "key_hash": req.digest, "scope": req.scope, "idem_key": req.key,
-            "task_name": req.task_name, "fingerprint": req.fingerprint, "status": "pending", "result": None,
-            "error_type": None, "error_message": None, "attempts": 0, "fencing_token": 0, "lease_owner": None,
-            "lease_expires_at": None, "created_at": now, "updated_at": now, "expires_at": now + req.ttl,
-            "needs_publish": True, "payload": req.payload,
-        }
-        stmt = self._upsert(t).values(**values)
-        expired = t.c.expires_at <= now
-        # A live record keeps every column (a no-op row version on PostgreSQL: the price of RETURNING it).
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.key_hash],
-            set_={c: sa.case((expired, stmt.excluded[c]), else_=t.c[c]) for c in values if c != "key_hash"},
-        ).returning(*t.c)
-        return stmt
+    def create_statement(self, req: CreateRequest) -> tuple[Any, dict[str, Any]]:
+        """PostgreSQL/SQLite: the one statement of ``_create`` and its parameters (shared with the asyncio store)."""
+        return self.sql.create, self.sql.params(
+            p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key,
+            p_task_name=req.task_name, p_fingerprint=req.fingerprint, p_payload=req.payload, p_ttl=req.ttl)
 
     def _claim(self, req: ClaimRequest) -> ClaimResult:
-        if self._upsert is None:
+        if self.sql.upsert is None:
             def decide(cur: Operation | None, now: float) -> tuple[ClaimResult, Operation | None]:
                 outcome, op = decide_claim(cur, req, now)
                 return ClaimResult(outcome, op), op if outcome is ClaimOutcome.CLAIMED else None
 
             return self._locked(req.digest, decide)
-        t, now = self.table, self._now()
-        expired = t.c.expires_at <= now
-        claimable = sa.and_(
-            t.c.expires_at > now, t.c.fingerprint == req.fingerprint,
-            sa.or_(t.c.status == "pending",
-                   sa.and_(t.c.status == "running", sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now)),
-        )
-        wins = sa.or_(expired, claimable)
-        stmt = self._upsert(t).values(
-            id=req.new_id, key_hash=req.digest, scope=req.scope, idem_key=req.key, task_name=req.task_name,
-            fingerprint=req.fingerprint, status="running", attempts=1, fencing_token=1, lease_owner=req.owner,
-            lease_expires_at=now + req.lease, created_at=now, updated_at=now, expires_at=now + req.ttl,
-            needs_publish=False, payload=req.payload,
-        )
-        ex = stmt.excluded
-
-        def fresh(col: str) -> Any:  # the new row's value when the old record had expired
-            return sa.case((expired, ex[col]), else_=t.c[col])
-
-        def won(col: str, value: Any) -> Any:
-            return sa.case((wins, value), else_=t.c[col])
-
-        # Every replay (busy, done, mismatch) rewrites the row with its own values, a dead row version on
-        # PostgreSQL: the price of learning the outcome in the same round trip instead of a second SELECT.
-        stmt = stmt.on_conflict_do_update(index_elements=[t.c.key_hash], set_={
-            "id": fresh("id"), "scope": fresh("scope"), "idem_key": fresh("idem_key"),
-            "task_name": fresh("task_name"), "fingerprint": fresh("fingerprint"), "created_at": fresh("created_at"),
-            "payload": fresh("payload"),
-            "result": sa.case((expired, sa.null()), else_=t.c.result),
-            "error_type": sa.case((expired, sa.null()), else_=t.c.error_type),
-            "error_message": sa.case((expired, sa.null()), else_=t.c.error_message),
-            "attempts": sa.case((expired, 1), (claimable, t.c.attempts + 1), else_=t.c.attempts),
-            # An expired record's token carries on, so a holder of the old record never shares a token with the new.
-            "fencing_token": sa.case((expired | claimable, t.c.fencing_token + 1), else_=t.c.fencing_token),
-            "status": won("status", "running"), "lease_owner": won("lease_owner", req.owner),
-            "lease_expires_at": won("lease_expires_at", now + req.lease), "updated_at": won("updated_at", now),
-            "expires_at": won("expires_at", now + req.ttl), "needs_publish": won("needs_publish", False),
-        }).returning(*t.c)
+        params = self.sql.params(
+            p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key, p_task_name=req.task_name,
+            p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
+            p_ttl=req.ttl)
         with self._tx() as conn:
-            op = self._op(self._run(conn, stmt).one())
+            op = self._op(self._run(conn, self.sql.claim, params).one())
         if op.lease_owner == req.owner and op.status is Status.RUNNING:  # owners are unique per attempt
             return ClaimResult(ClaimOutcome.CLAIMED, op)
         if op.fingerprint != req.fingerprint:
@@ -241,19 +191,17 @@ class SQLStore(Store):
         in the same statement. Under READ COMMITTED an absent key takes no lock: two racers may both INSERT, and
         the loser's duplicate-key error sends it round again to find (and lock) the winner's row.
         """
-        t = self.table
-        clock = sa.select(self._now().label("server_now")).subquery("clock")
-        read = sa.select(clock.c.server_now, t).select_from(
-            clock.outerjoin(t, t.c.key_hash == digest)).with_for_update()
         for _ in range(_MYSQL_ATTEMPTS):
             try:
                 with self._tx(retry=True, single=False) as conn:
-                    row = self._run(conn, read).one()
+                    row = self._run(conn, self.sql.locked_read, {"p_key_hash": digest}).one()
                     current = None if row.id is None else self._op(row)
                     result, write = decide(current, float(row.server_now))
                     if write is not None:
-                        stmt = t.insert() if current is None else t.update().where(t.c.key_hash == digest)
-                        self._run(conn, stmt.values(**self._row_values(write, digest)))
+                        if current is None:
+                            self._run(conn, self.sql.insert, self._row_values(write, digest))
+                        else:
+                            self._run(conn, self.sql.replace, {**self._row_values(write, digest), "p_key_hash": digest})
                 return result
             except _Retry:
                 continue
@@ -261,77 +209,59 @@ class SQLStore(Store):
 
     # ----------------------------------------------------------------- fenced transitions
 
-    def _held(self, digest: str, operation_id: str, token: int, now: Any) -> Any:
-        t = self.table
-        return sa.and_(t.c.key_hash == digest, t.c.id == operation_id, t.c.status == "running",
-                       t.c.fencing_token == token, t.c.expires_at > now)
-
     def _finish(self, req: FinishRequest) -> bool:
-        t, now = self.table, self._now()
-        values: dict[str, Any] = {"status": req.status.value, "lease_owner": None, "lease_expires_at": None,
-                                  "updated_at": now, "expires_at": now + req.ttl}
+        params = self.sql.params(p_key_hash=req.digest, p_id=req.operation_id, p_fencing_token=req.token, p_ttl=req.ttl)
         if req.status is Status.SUCCEEDED:
-            values["result"] = req.result
-        if req.status is Status.FAILED and req.error is not None:
-            values.update(error_type=req.error.type[:255], error_message=req.error.message)
-        return self._count(t.update().where(self._held(req.digest, req.operation_id, req.token, now))
-                           .values(**values)) == 1
+            params["p_result"] = req.result
+        if req.status is Status.FAILED:
+            error = req.error
+            params.update(p_error_type=error and error.type[:255], p_error_message=error and error.message)
+        return self._count(self.sql.finish[req.status], params) == 1
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
-        t, now = self.table, self._now()
-        stmt = t.update().where(self._held(digest, operation_id, token, now)).values(
-            lease_expires_at=now + lease,
-            # greatest() is spelled differently (and NULL-handled differently) on each database; CASE is not.
-            expires_at=sa.case((t.c.expires_at < now + ttl, now + ttl), else_=t.c.expires_at),
-        )
-        return self._count(stmt) == 1
+        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_lease=lease,
+                                 p_ttl=ttl)
+        return self._count(self.sql.renew, params) == 1
 
     def _mark_published(self, digest: str, operation_id: str) -> None:
-        t, now = self.table, self._now()
-        self._count(t.update().where(t.c.key_hash == digest, t.c.id == operation_id, t.c.status == "pending",
-                                     t.c.expires_at > now).values(needs_publish=False, updated_at=now))
+        self._count(self.sql.mark_published, self.sql.params(p_key_hash=digest, p_id=operation_id))
 
     def _abandon(self, digest: str, operation_id: str) -> None:
-        t = self.table
-        self._count(t.delete().where(t.c.key_hash == digest, t.c.id == operation_id, t.c.status == "pending",
-                                     t.c.attempts == 0))
+        self._count(self.sql.abandon, {"p_key_hash": digest, "p_id": operation_id})
 
     def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
-        t, now = self.table, self._now()
-        stmt = t.update().where(self._held(digest, operation_id, token, now),
-                                sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now).values(
-            status="pending", lease_owner=None, lease_expires_at=None, updated_at=now)
-        return self._count(stmt) == 1
+        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token)
+        return self._count(self.sql.requeue, params) == 1
 
-    def _count(self, stmt: sa.Executable) -> int:
+    def _count(self, stmt: sa.Executable, params: dict[str, Any]) -> int:
         # rowcount is the number of rows matched (SQLAlchemy asks MySQL drivers for FOUND_ROWS), and it is reliable
         # for plain UPDATE/DELETE on every driver here, unlike for INSERT … ON CONFLICT DO NOTHING on psycopg.
         with self._tx() as conn:
-            return int(self._run(conn, stmt).rowcount)
+            return int(self._run(conn, stmt, params).rowcount)
 
     # ----------------------------------------------------------------- reads
 
     def _get(self, digest: str) -> Operation | None:
         with self._tx() as conn:
-            row = self._run(conn, self.get_statement(digest)).first()
+            row = self._run(conn, *self.get_statement(digest)).first()
         return None if row is None else self._op(row)
 
-    def get_statement(self, digest: str) -> Any:
-        t = self.table
-        return sa.select(t).where(t.c.key_hash == digest, t.c.expires_at > self._now())
+    def get_statement(self, digest: str) -> tuple[Any, dict[str, Any]]:
+        """The read of ``_get`` and its parameters (shared with the asyncio store)."""
+        return self.sql.get, self.sql.params(p_key_hash=digest)
 
     def _stale(self, pending_after: float, limit: int) -> list[Operation]:
-        t, now = self.table, self._now()
+        t, now = self.table, self.sql.now()
         query = sa.select(t).where(
             t.c.expires_at > now,
             sa.or_(sa.and_(t.c.status == "pending", t.c.updated_at <= now - pending_after),
                    sa.and_(t.c.status == "running", sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now)),
         ).order_by(t.c.updated_at).limit(limit)
         with self._tx() as conn:
-            return [self._op(row) for row in self._run(conn, query)]
+            return [self._op(row) for row in self._run(conn, query, self.sql.params())]
 
     def purge_expired(self) -> int:
-        return self._count(self.table.delete().where(self.table.c.expires_at <= self._now()))
+        return self._count(self.table.delete().where(self.table.c.expires_at <= self.sql.now()), self.sql.params())
 
     def close(self) -> None:
         if self._owns_engine:  # an engine passed in belongs to the caller, who may still be using it

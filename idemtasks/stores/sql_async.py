@@ -40,25 +40,23 @@ class AsyncSQLStore(AsyncStore):
             options.update(connect_args={"timeout": 30})
         self.engine: AsyncEngine = create_async_engine(url, **options)
 
-    async def _one(self, stmt: Any) -> Any:
+    async def _one(self, stmt: Any, params: dict[str, Any]) -> Any:
         self.sync.round_trips += 1
         try:
             async with self.engine.begin() as conn:
-                return (await conn.execute(stmt)).first()
+                return (await conn.execute(stmt, params)).first()
         except SQLAlchemyError as exc:
             raise self.sync._wrap(exc) from exc
 
     async def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
-        row = await self._one(self.sync.create_statement(req))
+        row = await self._one(*self.sync.create_statement(req))
         return self.sync._op(row), row.id == req.new_id
 
     async def _get(self, digest: str) -> Operation | None:
-        row = await self._one(self.sync.get_statement(digest))
+        row = await self._one(*self.sync.get_statement(digest))
         return None if row is None else self.sync._op(row)
 
     async def now(self) -> float:
         if self.sync.dialect == "sqlite":
             return time.time()
-        import sqlalchemy as sa
-
-        return float((await self._one(sa.select(self.sync._now())))[0])
+        return float((await self._one(*self.sync.clock_statement()))[0])

@@ -49,7 +49,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
-__all__ = ["create_tables", "make_engine", "operations_table"]
+__all__ = ["IDLE_BEFORE_PING", "create_tables", "make_engine", "operations_table"]
+
+#: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
+IDLE_BEFORE_PING = 1.0
 
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
@@ -105,21 +108,47 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
         if u.database in (None, "", ":memory:"):
             kwargs["poolclass"] = StaticPool  # one connection, or every checkout would see its own empty database
     elif backend == "postgresql":
-        # pre-ping and a short connect timeout: a restarted or unreachable server fails fast as StoreUnavailable.
-        kwargs["pool_pre_ping"] = True
-        connect_args["connect_timeout"] = 5
+        connect_args["connect_timeout"] = 5  # an unreachable server fails fast as StoreUnavailable
     elif backend in ("mysql", "mariadb"):
         # READ COMMITTED: no gap locks, so two racing inserts of one key collide instead of deadlocking.
         # UTC session: UNIX_TIMESTAMP(NOW(6)) converts through the session zone, ambiguous in a DST fall-back hour.
-        kwargs.update(pool_pre_ping=True, pool_recycle=3600, isolation_level="READ COMMITTED")
+        kwargs.update(pool_recycle=3600, isolation_level="READ COMMITTED")
         connect_args.update(connect_timeout=5, init_command="SET time_zone = '+00:00'")
     kwargs.update(options)
     kwargs["connect_args"] = {**connect_args, **options.get("connect_args", {})}
     engine = sa.create_engine(u, **kwargs)
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+    elif not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
     dispose_after_fork(engine)
     return engine
+
+
+def _ping_when_idle(engine: sa.Engine) -> None:
+    """Ping a pooled connection on checkout only when it sat unused for more than :data:`IDLE_BEFORE_PING`.
+
+    SQLAlchemy's ``pool_pre_ping`` pings on every checkout: one more round trip per state change, which doubled
+    the store's cost per task. A connection in steady use was just proven alive; one that sat idle may have been
+    closed by a restart, a failover or an idle timeout, and gets the ping. A server restart always outlasts the
+    threshold, and the first disconnect SQLAlchemy sees invalidates every older connection in the pool, so the
+    only statements that still fail are those in flight when the server went away, as with a ping on every checkout.
+    """
+    def checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idemtasks_idle_since"] = time.monotonic()
+
+    def checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("idemtasks_idle_since", None)
+        if since is None or time.monotonic() - since <= IDLE_BEFORE_PING:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # The pool discards this connection and checks out another (a fresh one, if the server restarted).
+            raise sa.exc.DisconnectionError(f"idle connection failed its ping: {exc}") from exc
+
+    sa.event.listen(engine, "checkin", checkin)
+    sa.event.listen(engine, "checkout", checkout)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

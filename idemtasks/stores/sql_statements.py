@@ -1,0 +1,183 @@
+"""The SQL store's statements, each built once per store and run with a dictionary of parameters.
+
+Building a CASE-heavy upsert as a new expression on every call, and deriving its cache key, cost milliseconds of
+CPU per task; built once, SQLAlchemy compiles each statement once and psycopg prepares it on the server. Parameters
+are named ``p_<column>`` so they never collide with the column-named parameters SQLAlchemy makes for VALUES and SET.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cached_property
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..models import Status
+
+__all__ = ["Statements"]
+
+_EPOCH = sa.Float(53)
+_IDENTITY = ("id", "key_hash", "scope", "idem_key", "task_name", "fingerprint", "payload")
+
+
+class Statements:
+    """Every statement of :class:`~idemtasks.stores.sql.SQLStore` on one table and dialect."""
+
+    def __init__(self, table: sa.Table, dialect: str) -> None:
+        self.table = table
+        self.dialect = dialect
+        #: INSERT … ON CONFLICT, where the dialect has one that sees the old row (not MariaDB).
+        self.upsert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+
+    def now(self) -> Any:
+        """``now`` as a SQL expression, on the server's clock where the server has one."""
+        if self.dialect == "postgresql":
+            # statement_timestamp() is fixed for the whole statement: every CASE below sees the same instant.
+            return sa.cast(sa.literal_column("extract(epoch from statement_timestamp())"), _EPOCH)
+        if self.dialect in ("mysql", "mariadb"):
+            return sa.literal_column("UNIX_TIMESTAMP(NOW(6))", _EPOCH)  # NOW() is fixed per statement too
+        return sa.bindparam("p_now", type_=_EPOCH)  # SQLite runs in-process: the local clock, sent by params()
+
+    def params(self, **values: Any) -> dict[str, Any]:
+        """The parameters of one execution (plus the clock, on SQLite)."""
+        if self.dialect == "sqlite":
+            values["p_now"] = time.time()
+        return values
+
+    def p(self, column: str) -> Any:
+        """The placeholder ``p_<column>``, typed like the column."""
+        return sa.bindparam(f"p_{column}", type_=self.table.c[column].type)
+
+    def _seconds(self, name: str) -> Any:
+        return sa.bindparam(name, type_=_EPOCH)
+
+    def _new_row(self, now: Any, **values: Any) -> dict[str, Any]:
+        """A record's columns for an INSERT: its identity from the parameters, the rest from ``values``."""
+        return {**{c: self.p(c) for c in _IDENTITY}, "result": None, "error_type": None, "error_message": None,
+                "created_at": now, "updated_at": now, "expires_at": now + self._seconds("p_ttl"), **values}
+
+    @cached_property
+    def clock(self) -> Any:
+        return sa.select(self.now())
+
+    @cached_property
+    def create(self) -> Any:
+        t, now = self.table, self.now()
+        values = self._new_row(now, status="pending", attempts=0, fencing_token=0, lease_owner=None,
+                               lease_expires_at=None, needs_publish=True)
+        stmt = self.upsert(t).values(**values)
+        expired = t.c.expires_at <= now
+        # A live record keeps every column (a no-op row version on PostgreSQL: the price of RETURNING it).
+        return stmt.on_conflict_do_update(
+            index_elements=[t.c.key_hash],
+            set_={c: sa.case((expired, stmt.excluded[c]), else_=t.c[c]) for c in values if c != "key_hash"},
+        ).returning(*t.c)
+
+    @cached_property
+    def claim(self) -> Any:
+        t, now = self.table, self.now()
+        lease_until, owner = now + self._seconds("p_lease"), self.p("lease_owner")
+        expired = t.c.expires_at <= now
+        claimable = sa.and_(
+            t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"),
+            sa.or_(t.c.status == "pending",
+                   sa.and_(t.c.status == "running", sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now)),
+        )
+        wins = sa.or_(expired, claimable)
+        values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
+                               lease_expires_at=lease_until, needs_publish=False)
+        stmt = self.upsert(t).values(**values)
+
+        def fresh(col: str) -> Any:  # the new row's value when the old record had expired
+            return sa.case((expired, stmt.excluded[col]), else_=t.c[col])
+
+        def won(col: str, value: Any) -> Any:
+            return sa.case((wins, value), else_=t.c[col])
+
+        # Every replay (busy, done, mismatch) rewrites the row with its own values, a dead row version on
+        # PostgreSQL: the price of learning the outcome in the same round trip instead of a second SELECT.
+        return stmt.on_conflict_do_update(index_elements=[t.c.key_hash], set_={
+            **{c: fresh(c) for c in ("id", "scope", "idem_key", "task_name", "fingerprint", "created_at", "payload")},
+            **{c: sa.case((expired, sa.null()), else_=t.c[c]) for c in ("result", "error_type", "error_message")},
+            "attempts": sa.case((expired, 1), (claimable, t.c.attempts + 1), else_=t.c.attempts),
+            # An expired record's token carries on, so a holder of the old record never shares a token with the new.
+            "fencing_token": sa.case((expired | claimable, t.c.fencing_token + 1), else_=t.c.fencing_token),
+            "status": won("status", "running"), "lease_owner": won("lease_owner", owner),
+            "lease_expires_at": won("lease_expires_at", lease_until), "updated_at": won("updated_at", now),
+            "expires_at": won("expires_at", values["expires_at"]), "needs_publish": won("needs_publish", False),
+        }).returning(*t.c)
+
+    def _held(self, now: Any) -> Any:
+        """The record is still held under the fencing token ``p_fencing_token``."""
+        t = self.table
+        return sa.and_(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "running",
+                       t.c.fencing_token == self.p("fencing_token"), t.c.expires_at > now)
+
+    @cached_property
+    def finish(self) -> dict[Status, Any]:
+        """One statement per final status (and PENDING, for a release): each sets only what it stores."""
+        t, now = self.table, self.now()
+        common: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now,
+                                  "expires_at": now + self._seconds("p_ttl")}
+        stores: dict[Status, dict[str, Any]] = {
+            Status.SUCCEEDED: {"result": self.p("result")},
+            Status.FAILED: {"error_type": self.p("error_type"), "error_message": self.p("error_message")},
+            Status.PENDING: {},
+        }
+        return {status: t.update().where(self._held(now)).values(status=status.value, **common, **extra)
+                for status, extra in stores.items()}
+
+    @cached_property
+    def renew(self) -> Any:
+        t, now = self.table, self.now()
+        live_until = now + self._seconds("p_ttl")
+        return t.update().where(self._held(now)).values(
+            lease_expires_at=now + self._seconds("p_lease"),
+            # greatest() is spelled differently (and NULL-handled differently) on each database; CASE is not.
+            expires_at=sa.case((t.c.expires_at < live_until, live_until), else_=t.c.expires_at),
+        )
+
+    @cached_property
+    def requeue(self) -> Any:
+        t, now = self.table, self.now()
+        return t.update().where(self._held(now), sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now).values(
+            status="pending", lease_owner=None, lease_expires_at=None, updated_at=now)
+
+    @cached_property
+    def mark_published(self) -> Any:
+        t, now = self.table, self.now()
+        return t.update().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
+                                t.c.expires_at > now).values(needs_publish=False, updated_at=now)
+
+    @cached_property
+    def abandon(self) -> Any:
+        t = self.table
+        return t.delete().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
+                                t.c.attempts == 0)
+
+    @cached_property
+    def get(self) -> Any:
+        t = self.table
+        return sa.select(t).where(t.c.key_hash == self.p("key_hash"), t.c.expires_at > self.now())
+
+    @cached_property
+    def locked_read(self) -> Any:
+        """MariaDB: the server's clock left-joined to the record, which is locked FOR UPDATE when it exists."""
+        t = self.table
+        clock = sa.select(self.now().label("server_now")).subquery("clock")
+        return sa.select(clock.c.server_now, t).select_from(
+            clock.outerjoin(t, t.c.key_hash == self.p("key_hash"))).with_for_update()
+
+    @cached_property
+    def insert(self) -> Any:
+        """Every column from the parameter of its own name."""
+        return self.table.insert().values({c.name: sa.bindparam(c.name, type_=c.type) for c in self.table.c})
+
+    @cached_property
+    def replace(self) -> Any:
+        """Every column of the record ``p_key_hash`` from the parameter of its own name."""
+        t = self.table
+        return t.update().where(t.c.key_hash == self.p("key_hash")).values(
+            {c.name: sa.bindparam(c.name, type_=c.type) for c in t.c})

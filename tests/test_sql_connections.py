@@ -1,0 +1,87 @@
+"""Pooled SQL connections: checked with a ping only after sitting idle, never on every state change."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from idemtasks import Status
+from idemtasks.errors import StoreUnavailable
+from idemtasks.stores import sql_schema
+from idemtasks.stores.sql import SQLStore
+
+from .services import MYSQL_URL, POSTGRES_URL, require
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _terminate(app: str) -> int:
+    with sa.create_engine(POSTGRES_URL, poolclass=NullPool).connect() as conn:
+        return int(conn.execute(sa.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :app"),
+            {"app": app}).scalar_one())
+
+
+@pytest.fixture
+def pg_store() -> SQLStore:
+    require("postgres")
+    app = f"idem-{uuid.uuid4().hex[:12]}"
+    store = SQLStore(POSTGRES_URL, table="idemtasks_ping_ops",
+                     engine_options={"connect_args": {"application_name": app}})
+    store.app = app  # type: ignore[attr-defined]
+    yield store  # type: ignore[misc]
+    store.close()
+
+
+def _round(store: SQLStore) -> None:
+    key = uuid.uuid4().hex
+    claim = store.claim("s", key, "t", "f" * 32, owner=uuid.uuid4().hex, lease=30, ttl=60)
+    store.finish("s", key, claim.operation.id, claim.operation.fencing_token, Status.SUCCEEDED,
+                 result_json="1", ttl=60)
+    assert store.get("s", key).status is Status.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_a_busy_connection_is_not_pinged(pg_store: SQLStore) -> None:
+    _round(pg_store)
+    before = pg_store.round_trips
+    _round(pg_store)
+    assert pg_store.round_trips - before == 3  # claim, finish, get: no ping in between
+    with sa.create_engine(POSTGRES_URL, poolclass=NullPool).connect() as conn:
+        statements = conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app"), {"app": pg_store.app}).scalar_one()
+    assert statements == 1  # one pooled connection did it all
+
+
+def test_an_idle_connection_closed_by_the_server_is_replaced_without_an_error(pg_store: SQLStore) -> None:
+    _round(pg_store)
+    assert _terminate(pg_store.app) == 1  # a restart, a failover or an idle timeout, as the pool sees it
+    time.sleep(sql_schema.IDLE_BEFORE_PING + 0.2)
+    _round(pg_store)  # the ping on checkout found the dead connection; the pool opened another
+
+
+def test_a_connection_closed_while_in_steady_use_fails_once_as_unavailable(pg_store: SQLStore) -> None:
+    _round(pg_store)
+    assert _terminate(pg_store.app) == 1
+    # Within the idle threshold nothing is pinged: the one statement that meets the dead connection fails as an
+    # outage (the caller retries it, as it would a statement in flight during a restart) ...
+    with pytest.raises(StoreUnavailable):
+        pg_store.claim("s", uuid.uuid4().hex, "t", "f" * 32, owner="o", lease=30, ttl=60)
+    # ... and the pool, having seen the disconnect, replaced the connection for the next one.
+    _round(pg_store)
+
+
+def test_mariadb_idle_connections_are_pinged_too() -> None:
+    require("mysql")
+    store = SQLStore(MYSQL_URL, table="idemtasks_ping_ops")
+    try:
+        _round(store)
+        with store.engine.connect() as conn:
+            conn.execute(sa.text("SET SESSION wait_timeout = 1"))  # the server drops it once idle for 1 s
+        time.sleep(max(sql_schema.IDLE_BEFORE_PING, 1.0) + 1.5)
+        _round(store)
+    finally:
+        store.close()
