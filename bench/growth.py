@@ -151,14 +151,17 @@ def redis_growth(bench: Bench, sizes: list[int], samples: int) -> tuple[list[Gro
                                    strict=False)]
         usage = [int(client.memory_usage(k, samples=0) or 0) for k in sample]
         mean_usage = sum(usage) / len(usage)
-        result_len = len(record.get("r", ""))
+        # A long result is stored in pieces: r, r2, r3… (see idemtasks.stores.redis_scripts).
+        result_len = sum(len(v) for f, v in record.items() if f == "r" or (f[0] == "r" and f[1:].isdigit()))
         fields = {k: len(v) for k, v in record.items()}
         encoding, compact = _listpack_what_if(client, record, sample[0])
+        what_if = "" if encoding == "listpack" else (
+            f"; the same record as a listpack (hash-max-listpack-value raised on the bench's server) takes "
+            f"{compact:,} B")
         return points, Footprint(
             "redis", mean_usage, result_len, mean_usage - result_len, "MEMORY USAGE … SAMPLES 0, mean of "
             f"{len(sample)} records",
-            f"encoding {encoding}; the same record as a listpack (hash-max-listpack-value raised on the bench's "
-            f"server) takes {compact:,} B. used_memory grew {per_op_server:,.0f} B per filled record (adds the "
+            f"encoding {encoding}{what_if}. used_memory grew {per_op_server:,.0f} B per filled record (adds the "
             f"key-space and expiry dict entries). Fields (name: value length): {json.dumps(fields)}")
     finally:
         client.flushdb()

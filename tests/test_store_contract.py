@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import threading
 import time
@@ -21,9 +22,9 @@ LEASE = 30.0
 
 
 def claim(store: Store, scope: str, key: str, fp: str = "fp-a", *, lease: float = LEASE, owner: str | None = None,
-          ttl: float = TTL, operation_id: str | None = None):  # type: ignore[no-untyped-def]
+          ttl: float = TTL, operation_id: str | None = None, payload: str | None = None):  # type: ignore[no-untyped-def]
     return store.claim(scope, key, "tasks.charge", fp, owner=owner or uuid.uuid4().hex, lease=lease, ttl=ttl,
-                       operation_id=operation_id)
+                       operation_id=operation_id, payload=payload)
 
 
 class TestCreate:
@@ -201,6 +202,45 @@ class TestFinish:
         time.sleep(0.5)
         claim(store, scope, "k1")
         assert not store.renew(zombie, zombie.fencing_token, lease=30.0, ttl=TTL)
+
+
+class TestLongValues:
+    """Payloads, results and error messages of any length and script come back exactly as stored. (The Redis store
+    keeps long values in 64-byte pieces: a piece must never end inside a character.)"""
+
+    @staticmethod
+    def text(shift: int) -> str:
+        # Characters of 2, 3 and 4 UTF-8 bytes; the ASCII prefix moves them across every 64-byte boundary.
+        return "x" * shift + "é€😀" * 40 + "end"
+
+    @pytest.mark.parametrize("shift", range(4))
+    def test_payload_and_result_round_trip(self, store: Store, scope: str, shift: int) -> None:
+        payload = json.dumps({"note": self.text(shift)}, ensure_ascii=False)
+        assert store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL, payload=payload).operation.payload == payload
+        held = claim(store, scope, "k1", payload=payload).operation
+        assert held.payload == payload
+        store.succeed(held, held.fencing_token, json.dumps(self.text(shift), ensure_ascii=False), ttl=TTL)
+        op = store.get_by_id(held.id)
+        assert op is not None and (op.result, op.payload) == (self.text(shift), payload)
+
+    @pytest.mark.parametrize("shift", range(4))
+    def test_payload_of_a_claim_without_record_and_error_round_trip(self, store: Store, scope: str,
+                                                                     shift: int) -> None:
+        payload = json.dumps([self.text(shift)] * 3, ensure_ascii=False)
+        held = claim(store, scope, "k1", payload=payload).operation
+        assert held.payload == payload
+        store.fail(held, held.fencing_token, ErrorInfo("Declined", self.text(shift)), ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and op.error == ErrorInfo("Declined", self.text(shift)) and op.payload == payload
+
+    def test_a_short_value_after_a_long_one_is_not_joined_to_its_leftovers(self, store: Store, scope: str) -> None:
+        # An operation that expired with a long payload is re-created by a claim with a short one.
+        claim(store, scope, "k1", payload=json.dumps(self.text(0)), ttl=0.3)
+        time.sleep(0.5)
+        held = claim(store, scope, "k1", payload='["short"]').operation
+        assert held.payload == '["short"]'
+        op = store.get(scope, "k1")
+        assert op is not None and op.payload == '["short"]'
 
 
 class TestLookup:

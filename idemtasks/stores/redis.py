@@ -65,6 +65,18 @@ def _us(value: str) -> float:
     return int(value) / 1_000_000
 
 
+def _joined(h: dict[str, str], field: str) -> str | None:
+    """A long value stored in pieces (``r``, ``r2``, ``r3``…; see redis_scripts), whole again."""
+    first = h.get(field)
+    if first is None or f"{field}2" not in h:
+        return first
+    parts, n = [first], 2
+    while (piece := h.get(f"{field}{n}")) is not None:
+        parts.append(piece)
+        n += 1
+    return "".join(parts)
+
+
 def parse_record(flat: list[Any], digest: str | None = None) -> Operation:
     """A record as a flat list (field, value, field, value, …: what ``HGETALL`` and the scripts answer) at the key
     of ``digest`` (or, from the recovery script, with the digest in a ``d`` field)."""
@@ -73,10 +85,10 @@ def parse_record(flat: list[Any], digest: str | None = None) -> Operation:
     return Operation(
         id=(digest or h["d"]) + h["id"], scope=h["s"], key=h["k"], task_name=h["t"], fingerprint=h["f"],
         status=_STATUS[h["st"]],
-        result=load_json(h.get("r")), error=ErrorInfo(h["et"], h.get("em", "")) if "et" in h else None,
+        result=load_json(_joined(h, "r")), error=ErrorInfo(h["et"], _joined(h, "em") or "") if "et" in h else None,
         attempts=int(h["a"]), fencing_token=int(h["tok"]), lease_owner=h.get("lo"),
         lease_expires_at=None if le is None else _us(le), created_at=_us(h["c"]), updated_at=_us(h["u"]),
-        expires_at=_us(h["x"]), needs_publish="np" in h, payload=h.get("p"),
+        expires_at=_us(h["x"]), needs_publish="np" in h, payload=_joined(h, "p"),
     )
 
 

@@ -16,6 +16,13 @@ field       meaning             field       meaning
 ``p``       the call (payload)
 ==========  ==================  ==========  ====================================
 
+Redis keeps a hash as a listpack (one small allocation) only while every value is at most
+``hash-max-listpack-value`` bytes (64 by default); one longer value turns the whole record into a hash table of
+separately allocated entries, two to three times the size. So the values that can be long (``r``, ``p``, ``em``) are
+cut into pieces of at most :data:`CHUNK` bytes, stored as ``r``, ``r2``, ``r3``… and joined on every read. Cuts fall
+between UTF-8 characters, since redis-py decodes each value on its own. A key, scope or task name over 64 bytes still
+makes the record a hash table: it costs memory, nothing else.
+
 An operation id is the record's digest followed by 24 random hex characters; the digest is already in the key, so
 ``id`` holds only the rest (32 bytes less per record: enough to keep a typical record in a smaller allocation).
 The scripts take and return that rest; :mod:`idemtasks.stores.redis` joins the two.
@@ -42,7 +49,10 @@ lease (otherwise it would report itself busy). A finish stays strict, as the con
 
 from __future__ import annotations
 
-__all__ = ["ABANDON", "CLAIM", "CREATE", "FINISH", "MARK_PUBLISHED", "RENEW", "REQUEUE", "STALE"]
+__all__ = ["ABANDON", "CHUNK", "CLAIM", "CREATE", "FINISH", "MARK_PUBLISHED", "RENEW", "REQUEUE", "STALE"]
+
+#: The longest piece of a long value (Redis' default ``hash-max-listpack-value``).
+CHUNK = 64
 
 # An expired record is absent to every script at once (``x``), but Redis keeps the key ten minutes longer
 # (``KEEP_MS``): a claim that re-creates it then continues its fencing token, so no holder of the old record can
@@ -59,6 +69,25 @@ local k = KEYS[1]
 local d = string.sub(k, -33, -2)
 """
 
+
+
+def _put_chunked(table: str, field: str, value: str) -> str:
+    """Lua appending ``value`` to the field list ``table`` as ``field``, ``field2``, … of at most CHUNK bytes each.
+    A cut that would fall inside a UTF-8 character (a continuation byte follows) moves back to its first byte."""
+    return f"""
+do
+  local v, i, n = {value}, 1, 1
+  while i <= #v do
+    local e = i + {CHUNK - 1}
+    while e < #v and string.byte(v, e + 1) >= 128 and string.byte(v, e + 1) < 192 do e = e - 1 end
+    {table}[#{table} + 1] = n == 1 and '{field}' or '{field}' .. n
+    {table}[#{table} + 1] = string.sub(v, i, e)
+    i, n = e + 1, n + 1
+  end
+end
+"""
+
+
 # KEYS: record, pending index. ARGV: id, scope, key, task, fingerprint, ttl, payload ('' for none)
 #   ->  {'n' (created) | 'e' (existing), record}
 # (Without index keys — Redis Cluster — the index is not kept and recovery scans instead.)
@@ -74,7 +103,7 @@ local x = now + math.floor(ARGV[6] * 1000000 + 0.5)
 local c = string.format('%.0f', now)
 local rec = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'st', 'p', 'a', '0', 'tok', '0',
              'c', c, 'u', c, 'x', string.format('%.0f', x), 'np', '1'}
-if ARGV[7] and ARGV[7] ~= '' then rec[#rec + 1] = 'p'; rec[#rec + 1] = ARGV[7] end
+if ARGV[7] and ARGV[7] ~= '' then""" + _put_chunked("rec", "p", "ARGV[7]") + """end
 redis.call('HSET', k, unpack(rec))
 redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
 if KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
@@ -86,7 +115,16 @@ return {'n', rec}
 #       the rest)
 #   ->  {'b' | 'd' | 'm', record}: busy, done, mismatch
 CLAIM = _CLOCK + """
-local r = redis.call('HMGET', k, 'x', 'f', 'st', 'le', 'lo', 'id', 't', 'c', 'a', 'tok', 'u', 'np', 'p')
+local r = redis.call('HMGET', k, 'x', 'f', 'st', 'le', 'lo', 'id', 't', 'c', 'a', 'tok', 'u', 'np', 'p', 'p2')
+if r[14] then  -- a long payload: its other pieces
+  local parts, i = {r[13], r[14]}, 3
+  while true do
+    local piece = redis.call('HGET', k, 'p' .. i)
+    if not piece then break end
+    parts[i], i = piece, i + 1
+  end
+  r[13] = table.concat(parts)
+end
 local w
 if (tonumber(r[1]) or 0) > now then
   if r[2] ~= ARGV[5] then return {'m', redis.call('HGETALL', k)} end
@@ -104,7 +142,8 @@ else
   -- An expired record's token carries on: a holder of the old record can never share a token with the new one.
   r[6], r[7], r[8], r[9], r[10], r[13] = ARGV[1], ARGV[4], string.format('%.0f', now), 0, tonumber(r[10]) or 0, false
   w = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'c', r[8]}
-  if ARGV[9] ~= '' then r[13] = ARGV[9]; w[13], w[14] = 'p', ARGV[9] end
+  if ARGV[9] ~= '' then
+    r[13] = ARGV[9]""" + _put_chunked("w", "p", "ARGV[9]") + """  end
 end
 local x = now + math.floor(ARGV[8] * 1000000 + 0.5)
 local lease = now + math.floor(ARGV[7] * 1000000 + 0.5)
@@ -128,10 +167,10 @@ if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) 
 local st = ARGV[3]
 local x = now + math.floor(ARGV[7] * 1000000 + 0.5)
 local w = {'st', st, 'u', string.format('%.0f', now), 'x', string.format('%.0f', x)}
-if st == 's' and ARGV[4] ~= '' then w[7], w[8] = 'r', ARGV[4] end
+if st == 's' and ARGV[4] ~= '' then""" + _put_chunked("w", "r", "ARGV[4]") + """end
 if st == 'f' then
   w[7], w[8] = 'et', ARGV[5]
-  if ARGV[6] ~= '' then w[9], w[10] = 'em', ARGV[6] end
+  if ARGV[6] ~= '' then""" + _put_chunked("w", "em", "ARGV[6]") + """  end
 end
 redis.call('HSET', k, unpack(w))
 redis.call('HDEL', k, 'lo', 'le')
