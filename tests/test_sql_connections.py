@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -13,6 +15,7 @@ from idemtasks import Status
 from idemtasks.errors import StoreUnavailable
 from idemtasks.stores import sql_schema
 from idemtasks.stores.sql import SQLStore
+from idemtasks.stores.sql_async import AsyncSQLStore
 
 from .services import MYSQL_URL, POSTGRES_URL, require
 
@@ -72,6 +75,50 @@ def test_a_connection_closed_while_in_steady_use_fails_once_as_unavailable(pg_st
         pg_store.claim("s", uuid.uuid4().hex, "t", "f" * 32, owner="o", lease=30, ttl=60)
     # ... and the pool, having seen the disconnect, replaced the connection for the next one.
     _round(pg_store)
+
+
+@pytest.fixture
+def pg_async() -> Iterator[tuple[AsyncSQLStore, str]]:
+    require("postgres")
+    app = f"idem-{uuid.uuid4().hex[:12]}"
+    # In the URL, so that the asyncio engine (built from the store's URL) carries it too.
+    store = SQLStore(f"{POSTGRES_URL}?application_name={app}", table="idemtasks_ping_ops")
+    astore = AsyncSQLStore(store)
+    yield astore, app
+    asyncio.run(astore.engine.dispose())
+    store.close()
+
+
+async def _create(astore: AsyncSQLStore) -> None:
+    sub = await astore.create("s", uuid.uuid4().hex, "t", "f" * 32, ttl=60)
+    assert sub.created
+
+
+def test_the_async_store_replaces_an_idle_connection_closed_by_the_server(pg_async: tuple[AsyncSQLStore, str]) -> None:
+    astore, app = pg_async
+
+    async def scenario() -> None:
+        await _create(astore)
+        assert _terminate(app) >= 1  # the asyncio engine's connection (and the table-creating one's)
+        await asyncio.sleep(sql_schema.IDLE_BEFORE_PING + 0.2)
+        await _create(astore)  # pinged on checkout, found dead, replaced
+
+    asyncio.run(scenario())
+
+
+def test_the_async_store_does_not_ping_a_connection_in_steady_use(pg_async: tuple[AsyncSQLStore, str]) -> None:
+    astore, app = pg_async
+
+    async def scenario() -> None:
+        await _create(astore)
+        assert _terminate(app) >= 1  # the asyncio engine's connection (and the table-creating one's)
+        # No ping within the idle threshold: the request that meets the dead connection fails as an outage (a 503
+        # the client retries) ...
+        with pytest.raises(StoreUnavailable):
+            await _create(astore)
+        await _create(astore)  # ... and the next one gets a new connection
+
+    asyncio.run(scenario())
 
 
 def test_mariadb_idle_connections_are_pinged_too() -> None:

@@ -38,6 +38,11 @@ class TestCreate:
         assert digest_from_id(op.id) == key_digest(scope, "k1")
         assert op.created_at <= op.updated_at < op.expires_at
 
+    def test_create_answers_the_operation_as_a_lookup_then_finds_it(self, store: Store, scope: str) -> None:
+        sub = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL, payload='["tasks.charge",[1],{}]')
+        assert store.get_by_id(sub.operation.id) == sub.operation
+        assert store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation == sub.operation
+
     def test_repeat_returns_the_same_operation_without_creating(self, store: Store, scope: str) -> None:
         first = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
         again = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)

@@ -16,6 +16,7 @@ from ..aio import AsyncStore
 from ..models import Operation
 from .base import CreateRequest
 from .sql import SQLStore
+from .sql_schema import ping_when_idle
 
 __all__ = ["AsyncSQLStore", "supports"]
 
@@ -35,10 +36,12 @@ class AsyncSQLStore(AsyncStore):
         options: dict[str, Any] = {}
         if store.dialect == "postgresql":
             # Single statements: autocommit saves BEGIN and COMMIT, as in the synchronous store.
-            options.update(isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+            options.update(isolation_level="AUTOCOMMIT")
         else:
             options.update(connect_args={"timeout": 30})
         self.engine: AsyncEngine = create_async_engine(url, **options)
+        if store.dialect == "postgresql":
+            ping_when_idle(self.engine.sync_engine)  # as the synchronous store: not a ping per request
 
     async def _one(self, stmt: Any, params: dict[str, Any]) -> Any:
         self.sync.round_trips += 1

@@ -49,7 +49,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
-__all__ = ["IDLE_BEFORE_PING", "create_tables", "make_engine", "operations_table"]
+__all__ = ["IDLE_BEFORE_PING", "create_tables", "make_engine", "operations_table", "ping_when_idle"]
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
@@ -120,13 +120,14 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     elif not kwargs.get("pool_pre_ping"):
-        _ping_when_idle(engine)
+        ping_when_idle(engine)
     dispose_after_fork(engine)
     return engine
 
 
-def _ping_when_idle(engine: sa.Engine) -> None:
+def ping_when_idle(engine: sa.Engine) -> None:
     """Ping a pooled connection on checkout only when it sat unused for more than :data:`IDLE_BEFORE_PING`.
+    (For an asyncio engine, pass its ``sync_engine``: the pool and its events are the same.)
 
     SQLAlchemy's ``pool_pre_ping`` pings on every checkout: one more round trip per state change, which doubled
     the store's cost per task. A connection in steady use was just proven alive; one that sat idle may have been
