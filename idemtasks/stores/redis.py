@@ -173,13 +173,17 @@ class RedisStore(Store):
         keys = [self.record_key(req.digest), *self._indexes[:1]]
         args = [tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, repr(req.ttl),
                 req.payload or ""]
+        code, flat = self._run(self._create_script, lua.CREATE, keys, args)
+        return parse_record(flat, req.digest), _text(code) == "n"
+
+    def _run(self, script: Any, source: str, keys: list[str], args: list[str]) -> Any:
+        """One script call and its answer: on this thread's lane where there is one, so that it reads a pipelined
+        completion's answer first (see redis_lane)."""
         lane = self._lane()
         with self._call():
             if lane is None:
-                code, flat = self._create_script(keys=keys, args=args)
-            else:
-                code, flat = lane.call(self._create_script.sha, lua.CREATE, keys, args)
-        return parse_record(flat, req.digest), _text(code) == "n"
+                return script(keys=keys, args=args)
+            return lane.call(script.sha, source, keys, args)
 
     def _lane(self) -> Lane | None:
         lane: Lane | None = getattr(self._local, "lane", None)
@@ -201,14 +205,8 @@ class RedisStore(Store):
     def _claim(self, req: ClaimRequest) -> ClaimResult:
         keys = [self.record_key(req.digest), *self._indexes]
         args = [tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, req.owner,
-                repr(req.lease),
-                repr(req.ttl), req.payload or ""]
-        lane = self._lane()
-        with self._call():
-            if lane is None:
-                reply = self._claim_script(keys=keys, args=args)
-            else:
-                reply = lane.call(self._claim_script.sha, lua.CLAIM, keys, args)
+                repr(req.lease), repr(req.ttl), req.payload or ""]
+        reply = self._run(self._claim_script, lua.CLAIM, keys, args)
         code = _text(reply[0])
         if code != "c":
             return ClaimResult(_CLAIM[code], parse_record(reply[1], req.digest))
