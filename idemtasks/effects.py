@@ -29,7 +29,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["EffectsLedger", "effects_table", "ledger_for"]
 
-_DISCONNECTS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
 
 
 def effects_table(metadata: sa.MetaData, name: str = "idemtasks_effects") -> sa.Table:
@@ -117,9 +116,11 @@ def _wrapped() -> Iterator[None]:
         yield
     except IntegrityError:
         raise
-    except _DISCONNECTS as exc:
-        raise StoreUnavailable(f"transaction database unreachable: {exc}") from exc
     except (SQLAlchemyError, DBAPIError) as exc:
+        from .stores.sql_schema import is_outage
+
+        if is_outage(exc):
+            raise StoreUnavailable(f"transaction database unreachable: {exc}") from exc
         raise StoreError(f"transaction database error: {exc}") from exc
 
 

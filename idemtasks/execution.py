@@ -220,12 +220,11 @@ def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwarg
 
 
 def _database_outage(exc: BaseException) -> bool:
-    """SQLAlchemy's errors for a lost connection or a transient server condition (not the body's own SQL)."""
-    from sqlalchemy import exc as sa_exc
+    """SQLAlchemy's errors for a lost connection, an exhausted pool or a transient server condition (not the body's
+    own SQL): the same rule as the store's StoreUnavailable."""
+    from .stores.sql_schema import is_outage
 
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
-        return True
-    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    return is_outage(exc)
 
 
 def _transaction_url(task: Any) -> str:

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
@@ -130,3 +131,31 @@ def test_a_transactional_task_whose_database_is_down_never_stores_a_failure(tmp_
     assert runs[key] == 0
     # Given back for the next attempt (or still held by the one in flight): never stored as the payment's outcome.
     assert op is not None and op.status in (Status.PENDING, Status.RUNNING) and op.attempts >= 2
+
+
+@pytest.mark.timeout(60)
+def test_a_transactional_body_that_finds_its_pool_exhausted_is_retried_not_failed(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'ops.sqlite3'}")
+    app = Celery(f"pool{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
+    runs: Counter[str] = Counter()
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+              transaction_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    def pay(self: IdempotentTask, order: int) -> int:
+        runs[self.operation.key] += 1
+        if runs[self.operation.key] == 1:
+            # What SQLAlchemy raises when every connection of a pool the body uses is busy: infrastructure, like a
+            # lost connection, so the attempt rolls back and comes back later instead of storing a failure.
+            raise sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out")
+        return order
+
+    key = f"order-{uuid.uuid4().hex}"
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        op_id = pay.submit((7,), key=key).operation.id
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not ((op := store.get_by_id(op_id)) and op.is_final):
+            time.sleep(0.1)
+    op = store.get_by_id(op_id)
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == 7
+    assert runs[key] == 2

@@ -34,13 +34,12 @@ from ..errors import StoreError, StoreUnavailable
 from ..identity import load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
-from .sql_schema import create_tables, dispose_after_fork, make_engine, operations_table
+from .sql_schema import create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
 __all__ = ["SQLStore", "make_engine", "operations_table"]
 
 _R = TypeVar("_R")
-_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
 # MariaDB: a racing INSERT of the same key won (duplicate key), or a deadlock among such racers. Both roll the
 # transaction back, so the whole read-decide-write is simply run again. (A lock wait timeout is not retried: it
 # took innodb_lock_wait_timeout already, and leaves as StoreUnavailable.)
@@ -89,7 +88,7 @@ class SQLStore(Store):
         # The driver's own message, not SQLAlchemy's, which would quote the statement and its parameters (results,
         # arguments) into logs.
         orig = getattr(exc, "orig", None) or exc
-        kind = StoreUnavailable if isinstance(exc, _UNAVAILABLE) else StoreError
+        kind = StoreUnavailable if is_outage(exc) else StoreError
         return kind(f"SQL store {self.url}: {type(orig).__name__}: {orig}")
 
     @contextmanager

@@ -49,10 +49,22 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
-__all__ = ["IDLE_BEFORE_PING", "create_tables", "make_engine", "operations_table", "ping_when_idle"]
+__all__ = ["IDLE_BEFORE_PING", "create_tables", "is_outage", "make_engine", "operations_table", "ping_when_idle"]
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
+
+# The database is away, or the pool has no connection to give: something to wait out, not the statement's fault.
+_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy error means "the database is unreachable for now" (a restart, a killed connection, an
+    exhausted pool, a deadlock broken by the server) rather than a fault of the statement. The store, the effects
+    ledger and a transactional body's failures all go by this one rule."""
+    if isinstance(exc, _OUTAGES):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
 
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
