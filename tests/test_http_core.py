@@ -19,6 +19,7 @@ from idemtasks.http.core import (
     accepted,
     caller_scope,
     error_reply,
+    key_required,
     owns,
     read_key,
     request_fingerprint,
@@ -55,6 +56,11 @@ class TestKeys:
     def test_header_names_are_configurable(self) -> None:
         policy = HttpPolicy(header_names=("Request-Id",))
         assert read_key({"Request-Id": "r1", "Idempotency-Key": "ignored"}, policy) == "r1"
+
+    def test_a_missing_key_names_the_headers_the_endpoint_reads(self) -> None:
+        assert "Idempotency-Key or X-Idempotency-Key header" in key_required().body["detail"]
+        custom = key_required(HttpPolicy(header_names=("Request-Id",)))
+        assert "Request-Id header" in custom.body["detail"]
 
 
 class TestScopeAndFingerprint:

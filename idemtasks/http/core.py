@@ -205,6 +205,7 @@ def error_reply(exc: Exception, policy: HttpPolicy) -> Reply:
     raise exc
 
 
-def key_required() -> Reply:
+def key_required(policy: HttpPolicy | None = None) -> Reply:
+    names = (policy or HttpPolicy()).header_names
     return problem(400, "idempotency_key_required", "Idempotency key required",
-                   "this endpoint requires an Idempotency-Key header")
+                   f"this endpoint requires an idempotency key, in the {' or '.join(names)} header")

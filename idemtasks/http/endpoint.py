@@ -82,7 +82,7 @@ class Endpoint:
             return core.error_reply(exc, policy)
         if key is None:
             if policy.required:
-                return core.key_required()
+                return core.key_required(policy)
             key = f"anonymous-{uuid.uuid4().hex}"  # an optional endpoint: recorded, but nothing to deduplicate
         scope = core.caller_scope(req.caller, req.method, req.route)
         fp = core.request_fingerprint(req.method, req.path, req.query, req.body, req.headers, policy)
