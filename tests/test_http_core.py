@@ -79,6 +79,8 @@ class TestScopeAndFingerprint:
             return request_fingerprint(method, "/p", query, body, {}, POLICY)
 
         assert fp("a=1&b=2") == fp("b=2&a=1")
+        assert fp("a=1&b=2&a=3") == fp("b=2&a=1&a=3")
+        assert fp("sort=date&sort=name") != fp("sort=name&sort=date")  # a repeated parameter's order may matter
         assert fp("a=1") != fp("a=2")
         assert fp("", b'{"x":1}') != fp("", b'{"x":2}')
         assert fp("", method="PUT") != fp("")

@@ -146,15 +146,18 @@ def owns(caller: str | None, op: Operation) -> bool:
 
 def request_fingerprint(method: str, path: str, query: str, body: bytes, headers: Mapping[str, str],
                         policy: HttpPolicy) -> str:
-    """A hash of what makes two requests "the same": method, path, sorted query, body and chosen headers."""
+    """A hash of what makes two requests "the same": method, path, query (parameters in name order), body and chosen
+    headers."""
     h = hashlib.sha256()
-    canonical_query = urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
+    # Sorted by name only: the order of distinct parameters means nothing, but the values of a repeated one
+    # (?sort=date&sort=name) keep theirs, which an API may well read as meaningful. (sorted() is stable.)
+    canonical_query = urlencode(sorted(parse_qsl(query, keep_blank_values=True), key=lambda pair: pair[0]))
     for part in (method.upper(), path, canonical_query):
         h.update(part.encode() + b"\x00")
     for name in policy.fingerprint_headers:
         h.update(f"{name.lower()}:{_header(headers, name) or ''}".encode() + b"\x00")
     h.update(body)
-    return "http:" + h.hexdigest()[:27]  # as long as a call's fingerprint: 108 bits, tagged with where it came from
+    return "http:" + h.hexdigest()[:27]  # 32 characters like a call's fingerprint: 108 bits, tagged with its origin
 
 
 def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str]) -> Reply:
