@@ -21,7 +21,8 @@ Redis keeps a hash as a listpack (one small allocation) only while every value i
 separately allocated entries, two to three times the size. So the values that can be long (``r``, ``p``, ``em``) are
 cut into pieces of at most :data:`CHUNK` bytes, stored as ``r``, ``r2``, ``r3``… and joined on every read. Cuts fall
 between UTF-8 characters, since redis-py decodes each value on its own. A key, scope or task name over 64 bytes still
-makes the record a hash table: it costs memory, nothing else.
+makes the record a hash table, as do more than 128 fields (``hash-max-listpack-entries``: a result of about 7 KB, whose
+own size then dominates); that costs memory, nothing else.
 
 An operation id is the record's digest followed by 24 random hex characters; the digest is already in the key, so
 ``id`` holds only the rest (32 bytes less per record: enough to keep a typical record in a smaller allocation).
