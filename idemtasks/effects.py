@@ -30,7 +30,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 __all__ = ["EffectsLedger", "effects_table", "ledger_for"]
 
 
-
 def effects_table(metadata: sa.MetaData, name: str = "idemtasks_effects") -> sa.Table:
     """The marker table, for users who manage their schema with migrations."""
     return sa.Table(

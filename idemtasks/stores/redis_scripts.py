@@ -71,7 +71,6 @@ local d = string.sub(k, -33, -2)
 """
 
 
-
 def _put_chunked(table: str, field: str, value: str) -> str:
     """Lua appending ``value`` to the field list ``table`` as ``field``, ``field2``, … of at most CHUNK bytes each.
     A cut that would fall inside a UTF-8 character (a continuation byte follows) moves back to its first byte."""

@@ -66,6 +66,7 @@ def is_outage(exc: BaseException) -> bool:
         return True
     return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
 
+
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
 
