@@ -116,19 +116,20 @@ return {'n', rec}
 #   ->  {'b' | 'd' | 'm', record}: busy, done, mismatch
 CLAIM = _CLOCK + """
 local r = redis.call('HMGET', k, 'x', 'f', 'st', 'le', 'lo', 'id', 't', 'c', 'a', 'tok', 'u', 'np', 'p', 'p2')
-if r[14] then  -- a long payload: its other pieces
-  local parts, i = {r[13], r[14]}, 3
-  while true do
-    local piece = redis.call('HGET', k, 'p' .. i)
-    if not piece then break end
-    parts[i], i = piece, i + 1
-  end
-  r[13] = table.concat(parts)
-end
 local w
 if (tonumber(r[1]) or 0) > now then
   if r[2] ~= ARGV[5] then return {'m', redis.call('HGETALL', k)} end
   if r[3] == 's' or r[3] == 'f' then return {'d', redis.call('HGETALL', k)} end
+  -- A long payload's other pieces: only a claim answers the payload (a replay answers the whole record).
+  if r[14] then
+    local parts, i = {r[13], r[14]}, 3
+    while true do
+      local piece = redis.call('HGET', k, 'p' .. i)
+      if not piece then break end
+      parts[i], i = piece, i + 1
+    end
+    r[13] = table.concat(parts)
+  end
   if r[3] == 'r' and (tonumber(r[4]) or 0) > now then
     if r[5] == ARGV[6] then return {'c', r[6], r[7], r[8], r[9], r[10], r[4], r[11], r[1], r[13]} end
     return {'b', redis.call('HGETALL', k)}
