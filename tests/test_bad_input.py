@@ -16,6 +16,7 @@ from celery.contrib.testing.worker import start_worker
 
 from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, InvalidKey, Status, StoreUnavailable, open_store
 from idemtasks.config import validate
+from idemtasks.stores.base import Store
 from tests.private_redis import PrivateRedis, free_port
 
 
@@ -100,13 +101,19 @@ def _get(store: object) -> object:
         return None
 
 
+def _transactional_app(tmp_path: Path, name: str) -> tuple[Store, Celery]:
+    """A SQLite store and an app on the in-memory broker, whose store outages are retried within 0.3 s."""
+    store = open_store(f"sqlite:///{tmp_path / 'ops.sqlite3'}")
+    app = Celery(f"{name}{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    # The in-memory broker is shared by the whole process: a message still coming back when the test ends must
+    # not reach another test, so each app gets a queue (and keys) no other test uses.
+    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
+    return store, app
+
+
 @pytest.mark.timeout(60)
 def test_a_transactional_task_whose_database_is_down_never_stores_a_failure(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'ops.sqlite3'}")
-    app = Celery(f"dbdown{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    # The in-memory broker is shared by the whole process: this task's message is still coming back when the test
-    # ends, so it gets a queue (and a key) no other test uses.
-    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
+    store, app = _transactional_app(tmp_path, "dbdown")
     runs: Counter[str] = Counter()
     nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/ledger?connect_timeout=1"
 
@@ -135,9 +142,7 @@ def test_a_transactional_task_whose_database_is_down_never_stores_a_failure(tmp_
 
 @pytest.mark.timeout(60)
 def test_a_transactional_body_that_finds_its_pool_exhausted_is_retried_not_failed(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'ops.sqlite3'}")
-    app = Celery(f"pool{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
+    store, app = _transactional_app(tmp_path, "pool")
     runs: Counter[str] = Counter()
 
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,

@@ -41,12 +41,11 @@ class Settled:
 
 
 @pytest.fixture
-def store() -> Iterator[RedisStore]:
-    services.require("redis")
-    s = RedisStore(services.REDIS_URL, namespace=f"idemtasks-test:pipe{uuid.uuid4().hex[:10]}")
+def store(tmp_path: Path) -> Iterator[RedisStore]:
+    s = make_store("redis", tmp_path)
+    assert isinstance(s, RedisStore)
     yield s
-    drop(s)
-    s.close()
+    drop(s)  # closes it too
 
 
 def claim(store: RedisStore, key: str, *, lease: float = 30.0) -> ClaimOutcome:

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from idemtasks.identity import key_digest
 from idemtasks.models import ErrorInfo
 from idemtasks.stores.redis import RedisStore
-from tests import services
-from tests.conftest import drop
+from tests.conftest import drop, make_store
 
 TTL = 3600.0
 
 
 @pytest.fixture
-def redis_store() -> Iterator[RedisStore]:
-    services.require("redis")
-    store = RedisStore(services.REDIS_URL, namespace=f"idemtasks-test:t{uuid.uuid4().hex[:12]}")
+def redis_store(tmp_path: Path) -> Iterator[RedisStore]:
+    store = make_store("redis", tmp_path)
+    assert isinstance(store, RedisStore)
     yield store
     drop(store)
 
