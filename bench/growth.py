@@ -129,7 +129,7 @@ def _listpack_what_if(client: Any, record: dict[str, str], key: str) -> tuple[st
 
 
 def redis_growth(bench: Bench, sizes: list[int], samples: int) -> tuple[list[GrowthPoint], Footprint]:
-    from idemtasks.stores.redis import RedisStore
+    from idemtasks.stores.redis import RedisStore, joined
 
     store = RedisStore(bench.store.url(3), namespace=f"growth-{bench.tag}")
     client = bench.store.client(3)
@@ -151,8 +151,7 @@ def redis_growth(bench: Bench, sizes: list[int], samples: int) -> tuple[list[Gro
                                    strict=False)]
         usage = [int(client.memory_usage(k, samples=0) or 0) for k in sample]
         mean_usage = sum(usage) / len(usage)
-        # A long result is stored in pieces: r, r2, r3… (see idemtasks.stores.redis_scripts).
-        result_len = sum(len(v) for f, v in record.items() if f == "r" or (f[0] == "r" and f[1:].isdigit()))
+        result_len = len(joined(record, "r") or "")  # a long result is stored in pieces: r, r2, r3…
         fields = {k: len(v) for k, v in record.items()}
         encoding, compact = _listpack_what_if(client, record, sample[0])
         what_if = "" if encoding == "listpack" else (

@@ -34,7 +34,7 @@ from . import redis_scripts as lua
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store
 from .redis_lane import Lane, lanes_supported
 
-__all__ = ["RedisStore", "parse_record", "public_url", "tail"]
+__all__ = ["RedisStore", "joined", "parse_record", "public_url", "tail"]
 
 logger = logging.getLogger("idemtasks.store")
 
@@ -65,7 +65,7 @@ def _us(value: str) -> float:
     return int(value) / 1_000_000
 
 
-def _joined(h: dict[str, str], field: str) -> str | None:
+def joined(h: dict[str, str], field: str) -> str | None:
     """A long value stored in pieces (``r``, ``r2``, ``r3``…; see redis_scripts), whole again."""
     first = h.get(field)
     if first is None or f"{field}2" not in h:
@@ -85,10 +85,10 @@ def parse_record(flat: list[Any], digest: str | None = None) -> Operation:
     return Operation(
         id=(digest or h["d"]) + h["id"], scope=h["s"], key=h["k"], task_name=h["t"], fingerprint=h["f"],
         status=_STATUS[h["st"]],
-        result=load_json(_joined(h, "r")), error=ErrorInfo(h["et"], _joined(h, "em") or "") if "et" in h else None,
+        result=load_json(joined(h, "r")), error=ErrorInfo(h["et"], joined(h, "em") or "") if "et" in h else None,
         attempts=int(h["a"]), fencing_token=int(h["tok"]), lease_owner=h.get("lo"),
         lease_expires_at=None if le is None else _us(le), created_at=_us(h["c"]), updated_at=_us(h["u"]),
-        expires_at=_us(h["x"]), needs_publish="np" in h, payload=_joined(h, "p"),
+        expires_at=_us(h["x"]), needs_publish="np" in h, payload=joined(h, "p"),
     )
 
 
