@@ -3,6 +3,8 @@
 Building a CASE-heavy upsert as a new expression on every call, and deriving its cache key, cost milliseconds of
 CPU per task; built once, SQLAlchemy compiles each statement once and psycopg prepares it on the server. Parameters
 are named ``p_<column>`` so they never collide with the column-named parameters SQLAlchemy makes for VALUES and SET.
+PostgreSQL's creation and claim are written out instead, in :mod:`.sql_postgres`, to stay under psycopg's query
+cache.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..models import Status
+from . import sql_postgres
 
 __all__ = ["Statements"]
 
@@ -64,11 +67,13 @@ class Statements:
 
     @cached_property
     def create(self) -> Any:
+        if self.dialect == "postgresql":
+            return sql_postgres.create(self.table, self.p, self._seconds)
         t, now = self.table, self.now()
         values = self._new_row(now, status="pending", attempts=0, fencing_token=0, lease_owner=None,
                                lease_expires_at=None, needs_publish=True)
         stmt = self.upsert(t).values(**values)
-        expired = t.c.expires_at <= now
+        expired = t.c.expires_at <= stmt.excluded.created_at  # the proposed row's created_at is now (see claim)
         # A live record keeps every column (a no-op row version on PostgreSQL: the price of RETURNING it).
         return stmt.on_conflict_do_update(
             index_elements=[t.c.key_hash],
@@ -77,8 +82,17 @@ class Statements:
 
     @cached_property
     def claim(self) -> Any:
+        if self.dialect == "postgresql":
+            return sql_postgres.claim(self.table, self.p, self._seconds)
         t, now = self.table, self.now()
-        lease_until, owner = now + self._seconds("p_lease"), self.p("lease_owner")
+        owner = self.p("lease_owner")
+        values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
+                               lease_expires_at=now + self._seconds("p_lease"), needs_publish=False)
+        stmt = self.upsert(t).values(**values)
+        # The proposed row stands in for the clock below: its created_at is now, its lease and expiry are now plus
+        # lease and ttl, all of the same instant (shorter than the clock's expression, repeated in every CASE).
+        new = stmt.excluded
+        now, lease_until = new.created_at, new.lease_expires_at
         expired = t.c.expires_at <= now
         claimable = sa.and_(
             t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"),
@@ -86,9 +100,6 @@ class Statements:
                    sa.and_(t.c.status == "running", sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now)),
         )
         wins = sa.or_(expired, claimable)
-        values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
-                               lease_expires_at=lease_until, needs_publish=False)
-        stmt = self.upsert(t).values(**values)
 
         def fresh(col: str) -> Any:  # the new row's value when the old record had expired
             return sa.case((expired, stmt.excluded[col]), else_=t.c[col])
@@ -106,7 +117,7 @@ class Statements:
             "fencing_token": sa.case((expired | claimable, t.c.fencing_token + 1), else_=t.c.fencing_token),
             "status": won("status", "running"), "lease_owner": won("lease_owner", owner),
             "lease_expires_at": won("lease_expires_at", lease_until), "updated_at": won("updated_at", now),
-            "expires_at": won("expires_at", values["expires_at"]), "needs_publish": won("needs_publish", False),
+            "expires_at": won("expires_at", new.expires_at), "needs_publish": won("needs_publish", False),
         }).returning(*t.c)
 
     def _held(self, now: Any) -> Any:
