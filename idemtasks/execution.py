@@ -61,6 +61,8 @@ class Attempt:
     ttl: float
     hold: Hold | None = field(default=None, repr=False)
     released: bool = False
+    #: The delivery's context (Celery's ``task.request`` is a lookup on a thread-local stack: read it once).
+    request: Any = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -96,8 +98,7 @@ class Attempt:
             logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
 
 
-def run_attempt(task: Any, scope: str, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    request = task.request
+def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     ttl, lease = float(task.idempotency_ttl), float(task.lease_seconds)
     header = (request.headers or {}).get("idemtasks") or {}
     # A submitted message carries the fingerprint its operation was created with (which may be an HTTP request's
@@ -121,13 +122,13 @@ def run_attempt(task: Any, scope: str, key: str, args: tuple[Any, ...], kwargs: 
             _come_back_later(task, exc)
         op = claim.operation
         if claim.outcome is ClaimOutcome.CLAIMED:
-            return _execute(task, Attempt(store, op, ttl), args, kwargs)
+            return _execute(task, Attempt(store, op, ttl, request=request), args, kwargs)
         if claim.outcome is ClaimOutcome.DONE:
             return _replay(op)
         if claim.outcome is ClaimOutcome.MISMATCH:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=op.id,
                                          stored_fingerprint=op.fingerprint, fingerprint=fp)
-        _wait_for_holder(task, claim)
+        _wait_for_holder(task, request, claim)
 
 
 def _replay(op: Operation) -> Any:
@@ -137,13 +138,13 @@ def _replay(op: Operation) -> Any:
     raise OperationFailed(operation_id=op.id, error_type=op.error.type, error_message=op.error.message)
 
 
-def _wait_for_holder(task: Any, claim: ClaimResult) -> None:
+def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
     """A duplicate met a live lease. Returns to claim again (``wait``), or leaves by raising ``Ignore``."""
     policy = task.on_busy
     countdown = float(task.busy_countdown)
     if policy == "ignore":
         raise Ignore()
-    if policy == "retry" and not task.request.is_eager:
+    if policy == "retry" and not request.is_eager:
         _republish(task, countdown)
     # "wait" (and eager mode, which has no queue to come back through): poll until the holder finishes or its
     # lease runs out, whichever is first; the next claim then replays or takes over.
@@ -152,7 +153,7 @@ def _wait_for_holder(task: Any, claim: ClaimResult) -> None:
 
 
 def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    request = task.request
+    request = attempt.request
     request.idemtasks_attempt = attempt
     attempt.hold = keeper.hold(attempt.store, attempt.operation, attempt.fencing_token,
                                lease=float(task.lease_seconds), ttl=attempt.ttl)
@@ -208,7 +209,7 @@ def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwarg
             return load_json(prior), prior
     try:
         with ledger.transaction() as conn:
-            task.request.idemtasks_connection = conn
+            attempt.request.idemtasks_connection = conn
             result = task.run(*args, **kwargs)
             result_json = dump_json(result, what="result", limit=task.max_result_bytes)
             prior = ledger.record(conn, attempt.id, attempt.fencing_token, result_json)
@@ -251,7 +252,7 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
     op = attempt.operation
     store = attempt.store
     if task.pipeline_completions and store.pipelines_completions and not attempt.lease_lost \
-            and not task.request.is_eager:
+            and not attempt.request.is_eager:
         store.finish_pipelined(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
                                error=error, ttl=attempt.ttl, settle=_settler(task, attempt, status, result_json, error))
         return
@@ -276,7 +277,7 @@ def _carry(attempt: Attempt, status: Status, result_json: str | None, error: Err
 def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | None,
              error: ErrorInfo | None) -> Callable[[IdemtasksError], None]:
     """What to do, later and from another thread, with a pipelined completion that did not land."""
-    request = task.request  # this delivery's context: it outlives the call, for a republish
+    request = attempt.request  # this delivery's context: it outlives the call, for a republish
 
     def settle(exc: IdemtasksError) -> None:
         op = attempt.operation

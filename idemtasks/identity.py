@@ -7,8 +7,8 @@ operation re-created after expiry a different operation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import secrets
 from typing import Any
 
@@ -68,8 +68,13 @@ def validate_scope(scope: object) -> str:
     return _validate(scope, what="scope", limit=MAX_SCOPE_LENGTH)
 
 
+@functools.lru_cache(maxsize=256)
 def key_digest(scope: str, key: str) -> str:
-    """The store's address for ``(scope, key)``. NUL cannot occur in either part, so the join is unambiguous."""
+    """The store's address for ``(scope, key)``. NUL cannot occur in either part, so the join is unambiguous.
+
+    Cached: one operation's claim and completion (or create and publish flag) each need it, and a hash costs
+    more than a cache hit. Small, since only the operations a process is handling right now benefit.
+    """
     return hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()[:_DIGEST_LEN]
 
 
@@ -90,17 +95,20 @@ class _CanonicalEncoder(JSONEncoder):
     pass
 
 
+# An encoder keeps only its settings, so one instance per setting serves every thread (``json.dumps`` with ``cls=``
+# would build a new one per call, a measurable share of a task's overhead).
+_ENCODERS = {
+    canonical: _CanonicalEncoder(sort_keys=canonical, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    for canonical in (False, True)
+}
+
+
 def dump_json(value: Any, *, what: str, limit: int | None = None, canonical: bool = False) -> str:
     """Serialize ``value`` for storage; raise :class:`NotSerializable` or :class:`TooLarge` instead of storing junk."""
+    if value is None:  # what most task bodies return
+        return "null"
     try:
-        text = json.dumps(
-            value,
-            cls=_CanonicalEncoder,
-            sort_keys=canonical,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        )
+        text: str = _ENCODERS[canonical].encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise NotSerializable(f"{what} cannot be stored as JSON: {exc}", what=what) from exc
     # A character takes 1 to 4 bytes in UTF-8: only encode when the text could be over the limit.

@@ -22,7 +22,7 @@ __all__ = ["Hold", "LeaseKeeper", "keeper"]
 logger = logging.getLogger("idemtasks.lease")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Hold:
     """One held lease. ``lost`` turns true if a renewal found another holder (or the record gone)."""
 
@@ -47,10 +47,12 @@ class LeaseKeeper:
     def hold(self, store: Store, op: Operation, token: int, *, lease: float, ttl: float) -> Hold:
         h = Hold(store, op, token, lease, ttl, due=time.monotonic() + lease / 3)
         with self._cond:
-            # A forked pool child inherits the parent's keeper object but not its thread.
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._holds = set()
+            # A forked pool child inherits the parent's keeper object but not its thread; a thread that died clears
+            # _thread on its way out (cheaper than asking it whether it is alive on every task).
+            if self._thread is None or self._pid != os.getpid():
+                if self._pid != os.getpid():  # the parent's holds are not this process's to renew
+                    self._pid = os.getpid()
+                    self._holds = set()
                 self._thread = threading.Thread(target=self._run, name="idemtasks-lease-keeper", daemon=True)
                 self._thread.start()
             self._holds.add(h)
@@ -67,6 +69,14 @@ class LeaseKeeper:
             self._holds.discard(h)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 now = time.monotonic()
@@ -81,9 +91,11 @@ class LeaseKeeper:
     def _renew(self, h: Hold) -> None:
         try:
             ok = h.store.renew(h.operation, h.token, lease=h.lease, ttl=h.ttl)
-        except IdemtasksError as exc:
-            # The store is unreachable: keep trying sooner; the lease may still be saved before it runs out.
-            logger.warning("idemtasks: could not renew the lease of operation %s: %s", h.operation.id, exc)
+        except Exception as exc:
+            # The store is unreachable (or failed in a way nobody foresaw): keep trying sooner; the lease may still be
+            # saved before it runs out. The thread must live on, or every hold of the process would lapse with it.
+            log = logger.warning if isinstance(exc, IdemtasksError) else logger.exception
+            log("idemtasks: could not renew the lease of operation %s: %s", h.operation.id, exc)
             h.due = time.monotonic() + max(h.lease / 10, 0.05)
             return
         with self._cond:

@@ -117,7 +117,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # A plain function call: no message, nothing to deduplicate.
             return super().__call__(*args, **kwargs)
         scope, key = self._key_of(request, args, kwargs)
-        return run_attempt(self, scope, key, args, kwargs)
+        return run_attempt(self, request, scope, key, args, kwargs)
 
     def _key_of(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
         header = (request.headers or {}).get(HEADER) or getattr(request, HEADER, None)

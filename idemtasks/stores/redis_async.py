@@ -15,7 +15,7 @@ from ..errors import StoreError, StoreUnavailable
 from ..models import Operation
 from . import redis_scripts as lua
 from .base import CreateRequest
-from .redis import RedisStore, parse_record, tail
+from .redis import RedisStore, create_answer, create_args, parse_record
 
 __all__ = ["AsyncRedisStore"]
 
@@ -42,11 +42,9 @@ class AsyncRedisStore(AsyncStore):
 
     async def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
         async with self._call():
-            code, flat = await self._create_script(
-                keys=[self.sync.record_key(req.digest), *self.sync._indexes[:1]],
-                args=[tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, repr(req.ttl),
-                      req.payload or ""])
-        return parse_record(flat, req.digest), (code.decode() if isinstance(code, bytes) else code) == "n"
+            reply = await self._create_script(keys=[self.sync.record_key(req.digest), *self.sync._indexes[:1]],
+                                              args=create_args(req))
+        return create_answer(reply, req)
 
     async def _get(self, digest: str) -> Operation | None:
         import time

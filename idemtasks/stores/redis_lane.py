@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import IdemtasksError
@@ -83,7 +83,14 @@ class Lane:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.pending: Pending | None = None
+        self.watched_by = 0  # the pid whose collector knows this lane
         self._load_script = load_script
+        # redis-py's Connection formats its address and checks its health settings on every read and write: a few
+        # µs per call, several times per task. A lane owns its connection, so it talks to the socket and the parser
+        # itself once connected, with the same error translation; a redis-py without those attributes (or without
+        # hiredis) keeps the ordinary path.
+        self._direct = _hiredis_pack is not None and hasattr(connection, "_sock") \
+            and callable(getattr(getattr(connection, "_parser", None), "read_response", None))
 
     def call(self, sha: str, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
         """Run a script and wait for its answer (reading a pending completion's answer first)."""
@@ -94,7 +101,7 @@ class Lane:
                     try:
                         self._send(("EVALSHA", sha, str(len(keys)), *keys, *args))
                         self._read_pending(done)
-                        return self.connection.read_response()
+                        return self._read()
                     except NoScriptError:
                         # The server restarted or its script cache was flushed: load and send again.
                         self._load_script(script)
@@ -144,15 +151,47 @@ class Lane:
             _resolve(done)
 
     def _send(self, command: tuple[str, ...]) -> None:
-        packed = [_hiredis_pack(command)] if _hiredis_pack is not None else self.connection.pack_command(*command)
-        self.connection.send_packed_command(packed, check_health=False)
+        conn = self.connection
+        sock = conn._sock if self._direct else None
+        if sock is None:  # not connected yet (or after a failure), or no direct path: redis-py connects and sends
+            packed = [_hiredis_pack(command)] if _hiredis_pack is not None else conn.pack_command(*command)
+            conn.send_packed_command(packed, check_health=False)
+            return
+        try:
+            sock.sendall(_hiredis_pack(command))  # type: ignore[misc]  # _direct implies hiredis
+        except TimeoutError as exc:  # socket.timeout
+            conn.disconnect()
+            raise RedisTimeoutError("Timeout writing to socket") from exc
+        except OSError as exc:
+            conn.disconnect()
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+
+    def _read(self) -> Any:
+        conn = self.connection
+        if not self._direct:
+            return conn.read_response()
+        try:
+            answer = conn._parser.read_response()
+        except TimeoutError as exc:  # socket.timeout; redis-py's own TimeoutError is not a subclass of it
+            conn.disconnect()
+            raise RedisTimeoutError("Timeout reading from socket") from exc
+        except OSError as exc:
+            conn.disconnect()
+            raise RedisConnectionError(f"Error while reading from socket: {exc}") from exc
+        except BaseException:
+            # As redis-py does: a half-read answer leaves the connection out of step with its commands.
+            conn.disconnect()
+            raise
+        if isinstance(answer, ResponseError):
+            raise answer
+        return answer
 
     def _read_pending(self, done: list[tuple[Pending, Any]]) -> None:
         pending, self.pending = self.pending, None
         if pending is None:
             return
         try:
-            answer: Any = self.connection.read_response()
+            answer: Any = self._read()
         except (RedisConnectionError, RedisTimeoutError):
             self.pending = pending  # still unknown; _broken hands it over
             raise
@@ -200,8 +239,9 @@ class _Collector:
     def wake(self, lane: Lane) -> None:
         if self._thread is None or self._pid != os.getpid():
             self._start()
-        if lane not in self._lanes:
+        if lane.watched_by != self._pid:  # once per lane and process, not a weak reference per completion
             self._lanes.add(lane)
+            lane.watched_by = self._pid
         if not self._wake.is_set():  # set by the first completion after an idle spell only: cheap on the hot path
             self._wake.set()
 

@@ -89,7 +89,8 @@ end
 
 
 # KEYS: record, pending index. ARGV: id, scope, key, task, fingerprint, ttl, payload ('' for none)
-#   ->  {'n' (created) | 'e' (existing), record}
+#   ->  {'N', created, expires}: created now (the caller knows the rest of the record)
+#   ->  {'n' (created by an earlier run of this same call) | 'e' (existing), record}
 # (Without index keys — Redis Cluster — the index is not kept and recovery scans instead.)
 CREATE = _CLOCK + """
 local h = redis.call('HGETALL', k)
@@ -100,14 +101,14 @@ if #h > 0 then
   redis.call('DEL', k)
 end
 local x = now + math.floor(ARGV[6] * 1000000 + 0.5)
-local c = string.format('%.0f', now)
+local c, xs = string.format('%.0f', now), string.format('%.0f', x)
 local rec = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'st', 'p', 'a', '0', 'tok', '0',
-             'c', c, 'u', c, 'x', string.format('%.0f', x), 'np', '1'}
+             'c', c, 'u', c, 'x', xs, 'np', '1'}
 if ARGV[7] and ARGV[7] ~= '' then""" + _put_chunked("rec", "p", "ARGV[7]") + """end
 redis.call('HSET', k, unpack(rec))
 redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
 if KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
-return {'n', rec}
+return {'N', c, xs}
 """
 
 # KEYS: record, pending index, running index. ARGV: id, scope, key, task, fingerprint, owner, lease, ttl, payload
