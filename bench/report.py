@@ -131,6 +131,22 @@ def markdown(res: dict[str, Any]) -> str:
         out += _table(["scenario", "path", "p50 µs", "p99 µs", "mean µs", "samples"],
                       [[r["scenario"], r["what"], fmt(r["p50_us"]), fmt(r["p99_us"]), fmt(r["mean_us"]),
                         str(r["samples"])] for r in res["replay_latency"]])
+    if res.get("instructions"):
+        out += ["## User-space instructions per task (callgrind)", "",
+                "Counted by valgrind, so other processes cannot move them: the Python side only (no kernel work, no "
+                "server work). **worker**: Celery's tracer running one message in process; **publish**: one `submit` "
+                "(idemtasks) or `apply_async` (the others). See `bench/instructions.py`.", ""]
+        counts = res["instructions"]
+        rows = []
+        for name in dict.fromkeys(c["scenario"] for c in counts):
+            cells = []
+            for path in ("worker", "publish"):
+                c, base = _find(counts, scenario=name, path=path), _find(counts, scenario="bare", path=path)
+                cells += ["n/a", "n/a"] if c is None else [
+                    fmt(c["per_task"] / 1000, 0), fmt((c["per_task"] - base["per_task"]) / 1000, 0, signed=True)
+                    if base else "n/a"]
+            rows.append([name, *cells])
+        out += _table(["scenario", "worker k instr./task", "+ vs bare", "publish k instr./call", "+ vs bare"], rows)
     if res.get("http"):
         out += ["## HTTP `POST /payments` through the reference service", "", meta.get("http", ""), ""]
         out += _table(["phase", "requests", "client threads", "p50 ms", "p99 ms", "requests/s", "statuses"],

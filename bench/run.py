@@ -25,13 +25,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import duplicates, growth, latency, report, roundtrips, throughput, web
+from bench import duplicates, growth, instructions, latency, report, roundtrips, throughput, web
 from bench.measure import percentile
 from bench.procs import ROOT, pinned_self
 from bench.scenarios import BY_NAME, KEYFUNC, SCENARIOS, Bench, Scenario, postgres_reachable, unavailable
 
 log = logging.getLogger("bench")
-SECTIONS = ("throughput", "roundtrips", "duplicates", "latency", "growth", "http")
+SECTIONS = ("throughput", "roundtrips", "duplicates", "latency", "instructions", "growth", "http")
 # Bare Celery runs every publish (10 per key) by construction; --dup-scenarios adds it back as a check.
 DUP_DEFAULT = ("idemtasks-redis", "idemtasks-redis-keyfunc", "celery-once", "celery-singleton", "powertools")
 
@@ -50,6 +50,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--growth-sizes", help="stored operations at which growth is measured (default 10000,1000000)")
     p.add_argument("--growth-stores", default="redis,postgres", help="growth stores (redis, postgres, sqlite)")
     p.add_argument("--http-requests", type=int, help="requests per HTTP phase (default 2000)")
+    p.add_argument("--instr-iterations", type=int, help="iterations counted per path under callgrind (default 200)")
     p.add_argument("--prefetch", type=int, default=1, help="worker_prefetch_multiplier (default 1, as recommended)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (worker logs)")
@@ -61,6 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.latency_samples = a.latency_samples or (100 if q else 2000)
     a.growth_sizes = [int(x) for x in (a.growth_sizes or ("2000,10000" if q else "10000,1000000")).split(",")]
     a.http_requests = a.http_requests or (100 if q else 2000)
+    a.instr_iterations = a.instr_iterations or (10 if q else 200)
     a.sections = [s for s in a.sections.split(",") if s]
     unknown = set(a.sections) - set(SECTIONS)
     if unknown:
@@ -189,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
             res["submit_latency"] = [asdict(x) for x in latency.submit_latency(bench, scenarios, a.latency_samples)]
             res["replay_latency"] = [asdict(x) for x in latency.replay_latency(
                 bench, [s for s in scenarios if s.lib in ("idemtasks", "powertools")], min(a.latency_samples, 1000))]
+        if "instructions" in a.sections:
+            why = instructions.available()
+            if why:
+                skipped["instructions (all scenarios)"] = why
+            else:
+                log.info("instructions per task under callgrind, %d iterations per path", a.instr_iterations)
+                res["instructions"] = [asdict(c) for c in instructions.run(bench, scenarios, a.instr_iterations)]
         if "growth" in a.sections:
             stores = [s for s in a.growth_stores.split(",") if s != "postgres" or postgres_reachable()]
             log.info("growth: %s at %s stored operations", ", ".join(stores), a.growth_sizes)

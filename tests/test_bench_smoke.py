@@ -3,6 +3,7 @@ speed, and the machine running it may be busy)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -34,3 +35,23 @@ def test_bench_quick_run_writes_its_table(tmp_path: Path) -> None:
         assert f"## Throughput — {config}" in table
     assert "| bare |" in table and "| idemtasks-redis |" in table
     assert (out / "throughput.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bench_instruction_counts_come_out_positive(tmp_path: Path) -> None:
+    """The callgrind section measures something: a publish and a worker's run of one message cost instructions."""
+    services.require("redis")
+    for tool in ("redis-server", "valgrind"):
+        if shutil.which(tool) is None:
+            services.missing(f"{tool} is not on the PATH")
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--only", "bare", "--sections", "instructions",
+           "--instr-iterations", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=230)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads((out / "results.json").read_text())["instructions"]
+    assert {(c["scenario"], c["path"]) for c in counts} == {("bare", "worker"), ("bare", "publish")}
+    assert all(c["per_task"] > 10_000 for c in counts)
+    assert "## User-space instructions per task (callgrind)" in (out / "RESULTS.md").read_text()
