@@ -76,6 +76,17 @@ def targets(res: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def spread(res: dict[str, Any]) -> list[str]:
+    """How far the same scenario moved between rounds: the machine's noise, against which to read every ratio."""
+    out = []
+    for t in (t for t in res.get("throughput", []) if t["scenario"] == "bare" and len(t["rates"]) > 1):
+        lo, hi = min(t["rates"]), max(t["rates"])
+        out.append(f"Noise, {t['config']}: bare Celery drained {fmt(lo)} to {fmt(hi)} tasks/s across its "
+                   f"{len(t['rates'])} rounds ({hi / lo:.2f}x); a ratio is the median of per-round pairs, which "
+                   "cancels slow spells only when both runs of a pair share them.")
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     meta = res["meta"]
     out = ["# idemtasks benchmark results", "",
@@ -83,7 +94,8 @@ def markdown(res: dict[str, Any]) -> str:
            f"Date: {meta['date']}; total run time {meta['elapsed_min']:.1f} min  ",
            f"Machine: {meta['machine']}  ", f"Versions: {meta['versions']}", ""]
     out += [f"Workload: {meta['workload']}", ""]
-    out += [f"* {n}" for n in meta.get("notes", [])] + [""]
+    out += [f"* {n}" for n in meta.get("notes", [])]
+    out += [f"* {n}" for n in spread(res)] + [""]
     if res.get("throughput"):
         out += ["## Targets", ""]
         out += _table(["target", "measured", "verdict"], targets(res))
