@@ -187,10 +187,13 @@ class RedisStore(Store):
         self.round_trips += count
         try:
             yield
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"Redis store {self.url} unavailable: {exc}") from exc
         except RedisError as exc:
-            raise StoreError(f"Redis store {self.url} failed: {exc}") from exc
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: RedisError) -> StoreError:
+        if isinstance(exc, _TRANSIENT):
+            return StoreUnavailable(f"Redis store {self.url} unavailable: {exc}")
+        return StoreError(f"Redis store {self.url} failed: {exc}")
 
     def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
         keys = [self.record_key(req.digest), *self._indexes[:1]]
@@ -201,15 +204,13 @@ class RedisStore(Store):
         completion's answer first (see redis_lane)."""
         lane = self._lane()
         self.round_trips += 1
-        # The same translation as _call, written out: this is every claim's and every create's path.
+        # _call's translation without its context manager: this is every claim's and every create's path.
         try:
             if lane is None:
                 return script(keys=keys, args=args)
             return lane.call(script.sha, source, keys, args)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"Redis store {self.url} unavailable: {exc}") from exc
         except RedisError as exc:
-            raise StoreError(f"Redis store {self.url} failed: {exc}") from exc
+            raise self._store_error(exc) from exc
 
     def _lane(self) -> Lane | None:
         lane: Lane | None = getattr(self._local, "lane", None)

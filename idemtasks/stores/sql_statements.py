@@ -73,7 +73,7 @@ class Statements:
         values = self._new_row(now, status="pending", attempts=0, fencing_token=0, lease_owner=None,
                                lease_expires_at=None, needs_publish=True)
         stmt = self.upsert(t).values(**values)
-        expired = t.c.expires_at <= stmt.excluded.created_at  # the proposed row's created_at is now (see claim)
+        expired = t.c.expires_at <= now
         # A live record keeps every column (a no-op row version on PostgreSQL: the price of RETURNING it).
         return stmt.on_conflict_do_update(
             index_elements=[t.c.key_hash],
@@ -85,14 +85,7 @@ class Statements:
         if self.dialect == "postgresql":
             return sql_postgres.claim(self.table, self.p, self._seconds)
         t, now = self.table, self.now()
-        owner = self.p("lease_owner")
-        values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
-                               lease_expires_at=now + self._seconds("p_lease"), needs_publish=False)
-        stmt = self.upsert(t).values(**values)
-        # The proposed row stands in for the clock below: its created_at is now, its lease and expiry are now plus
-        # lease and ttl, all of the same instant (shorter than the clock's expression, repeated in every CASE).
-        new = stmt.excluded
-        now, lease_until = new.created_at, new.lease_expires_at
+        lease_until, owner = now + self._seconds("p_lease"), self.p("lease_owner")
         expired = t.c.expires_at <= now
         claimable = sa.and_(
             t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"),
@@ -100,6 +93,9 @@ class Statements:
                    sa.and_(t.c.status == "running", sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now)),
         )
         wins = sa.or_(expired, claimable)
+        values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
+                               lease_expires_at=lease_until, needs_publish=False)
+        stmt = self.upsert(t).values(**values)
 
         def fresh(col: str) -> Any:  # the new row's value when the old record had expired
             return sa.case((expired, stmt.excluded[col]), else_=t.c[col])
@@ -117,7 +113,7 @@ class Statements:
             "fencing_token": sa.case((expired | claimable, t.c.fencing_token + 1), else_=t.c.fencing_token),
             "status": won("status", "running"), "lease_owner": won("lease_owner", owner),
             "lease_expires_at": won("lease_expires_at", lease_until), "updated_at": won("updated_at", now),
-            "expires_at": won("expires_at", new.expires_at), "needs_publish": won("needs_publish", False),
+            "expires_at": won("expires_at", values["expires_at"]), "needs_publish": won("needs_publish", False),
         }).returning(*t.c)
 
     def _held(self, now: Any) -> Any:
