@@ -60,8 +60,9 @@ DEFAULT_STORE_RETRY_MAX_DELAY = 60.0
 #: Limits on the canonical JSON of stored arguments and results; a payments API has no business storing more.
 DEFAULT_MAX_ARGS_BYTES = 256 * 1024
 DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
-#: Write a completion without waiting for its answer where the store can (Redis): one synchronous round trip per
-#: executed task instead of two. See :mod:`idemtasks.stores.redis_lane` for what that defers and what it does not.
+#: Write a completion without waiting for its answer where the store can (Redis, PostgreSQL): one synchronous round
+#: trip per executed task instead of two. See :mod:`idemtasks.stores.redis_lane` and :mod:`idemtasks.stores.sql_lane`
+#: for what that defers and what it does not.
 DEFAULT_PIPELINE = True
 
 #: How long a just-created operation counts as "still being accepted": its message is not yet confirmed published.

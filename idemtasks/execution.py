@@ -245,9 +245,10 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
     """Store the outcome, fenced. A short store outage is ridden out here; a longer one is carried over to a
     republished copy of this message, which completes the operation without running the body again.
 
-    Where the store pipelines completions (Redis), the outcome is written without waiting for the answer, which is
-    read behind the next claim; what then turns out not to have landed is settled by :func:`_settler`. Not in eager
-    mode (the caller reads the store next), and not once a renewal found the lease lost (the holder must hear it).
+    Where the store pipelines completions (Redis, PostgreSQL), the outcome is written without waiting for the
+    answer, which is read before the next claim; what then turns out not to have landed is settled by
+    :func:`_settler`. Not in eager mode (the caller reads the store next), and not once a renewal found the lease
+    lost (the holder must hear it).
     """
     op = attempt.operation
     store = attempt.store

@@ -1,4 +1,4 @@
-"""Pipelined completions on Redis: written without waiting, never lost, and still fenced.
+"""Pipelined completions on Redis and PostgreSQL: written without waiting, never lost, and still fenced.
 
 A worker thread's completion goes out on its own connection and its answer is read behind the next claim, or by
 the collector thread when the worker goes idle. These tests drive that path on real servers, including the
@@ -16,11 +16,15 @@ from pathlib import Path
 
 import pytest
 import redis
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from idemtasks import ClaimOutcome, LeaseLost, Status, StoreUnavailable
 from idemtasks.errors import IdemtasksError
+from idemtasks.stores.base import Store
+from idemtasks.stores.lanes import COLLECT_AFTER
 from idemtasks.stores.redis import RedisStore
-from idemtasks.stores.redis_lane import COLLECT_AFTER
+from idemtasks.stores.sql import SQLStore
 from tests import services
 from tests.conftest import drop, make_store
 from tests.private_redis import PrivateRedis
@@ -40,25 +44,32 @@ class Settled:
         self.called.set()
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[RedisStore]:
-    s = make_store("redis", tmp_path)
-    assert isinstance(s, RedisStore)
+@pytest.fixture(params=["redis", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s = make_store(request.param, tmp_path)
     yield s
     drop(s)  # closes it too
 
 
-def claim(store: RedisStore, key: str, *, lease: float = 30.0) -> ClaimOutcome:
+def twin(store: Store) -> Store:
+    """Another client of the same records: another worker, on connections of its own."""
+    if isinstance(store, RedisStore):
+        return RedisStore(services.REDIS_URL, namespace=store.namespace)
+    assert isinstance(store, SQLStore)
+    return SQLStore(services.POSTGRES_URL, table=store.table.name, create_schema=False)
+
+
+def claim(store: Store, key: str, *, lease: float = 30.0) -> ClaimOutcome:
     return store.claim("s", key, "t", "fp", owner=uuid.uuid4().hex, lease=lease, ttl=TTL).outcome
 
 
-def held(store: RedisStore, key: str, *, lease: float = 30.0):  # type: ignore[no-untyped-def]
+def held(store: Store, key: str, *, lease: float = 30.0):  # type: ignore[no-untyped-def]
     res = store.claim("s", key, "t", "fp", owner=uuid.uuid4().hex, lease=lease, ttl=TTL)
     assert res.outcome is ClaimOutcome.CLAIMED
     return res.operation
 
 
-def finish_pipelined(store: RedisStore, op, settled: Settled, result: str = '"paid"') -> None:  # type: ignore[no-untyped-def]
+def finish_pipelined(store: Store, op, settled: Settled, result: str = '"paid"') -> None:  # type: ignore[no-untyped-def]
     store.finish_pipelined(op.scope, op.key, op.id, op.fencing_token, Status.SUCCEEDED, result_json=result, ttl=TTL,
                            settle=settled)
 
@@ -72,20 +83,20 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untype
     return bool(predicate())
 
 
-def test_redis_pipelines_completions_and_a_duplicate_behind_one_replays_it(store: RedisStore) -> None:
+def test_a_store_pipelines_completions_and_a_duplicate_behind_one_replays_it(store: Store) -> None:
     assert store.pipelines_completions
     op, settled = held(store, "k"), Settled()
     finish_pipelined(store, op, settled)
-    # The duplicate's claim goes out behind the completion on the same connection: Redis has always run it first.
+    # The duplicate's claim goes out behind the completion on the same connection: the server has run it first.
     res = store.claim("s", "k", "t", "fp", owner="dup", lease=30.0, ttl=TTL)
     assert res.outcome is ClaimOutcome.DONE and res.operation.result == "paid"
     assert not settled.errors
 
 
-def test_the_outcome_is_visible_to_other_clients_without_another_claim(store: RedisStore) -> None:
+def test_the_outcome_is_visible_to_other_clients_without_another_claim(store: Store) -> None:
     op, settled = held(store, "k"), Settled()
     finish_pipelined(store, op, settled)
-    reader = RedisStore(services.REDIS_URL, namespace=store.namespace)
+    reader = twin(store)
     try:
         assert wait_for(lambda: (o := reader.get("s", "k")) is not None and o.status is Status.SUCCEEDED, 1.0)
     finally:
@@ -93,10 +104,10 @@ def test_the_outcome_is_visible_to_other_clients_without_another_claim(store: Re
     assert not settled.errors
 
 
-def test_a_zombies_pipelined_completion_is_refused_and_it_hears_so_while_idle(store: RedisStore) -> None:
+def test_a_zombies_pipelined_completion_is_refused_and_it_hears_so_while_idle(store: Store) -> None:
     zombie, settled = held(store, "k", lease=0.2), Settled()
     time.sleep(0.3)
-    other = RedisStore(services.REDIS_URL, namespace=store.namespace)  # another worker, another connection
+    other = twin(store)  # another worker, another connection
     try:
         successor = held(other, "k")
     finally:
@@ -175,3 +186,31 @@ def test_stores_that_cannot_pipeline_finish_at_once_and_raise(tmp_path: Path) ->
         assert not settled.errors
     finally:
         drop(sql)
+
+
+def test_a_postgres_completion_whose_connection_is_killed_before_it_ran_is_sent_again(tmp_path: Path) -> None:
+    store = make_store("postgres", tmp_path)
+    assert isinstance(store, SQLStore)
+    admin = sa.create_engine(services.POSTGRES_URL, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        op, settled = held(store, "k"), Settled()
+        table = store.table.name
+        waiting = f"SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE {table} %'"
+        with admin.connect() as killer, admin.execution_options(isolation_level="READ COMMITTED").connect() as locker:
+            # Hold the record's row lock, so the completion waits in the server while its connection is killed.
+            locker.execute(sa.text(f"SELECT 1 FROM {table} WHERE id = :id FOR UPDATE"), {"id": op.id})
+            finish_pipelined(store, op, settled)
+            assert wait_for(lambda: killer.execute(sa.text(waiting)).first() is not None, 5.0)
+            kill = f"SELECT count(pg_terminate_backend(pid)) FROM ({waiting}) w"
+            assert killer.execute(sa.text(kill)).scalar_one() == 1
+            time.sleep(0.05)
+            locker.rollback()
+        # The collector reads a dead connection: the outcome is unknown, so the store sends it again.
+        assert wait_for(lambda: (o := store.get("s", "k")) is not None and o.status is Status.SUCCEEDED, 5.0)
+        assert store.get("s", "k").result == "paid"  # type: ignore[union-attr]
+        time.sleep(COLLECT_AFTER * 3)
+        assert not settled.errors
+        assert claim(store, "other") is ClaimOutcome.CLAIMED  # and the thread's next claim opens a new lane
+    finally:
+        admin.dispose()
+        drop(store)

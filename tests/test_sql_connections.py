@@ -1,4 +1,8 @@
-"""Pooled SQL connections: checked with a ping only after sitting idle, never on every state change."""
+"""Pooled SQL connections: checked with a ping only after sitting idle, never on every state change.
+
+On PostgreSQL a thread's claims go through its own connection (its lane, see ``idemtasks.stores.sql_lane``), and
+everything else through the pool; both must survive a connection the server closed.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.pool import NullPool
 
-from idemtasks import Status
+from idemtasks import ClaimOutcome, Status
 from idemtasks.errors import StoreUnavailable
 from idemtasks.stores import sql_schema
 from idemtasks.stores.sql import SQLStore
 from idemtasks.stores.sql_async import AsyncSQLStore
+from idemtasks.stores.sql_lane import Prepared
 
 from .services import MYSQL_URL, POSTGRES_URL, require
 
@@ -56,25 +62,39 @@ def test_a_busy_connection_is_not_pinged(pg_store: SQLStore) -> None:
     with sa.create_engine(POSTGRES_URL, poolclass=NullPool).connect() as conn:
         statements = conn.execute(sa.text(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app"), {"app": pg_store.app}).scalar_one()
-    assert statements == 1  # one pooled connection did it all
+    assert statements == 2  # this thread's lane (the claims) and one pooled connection did it all
 
 
 def test_an_idle_connection_closed_by_the_server_is_replaced_without_an_error(pg_store: SQLStore) -> None:
     _round(pg_store)
-    assert _terminate(pg_store.app) == 1  # a restart, a failover or an idle timeout, as the pool sees it
+    assert _terminate(pg_store.app) == 2  # a restart, a failover or an idle timeout: the lane's and the pool's
     time.sleep(sql_schema.IDLE_BEFORE_PING + 0.2)
-    _round(pg_store)  # the ping on checkout found the dead connection; the pool opened another
+    _round(pg_store)  # the claim was sent again on a new lane; the ping on checkout replaced the pooled one
 
 
 def test_a_connection_closed_while_in_steady_use_fails_once_as_unavailable(pg_store: SQLStore) -> None:
     _round(pg_store)
-    assert _terminate(pg_store.app) == 1
-    # Within the idle threshold nothing is pinged: the one statement that meets the dead connection fails as an
-    # outage (the caller retries it, as it would a statement in flight during a restart) ...
+    assert _terminate(pg_store.app) == 2
+    # Within the idle threshold nothing is pinged: the one pooled statement that meets the dead connection fails as
+    # an outage (the caller retries it, as it would a statement in flight during a restart) ...
     with pytest.raises(StoreUnavailable):
-        pg_store.claim("s", uuid.uuid4().hex, "t", "f" * 32, owner="o", lease=30, ttl=60)
+        pg_store.get("s", uuid.uuid4().hex)
     # ... and the pool, having seen the disconnect, replaced the connection for the next one.
     _round(pg_store)
+
+
+def test_a_claim_that_meets_a_dead_lane_is_sent_again_on_a_new_one(pg_store: SQLStore) -> None:
+    _round(pg_store)
+    key = uuid.uuid4().hex
+    first = pg_store.claim("s", key, "t", "f" * 32, owner="first", lease=30, ttl=60)
+    assert _terminate(pg_store.app) == 2
+    # Sent twice when the answer is lost, a claim cannot win twice: its owner is unique, so the second sending
+    # finds the record held by that very owner and answers it as claimed, with the same token.
+    again = pg_store.claim("s", key, "t", "f" * 32, owner="first", lease=30, ttl=60)
+    assert again.outcome is ClaimOutcome.CLAIMED
+    assert again.operation.fencing_token == first.operation.fencing_token
+    other = pg_store.claim("s", key, "t", "f" * 32, owner="second", lease=30, ttl=60)
+    assert other.outcome is ClaimOutcome.BUSY
 
 
 @pytest.fixture
@@ -130,5 +150,25 @@ def test_mariadb_idle_connections_are_pinged_too() -> None:
             conn.execute(sa.text("SET SESSION wait_timeout = 1"))  # the server drops it once idle for 1 s
         time.sleep(max(sql_schema.IDLE_BEFORE_PING, 1.0) + 1.5)
         _round(store)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("threshold", "prepared"), [(5, 1), (None, 0)])
+def test_a_lane_prepares_its_statements_unless_the_connection_says_not_to(threshold: int | None,
+                                                                          prepared: int) -> None:
+    # prepare_threshold=None is psycopg's setting for a transaction-mode pooler (PgBouncer), where a named prepared
+    # statement may be gone by the next transaction: the lane then sends the claim's text every time.
+    require("postgres")
+    store = SQLStore(POSTGRES_URL, table="idemtasks_ping_ops",
+                     engine_options={"connect_args": {"prepare_threshold": threshold}})
+    try:
+        _round(store)
+        _round(store)
+        lane = store._lane()
+        assert lane is not None
+        probe = Prepared.compile("probe", sa.text("SELECT count(*) FROM pg_prepared_statements WHERE name != 'probe'"),
+                                 postgresql.dialect())  # type: ignore[no-untyped-call]
+        assert lane.call(probe, {}).get_value(0, 0) == str(prepared).encode()  # the claim's, or none
     finally:
         store.close()

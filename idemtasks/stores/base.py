@@ -25,6 +25,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
 from ..identity import digest_from_id, key_digest, load_json, new_operation_id
@@ -182,6 +183,26 @@ class Store(abc.ABC):
         thread. A backend that cannot pipeline finishes synchronously and raises, like :meth:`finish`.
         """
         self.finish(scope, key, operation_id, token, status, result_json=result_json, error=error, ttl=ttl)
+
+    def _answer_resolver(self, req: FinishRequest, settle: Callable[[IdemtasksError], None]) -> Callable[[Any], None]:
+        """What a pipelining backend does with a completion's late answer: ``1`` (one record changed) is done; any
+        other count is a refusal, and ``settle`` hears why; anything else (a broken connection, an error reply)
+        left the outcome unknown, so the completion is sent again on the ordinary path."""
+
+        def resolve(answer: Any) -> None:
+            if answer == 1:
+                return
+            try:
+                if isinstance(answer, int):
+                    lost = self._refusal(req, again=False)
+                    if lost is not None:
+                        settle(lost)
+                else:
+                    self._finish_or_raise(req, again=True)
+            except IdemtasksError as exc:
+                settle(exc)
+
+        return resolve
 
     def _finish_or_raise(self, req: FinishRequest, *, again: bool) -> None:
         if not self._finish(req) and (lost := self._refusal(req, again=again)) is not None:

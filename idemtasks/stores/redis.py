@@ -264,21 +264,10 @@ class RedisStore(Store):
             self._finish_or_raise(req, again=False)
             return
 
-        def resolve(answer: Any) -> None:
-            if answer == 1:
-                return
-            try:
-                if isinstance(answer, int):
-                    lost = self._refusal(req, again=False)
-                    if lost is not None:
-                        settle(lost)
-                else:  # the connection broke, or an error reply (NOSCRIPT after a restart): send it again
-                    self._finish_or_raise(req, again=True)
-            except IdemtasksError as exc:
-                settle(exc)
-
+        # An error reply (NOSCRIPT after a restart) or a broken connection: the resolver sends it again.
         self.round_trips += 1
-        lane.send(self._finish_script.sha, [self.record_key(req.digest), *self._indexes], finish_args(req), resolve)
+        lane.send(self._finish_script.sha, [self.record_key(req.digest), *self._indexes], finish_args(req),
+                  self._answer_resolver(req, settle))
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
         with self._call():

@@ -29,22 +29,16 @@ they are not used there and every call takes the ordinary, synchronous path.
 
 from __future__ import annotations
 
-import logging
-import os
 import random
-import socket
-import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import IdemtasksError
+from .lanes import COLLECT_AFTER, BaseLane, Pending, lanes_supported, resolve_all
 
 _hiredis_pack: Callable[[Any], bytes] | None
 try:  # redis-py's own packer wraps hiredis in a per-argument generator: measurable at a few µs a task
@@ -54,36 +48,16 @@ except ImportError:  # pragma: no cover - hiredis is a dependency of the redis e
 
 __all__ = ["COLLECT_AFTER", "Lane", "Pending", "lanes_supported"]
 
-logger = logging.getLogger("idemtasks.store")
-
-#: How long an unanswered completion may wait for the next claim before the collector thread reads its answer.
-COLLECT_AFTER = 0.1
 #: Tries of one call on a broken connection (the client's own retry policy for ordinary calls).
 _TRIES = 3
 
 
-def lanes_supported() -> bool:
-    """False under a greenlet pool, whose patched sockets would make one connection per greenlet."""
-    return socket.socket.__module__ in ("socket", "_socket")
-
-
-@dataclass(eq=False)
-class Pending:
-    """A completion written to a lane whose answer has not been read yet."""
-
-    sent_at: float
-    resolve: Callable[[Any], None]  # called with the answer, or with the exception reading it raised
-
-
-class Lane:
-    """One connection owned by one thread (plus the collector, under ``lock``)."""
+class Lane(BaseLane):
+    """One Redis connection owned by one thread (plus the collector, under ``lock``)."""
 
     def __init__(self, connection: Any, load_script: Callable[[str], Any]) -> None:
+        super().__init__()
         self.connection = connection
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
-        self.pending: Pending | None = None
-        self.watched_by = 0  # the pid whose collector knows this lane
         self._load_script = load_script
         # redis-py's Connection formats its address and checks its health settings on every read and write: a few
         # µs per call, several times per task. A lane owns its connection, so it talks to the socket and the parser
@@ -112,43 +86,18 @@ class Lane:
                         time.sleep(random.uniform(0.01, 0.02) * 2 ** attempt)
                 raise RedisConnectionError("script could not be loaded")  # pragma: no cover - NOSCRIPT every time
         finally:
-            _resolve(done)
+            resolve_all(done)
 
     def send(self, sha: str, keys: Sequence[str], args: Sequence[str], resolve: Callable[[Any], None]) -> None:
         """Write a script call without waiting; ``resolve`` gets its answer (or the error reading it) later."""
-        done: list[tuple[Pending, Any]] = []
-        try:
-            with self.lock:
-                try:
-                    self._read_pending(done)  # at most one unanswered completion per lane
-                except (RedisConnectionError, RedisTimeoutError) as exc:
-                    self._broken(done, exc)
-                pending = Pending(time.monotonic(), resolve)
-                try:
-                    self._send(("EVALSHA", sha, str(len(keys)), *keys, *args))
-                except (RedisConnectionError, RedisTimeoutError) as exc:
-                    done.append((pending, exc))  # nothing reached the server: resolving sends it again
-                    return
-                self.pending = pending
-            collector.wake(self)
-        finally:
-            _resolve(done)
+        self._send_unanswered(lambda: self._send(("EVALSHA", sha, str(len(keys)), *keys, *args)), resolve,
+                              (RedisConnectionError, RedisTimeoutError))
 
-    def collect(self, older_than: float) -> bool:
-        """Read a pending answer older than ``older_than`` seconds, unless the owner is busy; True if one is left."""
-        done: list[tuple[Pending, Any]] = []
-        if not self.lock.acquire(blocking=False):
-            return True
+    def _collect_pending(self, done: list[tuple[Pending, Any]]) -> None:
         try:
-            if self.pending is None:
-                return False
-            if time.monotonic() - self.pending.sent_at < older_than:
-                return True
             self._read_pending(done)
-            return False
-        finally:
-            self.lock.release()
-            _resolve(done)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self._broken(done, exc)
 
     def _send(self, command: tuple[str, ...]) -> None:
         conn = self.connection
@@ -214,67 +163,4 @@ class Lane:
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 self._broken(done, exc)
             self.connection.disconnect()
-        _resolve(done)
-
-
-def _resolve(done: list[tuple[Pending, Any]]) -> None:
-    # Outside the lane's lock: resolving may send the completion again or sleep through an outage.
-    for pending, answer in done:
-        try:
-            pending.resolve(answer)
-        except Exception:  # a callback's bug must not take a claim or the collector down with it
-            logger.exception("idemtasks: settling a pipelined completion failed")
-
-
-class _Collector:
-    """One daemon thread per process that reads the answers idle lanes are still owed."""
-
-    def __init__(self) -> None:
-        self._lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-
-    def wake(self, lane: Lane) -> None:
-        if self._thread is None or self._pid != os.getpid():
-            self._start()
-        if lane.watched_by != self._pid:  # once per lane and process, not a weak reference per completion
-            self._lanes.add(lane)
-            lane.watched_by = self._pid
-        if not self._wake.is_set():  # set by the first completion after an idle spell only: cheap on the hot path
-            self._wake.set()
-
-    def _start(self) -> None:
-        with self._lock:
-            # A forked pool child inherits this object but not the thread.
-            if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
-                return
-            self._pid = os.getpid()
-            self._lanes = weakref.WeakSet()
-            self._wake = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="idemtasks-collector", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(COLLECT_AFTER)
-            # Clear before looking, so a completion written while we look sets it again: none is ever stranded.
-            self._wake.clear()
-            waiting = False
-            for lane in list(self._lanes):
-                try:
-                    waiting = lane.collect(COLLECT_AFTER) or waiting
-                except (RedisConnectionError, RedisTimeoutError) as exc:
-                    with lane.lock:
-                        done: list[tuple[Pending, Any]] = []
-                        lane._broken(done, exc)
-                    _resolve(done)
-                except IdemtasksError:  # pragma: no cover - resolve callbacks handle their own errors
-                    logger.exception("idemtasks: collecting a pipelined completion failed")
-            if waiting:
-                self._wake.set()
-
-
-collector = _Collector()
+        resolve_all(done)

@@ -11,17 +11,20 @@ functions of :mod:`.base`, and a write, in one transaction.
 Clocks: PostgreSQL and MariaDB use the server's clock, so workers with skewed clocks still agree on leases;
 SQLite, being in-process, uses the local one.
 
-The statements themselves are in :mod:`.sql_statements`, built once per store.
+The statements themselves are in :mod:`.sql_statements`, built once per store. On PostgreSQL through psycopg, a
+worker thread claims and completes on a connection of its own, and does not wait for a completion's answer (see
+:mod:`.sql_lane`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 try:
     import sqlalchemy as sa
@@ -30,12 +33,16 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
-from ..errors import StoreError, StoreUnavailable
-from ..identity import load_json
+from ..errors import IdemtasksError, StoreError, StoreUnavailable
+from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
+from .lanes import lanes_supported
 from .sql_schema import create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
+
+if TYPE_CHECKING:
+    from .sql_lane import LaneError, LaneStatements, PGLane
 
 __all__ = ["SQLStore", "make_engine", "operations_table"]
 
@@ -73,6 +80,11 @@ class SQLStore(Store):
         # thread's commit, or the pool's rollback on return, would land in the middle of another's primitive.
         self._serial: contextlib.AbstractContextManager[Any] = (
             threading.RLock() if isinstance(engine.pool, StaticPool) else contextlib.nullcontext())
+        self._local = threading.local()
+        self._lane_sql: LaneStatements | None = None
+        #: Whether worker threads claim and complete on lanes (PostgreSQL through psycopg, not under greenlets).
+        self.pipelines_completions = self.dialect == "postgresql" and engine.dialect.driver == "psycopg" \
+            and lanes_supported()
         if create_schema:
             self._create_schema()
 
@@ -175,8 +187,12 @@ class SQLStore(Store):
             p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key, p_task_name=req.task_name,
             p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
             p_ttl=req.ttl)
-        with self._tx() as conn:
-            op = self._op(self._run(conn, self.sql.claim, params).one())
+        lane = self._lane()
+        if lane is not None:
+            op = self._op(self._claim_on_lane(lane, params))
+        else:
+            with self._tx() as conn:
+                op = self._op(self._run(conn, self.sql.claim, params).one())
         if op.lease_owner == req.owner and op.status is Status.RUNNING:  # owners are unique per attempt
             return ClaimResult(ClaimOutcome.CLAIMED, op)
         if op.fingerprint != req.fingerprint:
@@ -209,13 +225,96 @@ class SQLStore(Store):
     # ----------------------------------------------------------------- fenced transitions
 
     def _finish(self, req: FinishRequest) -> bool:
+        return self._count(self.sql.finish[req.status], self._finish_params(req)) == 1
+
+    def _finish_params(self, req: FinishRequest) -> dict[str, Any]:
         params = self.sql.params(p_key_hash=req.digest, p_id=req.operation_id, p_fencing_token=req.token, p_ttl=req.ttl)
         if req.status is Status.SUCCEEDED:
             params["p_result"] = req.result
         if req.status is Status.FAILED:
             error = req.error
             params.update(p_error_type=error and error.type[:255], p_error_message=error and error.message)
-        return self._count(self.sql.finish[req.status], params) == 1
+        return params
+
+    def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
+                         result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
+                         settle: Callable[[IdemtasksError], None]) -> None:
+        req = FinishRequest(key_digest(scope, key), operation_id, token, status, result_json, error, ttl)
+        resolve = self._answer_resolver(req, settle)
+        try:
+            lane = self._lane()
+        except StoreError as exc:  # no connection for a lane: the resolver tries the pooled path, then settles
+            resolve(exc)
+            return
+        if lane is None:
+            self._finish_or_raise(req, again=False)
+            return
+        self.round_trips += 1
+        lane.send(self._lanes().finish[status], self._finish_params(req), resolve)
+
+    # ----------------------------------------------------------------- lanes (PostgreSQL, see sql_lane)
+
+    def _lanes(self) -> LaneStatements:
+        if self._lane_sql is None:
+            from .sql_lane import LaneStatements
+
+            self._lane_sql = LaneStatements(self.table, self.sql.claim, self.sql.finish)
+        return self._lane_sql
+
+    def _lane(self) -> PGLane | None:
+        """This thread's lane, opened on first use (and again after its connection broke or the process forked)."""
+        if not self.pipelines_completions:
+            return None
+        lane: PGLane | None = getattr(self._local, "lane", None)
+        if lane is not None and lane.pid == os.getpid() and not lane.broken:
+            return lane
+        from .sql_lane import PGLane
+
+        try:
+            # A pool connection, so the engine's connect arguments and events apply, then detached: the lane keeps
+            # it for as long as its thread lives, and the pool must not count it nor hand it to anyone else.
+            conn = self.engine.connect()
+            if lane is not None and lane.broken:
+                # The last lane's connection died. If the server restarted, the pooled ones are dead too, and the
+                # pool does not know: a statement through SQLAlchemy lets it see the disconnect and drop them all.
+                try:
+                    conn.exec_driver_sql("SELECT 1")
+                except sa.exc.DBAPIError as exc:
+                    conn.close()
+                    if not exc.connection_invalidated:
+                        raise
+                    conn = self.engine.connect()
+            conn.detach()
+            dbapi: Any = conn.connection.dbapi_connection
+            dbapi.rollback()  # the ping, or a checkout's, may have opened a transaction; autocommit needs none
+            dbapi.autocommit = True
+        except SQLAlchemyError as exc:
+            raise self._wrap(exc) from exc
+        except Exception as exc:  # the driver's own error, outside SQLAlchemy's translation
+            raise StoreUnavailable(f"SQL store {self.url}: {type(exc).__name__}: {exc}") from exc
+        lane = self._local.lane = PGLane(dbapi)
+        return lane
+
+    def _claim_on_lane(self, lane: PGLane, params: dict[str, Any]) -> Any:
+        from .sql_lane import LaneError
+
+        stmt = self._lanes().claim
+        self.round_trips += 1
+        try:
+            return self._lanes().row(lane.call(stmt, params))
+        except LaneError as exc:
+            if not exc.broken:
+                raise self._lane_error(exc) from exc
+        # The connection broke (a restart, an idle timeout): once more on a new one. Sending a claim twice is safe,
+        # since its owner is unique to this attempt: if the first one landed, the second finds the record held by
+        # that owner and answers it as claimed, with the same fencing token.
+        try:
+            return self._lanes().row(self._lane().call(stmt, params))  # type: ignore[union-attr]
+        except LaneError as exc:
+            raise self._lane_error(exc) from exc
+
+    def _lane_error(self, exc: LaneError) -> StoreError:
+        return (StoreUnavailable if exc.outage else StoreError)(f"SQL store {self.url}: {exc}")
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
         params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_lease=lease,
@@ -263,6 +362,10 @@ class SQLStore(Store):
         return self._count(self.table.delete().where(self.table.c.expires_at <= self.sql.now()), self.sql.params())
 
     def close(self) -> None:
+        lane: PGLane | None = getattr(self._local, "lane", None)
+        if lane is not None and lane.pid == os.getpid():
+            self._local.lane = None
+            lane.close()
         if self._owns_engine:  # an engine passed in belongs to the caller, who may still be using it
             self.engine.dispose()
 

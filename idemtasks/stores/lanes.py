@@ -1,0 +1,147 @@
+"""What the pipelined stores share: a completion whose answer is still owed, and the thread that collects it.
+
+A "lane" is one connection owned by one worker thread (:mod:`.redis_lane`, :mod:`.sql_lane`). A completion is
+written to it without waiting, and its answer is read in front of the thread's next call. A thread that goes idle
+would leave that answer unread, and its ``settle`` callback unheard, so one collector thread per process reads the
+answers idle lanes are still owed after :data:`COLLECT_AFTER`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "resolve_all"]
+
+logger = logging.getLogger("idemtasks.store")
+
+#: How long an unanswered completion may wait for the next claim before the collector thread reads its answer.
+COLLECT_AFTER = 0.1
+
+
+def lanes_supported() -> bool:
+    """False under a greenlet pool, whose patched sockets would make one connection per greenlet."""
+    return socket.socket.__module__ in ("socket", "_socket")
+
+
+@dataclass(eq=False)
+class Pending:
+    """A completion written to a lane whose answer has not been read yet."""
+
+    sent_at: float
+    resolve: Callable[[Any], None]  # called with the answer, or with the exception reading it raised
+
+
+def resolve_all(done: list[tuple[Pending, Any]]) -> None:
+    # Outside the lane's lock: resolving may send the completion again or sleep through an outage.
+    for pending, answer in done:
+        try:
+            pending.resolve(answer)
+        except Exception:  # a callback's bug must not take a claim or the collector down with it
+            logger.exception("idemtasks: settling a pipelined completion failed")
+
+
+class BaseLane:
+    """One connection owned by one thread (plus the collector, under ``lock``), with at most one unread answer."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.pending: Pending | None = None
+        self.watched_by = 0  # the pid whose collector knows this lane
+
+    def _send_unanswered(self, write: Callable[[], None], resolve: Callable[[Any], None],
+                         errors: tuple[type[Exception], ...]) -> None:
+        """``write`` one statement and leave its answer pending (read a pending one first: at most one per lane).
+        ``errors`` are what ``write`` raises when the statement may not have reached the server: resolving then
+        sends it again (a resend recognises a completion that had landed after all)."""
+        done: list[tuple[Pending, Any]] = []
+        try:
+            with self.lock:
+                self._collect_pending(done)
+                pending = Pending(time.monotonic(), resolve)
+                try:
+                    write()
+                except errors as exc:
+                    done.append((pending, exc))
+                    return
+                self.pending = pending
+            collector.wake(self)
+        finally:
+            resolve_all(done)
+
+    def collect(self, older_than: float) -> bool:
+        """Read a pending answer older than ``older_than`` seconds, unless the owner is busy; True if one is left."""
+        done: list[tuple[Pending, Any]] = []
+        if not self.lock.acquire(blocking=False):
+            return True
+        try:
+            if self.pending is None:
+                return False
+            if time.monotonic() - self.pending.sent_at < older_than:
+                return True
+            self._collect_pending(done)
+            return False
+        finally:
+            self.lock.release()
+            resolve_all(done)
+
+    def _collect_pending(self, done: list[tuple[Pending, Any]]) -> None:
+        """Read the pending answer into ``done``; a broken connection resolves it as unknown instead of raising."""
+        raise NotImplementedError
+
+
+class _Collector:
+    """One daemon thread per process that reads the answers idle lanes are still owed."""
+
+    def __init__(self) -> None:
+        self._lanes: weakref.WeakSet[BaseLane] = weakref.WeakSet()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def wake(self, lane: BaseLane) -> None:
+        if self._thread is None or self._pid != os.getpid():
+            self._start()
+        if lane.watched_by != self._pid:  # once per lane and process, not a weak reference per completion
+            self._lanes.add(lane)
+            lane.watched_by = self._pid
+        if not self._wake.is_set():  # set by the first completion after an idle spell only: cheap on the hot path
+            self._wake.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            # A forked pool child inherits this object but not the thread.
+            if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+                return
+            self._pid = os.getpid()
+            self._lanes = weakref.WeakSet()
+            self._wake = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="idemtasks-collector", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(COLLECT_AFTER)
+            # Clear before looking, so a completion written while we look sets it again: none is ever stranded.
+            self._wake.clear()
+            waiting = False
+            for lane in list(self._lanes):
+                try:
+                    waiting = lane.collect(COLLECT_AFTER) or waiting
+                except Exception:  # pragma: no cover - lanes resolve their own errors; never let the thread die
+                    logger.exception("idemtasks: collecting a pipelined completion failed")
+            if waiting:
+                self._wake.set()
+
+
+collector = _Collector()
