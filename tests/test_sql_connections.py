@@ -18,7 +18,9 @@ from sqlalchemy.pool import NullPool
 
 from idemtasks import ClaimOutcome, Status
 from idemtasks.errors import StoreUnavailable
+from idemtasks.identity import key_digest, new_operation_id
 from idemtasks.stores import sql_schema
+from idemtasks.stores.base import CreateRequest
 from idemtasks.stores.sql import SQLStore
 from idemtasks.stores.sql_async import AsyncSQLStore
 from idemtasks.stores.sql_lane import Prepared
@@ -95,6 +97,19 @@ def test_a_claim_that_meets_a_dead_lane_is_sent_again_on_a_new_one(pg_store: SQL
     assert again.operation.fencing_token == first.operation.fencing_token
     other = pg_store.claim("s", key, "t", "f" * 32, owner="second", lease=30, ttl=60)
     assert other.outcome is ClaimOutcome.BUSY
+
+
+def test_a_creation_that_meets_a_dead_lane_is_sent_again_and_is_still_a_creation(pg_store: SQLStore) -> None:
+    _round(pg_store)
+    assert _terminate(pg_store.app) == 2
+    assert pg_store.create("s", uuid.uuid4().hex, "t", "f" * 32, ttl=60).created  # on a new lane
+    # Why sending it again is safe: a creation whose answer was lost, sent again, finds the record it made, which
+    # carries this request's new id, and is answered as a creation (so the submit goes on to publish).
+    key = uuid.uuid4().hex
+    digest = key_digest("s", key)
+    req = CreateRequest(digest, "s", key, "t", "f" * 32, new_operation_id(digest), 60.0, None)
+    (first, created), (again, created_again) = pg_store._create(req), pg_store._create(req)
+    assert created and created_again and again.id == first.id == req.new_id
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "resolve_all"]
+__all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "published_answer", "resolve_all"]
 
 logger = logging.getLogger("idemtasks.store")
 
@@ -37,6 +37,13 @@ class Pending:
 
     sent_at: float
     resolve: Callable[[Any], None]  # called with the answer, or with the exception reading it raised
+
+
+def published_answer(answer: Any) -> None:
+    """The late answer to a pipelined "published" flag: only worth a word in the log when it did not land."""
+    if isinstance(answer, Exception):
+        logger.warning("idemtasks: an operation may stay flagged as unpublished (%s); harmless: its duplicates "
+                       "wait a few seconds more, and the claim clears the flag", answer)
 
 
 def resolve_all(done: list[tuple[Pending, Any]]) -> None:

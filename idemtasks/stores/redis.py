@@ -8,7 +8,6 @@ the one thing outside that slot. The record layout and the scripts are in :mod:`
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -32,11 +31,11 @@ from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from . import redis_scripts as lua
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store
+from .lanes import published_answer
 from .redis_lane import Lane, lanes_supported
 
 __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
 
-logger = logging.getLogger("idemtasks.store")
 
 _STATUS = {"p": Status.PENDING, "r": Status.RUNNING, "s": Status.SUCCEEDED, "f": Status.FAILED}
 _STATUS_CODE = {v: k for k, v in _STATUS.items()}
@@ -125,12 +124,6 @@ def finish_args(req: FinishRequest) -> list[str]:
     err = req.error
     return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
             err.type if err else "", err.message if err else "", repr(req.ttl)]
-
-
-def _published_answer(answer: Any) -> None:
-    if isinstance(answer, Exception):
-        logger.warning("idemtasks: an operation may stay flagged as unpublished (%s); harmless: its duplicates "
-                       "wait a few seconds more, and the claim clears the flag", answer)
 
 
 class RedisStore(Store):
@@ -284,7 +277,7 @@ class RedisStore(Store):
         # Not waited for: the flag only makes a duplicate of a just-created operation wait for ACCEPT_WINDOW, and
         # the worker's claim clears it anyway. A submit then costs one synchronous round trip, the create.
         self.round_trips += 1
-        lane.send(self._published_script.sha, keys, args, _published_answer)
+        lane.send(self._published_script.sha, keys, args, published_answer)
 
     def _abandon(self, digest: str, operation_id: str) -> None:
         with self._call():

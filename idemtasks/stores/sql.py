@@ -12,8 +12,8 @@ Clocks: PostgreSQL and MariaDB use the server's clock, so workers with skewed cl
 SQLite, being in-process, uses the local one.
 
 The statements themselves are in :mod:`.sql_statements`, built once per store. On PostgreSQL through psycopg, a
-worker thread claims and completes on a connection of its own, and does not wait for a completion's answer (see
-:mod:`.sql_lane`).
+thread creates, claims and completes on a connection of its own, and does not wait for the answer to a completion
+or to the "published" flag (see :mod:`.sql_lane`).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from ..errors import IdemtasksError, StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
-from .lanes import lanes_supported
+from .lanes import lanes_supported, published_answer
 from .sql_schema import create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
 if TYPE_CHECKING:
-    from .sql_lane import LaneError, LaneStatements, PGLane
+    from .sql_lane import LaneError, LaneStatements, PGLane, Prepared
 
 __all__ = ["SQLStore", "make_engine", "operations_table"]
 
@@ -166,8 +166,12 @@ class SQLStore(Store):
                 return (op, created), op if created else None
 
             return self._locked(req.digest, decide)
-        with self._tx() as conn:
-            row = self._run(conn, *self.create_statement(req)).one()
+        stmt, params = self.create_statement(req)
+        if self._lane() is not None:
+            row = self._call_on_lane(self._lanes().create, params)
+        else:
+            with self._tx() as conn:
+                row = self._run(conn, stmt, params).one()
         return self._op(row), row.id == req.new_id
 
     def create_statement(self, req: CreateRequest) -> tuple[Any, dict[str, Any]]:
@@ -187,9 +191,8 @@ class SQLStore(Store):
             p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key, p_task_name=req.task_name,
             p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
             p_ttl=req.ttl)
-        lane = self._lane()
-        if lane is not None:
-            op = self._op(self._claim_on_lane(lane, params))
+        if self._lane() is not None:
+            op = self._op(self._call_on_lane(self._lanes().claim, params))
         else:
             with self._tx() as conn:
                 op = self._op(self._run(conn, self.sql.claim, params).one())
@@ -258,7 +261,7 @@ class SQLStore(Store):
         if self._lane_sql is None:
             from .sql_lane import LaneStatements
 
-            self._lane_sql = LaneStatements(self.table, self.sql.claim, self.sql.finish)
+            self._lane_sql = LaneStatements(self.sql)
         return self._lane_sql
 
     def _lane(self) -> PGLane | None:
@@ -295,19 +298,20 @@ class SQLStore(Store):
         lane = self._local.lane = PGLane(dbapi)
         return lane
 
-    def _claim_on_lane(self, lane: PGLane, params: dict[str, Any]) -> Any:
+    def _call_on_lane(self, stmt: Prepared, params: dict[str, Any]) -> Any:
+        """A creation or a claim on this thread's lane, and the row it returns."""
         from .sql_lane import LaneError
 
-        stmt = self._lanes().claim
         self.round_trips += 1
         try:
-            return self._lanes().row(lane.call(stmt, params))
+            return self._lanes().row(self._lane().call(stmt, params))  # type: ignore[union-attr]
         except LaneError as exc:
             if not exc.broken:
                 raise self._lane_error(exc) from exc
-        # The connection broke (a restart, an idle timeout): once more on a new one. Sending a claim twice is safe,
-        # since its owner is unique to this attempt: if the first one landed, the second finds the record held by
-        # that owner and answers it as claimed, with the same fencing token.
+        # The connection broke (a restart, an idle timeout): once more on a new one. Sending either twice is safe.
+        # A claim's owner is unique to this attempt: if the first one landed, the second finds the record held by
+        # that owner and answers it as claimed, with the same fencing token. A creation that landed is found live
+        # with this request's new id, which is how a creation is told apart from a replay.
         try:
             return self._lanes().row(self._lane().call(stmt, params))  # type: ignore[union-attr]
         except LaneError as exc:
@@ -322,7 +326,15 @@ class SQLStore(Store):
         return self._count(self.sql.renew, params) == 1
 
     def _mark_published(self, digest: str, operation_id: str) -> None:
-        self._count(self.sql.mark_published, self.sql.params(p_key_hash=digest, p_id=operation_id))
+        params = self.sql.params(p_key_hash=digest, p_id=operation_id)
+        lane = self._lane()
+        if lane is None:
+            self._count(self.sql.mark_published, params)
+            return
+        # Not waited for, as on Redis: the flag only makes a duplicate of a just-created operation wait for
+        # ACCEPT_WINDOW, and the worker's claim clears it anyway. A submit then waits for one commit, the create's.
+        self.round_trips += 1
+        lane.send(self._lanes().mark_published, params, published_answer)
 
     def _abandon(self, digest: str, operation_id: str) -> None:
         self._count(self.sql.abandon, {"p_key_hash": digest, "p_id": operation_id})

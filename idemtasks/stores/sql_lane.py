@@ -4,7 +4,8 @@ As on Redis (:mod:`.redis_lane`), a worker thread claims on its lane and sends e
 for its answer; the answer is read in front of the thread's next statement, or by the collector thread once the
 thread has been idle for :data:`~idemtasks.stores.lanes.COLLECT_AFTER`. An executed task then waits for one
 commit (the claim's) instead of two. The completion's commit happens while Celery acknowledges the message and
-fetches the next one.
+fetches the next one. A thread that submits does the same with its creation (waited for) and the "published"
+flag it clears after publishing (not waited for), so a submit waits for one commit.
 
 The lane speaks to libpq directly, through psycopg's ``pgconn``: each statement is prepared once per connection
 and then sent as its name and text parameters. The same claim and completion through SQLAlchemy spend three times
@@ -37,12 +38,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import psycopg
-import sqlalchemy as sa
 from psycopg import pq
 from sqlalchemy.dialects import postgresql
 
-from ..models import Status
 from .lanes import BaseLane, Pending, resolve_all
+from .sql_statements import Statements
 
 __all__ = ["LaneError", "LaneStatements", "PGLane", "Prepared"]
 
@@ -90,15 +90,18 @@ class Prepared:
 
 
 class LaneStatements:
-    """The statements a lane runs for one store (its claim and its completions), and how to read a claim's row."""
+    """The statements a lane runs for one store (creation, claim, completions and the "published" flag), and how
+    to read the row a creation or a claim returns."""
 
-    def __init__(self, table: sa.Table, claim: Any, finish: Mapping[Status, Any]) -> None:
+    def __init__(self, sql: Statements) -> None:
         dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
-        self.claim = Prepared.compile("idemtasks_claim", claim, dialect)
+        self.create = Prepared.compile("idemtasks_create", sql.create, dialect)
+        self.claim = Prepared.compile("idemtasks_claim", sql.claim, dialect)
         self.finish = {status: Prepared.compile(f"idemtasks_finish_{status.value}", stmt, dialect)
-                       for status, stmt in finish.items()}
+                       for status, stmt in sql.finish.items()}
+        self.mark_published = Prepared.compile("idemtasks_mark_published", sql.mark_published, dialect)
         self._readers: dict[str, Callable[[bytes], Any]] = {}
-        for column in table.c:
+        for column in sql.table.c:
             kind = column.type.python_type
             self._readers[column.name] = (int if kind is int else float if kind is float
                                           else (lambda v: v == b"t") if kind is bool else bytes.decode)
