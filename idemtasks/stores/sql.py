@@ -82,7 +82,7 @@ class SQLStore(Store):
             threading.RLock() if isinstance(engine.pool, StaticPool) else contextlib.nullcontext())
         self._local = threading.local()
         self._lane_sql: LaneStatements | None = None
-        #: Whether worker threads claim and complete on lanes (PostgreSQL through psycopg, not under greenlets).
+        #: Whether threads create, claim and complete on lanes (PostgreSQL through psycopg, not under greenlets).
         self.pipelines_completions = self.dialect == "postgresql" and engine.dialect.driver == "psycopg" \
             and lanes_supported()
         if create_schema:
@@ -167,8 +167,9 @@ class SQLStore(Store):
 
             return self._locked(req.digest, decide)
         stmt, params = self.create_statement(req)
-        if self._lane() is not None:
-            row = self._call_on_lane(self._lanes().create, params)
+        lane = self._lane()
+        if lane is not None:
+            row = self._call_on_lane(lane, self._lanes().create, params)
         else:
             with self._tx() as conn:
                 row = self._run(conn, stmt, params).one()
@@ -191,8 +192,9 @@ class SQLStore(Store):
             p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key, p_task_name=req.task_name,
             p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
             p_ttl=req.ttl)
-        if self._lane() is not None:
-            op = self._op(self._call_on_lane(self._lanes().claim, params))
+        lane = self._lane()
+        if lane is not None:
+            op = self._op(self._call_on_lane(lane, self._lanes().claim, params))
         else:
             with self._tx() as conn:
                 op = self._op(self._run(conn, self.sql.claim, params).one())
@@ -298,13 +300,13 @@ class SQLStore(Store):
         lane = self._local.lane = PGLane(dbapi)
         return lane
 
-    def _call_on_lane(self, stmt: Prepared, params: dict[str, Any]) -> Any:
+    def _call_on_lane(self, lane: PGLane, stmt: Prepared, params: dict[str, Any]) -> Any:
         """A creation or a claim on this thread's lane, and the row it returns."""
         from .sql_lane import LaneError
 
         self.round_trips += 1
         try:
-            return self._lanes().row(self._lane().call(stmt, params))  # type: ignore[union-attr]
+            return self._lanes().row(lane.call(stmt, params))
         except LaneError as exc:
             if not exc.broken:
                 raise self._lane_error(exc) from exc
