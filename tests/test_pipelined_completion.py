@@ -104,6 +104,18 @@ def test_the_outcome_is_visible_to_other_clients_without_another_claim(store: St
     assert not settled.errors
 
 
+def test_a_thread_reads_its_own_pipelined_completion_at_once(store: Store) -> None:
+    # Reads go through the pool, not the lane; a read right behind a completion still in flight (a commit takes a
+    # while) must not answer "running", as an on_success hook that looks its operation up would otherwise see.
+    for i in range(20):
+        op, settled = held(store, f"k{i}"), Settled()
+        finish_pipelined(store, op, settled)
+        by_key, by_id = store.get("s", f"k{i}"), store.get_by_id(op.id)
+        assert by_key is not None and by_key.status is Status.SUCCEEDED and by_key.result == "paid"
+        assert by_id == by_key
+        assert not settled.errors
+
+
 def test_a_zombies_pipelined_completion_is_refused_and_it_hears_so_while_idle(store: Store) -> None:
     zombie, settled = held(store, "k", lease=0.2), Settled()
     time.sleep(0.3)

@@ -41,6 +41,7 @@ class Harness:
     store: Store
     runs: Counter[str] = field(default_factory=Counter)
     tasks: dict[str, Any] = field(default_factory=dict)
+    seen: dict[str, Any] = field(default_factory=dict)  # task id -> status its on_success hook read
 
     def wait_final(self, op_id: str, timeout: float = 20.0) -> Any:
         deadline = time.monotonic() + timeout
@@ -98,7 +99,19 @@ def build(store: Store) -> Harness:
         time.sleep(seconds)
         return "slept"
 
-    h.tasks.update(charge=charge, flaky=flaky, retry_on=retry_on, weird=weird, keyed=keyed, long=long)
+    class Watched(IdempotentTask):
+        def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+            # Runs in the worker thread right behind the completion, which may still be on its way to the store.
+            op = self.store.get_by_id(task_id)
+            h.seen[task_id] = None if op is None else op.status
+
+    @app.task(base=Watched, bind=True, store_url=store, name=f"{app.main}.watched")
+    def watched(self: IdempotentTask, n: int) -> int:
+        h.runs[self.operation.key] += 1
+        return n
+
+    h.tasks.update(charge=charge, flaky=flaky, retry_on=retry_on, weird=weird, keyed=keyed, long=long,
+                   watched=watched)
     return h
 
 
@@ -128,6 +141,14 @@ class TestSubmit:
         assert op.result == {"account": "acct", "amount": 10, "token": 1}
         assert h.app.AsyncResult(op.id).get(timeout=10) == op.result
         assert h.runs[k] == 1
+
+    def test_an_on_success_hook_reads_its_operation_as_succeeded(self, h: Harness) -> None:
+        subs = [h.tasks["watched"].submit((i,), key=key()) for i in range(12)]
+        ids = [sub.operation.id for sub in subs]
+        deadline = time.monotonic() + 20
+        while not all(i in h.seen for i in ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [h.seen.get(i) for i in ids] == [Status.SUCCEEDED] * len(ids)
 
     def test_repeat_submit_returns_the_same_operation_and_publishes_nothing(self, h: Harness) -> None:
         charge = h.tasks["charge"]

@@ -167,6 +167,7 @@ class Store(abc.ABC):
         landed; finding exactly it stored is then success rather than :class:`LeaseLost`. A repeat is otherwise
         refused like any completion of a finished operation.
         """
+        self._settle_own_writes()
         self._finish_or_raise(FinishRequest(key_digest(scope, key), operation_id, token, status, result_json, error,
                                             ttl), again=again)
 
@@ -223,6 +224,7 @@ class Store(abc.ABC):
 
     def renew(self, op: Operation, token: int, *, lease: float, ttl: float) -> bool:
         """Extend a live lease; ``False`` means the caller is no longer the holder."""
+        self._settle_own_writes()
         return self._renew(key_digest(op.scope, op.key), op.id, token, lease, ttl)
 
     def mark_published(self, op: Operation) -> None:
@@ -232,20 +234,24 @@ class Store(abc.ABC):
     def abandon(self, op: Operation) -> None:
         """Delete ``op`` if it is still pending and never claimed: its message could not be published, and a
         retry of the request must be free to start over rather than find a record that nothing will run."""
+        self._settle_own_writes()
         self._abandon(key_digest(op.scope, op.key), op.id)
 
     def stale(self, *, pending_after: float, limit: int = 500) -> list[Operation]:
         """Operations that may never finish by themselves: pending and unchanged for ``pending_after`` seconds,
         or running under a lease that ran out (see :mod:`idemtasks.recovery`)."""
+        self._settle_own_writes()
         return self._stale(pending_after, limit)
 
     def requeue(self, op: Operation) -> bool:
         """Put a running operation whose lease ran out back to pending, fenced on its token (the dead holder stays
         fenced off, since finishing needs ``running``); ``False`` if it was claimed, renewed or finished."""
+        self._settle_own_writes()
         return self._requeue(key_digest(op.scope, op.key), op.id, op.fencing_token)
 
     def get(self, scope: str, key: str) -> Operation | None:
         """The live operation for ``(scope, key)``, or ``None``."""
+        self._settle_own_writes()
         return self._get(key_digest(scope, key))
 
     def get_by_id(self, operation_id: str) -> Operation | None:
@@ -253,8 +259,14 @@ class Store(abc.ABC):
         digest = digest_from_id(operation_id)
         if digest is None:
             return None
+        self._settle_own_writes()
         op = self._get(digest)
         return op if op is not None and op.id == operation_id else None
+
+    def _settle_own_writes(self) -> None:  # noqa: B027 - only a pipelining backend has anything to wait for
+        """Wait for the answers this thread's pipelined writes still owe. Those writes went out on the thread's
+        lane, the calls above go through other connections: without this, a thread could read its own completion
+        as still running (PostgreSQL commits it a moment later) or act on a state it had already changed."""
 
     def now(self) -> float:
         """The clock leases are measured with; backends with a server clock override this."""

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "published_answer", "resolve_all"]
+__all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "published_answer", "resolve_all",
+           "settle_own_writes"]
 
 logger = logging.getLogger("idemtasks.store")
 
@@ -37,6 +38,13 @@ class Pending:
 
     sent_at: float
     resolve: Callable[[Any], None]  # called with the answer, or with the exception reading it raised
+
+
+def settle_own_writes(local: threading.local) -> None:
+    """Drain the lane of this thread, if it has one (see ``Store._settle_own_writes``)."""
+    lane: BaseLane | None = getattr(local, "lane", None)
+    if lane is not None and lane.pid == os.getpid():  # a forked child never touches its parent's socket
+        lane.drain()
 
 
 def published_answer(answer: Any) -> None:
@@ -81,6 +89,17 @@ class BaseLane:
                     return
                 self.pending = pending
             collector.wake(self)
+        finally:
+            resolve_all(done)
+
+    def drain(self) -> None:
+        """Read the pending answer, waiting for it if need be: the write it answers has then been applied."""
+        if self.pending is None:  # the owner's own check: only the owner adds one, the collector may take it
+            return
+        done: list[tuple[Pending, Any]] = []
+        try:
+            with self.lock:
+                self._collect_pending(done)
         finally:
             resolve_all(done)
 

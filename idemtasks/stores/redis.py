@@ -31,7 +31,7 @@ from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from . import redis_scripts as lua
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store
-from .lanes import published_answer
+from .lanes import published_answer, settle_own_writes
 from .redis_lane import Lane, lanes_supported
 
 __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
@@ -204,6 +204,9 @@ class RedisStore(Store):
             return lane.call(script.sha, source, keys, args)
         except RedisError as exc:
             raise self._store_error(exc) from exc
+
+    def _settle_own_writes(self) -> None:
+        settle_own_writes(self._local)
 
     def _lane(self) -> Lane | None:
         lane: Lane | None = getattr(self._local, "lane", None)

@@ -37,7 +37,7 @@ from ..errors import IdemtasksError, StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
-from .lanes import lanes_supported, published_answer
+from .lanes import lanes_supported, published_answer, settle_own_writes
 from .sql_schema import create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
@@ -265,6 +265,9 @@ class SQLStore(Store):
 
             self._lane_sql = LaneStatements(self.sql)
         return self._lane_sql
+
+    def _settle_own_writes(self) -> None:
+        settle_own_writes(self._local)
 
     def _lane(self) -> PGLane | None:
         """This thread's lane, opened on first use (and again after its connection broke or the process forked)."""
