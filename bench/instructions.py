@@ -6,7 +6,8 @@ the kernel's work for a socket write and the servers' work are not counted — s
 the interpreter's work per task, and whether a change to the hot path made it cheaper.
 
 Each path runs in a child process under ``valgrind --tool=callgrind`` twice, once with 1 and once with N+1 measured
-iterations after the same set-up; the difference over N is the cost of one iteration, start-up excluded.
+iterations after the same set-up; the difference over N is the cost of one iteration, start-up excluded. Both run
+with the same fixed ``PYTHONHASHSEED``, so that their dictionaries are laid out alike.
 
 * ``worker``: Celery's own tracer (what a worker process runs for each message) calling the task in process, for a
   message as ``submit`` sends it (idemtasks) or as ``apply_async`` sends it (the others, whose publish-time locks
@@ -53,7 +54,9 @@ def run(bench: Bench, scenarios: list[Scenario], iterations: int) -> list[Count]
     for s in scenarios:
         for path in PATHS:
             queue = f"bench.instructions.{uuid.uuid4().hex[:8]}"  # nothing consumes it; deleted below
-            env = {**os.environ, **bench.spec(s, queue=queue).env(), "PYTHONPATH": str(ROOT)}
+            # A fixed hash seed: with a random one, each process lays its dicts out differently, and the probes of
+            # string-keyed lookups alone moved a run's total by a million instructions.
+            env = {**os.environ, **bench.spec(s, queue=queue).env(), "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
             # The two counts of one path run side by side: 2 CPUs, and valgrind is single-threaded.
             with ThreadPoolExecutor(2) as pool:
                 runs = [pool.submit(_count, path, n, env, iterations + 1) for n in (1, iterations + 1)]
