@@ -103,7 +103,7 @@ def probe(bench: Bench, s: Scenario, n: int, logdir: Path) -> RoundTrips:
     run_id = uuid.uuid4().hex[:8]
     queue, counter_key = f"bench.rt.{s.name}.{run_id}", f"runs:{run_id}"
     task, publish = bench.client(s), publisher(s.lib)
-    sql = s.store in ("postgres", "sqlite") and s.lib.startswith("idemtasks")
+    sql = s.store != "redis" and s.lib.startswith("idemtasks")
     store = getattr(task, "store_url", None)
     rt0 = store.round_trips if sql else 0
     mon = Monitor(bench.store).start()

@@ -25,7 +25,7 @@ POSTGRES_URL = os.environ.get("IDEMTASKS_TEST_POSTGRES_URL", "postgresql+psycopg
 class Scenario:
     name: str
     lib: str  # see bench.app.LIBS
-    store: str = "redis"  # where the library keeps its state: redis, postgres or sqlite
+    store: str = "redis"  # where the library keeps its state: redis, postgres(-async-commit) or sqlite
     package: str = ""  # module that must be importable
 
     @property
@@ -37,6 +37,8 @@ SCENARIOS = (
     Scenario("bare", "bare"),
     Scenario("idemtasks-redis", "idemtasks"),
     Scenario("idemtasks-postgres", "idemtasks", "postgres"),
+    # The same store with the server's commit flush off: what the flush costs, at a price in durability (README).
+    Scenario("idemtasks-postgres-async-commit", "idemtasks", "postgres-async-commit"),
     Scenario("idemtasks-sqlite", "idemtasks", "sqlite"),
     Scenario("celery-once", "celery-once", package="celery_once"),
     Scenario("celery-singleton", "celery-singleton", package="celery_singleton"),
@@ -59,7 +61,7 @@ def unavailable(s: Scenario) -> str | None:
     """Why a scenario cannot run here, or ``None``."""
     if s.package and importlib.util.find_spec(s.package) is None:
         return f"{s.package} is not installed (pip install -e '.[bench]')"
-    if s.store == "postgres" and not postgres_reachable():
+    if s.store.startswith("postgres") and not postgres_reachable():
         return "PostgreSQL is not reachable on 127.0.0.1:5432"
     return None
 
@@ -86,6 +88,8 @@ class Bench:
     def store_url(self, s: Scenario) -> str:
         if s.store == "postgres":
             return POSTGRES_URL
+        if s.store == "postgres-async-commit":
+            return POSTGRES_URL + ("&" if "?" in POSTGRES_URL else "?") + "options=-c%20synchronous_commit%3Doff"
         if s.store == "sqlite":
             return self.sqlite_url
         return self.store.url(0)
