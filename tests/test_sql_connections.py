@@ -187,3 +187,25 @@ def test_a_lane_prepares_its_statements_unless_the_connection_says_not_to(thresh
         assert lane.call(probe, {}).get_value(0, 0) == str(prepared).encode()  # the claim's, or none
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("url_options", [True, False])
+def test_commit_settings_given_to_the_store_reach_its_lane_as_well_as_its_pool(url_options: bool) -> None:
+    # The README's trade of durability for speed (synchronous_commit=off) is a connection option; the lane's
+    # connection is where claims and completions commit, so it must get the option the pool gets.
+    require("postgres")
+    option = "-c synchronous_commit=off"
+    url = POSTGRES_URL + ("&" if "?" in POSTGRES_URL else "?") + "options=-c%20synchronous_commit%3Doff"
+    store = (SQLStore(url, table="idemtasks_ping_ops") if url_options else
+             SQLStore(POSTGRES_URL, table="idemtasks_ping_ops", engine_options={"connect_args": {"options": option}}))
+    try:
+        _round(store)
+        lane = store._lane()
+        assert lane is not None
+        show = Prepared.compile("show_commit", sa.text("SELECT current_setting('synchronous_commit')"),
+                                postgresql.dialect())  # type: ignore[no-untyped-call]
+        assert lane.call(show, {}).get_value(0, 0) == b"off"
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
+    finally:
+        store.close()
