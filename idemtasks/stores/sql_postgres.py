@@ -8,6 +8,19 @@ expiry now plus lease and ttl), and both statements fit the cache with room to s
 
 They encode exactly what :class:`~idemtasks.stores.sql_statements.Statements` builds for SQLite; the store contract
 tests run against both.
+
+A replay does not write. Each statement first reads the live record (``cur``) and proposes a row only when that
+record cannot answer by itself: a creation when no live record holds the key, a claim unless the record is final,
+held under a live lease, or for another payload. When ``cur`` answers, the INSERT has no row to propose, so it
+neither conflicts nor locks: the transaction gets no id, its commit waits for no flush to disk, and the table gets
+no dead row version. A replay then costs about a SELECT, instead of a durable commit of the row rewritten with its
+own values.
+
+Races: ``cur`` reads the snapshot the statement started with, while the conflict branch reads the latest committed
+version. An answer from ``cur`` is the record at the start of the statement: a final record stays final until it
+expires, and "busy" or "mismatch" is what the claim would have answered a moment earlier (a lease that ends or is
+requeued meanwhile is claimed by the next delivery, as before). Anything ``cur`` does not answer for, including a
+record that another statement is inserting or claiming at that moment, goes through the upsert exactly as before.
 """
 
 from __future__ import annotations
@@ -39,16 +52,18 @@ Bind = Callable[[str], Any]
 
 
 def create(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
-    """A new pending record, unless a live one holds the key: then every column keeps its value (a no-op row
-    version, the price of RETURNING it)."""
+    """A new pending record, unless a live one holds the key: then it is returned as it is, without a write (the
+    conflict branch, which keeps every column, is for a live record that ``cur`` did not see yet)."""
     values = {**_NEW, "status": "'pending'", "attempts": "0", "fencing_token": "0", "lease_owner": "NULL",
               "lease_expires_at": "NULL", "needs_publish": "true"}
-    return _upsert(table, values, {c: _FRESH.format(c=c) for c in _COLUMNS[1:]}, column_bind, seconds_bind)
+    return _upsert(table, values, {c: _FRESH.format(c=c) for c in _COLUMNS[1:]}, column_bind, seconds_bind,
+                   answers="")
 
 
 def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
-    """:func:`~idemtasks.stores.base.decide_claim` in one statement. Every replay (busy, done, mismatch) rewrites
-    the row with its own values: the price of learning the outcome without a second SELECT."""
+    """:func:`~idemtasks.stores.base.decide_claim` in one statement. A replay (busy, done, mismatch) is answered
+    by ``cur`` without a write, unless the record changed under the statement: then the conflict branch rewrites the
+    row with its own values, the price of learning the outcome in the same round trip."""
     values = {**_NEW, "status": "'running'", "attempts": "1", "fencing_token": "1", "lease_owner": ":p_lease_owner",
               "lease_expires_at": f"{_NOW} + :p_lease", "needs_publish": "false"}
     won = ", ".join(f"CASE WHEN w THEN excluded.{c} ELSE o.{c} END" for c in _WON)
@@ -63,15 +78,24 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
             f"(SELECT {won}, CASE WHEN w THEN o.fencing_token + 1 ELSE o.fencing_token END "
             f"FROM (SELECT {_EXPIRED} OR {_CLAIMABLE} AS w) AS claim)",
     }
-    return _upsert(table, values, set_, column_bind, seconds_bind)
+    # The record answers without a write when it is final, held under a live lease, or for another payload.
+    answers = (" AND (c.status IN ('succeeded', 'failed') OR c.fingerprint <> :p_fingerprint OR "
+               f"c.status = 'running' AND coalesce(c.lease_expires_at, 0) > {_NOW})")
+    return _upsert(table, values, set_, column_bind, seconds_bind, answers=answers)
 
 
 def _upsert(table: sa.Table, values: dict[str, str], set_: dict[str, str], column_bind: Bind,
-            seconds_bind: Bind) -> Any:
+            seconds_bind: Bind, *, answers: str) -> Any:
+    """The live record ``cur`` when it satisfies ``answers`` (``c`` is the record), else the upsert's row."""
     quoted = postgresql.dialect().identifier_preparer.format_table(table)  # type: ignore[no-untyped-call]
-    text = (f"INSERT INTO {quoted} AS o ({', '.join(_COLUMNS)}) VALUES ({', '.join(values[c] for c in _COLUMNS)}) "
+    columns = ", ".join(_COLUMNS)
+    text = (f"WITH cur AS (SELECT {columns} FROM {quoted} AS c WHERE c.key_hash = :p_key_hash AND "
+            f"c.expires_at > {_NOW}{answers}), "
+            f"up AS (INSERT INTO {quoted} AS o ({columns}) SELECT {', '.join(values[c] for c in _COLUMNS)} "
+            "WHERE NOT EXISTS (SELECT FROM cur) "
             "ON CONFLICT (key_hash) DO UPDATE SET " + ", ".join(f"{c} = {expr}" for c, expr in set_.items())
-            + f" RETURNING {', '.join(f'o.{c}' for c in _COLUMNS)}")
+            + f" RETURNING {', '.join(f'o.{c}' for c in _COLUMNS)}) "
+            "SELECT * FROM up UNION ALL SELECT * FROM cur")
     names = {word[3:] for expr in values.values() for word in expr.split() if word.startswith(":p_")}
     binds = [column_bind(n) if n in table.c else seconds_bind(f"p_{n}") for n in sorted(names)]  # p_ttl, p_lease
     return sa.text(text).bindparams(*binds).columns(*(table.c[c] for c in _COLUMNS))

@@ -74,7 +74,7 @@ class Statements:
                                lease_expires_at=None, needs_publish=True)
         stmt = self.upsert(t).values(**values)
         expired = t.c.expires_at <= now
-        # A live record keeps every column (a no-op row version on PostgreSQL: the price of RETURNING it).
+        # A live record keeps every column: rewritten with its own values, the price of RETURNING it.
         return stmt.on_conflict_do_update(
             index_elements=[t.c.key_hash],
             set_={c: sa.case((expired, stmt.excluded[c]), else_=t.c[c]) for c in values if c != "key_hash"},
@@ -103,8 +103,8 @@ class Statements:
         def won(col: str, value: Any) -> Any:
             return sa.case((wins, value), else_=t.c[col])
 
-        # Every replay (busy, done, mismatch) rewrites the row with its own values, a dead row version on
-        # PostgreSQL: the price of learning the outcome in the same round trip instead of a second SELECT.
+        # Every replay (busy, done, mismatch) rewrites the row with its own values: the price of learning the
+        # outcome in one statement, since SQLite has no INSERT inside WITH (PostgreSQL's replays write nothing).
         return stmt.on_conflict_do_update(index_elements=[t.c.key_hash], set_={
             **{c: fresh(c) for c in ("id", "scope", "idem_key", "task_name", "fingerprint", "created_at", "payload")},
             **{c: sa.case((expired, sa.null()), else_=t.c[c]) for c in ("result", "error_type", "error_message")},

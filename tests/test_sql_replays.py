@@ -1,0 +1,119 @@
+"""On PostgreSQL a replay is answered from the record as it stands: its row is neither rewritten nor locked.
+
+A rewrite would cost each duplicate delivery and each client retry a durable commit, and leave a dead row version
+behind. ``xmin`` and ``ctid`` change with every new row version and ``xmax`` with every row lock, so a replay must
+leave all three as they were. Both ways a statement reaches the server are checked: a thread's own connection (its
+lane) and the pool.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from idemtasks import ClaimOutcome, ErrorInfo, IdempotencyKeyMismatch, Status
+from idemtasks.identity import key_digest
+from idemtasks.stores.sql import SQLStore
+
+from .conftest import drop
+from .services import POSTGRES_URL, require
+
+pytestmark = pytest.mark.timeout(60)
+
+TTL = 3600.0
+
+
+@pytest.fixture(params=["lane", "pool"])
+def pg_store(request: pytest.FixtureRequest) -> Iterator[SQLStore]:
+    require("postgres")
+    store = SQLStore(POSTGRES_URL, table=f"t{uuid.uuid4().hex[:12]}")
+    store.pipelines_completions = request.param == "lane"
+    yield store
+    drop(store)
+
+
+def version(store: SQLStore, scope: str, key: str) -> tuple[str, str, str]:
+    """The row's version (``xmin``, ``ctid``) and its last locker (``xmax``)."""
+    query = sa.text(f"SELECT xmin::text, ctid::text, xmax::text FROM {store.table.name} WHERE key_hash = :d")
+    with store.engine.connect() as conn:
+        row = conn.execute(query, {"d": key_digest(scope, key)}).one()
+    return row[0], row[1], row[2]
+
+
+def claim(store: SQLStore, key: str, fp: str = "fp-a", *, lease: float = 30.0):  # type: ignore[no-untyped-def]
+    return store.claim("s", key, "tasks.charge", fp, owner=uuid.uuid4().hex, lease=lease, ttl=TTL)
+
+
+def test_a_repeated_create_leaves_the_row_as_it_was(pg_store: SQLStore) -> None:
+    first = pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
+    before = version(pg_store, "s", "k")
+
+    again = pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
+    with pytest.raises(IdempotencyKeyMismatch):
+        pg_store.create("s", "k", "tasks.charge", "fp-b", ttl=TTL)
+
+    assert not again.created
+    assert again.operation == first.operation
+    assert version(pg_store, "s", "k") == before
+
+
+def test_a_busy_claim_leaves_the_row_as_it_was(pg_store: SQLStore) -> None:
+    held = claim(pg_store, "k")
+    before = version(pg_store, "s", "k")
+
+    busy = claim(pg_store, "k")
+
+    assert busy.outcome is ClaimOutcome.BUSY
+    assert busy.operation == held.operation
+    assert version(pg_store, "s", "k") == before
+
+
+@pytest.mark.parametrize("final", [Status.SUCCEEDED, Status.FAILED])
+def test_a_claim_of_a_finished_operation_leaves_the_row_as_it_was(pg_store: SQLStore, final: Status) -> None:
+    op = claim(pg_store, "k").operation
+    if final is Status.SUCCEEDED:
+        pg_store.succeed(op, op.fencing_token, "42", ttl=TTL)
+    else:
+        pg_store.fail(op, op.fencing_token, ErrorInfo("CardDeclined", "no"), ttl=TTL)
+    stored = pg_store.get("s", "k")
+    before = version(pg_store, "s", "k")
+
+    replays = [claim(pg_store, "k") for _ in range(3)]
+
+    assert {r.outcome for r in replays} == {ClaimOutcome.DONE}
+    assert all(r.operation == stored for r in replays)
+    assert version(pg_store, "s", "k") == before
+
+
+@pytest.mark.parametrize("status", [Status.PENDING, Status.RUNNING, Status.SUCCEEDED])
+def test_a_claim_with_another_payload_leaves_the_row_as_it_was(pg_store: SQLStore, status: Status) -> None:
+    if status is Status.PENDING:
+        pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
+    else:
+        op = claim(pg_store, "k").operation
+        if status is Status.SUCCEEDED:
+            pg_store.succeed(op, op.fencing_token, "42", ttl=TTL)
+    before = version(pg_store, "s", "k")
+
+    mismatch = claim(pg_store, "k", fp="fp-b")
+
+    assert mismatch.outcome is ClaimOutcome.MISMATCH
+    assert mismatch.operation.fingerprint == "fp-a"
+    assert version(pg_store, "s", "k") == before
+
+
+def test_a_claim_that_wins_writes_a_new_row_version(pg_store: SQLStore) -> None:
+    """The check above can see a write: claiming a pending operation, or one whose lease ended, makes one."""
+    pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
+    pending = version(pg_store, "s", "k")
+
+    first = claim(pg_store, "k", lease=0.0)
+    running = version(pg_store, "s", "k")
+    takeover = claim(pg_store, "k")
+
+    assert (first.outcome, takeover.outcome) == (ClaimOutcome.CLAIMED, ClaimOutcome.CLAIMED)
+    assert takeover.operation.fencing_token == first.operation.fencing_token + 1
+    assert pending[:2] != running[:2] != version(pg_store, "s", "k")[:2]
