@@ -44,6 +44,19 @@ def test_unreachable_store_raises_store_unavailable(url: str) -> None:
         store.get("s", "k")
 
 
+def test_a_redis_store_out_of_memory_is_unavailable_and_writes_nothing(private_redis: PrivateRedis) -> None:
+    """Refused for memory, a script has not written: a worker comes back later, as after an outage."""
+    store = open_store(private_redis.url)
+    store.client.config_set("maxmemory", 1)  # type: ignore[attr-defined]  # below what the server already uses
+    with pytest.raises(StoreUnavailable):
+        store.create("s", "k", "t", "fp", ttl=60)
+    with pytest.raises(StoreUnavailable):
+        store.claim("s", "k", "t", "fp", owner="w1", lease=30, ttl=60)
+    store.client.config_set("maxmemory", 0)  # type: ignore[attr-defined]
+    assert store.get("s", "k") is None
+    assert store.claim("s", "k", "t", "fp", owner="w1", lease=30, ttl=60).outcome is ClaimOutcome.CLAIMED
+
+
 def test_settings_that_would_break_the_guarantees_are_refused() -> None:
     base = {"lease_seconds": 60.0, "idempotency_ttl": 3600.0, "on_busy": "retry"}
     validate("t", base)

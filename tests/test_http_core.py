@@ -11,6 +11,7 @@ from idemtasks.errors import (
     InvalidKey,
     NotSerializable,
     PublishFailed,
+    StoreError,
     StoreUnavailable,
     TooLarge,
 )
@@ -131,11 +132,13 @@ class TestErrors:
         (NotSerializable("x", what="arguments"), 400, "invalid_request"),
         (StoreUnavailable("down"), 503, "service_unavailable"),
         (PublishFailed("broker down", operation_id="o"), 503, "service_unavailable"),
+        (StoreError("relation does not exist"), 500, "store_error"),
     ])
     def test_each_error_has_its_documented_problem(self, exc: Exception, status: int, code: str) -> None:
         r = error_reply(exc, POLICY)
         assert (r.status, r.body["code"], r.media_type) == (status, code, "application/problem+json")
         assert r.body["status"] == status and r.body["title"] and r.body["type"].startswith("https://")
+        assert ("Retry-After" in r.headers) == (status == 503)
         if status == 503:
             assert r.headers["Retry-After"] == "1"
 

@@ -1,4 +1,5 @@
-"""Store or broker outages answer 503 with Retry-After and leave nothing that would block the client's retry."""
+"""Store or broker outages answer 503 with Retry-After, a store that refuses answers 500, and neither leaves
+anything that would block the client's retry."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
 from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
@@ -14,6 +17,11 @@ from starlette.responses import Response
 from idemtasks import IdempotentTask, open_store
 from idemtasks.contrib.fastapi import Idempotency
 from idemtasks.stores.base import Store
+from idemtasks.stores.sql import SQLStore
+from idemtasks.stores.sql_schema import create_tables
+from tests.conftest import drop
+from tests.private_redis import PrivateRedis
+from tests.services import POSTGRES_URL, require
 from tests.test_bad_input import free_port
 
 
@@ -57,3 +65,36 @@ def test_unreachable_broker_is_a_503_and_the_retry_starts_afresh(tmp_path: Path)
     with service(store, "memory://") as up:
         again = post(up, "k2")
     assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+
+
+def test_a_redis_store_out_of_memory_is_a_503_and_the_retry_starts_afresh(private_redis: PrivateRedis) -> None:
+    """A script refused for memory wrote nothing: the client is told to come back, and its retry is a first try."""
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.config_set("maxmemory", 1)  # below what the server already uses: every write is refused (noeviction)
+    store = open_store(private_redis.url)
+    with service(store, "memory://") as client:
+        r = post(client, "k3")
+    assert r.status_code == 503 and r.json()["code"] == "service_unavailable" and r.headers["retry-after"] == "1"
+    admin.config_set("maxmemory", 0)
+    with service(store, "memory://") as client:
+        again = post(client, "k3")
+    assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+
+
+def test_a_store_that_refuses_is_a_500_and_the_retry_starts_afresh(caplog: pytest.LogCaptureFixture) -> None:
+    """A store that answers with an error (here its table does not exist yet) is not an outage: no Retry-After,
+    the cause in the log and not in the response, and nothing left that would block the key."""
+    require("postgres")
+    store = SQLStore(POSTGRES_URL, table=f"t{uuid.uuid4().hex[:12]}", create_schema=False)
+    try:
+        with service(store, "memory://") as client:
+            r = post(client, "k4")
+        assert r.status_code == 500 and r.json()["code"] == "store_error" and "retry-after" not in r.headers
+        assert store.table.name not in r.text
+        assert "UndefinedTable" in caplog.text and store.table.name in caplog.text
+        create_tables(store.engine, [store.table])
+        with service(store, "memory://") as client:
+            again = post(client, "k4")
+        assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+    finally:
+        drop(store)

@@ -14,7 +14,8 @@ key invalid (empty, > 255, not printable ASCII)        400         ``idempotency
 same key, different request                            422 (409)   ``idempotency_key_mismatch``
 same key, first request still being accepted           409         ``idempotency_key_in_use``
 body or arguments over the size limit                  413         ``payload_too_large``
-store or broker unreachable                            503         ``service_unavailable``
+store or broker unreachable, store out of memory        503         ``service_unavailable``
+store refused the request (schema, permissions)        500         ``store_error``
 status of an unknown / expired / foreign operation     404         ``operation_not_found``
 status of the caller's own operation                   200         ``Retry-After`` while unfinished
 =====================================================  ==========  ================================
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,7 @@ from ..errors import (
     NotSerializable,
     PublishFailed,
     StoreError,
+    StoreUnavailable,
     TooLarge,
 )
 from ..identity import MAX_KEY_LENGTH
@@ -57,6 +60,8 @@ __all__ = [
 ]
 
 PROBLEM_JSON = "application/problem+json"
+
+logger = logging.getLogger("idemtasks.http")
 
 
 @dataclass(frozen=True)
@@ -199,10 +204,16 @@ def error_reply(exc: Exception, policy: HttpPolicy) -> Reply:
         return problem(413, "payload_too_large", "Payload too large", str(exc))
     if isinstance(exc, NotSerializable):
         return problem(400, "invalid_request", "Invalid request", str(exc))
-    if isinstance(exc, (StoreError, PublishFailed)):
+    if isinstance(exc, (StoreUnavailable, PublishFailed)):
+        logger.warning("idemtasks: answered 503: %s", exc)
         return problem(503, "service_unavailable", "Service unavailable",
                        "the request could not be recorded or queued; retry with the same idempotency key",
                        retry_after=max(policy.retry_after, 1))
+    if isinstance(exc, StoreError):
+        # The store answered and refused (a missing table, a permission): waiting would not help, so no
+        # Retry-After. The store's own message, which names it, goes to the log, not to the client.
+        logger.error("idemtasks: answered 500: %s", exc)
+        return problem(500, "store_error", "Store error", "the request could not be recorded")
     if isinstance(exc, IdemtasksError):
         return problem(500, "internal_error", "Internal error", type(exc).__name__)
     raise exc

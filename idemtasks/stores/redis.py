@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 try:
     import redis
     from redis.backoff import EqualJitterBackoff
-    from redis.exceptions import ClusterDownError, ReadOnlyError, RedisError, TryAgainError
+    from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, RedisError, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -41,7 +41,9 @@ _STATUS = {"p": Status.PENDING, "r": Status.RUNNING, "s": Status.SUCCEEDED, "f":
 _STATUS_CODE = {v: k for k, v in _STATUS.items()}
 _CLAIM = {"b": ClaimOutcome.BUSY, "d": ClaimOutcome.DONE, "m": ClaimOutcome.MISMATCH}
 # Failover and resharding answer with errors that a later attempt gets past, unlike a bad command.
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError)
+# OOM included: a script refused for memory (maxmemory, noeviction) has written nothing, and passes again once keys
+# expire or the limit is raised.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError, OutOfMemoryError)
 
 
 def public_url(url: str) -> str:

@@ -6,12 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..aio import AsyncStore
-from ..errors import StoreError, StoreUnavailable
 from ..models import Operation
 from . import redis_scripts as lua
 from .base import CreateRequest
@@ -35,10 +32,8 @@ class AsyncRedisStore(AsyncStore):
         self.sync.round_trips += 1
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StoreUnavailable(f"Redis store {self.sync.url} unreachable: {exc}") from exc
         except RedisError as exc:
-            raise StoreError(f"Redis store {self.sync.url} failed: {exc}") from exc
+            raise self.sync._store_error(exc) from exc  # one rule for what is an outage, in both halves
 
     async def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
         async with self._call():
