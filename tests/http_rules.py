@@ -53,6 +53,17 @@ class Api:
             headers[header] = key
         return self.send("POST", path, json.dumps(body).encode(), headers)
 
+    def post_form(self, fields: dict[str, str], receipt: bytes, key: str, *, boundary: str) -> Resp:
+        """A multipart form to ``/forms``, whose view reads its form before submitting, cut by ``boundary`` (which
+        browsers and HTTP libraries draw afresh for every request)."""
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                 for name, value in fields.items()]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="receipt"; filename="receipt.txt"\r\n'
+                     "Content-Type: text/plain\r\n\r\n".encode() + receipt + b"\r\n")
+        headers = {"Authorization": "Bearer alice", "Idempotency-Key": key,
+                   "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        return self.send("POST", "/forms", b"".join(parts) + f"--{boundary}--\r\n".encode(), headers)
+
     def get(self, location: str, token: str = "alice") -> Resp:
         return self.send("GET", location, b"", {"Authorization": f"Bearer {token}"})
 
@@ -96,6 +107,29 @@ def acct() -> str:
 
 
 class HttpRules:
+    def test_a_form_posted_again_under_a_new_boundary_is_a_replay(self, api: Api) -> None:
+        a = acct()
+        first = api.post_form({"account": a, "amount": "5"}, b"paid", "k-" + a, boundary="first-" + a)
+        assert first.status_code == 202
+        api.final(first.headers["location"])
+        again = api.post_form({"account": a, "amount": "5"}, b"paid", "k-" + a, boundary="second-" + a)
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        assert again.json()["id"] == first.json()["id"] and again.json()["result"] == {"account": a, "amount": 5}
+        assert api.runs[a] == 1
+
+    def test_a_form_read_before_submitting_is_still_told_apart_by_its_content(self, api: Api) -> None:
+        """The view reads its form first, which consumes the raw body: another field or another file under the
+        same key must still be a mismatch, never a replay of the first form."""
+        a = acct()
+        first = api.post_form({"account": a, "amount": "5"}, b"paid", "k-" + a, boundary="b-" + a)
+        other_file = api.post_form({"account": a, "amount": "5"}, b"forged", "k-" + a, boundary="b-" + a)
+        other_field = api.post_form({"account": a, "amount": "6"}, b"paid", "k-" + a, boundary="b-" + a)
+        assert first.status_code == 202
+        assert [r.status_code for r in (other_file, other_field)] == [422, 422]
+        assert {r.json()["code"] for r in (other_file, other_field)} == {"idempotency_key_mismatch"}
+        api.final(first.headers["location"])
+        assert api.runs[a] == 1
+
     def test_first_request_is_accepted_with_a_location(self, api: Api) -> None:
         r = api.post({"account": (a := acct()), "amount": 5}, "k-" + a)
         assert r.status_code == 202

@@ -86,6 +86,17 @@ class TestScopeAndFingerprint:
         assert fp("", b'{"x":1}') != fp("", b'{"x":2}')
         assert fp("", method="PUT") != fp("")
 
+    def test_a_multipart_boundary_leaves_the_fingerprint_alone_but_the_parts_do_not(self) -> None:
+        """Browsers and HTTP libraries draw a new boundary for every request, a client's retry included."""
+        def fp(boundary: str, content: bytes = b"paid", content_type: str = "multipart/form-data; boundary={}") -> str:
+            body = (f'--{boundary}\r\nContent-Disposition: form-data; name="r"\r\n\r\n'.encode() + content
+                    + f"\r\n--{boundary}--\r\n".encode())
+            return request_fingerprint("POST", "/p", "", body, {"Content-Type": content_type.format(boundary)}, POLICY)
+
+        assert fp("aaa") == fp("bbb") == fp("ccc", content_type='Multipart/Form-Data; boundary="{}"')
+        assert fp("aaa", b"forged") != fp("aaa")
+        assert fp("aaa", content_type="text/plain") != fp("bbb", content_type="text/plain")  # only multipart
+
     def test_chosen_headers_join_the_fingerprint(self) -> None:
         policy = HttpPolicy(fingerprint_headers=("Content-Type",))
         a = request_fingerprint("POST", "/p", "", b"", {"Content-Type": "a"}, policy)
@@ -158,6 +169,21 @@ class TestLimits:
         reply = endpoint.submit(req, object(), ())
         assert reply.status == 413 and reply.body["code"] == "payload_too_large"
         assert store.round_trips == 0
+
+    def test_a_form_described_after_parsing_is_measured_by_its_content_length(self) -> None:
+        """A form read before submitting reaches the endpoint as a short description: the declared length counts."""
+        from idemtasks.http.endpoint import Endpoint, IncomingRequest
+        from idemtasks.http.forms import parsed_form_body
+        from idemtasks.stores.memory import MemoryStore
+
+        store = MemoryStore()
+        endpoint = Endpoint(store, policy=HttpPolicy(max_body_bytes=100))
+        described = parsed_form_body([("a", "1")], [])
+        assert len(described) < 100
+        req = IncomingRequest("POST", "/p", "/p", "", described, {"Idempotency-Key": "k", "Content-Length": "101"},
+                              "alice")
+        reply = endpoint.submit(req, object(), ())
+        assert reply.status == 413 and store.round_trips == 0
 
 
 class TestEndpointWiring:

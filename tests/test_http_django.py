@@ -75,11 +75,17 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         def strict(request: HttpRequest) -> HttpResponse:
             return idem.submit(request, task, pay_body(json.loads(request.body)), policy=CONFLICT)
 
+        def forms(request: HttpRequest) -> HttpResponse:
+            # Reads its form (and its upload) before submitting, which leaves no raw body to read.
+            request.FILES["receipt"].read()
+            return idem.submit(request, task, (request.POST["account"], int(request.POST["amount"])))
+
         def v1_payments(request: HttpRequest) -> HttpResponse:
             return v1.submit(request, task, pay_body(json.loads(request.body)))
 
         django_urls.urlpatterns[:] = [
-            path("payments", payments), path("tips", tips), path("strict", strict), path("", include(idem.urls())),
+            path("payments", payments), path("tips", tips), path("strict", strict), path("forms", forms),
+            path("", include(idem.urls())),
             path("v1/payments", v1_payments), path("v1/", include(v1.urls())),
         ]
         clear_url_caches()

@@ -49,6 +49,15 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         async def strict(request: Request) -> Response:
             return await idem.submit(request, task, pay_body(await request.json()), policy=CONFLICT)
 
+        @app.post("/forms")
+        async def forms(request: Request) -> Response:
+            # Reads its form (and its upload) before submitting, which leaves no raw body to read.
+            async with request.form() as form:  # closes the upload's temporary file on the way out
+                receipt = form["receipt"]
+                assert not isinstance(receipt, str)
+                await receipt.read()
+                return await idem.submit(request, task, (str(form["account"]), int(str(form["amount"]))))
+
         with TestClient(app) as client:
             def send(method: str, path: str, body: bytes, headers: dict[str, str]) -> Resp:
                 raw = {k: v.encode("latin-1") for k, v in headers.items()}

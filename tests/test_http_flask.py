@@ -74,6 +74,13 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         def strict() -> flask.Response:
             return idem.submit(task, pay_body(flask.request.get_json()), policy=CONFLICT)
 
+        @app.post("/forms")
+        def forms() -> flask.Response:
+            # Reads its form (and its upload) before submitting, which leaves no raw body to read.
+            form = flask.request.form
+            flask.request.files["receipt"].read()
+            return idem.submit(task, (form["account"], int(form["amount"])))
+
         v1_app = flask.Flask(__name__)
         v1 = Idempotency(store=store, caller=tenant, status_prefix="/v1/")
         v1.init_app(v1_app)

@@ -17,12 +17,14 @@ from typing import Any
 
 try:
     from django.http import HttpRequest, HttpResponse
+    from django.http.request import RawPostDataException
     from django.urls import URLPattern, path
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the Django adapter needs Django: pip install idemtasks[django]") from exc
 
 from ..http.core import HttpPolicy, Reply
 from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
+from ..http.forms import parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -33,6 +35,16 @@ def to_response(reply: Reply) -> HttpResponse:
     for name, value in reply.headers.items():
         response[name] = value
     return response
+
+
+def _body(request: HttpRequest) -> bytes:
+    try:
+        body: bytes = request.body
+        return body
+    except RawPostDataException:  # the view read request.POST of a multipart request: the stream is gone
+        return parsed_form_body(
+            ((name, value) for name, values in request.POST.lists() for value in values),
+            ((name, f.name, f.content_type, upload_digest(f)) for name, files in request.FILES.lists() for f in files))
 
 
 class Idempotency:
@@ -49,7 +61,7 @@ class Idempotency:
         match = getattr(request, "resolver_match", None)
         route = "/" + match.route.lstrip("/") if match is not None and match.route else request.path
         return IncomingRequest(method=request.method or "POST", route=route, path=request.path,
-                               query=request.META.get("QUERY_STRING", ""), body=request.body, headers=headers,
+                               query=request.META.get("QUERY_STRING", ""), body=_body(request), headers=headers,
                                caller=self.caller(headers))
 
     def check(self, request: HttpRequest, policy: HttpPolicy | None = None) -> HttpResponse | None:

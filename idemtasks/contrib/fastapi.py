@@ -18,6 +18,7 @@ from typing import Any
 
 try:
     from fastapi import APIRouter
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import Response
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -28,6 +29,7 @@ from ..errors import IdemtasksError
 from ..http import core
 from ..http.core import HttpPolicy, Reply
 from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
+from ..http.forms import Upload, parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -35,6 +37,26 @@ __all__ = ["Idempotency", "to_response"]
 
 def to_response(reply: Reply) -> Response:
     return Response(reply.json_bytes(), status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
+
+
+async def _body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except RuntimeError as consumed:
+        # The handler read its form first, which consumed the stream; the request keeps the parsed form.
+        try:
+            form = await request.form()
+        except Exception:
+            raise consumed from None  # the stream went some other way: that error says more
+        fields: list[tuple[str, str]] = []
+        files: list[Upload] = []
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields.append((name, value))
+            else:  # an upload: its file may be on disk, so it is read off the event loop
+                digest = await run_in_threadpool(upload_digest, value.file)
+                files.append((name, value.filename, value.content_type, digest))
+        return parsed_form_body(fields, files)
 
 
 class Idempotency:
@@ -55,7 +77,7 @@ class Idempotency:
         route = getattr(request.scope.get("route"), "path", request.url.path)
         headers = dict(request.headers.items())
         return IncomingRequest(method=request.method, route=route, path=request.url.path,
-                               query=request.url.query, body=await request.body(), headers=headers,
+                               query=request.url.query, body=await _body(request), headers=headers,
                                caller=self.caller(headers))
 
     async def check(self, request: Request, policy: HttpPolicy | None = None) -> Response | None:

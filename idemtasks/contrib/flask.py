@@ -23,6 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..http.core import HttpPolicy, Reply
 from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
+from ..http.forms import parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -31,6 +32,16 @@ __all__ = ["Idempotency", "to_response"]
 def to_response(reply: Reply) -> flask.Response:
     return flask.Response(reply.json_bytes(), status=reply.status, headers=reply.headers,
                           content_type=reply.media_type)
+
+
+def _body(req: flask.Request) -> bytes:
+    body = req.get_data(cache=True)
+    if body or "form" not in req.__dict__:
+        return body
+    # The view read request.form first, which consumed the stream: get_data() has nothing left to give.
+    return parsed_form_body(
+        ((name, value) for name, values in req.form.lists() for value in values),
+        ((name, f.filename, f.content_type, upload_digest(f.stream)) for name, f in req.files.items(multi=True)))
 
 
 class Idempotency:
@@ -57,7 +68,7 @@ class Idempotency:
         headers = dict(req.headers.items())
         rule = req.url_rule.rule if req.url_rule is not None else req.path
         return IncomingRequest(method=req.method, route=rule, path=req.path,
-                               query=req.query_string.decode("latin-1"), body=req.get_data(cache=True),
+                               query=req.query_string.decode("latin-1"), body=_body(req),
                                headers=headers, caller=self.caller(headers))
 
     def check(self, policy: HttpPolicy | None = None) -> flask.Response | None:

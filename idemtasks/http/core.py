@@ -44,6 +44,7 @@ from ..errors import (
 )
 from ..identity import MAX_KEY_LENGTH
 from ..models import Operation, Status, Submission
+from .forms import canonical_body
 
 __all__ = [
     "ACCEPT_WINDOW",
@@ -161,7 +162,7 @@ def request_fingerprint(method: str, path: str, query: str, body: bytes, headers
         h.update(part.encode() + b"\x00")
     for name in policy.fingerprint_headers:
         h.update(f"{name.lower()}:{_header(headers, name) or ''}".encode() + b"\x00")
-    h.update(body)
+    h.update(canonical_body(body, _header(headers, "Content-Type")))  # a multipart boundary drawn per request
     return "http:" + h.hexdigest()[:27]  # 32 characters like a call's fingerprint: 108 bits, tagged with its origin
 
 

@@ -33,6 +33,14 @@ class IncomingRequest:
     caller: str | None
 
 
+def _declared_length(headers: Mapping[str, str]) -> int:
+    """Content-Length, which a form's stand-in body (see :mod:`.forms`) does not measure; 0 when absent or bad."""
+    for name, value in headers.items():
+        if name.lower() == "content-length":
+            return int(value) if value.strip().isdigit() else 0
+    return 0
+
+
 def bearer_caller(headers: Mapping[str, str]) -> str | None:
     """The default caller identity: the token of ``Authorization: Bearer <token>``, or ``None`` (anonymous)."""
     for name, value in headers.items():
@@ -73,7 +81,7 @@ class Endpoint:
     def prepare(self, req: IncomingRequest, policy: HttpPolicy | None = None) -> tuple[str, str, str] | Reply:
         """Key, scope and fingerprint of a write, or the problem reply that ends it (nothing is stored)."""
         policy = policy or self.policy
-        if len(req.body) > policy.max_body_bytes:
+        if max(len(req.body), _declared_length(req.headers)) > policy.max_body_bytes:
             return core.problem(413, "payload_too_large", "Payload too large",
                                 f"the request body is over {policy.max_body_bytes} bytes")
         try:
