@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -207,5 +208,37 @@ def test_commit_settings_given_to_the_store_reach_its_lane_as_well_as_its_pool(u
         assert lane.call(show, {}).get_value(0, 0) == b"off"
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
+    finally:
+        store.close()
+
+
+def _conninfo(pgconn: Any) -> dict[str, str]:
+    """The settings a libpq connection was opened with."""
+    return {o.keyword.decode(): o.val.decode() for o in pgconn.info if o.val is not None}
+
+
+@pytest.mark.parametrize("override", ["none", "url", "connect_args"])
+def test_keepalives_bound_a_silent_server_on_the_lane_as_on_the_pool(override: str) -> None:
+    """Without them, a thread waiting for a server that vanished without a word waits for as long as the kernel
+    retries; the defaults reach both kinds of connection, and what the user gives wins."""
+    require("postgres")
+    url, options = POSTGRES_URL, {}
+    if override == "url":
+        url += ("&" if "?" in url else "?") + "keepalives_idle=7"
+    elif override == "connect_args":
+        options = {"connect_args": {"keepalives_idle": 7}}
+    store = SQLStore(url, table="idemtasks_ping_ops", engine_options=options)
+    try:
+        _round(store)
+        lane = store._lane()
+        assert lane is not None
+        with store.engine.connect() as conn:
+            pooled = _conninfo(conn.connection.dbapi_connection.pgconn)  # type: ignore[union-attr]
+        laned = _conninfo(lane.pgconn)
+        idle = "30" if override == "none" else "7"
+        for params in (pooled, laned):
+            assert params["keepalives_idle"] == idle
+            assert (params["keepalives_interval"], params["keepalives_count"]) == ("10", "3")
+            assert params["tcp_user_timeout"] == "60000"
     finally:
         store.close()

@@ -49,10 +49,16 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
-__all__ = ["IDLE_BEFORE_PING", "create_tables", "is_outage", "make_engine", "operations_table", "ping_when_idle"]
+__all__ = ["IDLE_BEFORE_PING", "PG_KEEPALIVES", "create_tables", "is_outage", "make_engine", "operations_table",
+           "ping_when_idle"]
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
+
+#: libpq's connection settings for a peer that goes silent: probe after 30 s of quiet, every 10 s, give up after
+#: 3 unanswered probes; and drop a connection whose sent data stays unacknowledged for 60 s.
+PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                 "tcp_user_timeout": 60_000}
 
 # The database is away, or the pool has no connection to give: something to wait out, not the statement's fault.
 _OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
@@ -122,6 +128,11 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
             kwargs["poolclass"] = StaticPool  # one connection, or every checkout would see its own empty database
     elif backend == "postgresql":
         connect_args["connect_timeout"] = 5  # an unreachable server fails fast as StoreUnavailable
+        # A server or network that vanishes without closing the connection would leave a thread waiting for an
+        # answer for as long as the kernel keeps retrying (15 minutes or more on Linux). Keepalives find a silent
+        # peer once the connection is idle; tcp_user_timeout bounds data left unacknowledged. Either way the wait
+        # ends as StoreUnavailable within about a minute. Values in the URL's query win.
+        connect_args.update({k: v for k, v in PG_KEEPALIVES.items() if k not in u.query})
     elif backend in ("mysql", "mariadb"):
         # READ COMMITTED: no gap locks, so two racing inserts of one key collide instead of deadlocking.
         # UTC session: UNIX_TIMESTAMP(NOW(6)) converts through the session zone, ambiguous in a DST fall-back hour.
