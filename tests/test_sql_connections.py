@@ -217,8 +217,18 @@ def _conninfo(pgconn: Any) -> dict[str, str]:
     return {o.keyword.decode(): o.val.decode() for o in pgconn.info if o.val is not None}
 
 
+async def _async_conninfo(store: SQLStore) -> dict[str, str]:
+    web = AsyncSQLStore(store)
+    try:
+        async with web.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            return _conninfo(raw.driver_connection.pgconn)  # type: ignore[union-attr]
+    finally:
+        await web.engine.dispose()
+
+
 @pytest.mark.parametrize("override", ["none", "url", "connect_args"])
-def test_keepalives_bound_a_silent_server_on_the_lane_as_on_the_pool(override: str) -> None:
+def test_keepalives_bound_a_silent_server_on_every_connection(override: str) -> None:
     """Without them, a thread waiting for a server that vanished without a word waits for as long as the kernel
     retries; the defaults reach both kinds of connection, and what the user gives wins."""
     require("postgres")
@@ -235,8 +245,9 @@ def test_keepalives_bound_a_silent_server_on_the_lane_as_on_the_pool(override: s
         with store.engine.connect() as conn:
             pooled = _conninfo(conn.connection.dbapi_connection.pgconn)  # type: ignore[union-attr]
         laned = _conninfo(lane.pgconn)
+        web = asyncio.run(_async_conninfo(store))
         idle = "30" if override == "none" else "7"
-        for params in (pooled, laned):
+        for params in (pooled, laned, web):
             assert params["keepalives_idle"] == idle
             assert (params["keepalives_interval"], params["keepalives_count"]) == ("10", "3")
             assert params["tcp_user_timeout"] == "60000"

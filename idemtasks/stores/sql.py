@@ -69,6 +69,8 @@ class SQLStore(Store):
             engine = make_engine(url, **(engine_options or {}))
         else:
             dispose_after_fork(engine)
+        #: The driver's connection settings given by the caller, which the asyncio store's engine gets as well.
+        self.connect_args: dict[str, Any] = dict((engine_options or {}).get("connect_args", {}))
         self.engine = engine
         self.url = engine.url.render_as_string(hide_password=True)
         self.table = operations_table(sa.MetaData(), table)

@@ -16,7 +16,7 @@ from ..aio import AsyncStore
 from ..models import Operation
 from .base import CreateRequest
 from .sql import SQLStore
-from .sql_schema import ping_when_idle
+from .sql_schema import pg_connect_args, ping_when_idle
 
 __all__ = ["AsyncSQLStore", "supports"]
 
@@ -36,7 +36,7 @@ class AsyncSQLStore(AsyncStore):
         options: dict[str, Any] = {}
         if store.dialect == "postgresql":
             # Single statements: autocommit saves BEGIN and COMMIT, as in the synchronous store.
-            options.update(isolation_level="AUTOCOMMIT")
+            options.update(isolation_level="AUTOCOMMIT", connect_args={**pg_connect_args(url), **store.connect_args})
         else:
             options.update(connect_args={"timeout": 30})
         self.engine: AsyncEngine = create_async_engine(url, **options)

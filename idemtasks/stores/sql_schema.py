@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
 __all__ = ["IDLE_BEFORE_PING", "PG_KEEPALIVES", "create_tables", "is_outage", "make_engine", "operations_table",
-           "ping_when_idle"]
+           "pg_connect_args", "ping_when_idle"]
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
@@ -127,12 +127,7 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
         if u.database in (None, "", ":memory:"):
             kwargs["poolclass"] = StaticPool  # one connection, or every checkout would see its own empty database
     elif backend == "postgresql":
-        connect_args["connect_timeout"] = 5  # an unreachable server fails fast as StoreUnavailable
-        # A server or network that vanishes without closing the connection would leave a thread waiting for an
-        # answer for as long as the kernel keeps retrying (15 minutes or more on Linux). Keepalives find a silent
-        # peer once the connection is idle; tcp_user_timeout bounds data left unacknowledged. Either way the wait
-        # ends as StoreUnavailable within about a minute. Values in the URL's query win.
-        connect_args.update({k: v for k, v in PG_KEEPALIVES.items() if k not in u.query})
+        connect_args.update(pg_connect_args(u))
     elif backend in ("mysql", "mariadb"):
         # READ COMMITTED: no gap locks, so two racing inserts of one key collide instead of deadlocking.
         # UTC session: UNIX_TIMESTAMP(NOW(6)) converts through the session zone, ambiguous in a DST fall-back hour.
@@ -147,6 +142,16 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
         ping_when_idle(engine)
     dispose_after_fork(engine)
     return engine
+
+
+def pg_connect_args(url: sa.URL) -> dict[str, Any]:
+    """The connection settings every PostgreSQL engine of the store gets (the asyncio one too), unless ``url``'s
+    query sets them."""
+    # An unreachable server fails fast as StoreUnavailable. A server or network that vanishes without closing the
+    # connection would leave a thread waiting for an answer for as long as the kernel keeps retrying (15 minutes or
+    # more on Linux): keepalives find a silent peer once the connection is idle, and tcp_user_timeout bounds data
+    # left unacknowledged, so the wait ends as StoreUnavailable within about a minute.
+    return {k: v for k, v in {"connect_timeout": 5, **PG_KEEPALIVES}.items() if k not in url.query}
 
 
 def ping_when_idle(engine: sa.Engine) -> None:
