@@ -148,6 +148,7 @@ class HttpRules:
         fp = request_fingerprint("POST", "/payments", "", body, headers, HttpPolicy())
         first = api.store.create(PAYMENTS_SCOPE, "k-" + a, "x", fp, ttl=3600).operation
         api.store.mark_published(first)
+        api.store.get(PAYMENTS_SCOPE, "k-" + a)  # a thread's read waits for its own pipelined flag to land
         r = api.send("POST", "/payments", body, headers)
         assert r.status_code == 202 and r.headers["idempotent-replayed"] == "true"
         assert r.json()["id"] == first.id and r.json()["status"] == "pending"

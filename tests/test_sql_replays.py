@@ -1,21 +1,26 @@
-"""On PostgreSQL a replay is answered from the record as it stands: its row is neither rewritten nor locked.
+"""On PostgreSQL a replay of a settled record is answered from the record as it stands: its row is neither
+rewritten nor locked.
 
 A rewrite would cost each duplicate delivery and each client retry a durable commit, and leave a dead row version
 behind. ``xmin`` and ``ctid`` change with every new row version and ``xmax`` with every row lock, so a replay must
-leave all three as they were. Both ways a statement reaches the server are checked: a thread's own connection (its
-lane) and the pool.
+leave all three as they were. Where a write still in flight could change the answer (a completion, the "published"
+flag), the statement waits for it instead, as a rewrite did. Both ways a statement reaches the server are checked: a
+thread's own connection (its lane) and the pool.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from idemtasks import ClaimOutcome, ErrorInfo, IdempotencyKeyMismatch, Status
 from idemtasks.identity import key_digest
+from idemtasks.models import ClaimResult, Submission
 from idemtasks.stores.sql import SQLStore
 
 from .conftest import drop
@@ -47,8 +52,10 @@ def claim(store: SQLStore, key: str, fp: str = "fp-a", *, lease: float = 30.0): 
     return store.claim("s", key, "tasks.charge", fp, owner=uuid.uuid4().hex, lease=lease, ttl=TTL)
 
 
-def test_a_repeated_create_leaves_the_row_as_it_was(pg_store: SQLStore) -> None:
+def test_a_repeated_create_of_a_published_operation_leaves_the_row_as_it_was(pg_store: SQLStore) -> None:
     first = pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
+    pg_store.mark_published(first.operation)
+    published = pg_store.get("s", "k")  # also waits for this thread's pipelined flag
     before = version(pg_store, "s", "k")
 
     again = pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
@@ -56,19 +63,48 @@ def test_a_repeated_create_leaves_the_row_as_it_was(pg_store: SQLStore) -> None:
         pg_store.create("s", "k", "tasks.charge", "fp-b", ttl=TTL)
 
     assert not again.created
-    assert again.operation == first.operation
+    assert again.operation == published
     assert version(pg_store, "s", "k") == before
 
 
-def test_a_busy_claim_leaves_the_row_as_it_was(pg_store: SQLStore) -> None:
-    held = claim(pg_store, "k")
-    before = version(pg_store, "s", "k")
+def in_flight(store: SQLStore, key: str, change: str, call: Callable[[], object]) -> object:
+    """Run ``call`` while another transaction holds ``change`` to the record uncommitted, then commit it: ``call``
+    must wait for the commit and answer from what it wrote."""
+    answers: list[object] = []
+    with store.engine.connect() as other:
+        other.execute(sa.text(f"UPDATE {store.table.name} SET {change} WHERE key_hash = :d"),
+                      {"d": key_digest("s", key)})
+        caller = threading.Thread(target=lambda: answers.append(call()))
+        caller.start()
+        time.sleep(0.3)
+        waited = caller.is_alive()
+        other.commit()
+    caller.join(10)
+    assert waited, "answered from the snapshot, without waiting for the write in flight"
+    return answers[0]
 
-    busy = claim(pg_store, "k")
 
-    assert busy.outcome is ClaimOutcome.BUSY
-    assert busy.operation == held.operation
-    assert version(pg_store, "s", "k") == before
+def test_a_repeated_create_waits_for_the_published_flag_in_flight(pg_store: SQLStore) -> None:
+    """The submit that created the operation sends its "published" flag without waiting: a client's retry that
+    meets the flag in flight is a replay, not a request still being accepted."""
+    pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
+
+    again = in_flight(pg_store, "k", "needs_publish = false",
+                      lambda: pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL))
+
+    assert isinstance(again, Submission) and not again.created
+    assert not again.operation.needs_publish
+
+
+def test_a_busy_claim_waits_for_the_completion_in_flight(pg_store: SQLStore) -> None:
+    """A duplicate that meets the holder's completion in flight hears "done", not "busy"."""
+    claim(pg_store, "k")
+
+    replay = in_flight(pg_store, "k", "status = 'succeeded', result = '42', lease_owner = NULL",
+                       lambda: claim(pg_store, "k"))
+
+    assert isinstance(replay, ClaimResult)
+    assert replay.outcome is ClaimOutcome.DONE and replay.operation.result == 42
 
 
 @pytest.mark.parametrize("final", [Status.SUCCEEDED, Status.FAILED])

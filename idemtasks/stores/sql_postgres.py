@@ -9,18 +9,20 @@ expiry now plus lease and ttl), and both statements fit the cache with room to s
 They encode exactly what :class:`~idemtasks.stores.sql_statements.Statements` builds for SQLite; the store contract
 tests run against both.
 
-A replay does not write. Each statement first reads the live record (``cur``) and proposes a row only when that
-record cannot answer by itself: a creation when no live record holds the key, a claim unless the record is final,
-held under a live lease, or for another payload. When ``cur`` answers, the INSERT has no row to propose, so it
+A replay of a settled record does not write. Each statement first reads the live record (``cur``) and proposes a
+row only when that record cannot answer by itself. When ``cur`` answers, the INSERT has no row to propose, so it
 neither conflicts nor locks: the transaction gets no id, its commit waits for no flush to disk, and the table gets
-no dead row version. A replay then costs about a SELECT, instead of a durable commit of the row rewritten with its
+no dead row version. Such a replay costs about a SELECT, instead of a durable commit of the row rewritten with its
 own values.
 
-Races: ``cur`` reads the snapshot the statement started with, while the conflict branch reads the latest committed
-version. An answer from ``cur`` is the record at the start of the statement: a final record stays final until it
-expires, and "busy" or "mismatch" is what the claim would have answered a moment earlier (a lease that ends or is
-requeued meanwhile is claimed by the next delivery, as before). Anything ``cur`` does not answer for, including a
-record that another statement is inserting or claiming at that moment, goes through the upsert exactly as before.
+``cur`` reads the snapshot the statement started with, which does not show a write still in flight, while the
+conflict branch waits for that write's row lock and reads what it committed. So ``cur`` answers only where no
+write in flight can change the answer: a final record (final until it expires), a record for another payload (a
+live record keeps its fingerprint), and, for a creation, a record already published (a creation answers with the
+operation as it stands, which a client then polls; a status a moment old is one it would have seen a moment
+earlier). Everything else takes the conflict branch as before, so that a duplicate meeting a completion in flight
+hears "done" rather than "busy", and a client's retry meeting the "published" flag in flight (a pipelined write,
+see :mod:`.sql_lane`) is answered as a replay rather than as a request still being accepted.
 """
 
 from __future__ import annotations
@@ -52,18 +54,18 @@ Bind = Callable[[str], Any]
 
 
 def create(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
-    """A new pending record, unless a live one holds the key: then it is returned as it is, without a write (the
-    conflict branch, which keeps every column, is for a live record that ``cur`` did not see yet)."""
+    """A new pending record, unless a live one holds the key: then it is returned as it is, without a write once it
+    was published (the conflict branch, which keeps every column, is for the rest)."""
     values = {**_NEW, "status": "'pending'", "attempts": "0", "fencing_token": "0", "lease_owner": "NULL",
               "lease_expires_at": "NULL", "needs_publish": "true"}
     return _upsert(table, values, {c: _FRESH.format(c=c) for c in _COLUMNS[1:]}, column_bind, seconds_bind,
-                   answers="")
+                   answers=" AND NOT c.needs_publish")
 
 
 def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
-    """:func:`~idemtasks.stores.base.decide_claim` in one statement. A replay (busy, done, mismatch) is answered
-    by ``cur`` without a write, unless the record changed under the statement: then the conflict branch rewrites the
-    row with its own values, the price of learning the outcome in the same round trip."""
+    """:func:`~idemtasks.stores.base.decide_claim` in one statement. A replay of a final record, or one for another
+    payload, is answered by ``cur`` without a write; a busy one rewrites the row with its own values in the conflict
+    branch, the price of learning the outcome of a completion in flight in the same round trip."""
     values = {**_NEW, "status": "'running'", "attempts": "1", "fencing_token": "1", "lease_owner": ":p_lease_owner",
               "lease_expires_at": f"{_NOW} + :p_lease", "needs_publish": "false"}
     won = ", ".join(f"CASE WHEN w THEN excluded.{c} ELSE o.{c} END" for c in _WON)
@@ -78,9 +80,8 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
             f"(SELECT {won}, CASE WHEN w THEN o.fencing_token + 1 ELSE o.fencing_token END "
             f"FROM (SELECT {_EXPIRED} OR {_CLAIMABLE} AS w) AS claim)",
     }
-    # The record answers without a write when it is final, held under a live lease, or for another payload.
-    answers = (" AND (c.status IN ('succeeded', 'failed') OR c.fingerprint <> :p_fingerprint OR "
-               f"c.status = 'running' AND coalesce(c.lease_expires_at, 0) > {_NOW})")
+    # What no write in flight can change: a final record, another payload.
+    answers = " AND (c.status IN ('succeeded', 'failed') OR c.fingerprint <> :p_fingerprint)"
     return _upsert(table, values, set_, column_bind, seconds_bind, answers=answers)
 
 

@@ -104,7 +104,7 @@ class Statements:
             return sa.case((wins, value), else_=t.c[col])
 
         # Every replay (busy, done, mismatch) rewrites the row with its own values: the price of learning the
-        # outcome in one statement, since SQLite has no INSERT inside WITH (PostgreSQL's replays write nothing).
+        # outcome in one statement, since SQLite has no INSERT inside WITH (on PostgreSQL, see sql_postgres).
         return stmt.on_conflict_do_update(index_elements=[t.c.key_hash], set_={
             **{c: fresh(c) for c in ("id", "scope", "idem_key", "task_name", "fingerprint", "created_at", "payload")},
             **{c: sa.case((expired, sa.null()), else_=t.c[c]) for c in ("result", "error_type", "error_message")},
