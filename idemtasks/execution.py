@@ -329,14 +329,17 @@ def _finish_carried(task: Any, store: Store, scope: str, key: str, carried: dict
 
 def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] | None = None,
                      request: Any = None) -> NoReturn:
-    """The store is unreachable: never run the body unclaimed; publish this message again with back-off."""
+    """The store is unreachable or failed: never run the body unclaimed; publish this message again with back-off."""
     request = request or task.request
     if request.is_eager:
         raise exc
     outages = int(((request.headers or {}).get("idemtasks") or {}).get("outages", 0)) + 1
     countdown = min(float(task.store_retry_max_delay), 0.5 * 2.0 ** outages)
-    logger.error("idemtasks: store %s unreachable for %s[%s] (%s); the body did not run%s, trying again in %.1fs",
-                 task.store.url, task.name, request.id, exc, "" if finish is None else " again", countdown)
+    # A store that refuses (a missing table, a permission) is waited out like an outage: its message is never lost,
+    # and the log says which of the two it was.
+    logger.error("idemtasks: store %s %s for %s[%s] (%s); the body did not run%s, trying again in %.1fs",
+                 task.store.url, "unreachable" if isinstance(exc, StoreUnavailable) else "failed", task.name,
+                 request.id, exc, "" if finish is None else " again", countdown)
     _republish(task, countdown, request=request, outages=outages, finish=finish)
 
 

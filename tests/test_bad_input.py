@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -17,6 +18,10 @@ from celery.contrib.testing.worker import start_worker
 from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, InvalidKey, Status, StoreUnavailable, open_store
 from idemtasks.config import validate
 from idemtasks.stores.base import Store
+from idemtasks.stores.sql import SQLStore
+from idemtasks.stores.sql_schema import create_tables
+from tests import services
+from tests.conftest import drop
 from tests.private_redis import PrivateRedis, free_port
 
 
@@ -105,6 +110,44 @@ def test_worker_never_runs_the_body_while_the_store_is_down_and_resumes_after(pr
     op = _get(store)
     assert op is not None and op.status is Status.SUCCEEDED and op.result == 7
     assert runs["order-7"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_store_refuses_loses_nothing_and_runs_the_body_once_it_answers() -> None:
+    """Not an outage (the table does not exist yet), yet waited out like one, and logged as a failure."""
+    services.require("postgres")
+    store = SQLStore(services.POSTGRES_URL, table=f"t{uuid.uuid4().hex[:12]}", create_schema=False)
+    app = Celery(f"refuse{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
+    runs: Counter[str] = Counter()
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("idemtasks.task").addHandler(handler)
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
+              key_func=lambda order: f"order-{order}")
+    def pay(self: IdempotentTask, order: int) -> int:
+        runs[self.operation.key] += 1
+        return order
+
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False):
+            pay.apply_async((7,))
+            time.sleep(1.5)  # the claim is refused, and the message republished, several times
+            assert runs["order-7"] == 0
+            create_tables(store.engine, [store.table])
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not ((op := store.get("global", "order-7")) and op.is_final):
+                time.sleep(0.1)
+        op = store.get("global", "order-7")
+        assert op is not None and op.status is Status.SUCCEEDED and op.result == 7
+        assert runs["order-7"] == 1
+        refusals = [m for m in logged if "the body did not run" in m]
+        assert refusals and all(" failed for " in m and "UndefinedTable" in m for m in refusals)
+    finally:
+        logging.getLogger("idemtasks.task").removeHandler(handler)
+        drop(store)
 
 
 def _get(store: object) -> object:
