@@ -270,7 +270,7 @@ BACKENDS = ["redis", "postgres", "sqlite"]
 def paying_worker(store: Store) -> Iterator[tuple[Any, Counter[str]]]:
     """A Celery app with one idempotent ``pay`` task on ``store``, served by an embedded worker."""
     app = Celery(f"web{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(task_ignore_result=True, idemtasks_busy_countdown=0.2)
+    app.conf.update(task_ignore_result=True, idemtasks_busy_countdown=0.2, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay")

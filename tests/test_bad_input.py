@@ -89,7 +89,7 @@ def test_task_key_function_returning_a_bad_key_fails_without_storing(tmp_path: P
 def test_worker_never_runs_the_body_while_the_store_is_down_and_resumes_after(private_redis: PrivateRedis) -> None:
     store = open_store(f"redis://127.0.0.1:{private_redis.port}/0", socket_timeout=0.5)
     app = Celery(f"outage{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(idemtasks_store_retry_max=0.5, task_ignore_result=True)
+    app.conf.update(idemtasks_store_retry_max=0.5, task_ignore_result=True, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",

@@ -31,7 +31,7 @@ def sql_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLSto
 
 def setup(store: SQLStore) -> tuple[Celery, Any, sa.Table, Counter[str]]:
     app = Celery(f"ob{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(task_ignore_result=True, idemtasks_pending_after=0.3)
+    app.conf.update(task_ignore_result=True, idemtasks_pending_after=0.3, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
     @app.task(base=IdempotentTask, store_url=store, name=f"{app.main}.ship")

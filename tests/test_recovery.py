@@ -52,7 +52,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     store = make_store(request.param, tmp_path_factory.mktemp("recovery"))
     app = Celery(f"rec{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
     app.conf.update(task_ignore_result=True, idemtasks_pending_after=0.3, idemtasks_sweep_interval=0.3,
-                    idemtasks_busy_countdown=0.2)
+                    idemtasks_busy_countdown=0.2, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge", lease_seconds=0.5,

@@ -56,7 +56,10 @@ class Harness:
 def build(store: Store) -> Harness:
     app = Celery(f"t{uuid.uuid4().hex[:6]}", broker="memory://", backend="cache+memory://", set_as_current=False)
     app.conf.update(idemtasks_lease=5.0, idemtasks_busy_countdown=0.2, task_acks_late=True,
-                    task_reject_on_worker_lost=True, broker_connection_retry_on_startup=False)
+                    task_reject_on_worker_lost=True, broker_connection_retry_on_startup=False,
+                    # The in-memory broker is one per process: a queue of its own keeps another test's worker
+                    # (or a message it republished) from meeting this app's messages.
+                    task_default_queue=app.main)
     h = Harness(app, store)
 
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge")
