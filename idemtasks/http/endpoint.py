@@ -35,10 +35,8 @@ class IncomingRequest:
 
 def _declared_length(headers: Mapping[str, str]) -> int:
     """Content-Length, which a form's stand-in body (see :mod:`.forms`) does not measure; 0 when absent or bad."""
-    for name, value in headers.items():
-        if name.lower() == "content-length":
-            return int(value) if value.strip().isdigit() else 0
-    return 0
+    value = (core._header(headers, "Content-Length") or "").strip()
+    return int(value) if value.isdigit() else 0
 
 
 def bearer_caller(headers: Mapping[str, str]) -> str | None:
