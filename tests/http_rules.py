@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -107,6 +108,26 @@ def acct() -> str:
 
 
 class HttpRules:
+    #: The adapter module under test (its ``upload_digest`` is counted below).
+    adapter: ModuleType
+
+    def test_a_form_view_that_checks_before_submitting_reads_its_upload_once(
+            self, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The ``/forms`` view calls check() and then submit(): each describes the parsed form, and the second
+        must reuse the first's description rather than read the upload again (it may be large)."""
+        reads: list[str] = []
+        digest = self.adapter.upload_digest
+
+        def counted(file: Any) -> str:
+            reads.append("read")
+            return str(digest(file))
+
+        monkeypatch.setattr(self.adapter, "upload_digest", counted)
+        a = acct()
+        r = api.post_form({"account": a, "amount": "5"}, b"paid", "k-" + a, boundary="b-" + a)
+        assert r.status_code == 202 and reads == ["read"]
+        api.final(r.headers["location"])
+
     def test_a_form_posted_again_under_a_new_boundary_is_a_replay(self, api: Api) -> None:
         a = acct()
         first = api.post_form({"account": a, "amount": "5"}, b"paid", "k-" + a, boundary="first-" + a)

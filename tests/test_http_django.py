@@ -24,6 +24,7 @@ from django.http import HttpRequest, HttpResponse
 from django.test import Client
 from django.urls import clear_url_caches, include, path, resolve
 
+import idemtasks.contrib.django
 from idemtasks.contrib.django import Idempotency
 from tests.apps import django_urls
 from tests.http_rules import (
@@ -78,6 +79,9 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         def forms(request: HttpRequest) -> HttpResponse:
             # Reads its form (and its upload) before submitting, which leaves no raw body to read.
             request.FILES["receipt"].read()
+            problem = idem.check(request)
+            if problem is not None:
+                return problem
             return idem.submit(request, task, (request.POST["account"], int(request.POST["amount"])))
 
         def v1_payments(request: HttpRequest) -> HttpResponse:
@@ -110,6 +114,8 @@ def api(served: Served) -> Api:
 
 
 class TestDjango(HttpRules):
+    adapter = idemtasks.contrib.django
+
     def test_urls_mount_the_status_view(self, served: Served) -> None:
         match = resolve("/operations/abc")
         assert match.url_name == "idemtasks-operation" and match.kwargs == {"operation_id": "abc"}

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from starlette.responses import Response
 
+import idemtasks.contrib.fastapi
 from idemtasks.contrib.fastapi import Idempotency
 from tests.http_rules import (
     BACKENDS,
@@ -56,6 +57,9 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 receipt = form["receipt"]
                 assert not isinstance(receipt, str)
                 await receipt.read()
+                problem = await idem.check(request)
+                if problem is not None:
+                    return problem
                 return await idem.submit(request, task, (str(form["account"]), int(str(form["amount"]))))
 
         with TestClient(app) as client:
@@ -68,4 +72,6 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 class TestFastAPI(HttpRules):
+    adapter = idemtasks.contrib.fastapi
+
     pass

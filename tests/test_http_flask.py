@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import flask
 import pytest
 
+import idemtasks.contrib.flask
 from idemtasks.contrib.flask import Idempotency
 from tests.http_rules import (
     BACKENDS,
@@ -79,6 +80,9 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             # Reads its form (and its upload) before submitting, which leaves no raw body to read.
             form = flask.request.form
             flask.request.files["receipt"].read()
+            problem = idem.check()
+            if problem is not None:
+                return problem
             return idem.submit(task, (form["account"], int(form["amount"])))
 
         v1_app = flask.Flask(__name__)
@@ -98,6 +102,8 @@ def api(served: Served) -> Api:
 
 
 class TestFlask(HttpRules):
+    adapter = idemtasks.contrib.flask
+
     def test_init_app_registers_the_extension_and_its_status_route(self, served: Served) -> None:
         assert served.app.extensions["idemtasks"] is served.idem
         assert "idemtasks" in served.app.blueprints

@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..http.core import HttpPolicy, Reply
 from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
-from ..http.forms import parsed_form_body, upload_digest
+from ..http.forms import FORM_BODY, parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -42,9 +42,15 @@ def _body(request: HttpRequest) -> bytes:
         body: bytes = request.body
         return body
     except RawPostDataException:  # the view read request.POST of a multipart request: the stream is gone
-        return parsed_form_body(
+        pass
+    # Kept on the request: a view that calls check() and then submit() reads its uploads once, not twice.
+    memo: dict[str, Any] = request.__dict__
+    if FORM_BODY not in memo:
+        memo[FORM_BODY] = parsed_form_body(
             ((name, value) for name, values in request.POST.lists() for value in values),
             ((name, f.name, f.content_type, upload_digest(f)) for name, files in request.FILES.lists() for f in files))
+    form_body: bytes = memo[FORM_BODY]
+    return form_body
 
 
 class Idempotency:

@@ -29,7 +29,7 @@ from ..errors import IdemtasksError
 from ..http import core
 from ..http.core import HttpPolicy, Reply
 from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
-from ..http.forms import Upload, parsed_form_body, upload_digest
+from ..http.forms import FORM_BODY, Upload, parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -43,20 +43,29 @@ async def _body(request: Request) -> bytes:
     try:
         return await request.body()
     except RuntimeError as consumed:
-        # The handler read its form first, which consumed the stream; the request keeps the parsed form.
-        try:
-            form = await request.form()
-        except Exception:
-            raise consumed from None  # the stream went some other way: that error says more
-        fields: list[tuple[str, str]] = []
-        files: list[Upload] = []
-        for name, value in form.multi_items():
-            if isinstance(value, str):
-                fields.append((name, value))
-            else:  # an upload: its file may be on disk, so it is read off the event loop
-                digest = await run_in_threadpool(upload_digest, value.file)
-                files.append((name, value.filename, value.content_type, digest))
-        return parsed_form_body(fields, files)
+        # The handler read its form first, which consumed the stream; the request keeps the parsed form. So does
+        # the request's scope keep the stand-in body: a handler calling check() and then submit() reads uploads once.
+        memo = request.scope
+        if FORM_BODY not in memo:
+            try:
+                form = await request.form()
+            except Exception:
+                raise consumed from None  # the stream went some other way: that error says more
+            memo[FORM_BODY] = await _describe(form)
+        form_body: bytes = memo[FORM_BODY]
+        return form_body
+
+
+async def _describe(form: Any) -> bytes:
+    fields: list[tuple[str, str]] = []
+    files: list[Upload] = []
+    for name, value in form.multi_items():
+        if isinstance(value, str):
+            fields.append((name, value))
+        else:  # an upload: its file may be on disk, so it is read off the event loop
+            digest = await run_in_threadpool(upload_digest, value.file)
+            files.append((name, value.filename, value.content_type, digest))
+    return parsed_form_body(fields, files)
 
 
 class Idempotency:

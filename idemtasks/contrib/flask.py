@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..http.core import HttpPolicy, Reply
 from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
-from ..http.forms import parsed_form_body, upload_digest
+from ..http.forms import FORM_BODY, parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -38,10 +38,15 @@ def _body(req: flask.Request) -> bytes:
     body = req.get_data(cache=True)
     if body or "form" not in req.__dict__:
         return body
-    # The view read request.form first, which consumed the stream: get_data() has nothing left to give.
-    return parsed_form_body(
-        ((name, value) for name, values in req.form.lists() for value in values),
-        ((name, f.filename, f.content_type, upload_digest(f.stream)) for name, f in req.files.items(multi=True)))
+    # The view read request.form first, which consumed the stream: get_data() has nothing left to give. The stand-in
+    # is kept on the request, so that a view calling check() and then submit() reads its uploads once.
+    memo: dict[str, Any] = req.__dict__
+    if FORM_BODY not in memo:
+        memo[FORM_BODY] = parsed_form_body(
+            ((name, value) for name, values in req.form.lists() for value in values),
+            ((name, f.filename, f.content_type, upload_digest(f.stream)) for name, f in req.files.items(multi=True)))
+    form_body: bytes = memo[FORM_BODY]
+    return form_body
 
 
 class Idempotency:

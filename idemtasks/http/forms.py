@@ -24,8 +24,10 @@ from collections.abc import Iterable
 from email.message import Message
 from typing import IO
 
-__all__ = ["Upload", "canonical_body", "file_digest", "parsed_form_body", "upload_digest"]
+__all__ = ["FORM_BODY", "Upload", "canonical_body", "file_digest", "parsed_form_body", "upload_digest"]
 
+#: Where an adapter keeps a request's stand-in body (on the request, or its ASGI scope), built once per request.
+FORM_BODY = "idemtasks.form_body"
 #: How the parsed-form description starts, so that it can never be taken for a raw body of the same bytes.
 _PARSED = b"idemtasks-parsed-form:"
 
