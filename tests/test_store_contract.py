@@ -289,6 +289,22 @@ class TestLookup:
         assert store.get(scope, "old") is None
         assert store.get(scope, "live") == live
 
+    def test_purge_keeps_an_expired_record_until_its_token_no_longer_matters(self, store: Store, scope: str) -> None:
+        # A holder stalled past its record's expiry (a zombie), then a purge, then the message redelivered: the
+        # re-created record must continue the old token, or the zombie's renewal and completion would land on it.
+        zombie = claim(store, scope, "k1", lease=0.3, ttl=0.5).operation
+        time.sleep(0.8)
+        store.purge_expired()
+        again = claim(store, scope, "k1", operation_id=zombie.id)
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation.id == zombie.id
+        assert again.operation.fencing_token == zombie.fencing_token + 1
+        assert not store.renew(zombie, zombie.fencing_token, lease=30.0, ttl=TTL)
+        with pytest.raises(LeaseLost):
+            store.succeed(zombie, zombie.fencing_token, '"zombie"', ttl=TTL)
+        store.succeed(again.operation, again.operation.fencing_token, '"fresh"', ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and op.result == "fresh"
+
 
 class TestCost:
     def test_each_state_change_is_one_round_trip(self, store: Store, scope: str) -> None:
@@ -320,6 +336,41 @@ class TestConcurrency:
             t.join()
         assert outcomes.count(ClaimOutcome.CLAIMED) == 1
         assert outcomes.count(ClaimOutcome.BUSY) == 7
+
+    def test_duplicate_deliveries_of_one_message_racing_on_an_absent_key(self, store: Store, scope: str) -> None:
+        # The same message delivered twice at once, with no record: both claims carry the same operation id, so on
+        # SQL they also race on the primary key, which is not the key the upsert resolves conflicts on.
+        threads, keys = 4, 150
+
+        def race(prefix: str) -> None:
+            barrier = threading.Barrier(threads)
+            outcomes: dict[str, list[ClaimOutcome]] = {f"{prefix}{k}": [] for k in range(keys)}
+            errors: list[BaseException] = []
+
+            def racer() -> None:
+                for key in outcomes:
+                    barrier.wait()
+                    try:
+                        outcomes[key].append(claim(store, scope, key, operation_id=key_digest(scope, key) + "ab" * 12,
+                                                   ttl=60.0).outcome)
+                    except Exception as exc:  # counted below, so one error does not hide the others
+                        errors.append(exc)
+
+            workers = [threading.Thread(target=racer) for _ in range(threads)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            assert errors == []
+            for got in outcomes.values():
+                assert sorted(o.value for o in got) == ["busy"] * (threads - 1) + ["claimed"], got
+
+        race("k")
+        if type(store).__name__ == "SQLStore" and store.pipelines_completions:
+            # PostgreSQL claims on each thread's lane; the pooled path (pipelining off) sends the same statement
+            # through SQLAlchemy, and must recognise the same race.
+            store.pipelines_completions = False
+            race("pool-")
 
     def test_processes_racing_on_one_key_yield_one_winner(self, server_store: Store, scope: str,
                                                           tmp_path: Path) -> None:

@@ -31,7 +31,14 @@ from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
 from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission
 
-__all__ = ["ClaimRequest", "CreateRequest", "FinishRequest", "Store", "decide_claim", "decide_create"]
+__all__ = ["PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store", "decide_claim", "decide_create"]
+
+#: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
+#: record's key (``KEEP_MS`` in :mod:`.redis_scripts`). A claim that re-creates an expired record continues its
+#: fencing token; one that finds no record at all starts again at 1, which a holder of the old record (a worker
+#: stalled past the expiry, whose message was redelivered) may hold too, so that its renewals and completion would be
+#: accepted and the new holder's refused.
+PURGE_GRACE = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,5 +324,6 @@ class Store(abc.ABC):
         """Atomically: if running with ``token`` under an expired lease, move to pending (token unchanged)."""
 
     @abc.abstractmethod
-    def purge_expired(self) -> int:
-        """Delete expired records; return how many (stores with native expiry may return 0)."""
+    def purge_expired(self, *, grace: float = PURGE_GRACE) -> int:
+        """Delete the records expired for more than ``grace`` seconds (see :data:`PURGE_GRACE`); return how many
+        (stores with native expiry may return 0)."""

@@ -8,7 +8,7 @@ import time
 
 from ..identity import load_json
 from ..models import ClaimResult, Operation, Status
-from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
+from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
 
 __all__ = ["MemoryStore"]
 
@@ -111,10 +111,10 @@ class MemoryStore(Store):
             self.round_trips += 1
             return self._live(digest, time.time())
 
-    def purge_expired(self) -> int:
+    def purge_expired(self, *, grace: float = PURGE_GRACE) -> int:
         with self._lock:
             now = time.time()
-            dead = [d for d, op in self._records.items() if op.expires_at <= now]
+            dead = [d for d, op in self._records.items() if op.expires_at <= now - grace]
             for digest in dead:
                 del self._records[digest]
             return len(dead)

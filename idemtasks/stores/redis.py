@@ -30,7 +30,7 @@ from ..errors import ConfigurationError, IdemtasksError, StoreError, StoreUnavai
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from . import redis_scripts as lua
-from .base import ClaimRequest, CreateRequest, FinishRequest, Store
+from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store
 from .lanes import published_answer, settle_own_writes
 from .redis_lane import Lane, lanes_supported
 
@@ -335,8 +335,8 @@ class RedisStore(Store):
             seconds, micros = self.client.time()
         return float(seconds) + float(micros) / 1_000_000
 
-    def purge_expired(self) -> int:
-        return 0  # Redis expires records by itself
+    def purge_expired(self, *, grace: float = PURGE_GRACE) -> int:
+        return 0  # Redis expires records by itself, KEEP_MS after their expiry
 
     def close(self) -> None:
         lane: Lane | None = getattr(self._local, "lane", None)

@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..errors import IdemtasksError, StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
-from .base import ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
+from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
 from .lanes import lanes_supported, published_answer, settle_own_writes
 from .sql_schema import create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
@@ -44,7 +44,7 @@ from .sql_statements import Statements
 if TYPE_CHECKING:
     from .sql_lane import LaneError, LaneStatements, PGLane, Prepared
 
-__all__ = ["SQLStore", "make_engine", "operations_table"]
+__all__ = ["PURGE_GRACE", "SQLStore", "make_engine", "operations_table"]
 
 _R = TypeVar("_R")
 # MariaDB: a racing INSERT of the same key won (duplicate key), or a deadlock among such racers. Both roll the
@@ -52,6 +52,13 @@ _R = TypeVar("_R")
 # took innodb_lock_wait_timeout already, and leaves as StoreUnavailable.)
 _MYSQL_RETRY_CODES = (1062, 1213)
 _MYSQL_ATTEMPTS = 8
+# PostgreSQL: the upsert resolves conflicts on key_hash only. Two claims of an absent key with the same operation id
+# (one message delivered twice at once) both insert, and the loser collides on the primary key instead, which ends
+# the statement with a unique violation once the winner commits. Sent again, it finds the winner's row and answers
+# as a replay. No other unique index can collide, so any unique violation is retried, but only a few times.
+_PG_UNIQUE_VIOLATION = "23505"
+_PG_ATTEMPTS = 3
+
 
 
 class _Retry(Exception):
@@ -107,11 +114,12 @@ class SQLStore(Store):
 
     @contextmanager
     def _guarded(self, *, retry: bool = False) -> Iterator[None]:
-        """SQLAlchemy errors leave as StoreUnavailable/StoreError, or as ``_Retry`` for a MariaDB race."""
+        """SQLAlchemy errors leave as StoreUnavailable/StoreError, or as ``_Retry`` for a race between writers of one
+        key (MariaDB's duplicate key or deadlock, PostgreSQL's duplicate primary key)."""
         try:
             yield
         except SQLAlchemyError as exc:
-            if retry and _mysql_code(exc) in _MYSQL_RETRY_CODES:
+            if retry and (_mysql_code(exc) in _MYSQL_RETRY_CODES or _pg_code(exc) == _PG_UNIQUE_VIOLATION):
                 raise _Retry from exc
             raise self._wrap(exc) from exc
 
@@ -169,12 +177,7 @@ class SQLStore(Store):
 
             return self._locked(req.digest, decide)
         stmt, params = self.create_statement(req)
-        lane = self._lane()
-        if lane is not None:
-            row = self._call_on_lane(lane, self._lanes().create, params)
-        else:
-            with self._tx() as conn:
-                row = self._run(conn, stmt, params).one()
+        row = self._upsert(stmt, lambda: self._lanes().create, params)
         return self._op(row), row.id == req.new_id
 
     def create_statement(self, req: CreateRequest) -> tuple[Any, dict[str, Any]]:
@@ -194,17 +197,26 @@ class SQLStore(Store):
             p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key, p_task_name=req.task_name,
             p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
             p_ttl=req.ttl)
-        lane = self._lane()
-        if lane is not None:
-            op = self._op(self._call_on_lane(lane, self._lanes().claim, params))
-        else:
-            with self._tx() as conn:
-                op = self._op(self._run(conn, self.sql.claim, params).one())
+        op = self._op(self._upsert(self.sql.claim, lambda: self._lanes().claim, params))
         if op.lease_owner == req.owner and op.status is Status.RUNNING:  # owners are unique per attempt
             return ClaimResult(ClaimOutcome.CLAIMED, op)
         if op.fingerprint != req.fingerprint:
             return ClaimResult(ClaimOutcome.MISMATCH, op)
         return ClaimResult(ClaimOutcome.DONE if op.is_final else ClaimOutcome.BUSY, op)
+
+    def _upsert(self, stmt: Any, on_lane: Callable[[], Prepared], params: dict[str, Any]) -> Any:
+        """PostgreSQL/SQLite: the row a creation or a claim returns, on this thread's lane or through the pool, sent
+        again when it lost a race on the primary key (see ``_PG_UNIQUE_VIOLATION``)."""
+        for _ in range(_PG_ATTEMPTS):
+            try:
+                lane = self._lane()
+                if lane is not None:
+                    return self._call_on_lane(lane, on_lane(), params)
+                with self._tx(retry=True) as conn:
+                    return self._run(conn, stmt, params).one()
+            except _Retry:
+                continue
+        raise StoreError(f"SQL store {self.url}: {_PG_ATTEMPTS} duplicate primary keys in a row")
 
     def _locked(self, digest: str, decide: Callable[[Operation | None, float], tuple[_R, Operation | None]]) -> _R:
         """MariaDB/MySQL: lock the row, decide in Python on the server's clock, write what ``decide`` returns.
@@ -313,6 +325,8 @@ class SQLStore(Store):
         try:
             return self._lanes().row(lane.call(stmt, params))
         except LaneError as exc:
+            if exc.sqlstate == _PG_UNIQUE_VIOLATION:  # lost a race on the primary key: _upsert sends it again
+                raise _Retry from exc
             if not exc.broken:
                 raise self._lane_error(exc) from exc
         # The connection broke (a restart, an idle timeout): once more on a new one. Sending either twice is safe.
@@ -322,6 +336,8 @@ class SQLStore(Store):
         try:
             return self._lanes().row(self._lane().call(stmt, params))  # type: ignore[union-attr]
         except LaneError as exc:
+            if exc.sqlstate == _PG_UNIQUE_VIOLATION:
+                raise _Retry from exc
             raise self._lane_error(exc) from exc
 
     def _lane_error(self, exc: LaneError) -> StoreError:
@@ -377,8 +393,11 @@ class SQLStore(Store):
         with self._tx() as conn:
             return [self._op(row) for row in self._run(conn, query, self.sql.params())]
 
-    def purge_expired(self) -> int:
-        return self._count(self.table.delete().where(self.table.c.expires_at <= self.sql.now()), self.sql.params())
+    def purge_expired(self, *, grace: float = PURGE_GRACE) -> int:
+        """Delete the records expired for more than ``grace`` seconds (see :data:`PURGE_GRACE`); return how many."""
+        t = self.table
+        older = t.c.expires_at <= self.sql.now() - sa.bindparam("p_grace", type_=t.c.expires_at.type)
+        return self._count(t.delete().where(older), self.sql.params(p_grace=grace))
 
     def close(self) -> None:
         lane: PGLane | None = getattr(self._local, "lane", None)
@@ -387,6 +406,11 @@ class SQLStore(Store):
             lane.close()
         if self._owns_engine:  # an engine passed in belongs to the caller, who may still be using it
             self.engine.dispose()
+
+
+def _pg_code(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg, psycopg2
 
 
 def _mysql_code(exc: BaseException) -> int | None:

@@ -51,12 +51,14 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 class LaneError(Exception):
     """A statement on a lane failed (``outage``: the database is away, or busy breaking a deadlock); ``broken``
-    means the connection is gone, with any statement on it in an unknown state."""
+    means the connection is gone, with any statement on it in an unknown state. ``sqlstate`` is the server's error
+    code, when the server answered with one."""
 
-    def __init__(self, message: str, *, outage: bool, broken: bool = False) -> None:
+    def __init__(self, message: str, *, outage: bool, broken: bool = False, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.outage = outage
         self.broken = broken
+        self.sqlstate = sqlstate
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,8 @@ class PGLane(BaseLane):
         if res.status == pq.ExecStatus.FATAL_ERROR:
             sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
             message = (res.error_message or b"").decode(errors="replace").strip()
-            raise LaneError(f"{_error_class(sqlstate).__name__}: {message}", outage=_outage(sqlstate))
+            raise LaneError(f"{_error_class(sqlstate).__name__}: {message}", outage=_outage(sqlstate),
+                            sqlstate=sqlstate)
         return res
 
     def _lost(self, exc: BaseException | None) -> LaneError:

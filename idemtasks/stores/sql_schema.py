@@ -129,10 +129,10 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
     elif backend == "postgresql":
         connect_args.update(pg_connect_args(u))
     elif backend in ("mysql", "mariadb"):
-        # READ COMMITTED: no gap locks, so two racing inserts of one key collide instead of deadlocking.
-        # UTC session: UNIX_TIMESTAMP(NOW(6)) converts through the session zone, ambiguous in a DST fall-back hour.
+        # READ COMMITTED: no gap locks, so two racing inserts of one key collide instead of deadlocking. (No session
+        # time zone: the store's clock reads UTC_TIMESTAMP(), so a caller's engine or init_command may set any.)
         kwargs.update(pool_recycle=3600, isolation_level="READ COMMITTED")
-        connect_args.update(connect_timeout=5, init_command="SET time_zone = '+00:00'")
+        connect_args.update(connect_timeout=5)
     kwargs.update(options)
     kwargs["connect_args"] = {**connect_args, **options.get("connect_args", {})}
     engine = sa.create_engine(u, **kwargs)

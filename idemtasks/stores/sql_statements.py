@@ -40,7 +40,13 @@ class Statements:
             # statement_timestamp() is fixed for the whole statement: every CASE below sees the same instant.
             return sa.cast(sa.literal_column("extract(epoch from statement_timestamp())"), _EPOCH)
         if self.dialect in ("mysql", "mariadb"):
-            return sa.literal_column("UNIX_TIMESTAMP(NOW(6))", _EPOCH)  # NOW() is fixed per statement too
+            # UTC_TIMESTAMP() is fixed per statement too, and unlike UNIX_TIMESTAMP(NOW()) ignores the session's time
+            # zone, which the caller's engine sets (or leaves at the server's): converting local time back to epoch
+            # seconds is ambiguous in a DST fall-back hour, where the clock would jump back an hour and live leases
+            # look expired. Microseconds are an exact integer; divided by the DOUBLE 1e6, not by the integer
+            # 1000000, whose DECIMAL quotient keeps only div_precision_increment (4) decimals.
+            return sa.literal_column("(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)",
+                                     _EPOCH)
         return sa.bindparam("p_now", type_=_EPOCH)  # SQLite runs in-process: the local clock, sent by params()
 
     def params(self, **values: Any) -> dict[str, Any]:
