@@ -59,8 +59,12 @@ CHUNK = 64
 # (``KEEP_MS``): a claim that re-creates it then continues its fencing token, so no holder of the old record can
 # share a token with the new one.
 # The server clock in microseconds. Helpers are written out inline rather than as Lua functions: a closure per call
-# is measurable next to the few microseconds a script costs. ``%.0f`` prints a whole number of microseconds exactly
-# (``tostring`` would round it to 14 digits). A key expires one millisecond after ``x`` rather than before it.
+# is measurable next to the few microseconds a script costs. Numbers leave a script as text made by ``%d``, which
+# Lua 5.1 formats as a C long: exact for these whole numbers (``tostring`` would round to 14 digits), and several
+# times cheaper than ``%.0f``, which glibc prints through multi-precision arithmetic. A number handed to redis.call
+# as it is would be printed with ``%.17g`` by the server: that is why PEXPIREAT and ZADD get text too. Callgrind on
+# the server counted the claim at 188k instructions with ``%.0f`` and 166k with ``%d``.
+# A key expires one millisecond after ``x`` rather than before it.
 # The digest, the index's member, is what the record's key ends with: '{namespace}:{<32 hex>}'.
 _CLOCK = """
 local KEEP_MS = 600000
@@ -101,13 +105,13 @@ if #h > 0 then
   redis.call('DEL', k)
 end
 local x = now + math.floor(ARGV[6] * 1000000 + 0.5)
-local c, xs = string.format('%.0f', now), string.format('%.0f', x)
+local c, xs = string.format('%d', now), string.format('%d', x)
 local rec = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'st', 'p', 'a', '0', 'tok', '0',
              'c', c, 'u', c, 'x', xs, 'np', '1'}
 if ARGV[7] and ARGV[7] ~= '' then""" + _put_chunked("rec", "p", "ARGV[7]") + """end
 redis.call('HSET', k, unpack(rec))
-redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
-if KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
+redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
+if KEYS[2] then redis.call('ZADD', KEYS[2], c, d) end
 return {'N', c, xs}
 """
 
@@ -142,22 +146,22 @@ else
   -- absent or expired: a message whose record is gone, or a task sent without submit
   if r[1] then redis.call('DEL', k) end
   -- An expired record's token carries on: a holder of the old record can never share a token with the new one.
-  r[6], r[7], r[8], r[9], r[10], r[13] = ARGV[1], ARGV[4], string.format('%.0f', now), 0, tonumber(r[10]) or 0, false
+  r[6], r[7], r[8], r[9], r[10], r[13] = ARGV[1], ARGV[4], string.format('%d', now), 0, tonumber(r[10]) or 0, false
   w = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'c', r[8]}
   if ARGV[9] ~= '' then
     r[13] = ARGV[9]""" + _put_chunked("w", "p", "ARGV[9]") + """  end
 end
 local x = now + math.floor(ARGV[8] * 1000000 + 0.5)
 local lease = now + math.floor(ARGV[7] * 1000000 + 0.5)
-local a, tok = tostring(r[9] + 1), tostring(r[10] + 1)
-local le, u, xs = string.format('%.0f', lease), string.format('%.0f', now), string.format('%.0f', x)
+local a, tok = string.format('%d', r[9] + 1), string.format('%d', r[10] + 1)
+local le, u, xs = string.format('%d', lease), string.format('%d', now), string.format('%d', x)
 local n = #w
 w[n + 1], w[n + 2], w[n + 3], w[n + 4], w[n + 5], w[n + 6], w[n + 7] = 'st', 'r', 'a', a, 'tok', tok, 'lo'
 w[n + 8], w[n + 9], w[n + 10], w[n + 11], w[n + 12], w[n + 13], w[n + 14] = ARGV[6], 'le', le, 'u', u, 'x', xs
 redis.call('HSET', k, unpack(w))
-redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
+redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[2] then redis.call('ZREM', KEYS[2], d) end
-if KEYS[3] then redis.call('ZADD', KEYS[3], lease, d) end
+if KEYS[3] then redis.call('ZADD', KEYS[3], le, d) end
 return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13]}
 """
 
@@ -168,7 +172,8 @@ local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x')
 if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now then return 0 end
 local st = ARGV[3]
 local x = now + math.floor(ARGV[7] * 1000000 + 0.5)
-local w = {'st', st, 'u', string.format('%.0f', now), 'x', string.format('%.0f', x)}
+local u = string.format('%d', now)
+local w = {'st', st, 'u', u, 'x', string.format('%d', x)}
 if st == 's' and ARGV[4] ~= '' then""" + _put_chunked("w", "r", "ARGV[4]") + """end
 if st == 'f' then
   w[7], w[8] = 'et', ARGV[5]
@@ -176,9 +181,9 @@ if st == 'f' then
 end
 redis.call('HSET', k, unpack(w))
 redis.call('HDEL', k, 'lo', 'le')
-redis.call('PEXPIREAT', k, math.floor(x / 1000) + KEEP_MS)
+redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[3] then redis.call('ZREM', KEYS[3], d) end
-if st == 'p' and KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
+if st == 'p' and KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
 return 1
 """
 
@@ -187,11 +192,11 @@ RENEW = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x')
 local x = tonumber(rec[4]) or 0
 if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or x <= now then return 0 end
-local le = string.format('%.0f', now + math.floor(ARGV[3] * 1000000 + 0.5))
+local le = string.format('%d', now + math.floor(ARGV[3] * 1000000 + 0.5))
 local want = now + math.floor(ARGV[4] * 1000000 + 0.5)
 if want > x then
-  redis.call('HSET', k, 'le', le, 'x', string.format('%.0f', want))
-  redis.call('PEXPIREAT', k, math.floor(want / 1000) + KEEP_MS)
+  redis.call('HSET', k, 'le', le, 'x', string.format('%d', want))
+  redis.call('PEXPIREAT', k, string.format('%d', math.floor(want / 1000) + KEEP_MS))
 else
   redis.call('HSET', k, 'le', le)
 end
@@ -202,7 +207,7 @@ return 1
 MARK_PUBLISHED = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'st', 'x')
 if rec[1] == ARGV[1] and rec[2] == 'p' and (tonumber(rec[3]) or 0) > now then
-  redis.call('HSET', k, 'u', string.format('%.0f', now))
+  redis.call('HSET', k, 'u', string.format('%d', now))
   redis.call('HDEL', k, 'np')
 end
 return 1
@@ -224,10 +229,11 @@ REQUEUE = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x', 'le')
 if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now
    or (tonumber(rec[5]) or 0) > now then return 0 end
-redis.call('HSET', k, 'st', 'p', 'u', string.format('%.0f', now))
+local u = string.format('%d', now)
+redis.call('HSET', k, 'st', 'p', 'u', u)
 redis.call('HDEL', k, 'lo', 'le')
 if KEYS[3] then redis.call('ZREM', KEYS[3], d) end
-if KEYS[2] then redis.call('ZADD', KEYS[2], now, d) end
+if KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
 return 1
 """
 
