@@ -31,7 +31,7 @@ from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .stores.base import Store
 
-__all__ = ["Attempt", "run_attempt"]
+__all__ = ["MAX_ERROR_MESSAGE", "Attempt", "error_info", "run_attempt"]
 
 logger = logging.getLogger("idemtasks.task")
 
@@ -48,6 +48,30 @@ def _new_owner() -> str:
         pid, prefix, counter = _owners = (os.getpid(), f"{_HOST}:{os.getpid()}:{secrets.token_hex(4)}:",
                                           itertools.count(1))
     return f"{prefix}{next(counter)}"
+#: Longest stored error message, in characters.
+MAX_ERROR_MESSAGE = 2000
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """What a failure stores: the exception's class name and message, as text every store can hold.
+
+    A message may carry a NUL (PostgreSQL refuses it in text, and libpq would cut a parameter short at it) or a lone
+    surrogate (not UTF-8), and ``str()`` of an exception may itself raise. Any of these, met at the store, would fail
+    the completion and leave the operation running, to run again when its lease is out; so they are replaced here.
+    """
+    try:
+        message = str(exc)[:MAX_ERROR_MESSAGE]
+    except Exception:
+        message = f"<{type(exc).__name__} whose message could not be read>"
+    return ErrorInfo(_storable(type(exc).__name__), _storable(message))
+
+
+def _storable(text: str) -> str:
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
 #: In-process tries of a completion before it is carried over to a republished message (store outage).
 _FINISH_DELAYS = (0.1, 0.5, 2.0)
 
@@ -188,7 +212,7 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                 # An outage to ride out like the store's, never a payment stored as failed.
                 attempt.release_quietly()
                 _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
-            _finish(task, attempt, Status.FAILED, None, ErrorInfo(type(exc).__name__, str(exc)[:2000]))
+            _finish(task, attempt, Status.FAILED, None, error_info(exc))
             raise
         _finish(task, attempt, Status.SUCCEEDED, result_json, None)
         return result

@@ -111,11 +111,18 @@ def dump_json(value: Any, *, what: str, limit: int | None = None, canonical: boo
         text: str = _ENCODERS[canonical].encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise NotSerializable(f"{what} cannot be stored as JSON: {exc}", what=what) from exc
-    # A character takes 1 to 4 bytes in UTF-8: only encode when the text could be over the limit.
-    if limit is not None and len(text) * 4 > limit:
-        size = len(text.encode())
-        if size > limit:
-            raise TooLarge(what=what, size=size, limit=limit)
+    if text.isascii():  # most values: one byte per character, and nothing to check
+        size = len(text)
+    else:
+        # JSON escapes control characters, but not a lone surrogate (an undecodable file name from os.listdir, say):
+        # no store can hold that, and finding out at the store would leave the operation running, to run again.
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError as exc:
+            raise NotSerializable(f"{what} cannot be stored: it is not valid Unicode ({exc.reason})",
+                                  what=what) from exc
+    if limit is not None and size > limit:
+        raise TooLarge(what=what, size=size, limit=limit)
     return text
 
 

@@ -35,6 +35,11 @@ class Declined(Exception):
     pass
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message today")
+
+
 @dataclass
 class Harness:
     app: Celery
@@ -87,7 +92,12 @@ def build(store: Store) -> Harness:
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.weird")
     def weird(self: IdempotentTask, kind: str) -> Any:
         h.runs[self.operation.key] += 1
-        return object() if kind == "object" else "x" * 2_000_000
+        if kind == "nul":  # PostgreSQL refuses a NUL in text; libpq would cut the message short at it
+            raise ValueError("bad\x00input from r\udcffport.txt")
+        if kind == "unprintable":
+            raise Unprintable()
+        return {"object": object(), "huge": "x" * 2_000_000,
+                "surrogate": "r\udcffport.txt"}[kind]  # os.listdir()'s name for an undecodable file
 
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed",
               key_func=lambda order_id: f"order-{order_id}")
@@ -257,14 +267,31 @@ class TestFailures:
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "Flaky"
         assert h.runs[k] == 2
 
-    @pytest.mark.parametrize(("kind", "error"), [("object", NotSerializable), ("huge", TooLarge)])
+    @pytest.mark.parametrize(("kind", "error"), [("object", NotSerializable), ("huge", TooLarge),
+                                                 ("surrogate", NotSerializable)])
     def test_unstorable_result_fails_the_operation_instead_of_leaving_it_running(
         self, h: Harness, kind: str, error: type[Exception]
     ) -> None:
-        sub = h.tasks["weird"].submit((kind,), key=key())
+        sub = h.tasks["weird"].submit((kind,), key=(k := key()))
         op = h.wait_final(sub.operation.id)
         assert op.status is Status.FAILED
         assert op.error is not None and op.error.type == error.__name__
+        assert h.runs[k] == 1
+
+    @pytest.mark.parametrize(("kind", "message"), [
+        ("nul", "bad\ufffdinput from r?port.txt"),
+        ("unprintable", "<Unprintable whose message could not be read>"),
+    ])
+    def test_an_error_whose_message_no_store_can_hold_is_stored_cleaned(
+        self, h: Harness, kind: str, message: str
+    ) -> None:
+        """A NUL, a lone surrogate, or a message that cannot be read at all would fail the completion itself, and
+        the operation would stay running, to run again: the stored error is cleaned of them instead."""
+        sub = h.tasks["weird"].submit((kind,), key=(k := key()))
+        op = h.wait_final(sub.operation.id)
+        assert op.status is Status.FAILED and op.error is not None
+        assert op.error.message == message
+        assert h.runs[k] == 1
 
 
 class TestLeases:
