@@ -2,11 +2,14 @@
 
 An adapter's test module provides an ``api`` fixture (an :class:`Api`) serving, on a real store with an embedded
 worker: ``POST /payments`` (key required; the view rejects a non-integer amount before submitting),
-``POST /tips`` (key optional), ``POST /strict`` (mismatch answered 409) and the status route.
+``POST /tips`` (key optional), ``POST /strict`` (mismatch answered 409), ``POST /forms`` (reads its multipart form
+before submitting), ``POST /streamed`` (reads its raw body as a stream before submitting) and the status route. Test
+clients re-raise a view's exception rather than answer 500.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -21,7 +24,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import IdempotentTask
+from idemtasks import ConfigurationError, IdempotentTask
 from idemtasks.http.core import HttpPolicy, caller_scope, request_fingerprint
 from idemtasks.stores.base import Store
 from tests.conftest import drop, make_store
@@ -48,8 +51,8 @@ class Api:
     runs: Counter[str] = field(default_factory=Counter)
 
     def post(self, body: Any, key: str | None = None, *, token: str = "alice", path: str = "/payments",
-             header: str = "Idempotency-Key") -> Resp:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+             header: str = "Idempotency-Key", authorization: str | None = None) -> Resp:
+        headers = {"Authorization": authorization or f"Bearer {token}", "Content-Type": "application/json"}
         if key is not None:
             headers[header] = key
         return self.send("POST", path, json.dumps(body).encode(), headers)
@@ -80,6 +83,11 @@ class Api:
                 return r
             time.sleep(0.05)
         raise AssertionError(f"{location} never finished")
+
+
+def basic(user: str, password: str = "") -> str:
+    """An ``Authorization`` header with Basic credentials (Stripe sends its secret key as the user name)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def pay_body(request_json: Any) -> tuple[str, int] | None:
@@ -150,6 +158,16 @@ class HttpRules:
         assert {r.json()["code"] for r in (other_file, other_field)} == {"idempotency_key_mismatch"}
         api.final(first.headers["location"])
         assert api.runs[a] == 1
+
+    def test_a_body_read_as_a_stream_before_submitting_fails_loudly_rather_than_replay(self, api: Api) -> None:
+        """``/streamed`` reads its raw body as a stream, which leaves nothing to fingerprint: were it accepted, the
+        same key with another payload would replay the first. A programming error, so the request fails (a 500)."""
+        a = acct()
+        for amount in (5, 6):
+            with pytest.raises(ConfigurationError, match=r"read the body after submit\(\)/check\(\)"):
+                api.post({"account": a, "amount": amount}, "k-" + a, path="/streamed")
+        assert api.store.get(caller_scope("alice", "POST", "/streamed"), "k-" + a) is None
+        assert api.runs[a] == 0
 
     def test_first_request_is_accepted_with_a_location(self, api: Api) -> None:
         r = api.post({"account": (a := acct()), "amount": 5}, "k-" + a)
@@ -249,6 +267,41 @@ class HttpRules:
         api.final(mine.headers["location"], token="alice")
         api.final(theirs.headers["location"], token="bob")
         assert api.runs[a] == 2
+
+    def test_two_basic_users_with_one_key_get_two_operations_and_cannot_see_each_other(self, api: Api) -> None:
+        a = acct()
+        alice, bob = basic("sk_alice_" + a), basic("sk_bob_" + a)
+        mine = api.post({"account": a, "amount": 5}, "shared-" + a, authorization=alice)
+        theirs = api.post({"account": a, "amount": 5}, "shared-" + a, authorization=bob)
+        assert mine.status_code == theirs.status_code == 202 and mine.json()["id"] != theirs.json()["id"]
+        assert api.send("GET", mine.headers["location"], b"", {"Authorization": bob}).status_code == 404
+        assert api.final_with(mine.headers["location"], {"Authorization": alice}).json()["status"] == "succeeded"
+        api.final_with(theirs.headers["location"], {"Authorization": bob})
+        again = api.post({"account": a, "amount": 5}, "shared-" + a, authorization=alice)
+        assert again.json()["id"] == mine.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert api.runs[a] == 2
+
+    def test_an_authorization_scheme_the_default_caller_cannot_read_is_refused_not_made_anonymous(
+            self, api: Api) -> None:
+        """Anonymous is one scope for everybody: a caller the default identity cannot name would replay another
+        tenant's operation. The application must pass ``caller=`` (a 500 until it does)."""
+        a = acct()
+        with pytest.raises(ConfigurationError, match="caller="):
+            api.post({"account": a, "amount": 5}, "k-" + a, authorization='Digest username="alice"')
+        with pytest.raises(ConfigurationError, match="caller="):
+            api.send("GET", "/operations/" + "0" * 56, b"", {"Authorization": "HMAC alice:signature"})
+        assert api.store.get(caller_scope(None, "POST", "/payments"), "k-" + a) is None
+        assert api.runs[a] == 0
+
+    @pytest.mark.parametrize("authorization", ["Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(),
+                                               "Basic " + base64.b64encode(b":password").decode(), "Bearer "])
+    def test_unreadable_credentials_are_a_400_not_anonymous(self, api: Api, authorization: str) -> None:
+        a = acct()
+        r = api.post({"account": a, "amount": 5}, "k-" + a, authorization=authorization)
+        assert r.status_code == 400 and r.json()["code"] == "credentials_invalid"
+        status = api.send("GET", "/operations/" + "0" * 56, b"", {"Authorization": authorization})
+        assert status.status_code == 400 and status.json()["code"] == "credentials_invalid"
+        assert api.store.get(caller_scope(None, "POST", "/payments"), "k-" + a) is None
 
     def test_status_of_unknown_operation_is_404(self, api: Api) -> None:
         r = api.get("/operations/" + "0" * 56)

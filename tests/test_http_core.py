@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 import pytest
 
 from idemtasks.errors import (
+    ConfigurationError,
     IdempotencyKeyMismatch,
     InvalidKey,
     NotSerializable,
@@ -17,6 +19,8 @@ from idemtasks.errors import (
 )
 from idemtasks.http.core import (
     HttpPolicy,
+    InvalidCredentials,
+    Reply,
     accepted,
     caller_scope,
     error_reply,
@@ -26,6 +30,7 @@ from idemtasks.http.core import (
     request_fingerprint,
     status_reply,
 )
+from idemtasks.http.endpoint import bearer_caller
 from idemtasks.models import ErrorInfo, Operation, Status, Submission
 
 POLICY = HttpPolicy()
@@ -96,6 +101,28 @@ class TestScopeAndFingerprint:
         assert fp("aaa") == fp("bbb") == fp("ccc", content_type='Multipart/Form-Data; boundary="{}"')
         assert fp("aaa", b"forged") != fp("aaa")
         assert fp("aaa", content_type="text/plain") != fp("bbb", content_type="text/plain")  # only multipart
+
+    def test_a_boundary_inside_a_value_is_content_not_a_delimiter(self) -> None:
+        """Only a delimiter *line* is a boundary (RFC 2046): ``pay--ab-now`` under ``ab`` and ``pay--cd-now`` under
+        ``cd`` are two different values."""
+        def fp(boundary: str, value: str) -> str:
+            body = (f'--{boundary}\r\nContent-Disposition: form-data; name="memo"\r\n\r\n{value}'
+                    f"\r\n--{boundary}--\r\n").encode()
+            headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+            return request_fingerprint("POST", "/p", "", body, headers, POLICY)
+
+        assert fp("ab", "pay--ab-now") != fp("cd", "pay--cd-now")
+        assert fp("ab", "pay--cd-now") == fp("cd", "pay--cd-now")  # the same value, under two boundaries
+
+    def test_a_part_holding_the_canonical_delimiter_is_not_taken_for_one(self) -> None:
+        """Canonical bytes inside a part (here a NUL delimiter) cannot make two different forms compare equal."""
+        def fp(body: str, boundary: str) -> str:
+            headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+            return request_fingerprint("POST", "/p", "", body.encode(), headers, POLICY)
+
+        one_part = "--ab\r\nName: a\r\n\r\nx\r\n--\x00\r\nName: b\r\n\r\ny\r\n--ab--\r\n"
+        two_parts = "--cd\r\nName: a\r\n\r\nx\r\n--cd\r\nName: b\r\n\r\ny\r\n--cd--\r\n"
+        assert fp(one_part, "ab") != fp(two_parts, "cd")
 
     def test_chosen_headers_join_the_fingerprint(self) -> None:
         policy = HttpPolicy(fingerprint_headers=("Content-Type",))
@@ -184,6 +211,49 @@ class TestLimits:
                               "alice")
         reply = endpoint.submit(req, object(), ())
         assert reply.status == 413 and store.round_trips == 0
+
+
+    @pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "12x", "-1", ""])
+    def test_a_content_length_that_is_not_ascii_digits_counts_as_absent(self, length: str) -> None:
+        """"²".isdigit() is true, but int() refuses it: that must not become a 500."""
+        from idemtasks.http.endpoint import Endpoint, IncomingRequest, declared_length
+        from idemtasks.stores.memory import MemoryStore
+
+        assert declared_length({"Content-Length": length}) == 0
+        req = IncomingRequest("POST", "/p", "/p", "", b"{}", {"Idempotency-Key": "k", "Content-Length": length}, "a")
+        assert not isinstance(Endpoint(MemoryStore()).prepare(req), Reply)
+
+
+def basic(credentials: bytes) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
+
+
+class TestDefaultCaller:
+    def test_a_bearer_token_names_the_caller(self) -> None:
+        assert bearer_caller({"authorization": "bearer sk_live_1"}) == "sk_live_1"
+
+    def test_a_basic_user_names_the_caller_whatever_the_password(self) -> None:
+        assert bearer_caller(basic(b"sk_live_1:")) == bearer_caller(basic(b"sk_live_1:other"))
+        assert bearer_caller(basic(b"alice:x")) != bearer_caller(basic(b"bob:x"))
+        # A user of the same name as a token is still someone else.
+        assert bearer_caller(basic(b"alice:")) != bearer_caller({"Authorization": "Bearer alice"})
+
+    def test_no_authorization_is_anonymous(self) -> None:
+        assert bearer_caller({}) is None and bearer_caller({"Authorization": "  "}) is None
+
+    @pytest.mark.parametrize("header", ["Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(),
+                                        "Basic " + base64.b64encode(b":pw").decode(),
+                                        "Basic " + base64.b64encode(b"\xff:pw").decode(), "Basic", "Bearer",
+                                        "Bearer  "])
+    def test_unreadable_credentials_are_refused_rather_than_made_anonymous(self, header: str) -> None:
+        with pytest.raises(InvalidCredentials):
+            bearer_caller({"Authorization": header})
+        assert error_reply(InvalidCredentials("x"), POLICY).status == 400
+
+    @pytest.mark.parametrize("header", ['Digest username="alice"', "HMAC alice:sig", "Token t", "t"])
+    def test_another_scheme_needs_a_caller_function(self, header: str) -> None:
+        with pytest.raises(ConfigurationError, match="caller="):
+            bearer_caller({"Authorization": header})
 
 
 class TestEndpointWiring:

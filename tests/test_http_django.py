@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import sys
 from collections.abc import Iterator, Mapping
@@ -21,11 +22,13 @@ if not settings.configured:
     django.setup()
 
 from django.http import HttpRequest, HttpResponse
-from django.test import Client
+from django.test import Client, RequestFactory
 from django.urls import clear_url_caches, include, path, resolve
 
 import idemtasks.contrib.django
 from idemtasks.contrib.django import Idempotency
+from idemtasks.http.core import HttpPolicy
+from idemtasks.stores.memory import MemoryStore
 from tests.apps import django_urls
 from tests.http_rules import (
     BACKENDS,
@@ -52,6 +55,7 @@ class Served:
     api: Api  # status route at /operations/<id>; the same client also serves /v1
     idem: Idempotency
     v1: Idempotency  # mounted under v1/ with status_prefix="/v1" and the tenant as caller
+    mounted: Client  # requests to the same project served under SCRIPT_NAME=/api
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -84,16 +88,22 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                 return problem
             return idem.submit(request, task, (request.POST["account"], int(request.POST["amount"])))
 
+        def streamed(request: HttpRequest) -> HttpResponse:
+            # Reads its raw body as a stream before submitting, which leaves nothing to fingerprint.
+            return idem.submit(request, task, pay_body(json.loads(request.read())))
+
         def v1_payments(request: HttpRequest) -> HttpResponse:
             return v1.submit(request, task, pay_body(json.loads(request.body)))
 
         django_urls.urlpatterns[:] = [
             path("payments", payments), path("tips", tips), path("strict", strict), path("forms", forms),
+            path("streamed", streamed),
             path("", include(idem.urls())),
             path("v1/payments", v1_payments), path("v1/", include(v1.urls())),
         ]
         clear_url_caches()
         client = Client()
+        mounted = Client(SCRIPT_NAME="/api")  # a WSGI server mounting the project at /api
 
         def send(method: str, path_: str, body: bytes, headers: dict[str, str]) -> Resp:
             if method == "GET":
@@ -103,7 +113,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                                    headers={k: v for k, v in headers.items() if k != "Content-Type"})
             return Resp(r.status_code, lower(dict(r.headers.items())), r.content)
 
-        yield Served(Api(send, store, runs), idem, v1)
+        yield Served(Api(send, store, runs), idem, v1, mounted)
         django_urls.urlpatterns.clear()
         clear_url_caches()
 
@@ -153,6 +163,31 @@ class TestDjango(HttpRules):
         r = served.api.post({"account": a, "amount": 5}, "k-" + a)
         op = served.api.store.get_by_id(r.json()["id"])
         assert op is not None and op.scope.endswith("|POST /payments")
+
+
+    def test_under_a_script_name_the_location_leads_to_the_status_route(self, served: Served) -> None:
+        """A WSGI server mounting the project at /api hands it SCRIPT_NAME=/api and the rest of the path as
+        PATH_INFO: Location must start with /api."""
+        a = acct()
+        auth = {"Authorization": "Bearer alice", "Idempotency-Key": "k-" + a}
+        r = served.mounted.post("/payments", data={"account": a, "amount": 5}, content_type="application/json",
+                                headers=auth)
+        assert r.status_code == 202 and r["Location"] == f"/api/operations/{r.json()['id']}"
+        path_info = r["Location"].removeprefix("/api")
+        assert served.mounted.get(path_info, headers={"Authorization": "Bearer alice"}).status_code == 200
+        served.api.final(path_info)
+
+
+@pytest.mark.parametrize(("policy", "limit"), [(None, 1024 * 1024), (HttpPolicy(max_body_bytes=100), 100)])
+def test_a_body_declared_over_the_limit_is_refused_without_being_read(policy: HttpPolicy | None, limit: int) -> None:
+    """The 413 goes by Content-Length, before any of the body is buffered; the policy given to submit() is the one."""
+    data = b"x" * (limit + 1)
+    body = io.BytesIO(data)
+    request = RequestFactory().generic("POST", "/payments", data, content_type="application/json",
+                                       headers={"Idempotency-Key": "k"}, **{"wsgi.input": body})
+    r = Idempotency(store=MemoryStore()).submit(request, object(), policy=policy)
+    assert r.status_code == 413 and json.loads(r.content)["code"] == "payload_too_large"
+    assert body.tell() == 0  # not a byte of it read
 
 
 def test_without_django_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

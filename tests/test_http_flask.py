@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import io
+import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import flask
 import pytest
+from werkzeug.exceptions import NotFound
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.test import Client
 
 import idemtasks.contrib.flask
 from idemtasks.contrib.flask import Idempotency
+from idemtasks.http.core import HttpPolicy
+from idemtasks.stores.memory import MemoryStore
 from tests.http_rules import (
     BACKENDS,
     CONFLICT,
@@ -54,6 +61,7 @@ def sender(app: flask.Flask) -> Callable[[str, str, bytes, dict[str, str]], Resp
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with store_for(request, tmp_path_factory) as store, paying_worker(store) as (task, runs):
         app = flask.Flask(__name__)
+        app.config["PROPAGATE_EXCEPTIONS"] = True  # a view's exception reaches the test, as with the other clients
         idem = Idempotency(app, store=store)
 
         @app.post("/payments")
@@ -84,6 +92,11 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             if problem is not None:
                 return problem
             return idem.submit(task, (form["account"], int(form["amount"])))
+
+        @app.post("/streamed")
+        def streamed() -> flask.Response:
+            # Reads its raw body as a stream before submitting, which leaves nothing to fingerprint.
+            return idem.submit(task, pay_body(json.loads(flask.request.stream.read())))
 
         v1_app = flask.Flask(__name__)
         v1 = Idempotency(store=store, caller=tenant, status_prefix="/v1/")
@@ -135,6 +148,31 @@ class TestFlask(HttpRules):
         assert served.v1.final_with(location, {"X-Tenant": "acme"}).json()["status"] == "succeeded"
         served.v1.final_with(other.headers["location"], {"X-Tenant": "globex"})
         assert served.v1.runs[a] == 2
+
+
+    def test_under_a_script_name_the_location_leads_to_the_status_route(self, served: Served) -> None:
+        """A WSGI server mounting the application at /api hands it SCRIPT_NAME=/api: Location must start with it."""
+        client = Client(DispatcherMiddleware(NotFound(), {"/api": served.app.wsgi_app}))
+        a = acct()
+        r = client.post("/api/payments", data=json.dumps({"account": a, "amount": 5}),
+                        headers={"Authorization": "Bearer alice", "Idempotency-Key": "k-" + a,
+                                 "Content-Type": "application/json"})
+        assert r.status_code == 202 and r.headers["Location"] == f"/api/operations/{r.get_json()['id']}"
+        assert client.get(r.headers["Location"], headers={"Authorization": "Bearer alice"}).status_code == 200
+        served.api.final(r.headers["Location"].removeprefix("/api"))
+
+
+@pytest.mark.parametrize(("policy", "limit"), [(None, 1024 * 1024), (HttpPolicy(max_body_bytes=100), 100)])
+def test_a_body_declared_over_the_limit_is_refused_without_being_read(policy: HttpPolicy | None, limit: int) -> None:
+    """The 413 goes by Content-Length, before any of the body is buffered; the policy given to submit() is the one."""
+    app = flask.Flask(__name__)
+    idem = Idempotency(app, store=MemoryStore())
+    body = io.BytesIO(b"x" * (limit + 1))
+    with app.test_request_context("/payments", method="POST", input_stream=body, content_length=limit + 1,
+                                  headers={"Idempotency-Key": "k", "Content-Type": "application/json"}):
+        r = idem.submit(object(), policy=policy)
+    assert r.status_code == 413 and r.get_json()["code"] == "payload_too_large"
+    assert body.tell() == 0  # not a byte of it read
 
 
 def test_without_flask_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 try:
@@ -22,9 +21,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the Django adapter needs Django: pip install idemtasks[django]") from exc
 
-from ..http.core import HttpPolicy, Reply
-from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
-from ..http.forms import FORM_BODY, parsed_form_body, upload_digest
+from ..http import core
+from ..http.core import HttpPolicy, InvalidCredentials, Reply
+from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length
+from ..http.forms import FORM_BODY, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -41,8 +41,12 @@ def _body(request: HttpRequest) -> bytes:
     try:
         body: bytes = request.body
         return body
-    except RawPostDataException:  # the view read request.POST of a multipart request: the stream is gone
+    except RawPostDataException:  # the view read the stream, through request.POST of a multipart request or not
         pass
+    # Only a form Django parsed is described: request.POST of any other content type is empty (and parsing it now,
+    # after the view read the stream, would be too), so every payload under a key would look like that empty form.
+    if not (is_form(request.content_type) and "_post" in request.__dict__):
+        raise body_consumed("request.body (which keeps it)")
     # Kept on the request: a view that calls check() and then submit() reads its uploads once, not twice.
     memo: dict[str, Any] = request.__dict__
     if FORM_BODY not in memo:
@@ -57,34 +61,52 @@ class Idempotency:
     """Idempotent writes and the status route for a Django project."""
 
     def __init__(self, *, store: Store | str | None = None, policy: HttpPolicy | None = None,
-                 caller: Callable[[Mapping[str, str]], str | None] | None = None, status_prefix: str = "") -> None:
+                 caller: Caller | None = None, status_prefix: str = "") -> None:
         self.endpoint = Endpoint(store, policy=policy, status_prefix=status_prefix)
-        # The caller owns its keys and operations; by default the Bearer token names it (hashed before storage).
+        # The caller owns its keys and operations; by default the Bearer token or Basic user names it (hashed before
+        # storage).
         self.caller = caller or bearer_caller
 
-    def incoming(self, request: HttpRequest) -> IncomingRequest:
+    def incoming(self, request: HttpRequest, policy: HttpPolicy | None = None) -> IncomingRequest:
+        """``request`` as the endpoint reads it. A body whose Content-Length is over ``policy``'s limit is left
+        unread: the endpoint answers 413 from the declared length alone."""
         headers = dict(request.headers.items())
+        caller = self.caller(headers)
+        limit = (policy or self.endpoint.policy).max_body_bytes
         match = getattr(request, "resolver_match", None)
         route = "/" + match.route.lstrip("/") if match is not None and match.route else request.path
+        # request.path is SCRIPT_NAME (or FORCE_SCRIPT_NAME) followed by path_info: the rest is where Django is mounted.
+        path_info = request.path_info
+        root = request.path[:-len(path_info)] if path_info and request.path.endswith(path_info) else ""
         return IncomingRequest(method=request.method or "POST", route=route, path=request.path,
-                               query=request.META.get("QUERY_STRING", ""), body=_body(request), headers=headers,
-                               caller=self.caller(headers))
+                               query=request.META.get("QUERY_STRING", ""),
+                               body=b"" if declared_length(headers) > limit else _body(request), headers=headers,
+                               caller=caller, root=root)
 
     def check(self, request: HttpRequest, policy: HttpPolicy | None = None) -> HttpResponse | None:
         """The key problem of a write (missing, invalid) as a response, before the view validates its body."""
-        prepared = self.endpoint.prepare(self.incoming(request), policy)
+        try:
+            prepared = self.endpoint.prepare(self.incoming(request, policy), policy)
+        except InvalidCredentials as exc:
+            prepared = core.error_reply(exc, policy or self.endpoint.policy)
         return to_response(prepared) if isinstance(prepared, Reply) else None
 
     def submit(self, request: HttpRequest, task: Any, args: Any = None, kwargs: Any = None, *,
                policy: HttpPolicy | None = None, **options: Any) -> HttpResponse:
         """Record and enqueue ``task(*args, **kwargs)`` for this request, or replay its key's outcome."""
-        return to_response(self.endpoint.submit(self.incoming(request), task, args, kwargs, policy=policy,
-                                                **options))
+        try:
+            req = self.incoming(request, policy)
+        except InvalidCredentials as exc:
+            return to_response(core.error_reply(exc, policy or self.endpoint.policy))
+        return to_response(self.endpoint.submit(req, task, args, kwargs, policy=policy, **options))
 
     def status_view(self, request: HttpRequest, operation_id: str) -> HttpResponse:
         if request.method != "GET":
             return HttpResponse(status=405, headers={"Allow": "GET"})
-        caller = self.caller(dict(request.headers.items()))
+        try:
+            caller = self.caller(dict(request.headers.items()))
+        except InvalidCredentials as exc:
+            return to_response(core.error_reply(exc, self.endpoint.policy))
         return to_response(self.endpoint.status(operation_id, caller))
 
     def urls(self) -> list[URLPattern]:

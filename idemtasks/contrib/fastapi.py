@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 try:
@@ -27,9 +26,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..aio import AsyncStore, async_store_for, submit_async
 from ..errors import IdemtasksError
 from ..http import core
-from ..http.core import HttpPolicy, Reply
-from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
-from ..http.forms import FORM_BODY, Upload, parsed_form_body, upload_digest
+from ..http.core import HttpPolicy, InvalidCredentials, Reply
+from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length
+from ..http.forms import FORM_BODY, Upload, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -42,18 +41,23 @@ def to_response(reply: Reply) -> Response:
 async def _body(request: Request) -> bytes:
     try:
         return await request.body()
-    except RuntimeError as consumed:
-        # The handler read its form first, which consumed the stream; the request keeps the parsed form. So does
-        # the request's scope keep the stand-in body: a handler calling check() and then submit() reads uploads once.
-        memo = request.scope
-        if FORM_BODY not in memo:
-            try:
-                form = await request.form()
-            except Exception:
-                raise consumed from None  # the stream went some other way: that error says more
-            memo[FORM_BODY] = await _describe(form)
-        form_body: bytes = memo[FORM_BODY]
-        return form_body
+    except RuntimeError:
+        pass
+    # The handler read the stream. Only a form can stand in for it: request.form() of any other content type is
+    # empty, and every payload under a key would look like that empty form.
+    if not is_form(request.headers.get("content-type")):
+        raise body_consumed("await request.body() (which keeps it)") from None
+    # The handler read its form first, which consumed the stream; the request keeps the parsed form. So does the
+    # request's scope keep the stand-in body: a handler calling check() and then submit() reads its uploads once.
+    memo = request.scope
+    if FORM_BODY not in memo:
+        try:
+            form = await request.form()
+        except Exception:  # not parsed before the stream went: there is nothing left to parse it from
+            raise body_consumed("await request.body() or await request.form() (which keep it)") from None
+        memo[FORM_BODY] = await _describe(form)
+    form_body: bytes = memo[FORM_BODY]
+    return form_body
 
 
 async def _describe(form: Any) -> bytes:
@@ -72,8 +76,10 @@ class Idempotency:
     """Idempotent writes and the status route for one FastAPI application."""
 
     def __init__(self, *, store: Store | str | None = None, policy: HttpPolicy | None = None,
-                 caller: Callable[[Mapping[str, str]], str | None] = bearer_caller, status_prefix: str = "") -> None:
+                 caller: Caller = bearer_caller, status_prefix: str = "") -> None:
         self.endpoint = Endpoint(store, policy=policy, status_prefix=status_prefix)
+        # The caller owns its keys and operations; by default the Bearer token or Basic user names it (hashed before
+        # storage).
         self.caller = caller
         self.router = APIRouter()
         self.router.add_api_route(f"{self.endpoint.status_prefix}/operations/{{operation_id}}", self.status,
@@ -82,23 +88,34 @@ class Idempotency:
     def _async_store(self, task: Any | None = None) -> AsyncStore:
         return async_store_for(self.endpoint.store_for(task))
 
-    async def incoming(self, request: Request) -> IncomingRequest:
+    async def incoming(self, request: Request, policy: HttpPolicy | None = None) -> IncomingRequest:
+        """``request`` as the endpoint reads it. A body whose Content-Length is over ``policy``'s limit is left
+        unread: the endpoint answers 413 from the declared length alone."""
         route = getattr(request.scope.get("route"), "path", request.url.path)
         headers = dict(request.headers.items())
-        return IncomingRequest(method=request.method, route=route, path=request.url.path,
-                               query=request.url.query, body=await _body(request), headers=headers,
-                               caller=self.caller(headers))
+        caller = self.caller(headers)
+        limit = (policy or self.endpoint.policy).max_body_bytes
+        return IncomingRequest(method=request.method, route=route, path=request.url.path, query=request.url.query,
+                               body=b"" if declared_length(headers) > limit else await _body(request),
+                               headers=headers, caller=caller, root=request.scope.get("root_path", ""))
 
     async def check(self, request: Request, policy: HttpPolicy | None = None) -> Response | None:
         """The key problem of a write (missing, invalid) as a response, before the handler validates its body."""
-        prepared = self.endpoint.prepare(await self.incoming(request), policy)
+        try:
+            prepared = self.endpoint.prepare(await self.incoming(request, policy), policy)
+        except InvalidCredentials as exc:
+            prepared = core.error_reply(exc, policy or self.endpoint.policy)
         return to_response(prepared) if isinstance(prepared, Reply) else None
 
     async def submit(self, request: Request, task: Any, args: Any = None, kwargs: Any = None, *,
                      policy: HttpPolicy | None = None, **options: Any) -> Response:
         """Record and enqueue ``task(*args, **kwargs)`` for this request, or replay what its key already did."""
         policy = policy or self.endpoint.policy
-        prepared = self.endpoint.prepare(await self.incoming(request), policy)
+        try:
+            req = await self.incoming(request, policy)
+        except InvalidCredentials as exc:
+            return to_response(core.error_reply(exc, policy))
+        prepared = self.endpoint.prepare(req, policy)
         if isinstance(prepared, Reply):
             return to_response(prepared)
         key, scope, fp = prepared
@@ -111,11 +128,14 @@ class Idempotency:
                 now = await astore.now()
         except IdemtasksError as exc:
             return to_response(core.error_reply(exc, policy))
-        return to_response(core.accepted(sub, self.endpoint.location(sub.operation.id), policy, now=now))
+        return to_response(core.accepted(sub, self.endpoint.location(sub.operation.id, req.root), policy, now=now))
 
     async def status(self, operation_id: str, request: Request) -> Response:
         """``GET …/operations/{operation_id}``: the caller's own operation, or 404."""
-        caller = self.caller(dict(request.headers.items()))
+        try:
+            caller = self.caller(dict(request.headers.items()))
+        except InvalidCredentials as exc:
+            return to_response(core.error_reply(exc, self.endpoint.policy))
         try:
             op = await self._async_store().get_by_id(operation_id)
         except IdemtasksError as exc:

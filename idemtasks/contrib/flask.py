@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 try:
@@ -21,9 +20,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the Flask adapter needs Flask: pip install idemtasks[flask]") from exc
 
-from ..http.core import HttpPolicy, Reply
-from ..http.endpoint import Endpoint, IncomingRequest, bearer_caller
-from ..http.forms import FORM_BODY, parsed_form_body, upload_digest
+from ..http import core
+from ..http.core import HttpPolicy, InvalidCredentials, Reply
+from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length
+from ..http.forms import FORM_BODY, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
 
 __all__ = ["Idempotency", "to_response"]
@@ -36,7 +36,12 @@ def to_response(reply: Reply) -> flask.Response:
 
 def _body(req: flask.Request) -> bytes:
     body = req.get_data(cache=True)
-    if body or "form" not in req.__dict__:
+    if body:
+        return body
+    if not (is_form(req.content_type) and "form" in req.__dict__):
+        if declared_length(dict(req.headers.items())) > 0 or "Transfer-Encoding" in req.headers:
+            # There was a body, and the view read it as a stream: every payload would look like this empty one.
+            raise body_consumed("request.get_data() (which keeps it)")
         return body
     # The view read request.form first, which consumed the stream: get_data() has nothing left to give. The stand-in
     # is kept on the request, so that a view calling check() and then submit() reads its uploads once.
@@ -54,9 +59,10 @@ class Idempotency:
 
     def __init__(self, app: flask.Flask | None = None, *, store: Store | str | None = None,
                  policy: HttpPolicy | None = None,
-                 caller: Callable[[Mapping[str, str]], str | None] | None = None, status_prefix: str = "") -> None:
+                 caller: Caller | None = None, status_prefix: str = "") -> None:
         self.endpoint = Endpoint(store, policy=policy, status_prefix=status_prefix)
-        # The caller owns its keys and operations; by default the Bearer token names it (hashed before storage).
+        # The caller owns its keys and operations; by default the Bearer token or Basic user names it (hashed before
+        # storage).
         self.caller = caller or bearer_caller
         self.blueprint = flask.Blueprint("idemtasks", __name__)
         self.blueprint.add_url_rule(f"{self.endpoint.status_prefix}/operations/<operation_id>", "operation",
@@ -68,24 +74,39 @@ class Idempotency:
         app.extensions["idemtasks"] = self
         app.register_blueprint(self.blueprint)
 
-    def incoming(self) -> IncomingRequest:
+    def incoming(self, policy: HttpPolicy | None = None) -> IncomingRequest:
+        """The current request as the endpoint reads it. A body whose Content-Length is over ``policy``'s limit is
+        left unread: the endpoint answers 413 from the declared length alone."""
         req = flask.request
         headers = dict(req.headers.items())
+        caller = self.caller(headers)
+        limit = (policy or self.endpoint.policy).max_body_bytes
         rule = req.url_rule.rule if req.url_rule is not None else req.path
         return IncomingRequest(method=req.method, route=rule, path=req.path,
-                               query=req.query_string.decode("latin-1"), body=_body(req),
-                               headers=headers, caller=self.caller(headers))
+                               query=req.query_string.decode("latin-1"),
+                               body=b"" if declared_length(headers) > limit else _body(req),
+                               headers=headers, caller=caller, root=req.script_root)
 
     def check(self, policy: HttpPolicy | None = None) -> flask.Response | None:
         """The key problem of the current write (missing, invalid) as a response, before the view validates."""
-        prepared = self.endpoint.prepare(self.incoming(), policy)
+        try:
+            prepared = self.endpoint.prepare(self.incoming(policy), policy)
+        except InvalidCredentials as exc:
+            prepared = core.error_reply(exc, policy or self.endpoint.policy)
         return to_response(prepared) if isinstance(prepared, Reply) else None
 
     def submit(self, task: Any, args: Any = None, kwargs: Any = None, *, policy: HttpPolicy | None = None,
                **options: Any) -> flask.Response:
         """Record and enqueue ``task(*args, **kwargs)`` for the current request, or replay its key's outcome."""
-        return to_response(self.endpoint.submit(self.incoming(), task, args, kwargs, policy=policy, **options))
+        try:
+            req = self.incoming(policy)
+        except InvalidCredentials as exc:
+            return to_response(core.error_reply(exc, policy or self.endpoint.policy))
+        return to_response(self.endpoint.submit(req, task, args, kwargs, policy=policy, **options))
 
     def status_view(self, operation_id: str) -> flask.Response:
-        caller = self.caller(dict(flask.request.headers.items()))
+        try:
+            caller = self.caller(dict(flask.request.headers.items()))
+        except InvalidCredentials as exc:
+            return to_response(core.error_reply(exc, self.endpoint.policy))
         return to_response(self.endpoint.status(operation_id, caller))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .core import HttpPolicy, Reply
+from .core import HttpPolicy, InvalidCredentials, Reply
 from .endpoint import Endpoint, IncomingRequest, bearer_caller
 
-__all__ = ["Endpoint", "HttpPolicy", "IncomingRequest", "Reply", "bearer_caller"]
+__all__ = ["Endpoint", "HttpPolicy", "IncomingRequest", "InvalidCredentials", "Reply", "bearer_caller"]

@@ -11,6 +11,7 @@ replay, operation pending or running                   202         ``Idempotent-
 replay, operation succeeded / failed                   200 / 200   ``Idempotent-Replayed: true``
 key missing on an endpoint that requires one           400         ``idempotency_key_required``
 key invalid (empty, > 255, not printable ASCII)        400         ``idempotency_key_invalid``
+Authorization unreadable (bad Basic, empty Bearer)     400         ``credentials_invalid``
 same key, different request                            422 (409)   ``idempotency_key_mismatch``
 same key, first request still being accepted           409         ``idempotency_key_in_use``
 body or arguments over the size limit                  413         ``payload_too_large``
@@ -49,6 +50,7 @@ from .forms import canonical_body
 __all__ = [
     "ACCEPT_WINDOW",
     "HttpPolicy",
+    "InvalidCredentials",
     "Reply",
     "accepted",
     "caller_scope",
@@ -63,6 +65,11 @@ __all__ = [
 PROBLEM_JSON = "application/problem+json"
 
 logger = logging.getLogger("idemtasks.http")
+
+
+class InvalidCredentials(IdemtasksError, ValueError):
+    """Raised by a caller function when the request's credentials cannot be read: the request cannot be told apart
+    from another caller's, so it is refused (400) rather than counted as anonymous."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,8 @@ def error_reply(exc: Exception, policy: HttpPolicy) -> Reply:
     """Map an idemtasks error to its documented problem response; anything else is re-raised by the caller."""
     if isinstance(exc, InvalidKey):
         return problem(400, "idempotency_key_invalid", "Invalid idempotency key", str(exc))
+    if isinstance(exc, InvalidCredentials):
+        return problem(400, "credentials_invalid", "Invalid credentials", str(exc))
     if isinstance(exc, IdempotencyKeyMismatch):
         return problem(policy.mismatch_status, "idempotency_key_mismatch", "Idempotency key reused",
                        "this idempotency key was already used with a different request", operation=exc.operation_id)

@@ -6,6 +6,8 @@ back into a response; the semantics live here and in :mod:`idemtasks.http.core`,
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,14 +17,19 @@ from ..errors import ConfigurationError, IdemtasksError, InvalidKey
 from ..models import Submission
 from ..stores import Store, shared_store
 from . import core
-from .core import HttpPolicy, Reply
+from .core import HttpPolicy, InvalidCredentials, Reply
 
-__all__ = ["Endpoint", "IncomingRequest", "bearer_caller"]
+__all__ = ["Caller", "Endpoint", "IncomingRequest", "bearer_caller", "declared_length"]
+
+#: Who a request comes from, from its headers: ``None`` is anonymous.
+Caller = Callable[[Mapping[str, str]], "str | None"]
 
 
 @dataclass(frozen=True)
 class IncomingRequest:
-    """What the HTTP layer needs of a request. ``route`` is the route template (``/payments``), not the path."""
+    """What the HTTP layer needs of a request. ``route`` is the route template (``/payments``), not the path;
+    ``root`` is where the application is mounted (ASGI ``root_path``, WSGI ``SCRIPT_NAME``), which ``Location``
+    starts with."""
 
     method: str
     route: str
@@ -31,20 +38,51 @@ class IncomingRequest:
     body: bytes
     headers: Mapping[str, str]
     caller: str | None
+    root: str = ""
 
 
-def _declared_length(headers: Mapping[str, str]) -> int:
-    """Content-Length, which a form's stand-in body (see :mod:`.forms`) does not measure; 0 when absent or bad."""
+def declared_length(headers: Mapping[str, str]) -> int:
+    """Content-Length, which a form's stand-in body (see :mod:`.forms`) does not measure, and which adapters check
+    before reading a body at all; 0 when absent or bad."""
     value = (core._header(headers, "Content-Length") or "").strip()
-    return int(value) if value.isdigit() else 0
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    return int(value) if value.isascii() and value.isdigit() else 0
+
+
+def _basic_user(credentials: str) -> str:
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidCredentials("the Basic credentials are not base64 of UTF-8 text") from None
+    user, colon, _ = decoded.partition(":")
+    if not colon or not user:
+        raise InvalidCredentials("the Basic credentials have no user name (user:password)")
+    return user
 
 
 def bearer_caller(headers: Mapping[str, str]) -> str | None:
-    """The default caller identity: the token of ``Authorization: Bearer <token>``, or ``None`` (anonymous)."""
-    for name, value in headers.items():
-        if name.lower() == "authorization" and value[:7].lower() == "bearer ":
-            return value[7:].strip() or None
-    return None
+    """The default caller identity, from ``Authorization``: the token of ``Bearer <token>``, the user name of
+    ``Basic <credentials>`` (Stripe's secret key), ``None`` (anonymous) without the header.
+
+    Any other scheme raises :class:`~idemtasks.errors.ConfigurationError`: all its callers would share the anonymous
+    scope, where one tenant's key replays another's operation, so the application must say who calls (``caller=``).
+    Basic credentials that cannot be read raise :class:`~.core.InvalidCredentials` (answered 400) rather than fall
+    back to anonymous, for the same reason.
+    """
+    value = core._header(headers, "Authorization")
+    if value is None or not value.strip():
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        if not credentials:
+            raise InvalidCredentials("the Bearer token is empty")
+        return credentials
+    if scheme.lower() == "basic":
+        # Tagged: a Bearer token has no ":" (RFC 6750), so no token can pass for a Basic user of the same name.
+        return "basic:" + _basic_user(credentials)
+    raise ConfigurationError(f"the default caller identity reads Bearer and Basic credentials, not {scheme!r}: "
+                             f"pass caller= (a function of the request headers) to say who calls")
 
 
 class Endpoint:
@@ -73,13 +111,14 @@ class Endpoint:
                                          f"operations from {store.url}")
         return store
 
-    def location(self, operation_id: str) -> str:
-        return f"{self.status_prefix}/operations/{operation_id}"
+    def location(self, operation_id: str, root: str = "") -> str:
+        """The status route of ``operation_id``, under ``root`` (where the application is mounted)."""
+        return f"{root.rstrip('/')}{self.status_prefix}/operations/{operation_id}"
 
     def prepare(self, req: IncomingRequest, policy: HttpPolicy | None = None) -> tuple[str, str, str] | Reply:
         """Key, scope and fingerprint of a write, or the problem reply that ends it (nothing is stored)."""
         policy = policy or self.policy
-        if max(len(req.body), _declared_length(req.headers)) > policy.max_body_bytes:
+        if max(len(req.body), declared_length(req.headers)) > policy.max_body_bytes:
             return core.problem(413, "payload_too_large", "Payload too large",
                                 f"the request body is over {policy.max_body_bytes} bytes")
         try:
@@ -108,7 +147,7 @@ class Endpoint:
             now = accept_clock(sub, store.now)
         except IdemtasksError as exc:
             return core.error_reply(exc, policy)
-        return core.accepted(sub, self.location(sub.operation.id), policy, now=now)
+        return core.accepted(sub, self.location(sub.operation.id, req.root), policy, now=now)
 
     def status(self, operation_id: str, caller: str | None, *, task: Any | None = None) -> Reply:
         """``GET …/operations/{id}``: the caller's own operation, or 404."""
