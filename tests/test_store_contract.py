@@ -195,6 +195,19 @@ class TestFinish:
         assert again.outcome is ClaimOutcome.CLAIMED
         assert again.operation.fencing_token == held.fencing_token + 1 and again.operation.attempts == 2
 
+    def test_a_release_for_a_later_retry_is_not_stale_before_the_retry_is_due(self, store: Store, scope: str) -> None:
+        """retry(countdown=…) releases the operation: recovery must not publish a copy before the scheduled retry
+        had its chance, or the body would run early and a second chain of retries would start beside the first."""
+        later = claim(store, scope, "later").operation
+        now = claim(store, scope, "now").operation
+        store.release(later, later.fencing_token, ttl=TTL, delay=1.5)
+        store.release(now, now.fencing_token, ttl=TTL)
+        time.sleep(0.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now"}
+        time.sleep(1.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
+        assert claim(store, scope, "later").outcome is ClaimOutcome.CLAIMED  # the retry, when it comes, claims it
+
     def test_renew_extends_only_the_current_holders_lease(self, store: Store, scope: str) -> None:
         held = claim(store, scope, "k1", lease=0.5).operation
         assert store.renew(held, held.fencing_token, lease=30.0, ttl=TTL)

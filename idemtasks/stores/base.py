@@ -76,6 +76,9 @@ class FinishRequest:
     result: str | None  # JSON text
     error: ErrorInfo | None
     ttl: float
+    #: A release only: seconds until the retry's message is due. Recovery's clock for a pending record starts from
+    #: its ``updated_at``, which is set that far ahead, so the sweeper does not publish a copy before the retry runs.
+    delay: float = 0.0
 
 
 def decide_create(current: Operation | None, req: CreateRequest, now: float) -> tuple[Operation, bool]:
@@ -162,9 +165,17 @@ class Store(abc.ABC):
         """Store a terminal failure; raises :class:`LeaseLost` like :meth:`succeed`."""
         self.finish(op.scope, op.key, op.id, token, Status.FAILED, error=error, ttl=ttl)
 
-    def release(self, op: Operation, token: int, *, ttl: float) -> None:
-        """Give the operation back (running → pending) so a retry can claim it; raises :class:`LeaseLost`."""
-        self.finish(op.scope, op.key, op.id, token, Status.PENDING, ttl=ttl)
+    def release(self, op: Operation, token: int, *, ttl: float, delay: float = 0.0) -> None:
+        """Give the operation back (running → pending) so a retry can claim it; raises :class:`LeaseLost`.
+
+        ``delay``: seconds until the retry's message is due (its countdown or ETA). The record's ``updated_at`` is
+        set that far ahead, and recovery waits ``pending_after`` from then: a copy published sooner would run the
+        body early, and start a second chain of retries beside the scheduled one. The record lives ``ttl`` beyond it.
+        """
+        self._settle_own_writes()
+        delay = max(0.0, delay)
+        self._finish_or_raise(FinishRequest(key_digest(op.scope, op.key), op.id, token, Status.PENDING, None, None,
+                                            ttl + delay, delay), again=False)
 
     def finish(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                result_json: str | None = None, error: ErrorInfo | None = None, ttl: float, again: bool = False) -> None:

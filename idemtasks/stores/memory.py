@@ -56,7 +56,8 @@ class MemoryStore(Store):
                 return False
             self._records[req.digest] = dataclasses.replace(
                 op, status=req.status, result=None if req.result is None else load_json(req.result), error=req.error,
-                lease_owner=None, lease_expires_at=None, updated_at=now, expires_at=now + req.ttl,
+                lease_owner=None, lease_expires_at=None, expires_at=now + req.ttl,
+                updated_at=now + req.delay if req.status is Status.PENDING else now,
             )
             return True
 

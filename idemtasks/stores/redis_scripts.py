@@ -166,13 +166,15 @@ return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13]}
 """
 
 # KEYS: record, pending index, running index.
-# ARGV: id, token, status (s/f/p), result ('' for none), error type, error message, ttl  ->  1 | 0
+# ARGV: id, token, status (s/f/p), result ('' for none), error type, error message, ttl, delay (a release: seconds
+# until the retry is due, which ``u`` and the pending index's score are set ahead by)  ->  1 | 0
 FINISH = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x')
 if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now then return 0 end
 local st = ARGV[3]
 local x = now + math.floor(ARGV[7] * 1000000 + 0.5)
 local u = string.format('%d', now)
+if st == 'p' and ARGV[8] then u = string.format('%d', now + math.floor(ARGV[8] * 1000000 + 0.5)) end
 local w = {'st', st, 'u', u, 'x', string.format('%d', x)}
 if st == 's' and ARGV[4] ~= '' then""" + _put_chunked("w", "r", "ARGV[4]") + """end
 if st == 'f' then

@@ -253,6 +253,8 @@ class SQLStore(Store):
         if req.status is Status.FAILED:
             error = req.error
             params.update(p_error_type=error and error.type[:255], p_error_message=error and error.message)
+        if req.status is Status.PENDING:
+            params["p_delay"] = req.delay
         return params
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,

@@ -137,9 +137,10 @@ class Statements:
         stores: dict[Status, dict[str, Any]] = {
             Status.SUCCEEDED: {"result": self.p("result")},
             Status.FAILED: {"error_type": self.p("error_type"), "error_message": self.p("error_message")},
-            Status.PENDING: {},
+            # A release: recovery counts from updated_at, set ahead to when the retry is due (see Store.release).
+            Status.PENDING: {"updated_at": now + self._seconds("p_delay")},
         }
-        return {status: t.update().where(self._held(now)).values(status=status.value, **common, **extra)
+        return {status: t.update().where(self._held(now)).values(status=status.value, **{**common, **extra})
                 for status, extra in stores.items()}
 
     @cached_property
