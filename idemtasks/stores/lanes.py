@@ -80,14 +80,27 @@ class BaseLane:
         done: list[tuple[Pending, Any]] = []
         try:
             with self.lock:
-                self._collect_pending(done)
-                pending = Pending(time.monotonic(), resolve)
                 try:
+                    self._collect_pending(done)
+                    pending = Pending(time.monotonic(), resolve)
                     write()
-                except errors as exc:
-                    done.append((pending, exc))
+                    self.pending = pending
+                except errors as exc:  # only write() raises these
+                    done.append((Pending(0.0, resolve), exc))
                     return
-                self.pending = pending
+                except BaseException as exc:
+                    # Interrupted (a soft time limit, Ctrl-C: raised by a signal handler at any bytecode) while the
+                    # statement was going out, or before its answer was recorded as pending: left as it is, the
+                    # connection would answer this thread's next call with this statement's answer. Drop it, and
+                    # settle the statement as unknown: it is sent again, and a resend that finds it had landed says
+                    # so (interrupted while reading the previous answer, it had not gone out: the resend is its
+                    # first sending). If it was already recorded as pending, self.pending is it (_collect_pending
+                    # left none behind) and _drop hands it over: not twice.
+                    recorded = self.pending is not None and self.pending.resolve is resolve
+                    unknown = self._drop(done, exc)
+                    if not recorded:
+                        done.append((Pending(0.0, resolve), unknown))
+                    raise
             collector.wake(self)
         finally:
             resolve_all(done)
@@ -120,7 +133,13 @@ class BaseLane:
             resolve_all(done)
 
     def _collect_pending(self, done: list[tuple[Pending, Any]]) -> None:
-        """Read the pending answer into ``done``; a broken connection resolves it as unknown instead of raising."""
+        """Read the pending answer into ``done``; a broken connection resolves it as unknown instead of raising
+        (anything else, an interruption, drops the connection, hands the answer over as unknown and is raised)."""
+        raise NotImplementedError
+
+    def _drop(self, done: list[tuple[Pending, Any]], why: BaseException) -> Exception:
+        """Close the connection after ``why`` interrupted it mid-conversation, so that the next call opens a fresh
+        one, and hand the pending answer to ``done`` as unknown; return the error standing for that unknown."""
         raise NotImplementedError
 
 

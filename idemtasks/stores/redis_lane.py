@@ -84,6 +84,14 @@ class Lane(BaseLane):
                         if attempt == _TRIES - 1:
                             raise
                         time.sleep(random.uniform(0.01, 0.02) * 2 ** attempt)
+                    except ResponseError:  # an error reply to this call: every answer sent was read
+                        raise
+                    except BaseException as exc:
+                        # Interrupted between the write and its answer (a soft time limit or Ctrl-C, raised by a
+                        # signal handler at any bytecode): the answers still on the connection would be read as the
+                        # next calls'. Drop it; a completion whose answer was pending is settled as unknown.
+                        self._drop(done, exc)
+                        raise
                 raise RedisConnectionError("script could not be loaded")  # pragma: no cover - NOSCRIPT every time
         finally:
             resolve_all(done)
@@ -98,6 +106,9 @@ class Lane(BaseLane):
             self._read_pending(done)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             self._broken(done, exc)
+        except BaseException as exc:  # interrupted mid-read (see call)
+            self._drop(done, exc)
+            raise
 
     def _send(self, command: tuple[str, ...]) -> None:
         conn = self.connection
@@ -114,6 +125,11 @@ class Lane(BaseLane):
         except OSError as exc:
             conn.disconnect()
             raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            # As redis-py does: a command half written (interrupted by a signal handler's exception) would run
+            # together with the next one.
+            conn.disconnect()
+            raise
 
     def _read(self) -> Any:
         conn = self.connection
@@ -136,17 +152,19 @@ class Lane(BaseLane):
         return answer
 
     def _read_pending(self, done: list[tuple[Pending, Any]]) -> None:
-        pending, self.pending = self.pending, None
+        # self.pending is cleared only once its answer is in ``done``: whatever interrupts the read (a broken
+        # connection, a signal handler's exception) leaves it there for _broken or _drop to hand over as unknown.
+        # An interruption between the two lines hands it over twice, which is the lesser harm: a resend of a
+        # completion that landed is recognised (a refused one reaches settle twice); clearing it first could lose it.
+        pending = self.pending
         if pending is None:
             return
         try:
             answer: Any = self._read()
-        except (RedisConnectionError, RedisTimeoutError):
-            self.pending = pending  # still unknown; _broken hands it over
-            raise
-        except Exception as exc:  # an error reply: NOSCRIPT after a restart, OOM, …
+        except ResponseError as exc:  # an error reply: NOSCRIPT after a restart, OOM, … (the lane is still in step)
             answer = exc
         done.append((pending, answer))
+        self.pending = None
 
     def _broken(self, done: list[tuple[Pending, Any]], exc: Exception) -> None:
         """The connection failed mid-conversation: whatever was pending on it has an unknown outcome."""
@@ -155,12 +173,17 @@ class Lane(BaseLane):
         if pending is not None:
             done.append((pending, exc))
 
+    def _drop(self, done: list[tuple[Pending, Any]], why: BaseException) -> Exception:
+        # A connection error is what the store's resolvers already take for "unknown": the completion is sent again.
+        exc = RedisConnectionError(f"connection dropped: interrupted by {type(why).__name__}")
+        self._broken(done, exc)
+        return exc
+
     def close(self) -> None:
-        with self.lock:
-            done: list[tuple[Pending, Any]] = []
-            try:
-                self._read_pending(done)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                self._broken(done, exc)
-            self.connection.disconnect()
-        resolve_all(done)
+        done: list[tuple[Pending, Any]] = []
+        try:
+            with self.lock:
+                self._collect_pending(done)
+                self.connection.disconnect()
+        finally:
+            resolve_all(done)

@@ -151,10 +151,19 @@ class PGLane(BaseLane):
         done: list[tuple[Pending, Any]] = []
         try:
             with self.lock:
-                self._read_pending(done)
-                if self.broken:
-                    raise LaneError("connection lost", outage=True, broken=True)
-                return self._execute(stmt, params)
+                try:
+                    self._read_pending(done)
+                    if self.broken:
+                        raise LaneError("connection lost", outage=True, broken=True)
+                    return self._execute(stmt, params)
+                except LaneError:  # the server's error (every result was read) or a connection already dropped
+                    raise
+                except BaseException as exc:
+                    # Interrupted between a statement and its results (a soft time limit or Ctrl-C, raised by a
+                    # signal handler at any bytecode): libpq still holds results the next statement would have to
+                    # get past. Drop the connection, as for a lost one; a pending completion is settled as unknown.
+                    self._drop(done, exc)
+                    raise
         finally:
             resolve_all(done)
 
@@ -169,15 +178,33 @@ class PGLane(BaseLane):
         self._send_unanswered(write, resolve, (LaneError,))
 
     def _collect_pending(self, done: list[tuple[Pending, Any]]) -> None:
-        self._read_pending(done)  # a broken connection is already an answer here (a LaneError)
+        try:
+            self._read_pending(done)  # a broken connection is already an answer here (a LaneError)
+        except BaseException as exc:  # interrupted mid-read (see call)
+            self._drop(done, exc)
+            raise
+
+    def _drop(self, done: list[tuple[Pending, Any]], why: BaseException) -> Exception:
+        # Broken, like a lost connection: the store opens the thread a new lane, and the resolvers take a broken
+        # LaneError for "unknown" (a completion is sent again).
+        self.broken = True
+        self._closer()
+        exc = LaneError(f"OperationalError: connection dropped: interrupted by {type(why).__name__}", outage=True,
+                        broken=True)
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            done.append((pending, exc))
+        return exc
 
     def close(self) -> None:
         done: list[tuple[Pending, Any]] = []
-        with self.lock:
-            self._read_pending(done)
-            self._closer()
-            self.broken = True
-        resolve_all(done)
+        try:
+            with self.lock:
+                self._collect_pending(done)
+                self._closer()
+                self.broken = True
+        finally:
+            resolve_all(done)
 
     # ----------------------------------------------------------------- libpq
 
@@ -203,7 +230,11 @@ class PGLane(BaseLane):
         return self._result()
 
     def _read_pending(self, done: list[tuple[Pending, Any]]) -> None:
-        pending, self.pending = self.pending, None
+        # self.pending is cleared only once its answer is in ``done``: an interrupted read leaves it there for _drop
+        # to hand over as unknown. An interruption between the two lines hands it over twice, which is the lesser
+        # harm: a resend of a completion that landed is recognised (a refused one reaches settle twice); clearing it
+        # first could lose it.
+        pending = self.pending
         if pending is None:
             return
         answer: Any
@@ -212,6 +243,7 @@ class PGLane(BaseLane):
         except LaneError as exc:
             answer = exc
         done.append((pending, answer))
+        self.pending = None
 
     def _flush(self) -> None:
         try:
