@@ -6,12 +6,18 @@ exactly one transaction per operation commit: a second holder (a takeover after 
 lease but kept running) collides with the committed marker, rolls its own writes back, and adopts the stored result.
 Because the marker lives next to the business rows, this holds whatever store keeps the operations (Redis or SQL).
 
+A holder whose body failed seals the failure the same way, before it stores the operation as failed: it inserts a
+*failure marker* (``result`` is ``!failed `` followed by the JSON ``[error type, message]``, which no result's JSON
+can look like) in a transaction of its own. A zombie that commits later collides with it and rolls back; if a zombie
+committed first, the insert collides with its marker, and the committed result is adopted instead of the failure.
+
 Table ``idemtasks_effects``: ``operation_id`` VARCHAR(64) primary key, ``fencing_token`` BIGINT,
-``result`` TEXT (JSON), ``created_at`` DOUBLE (epoch seconds).
+``result`` TEXT (JSON, or a failure marker), ``created_at`` DOUBLE (epoch seconds).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -27,7 +33,18 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("transactional tasks need SQLAlchemy: pip install idemtasks[sql]") from exc
 
-__all__ = ["EffectsLedger", "effects_table", "ledger_for"]
+__all__ = ["FAILURE_PREFIX", "EffectsLedger", "effects_table", "failure_of", "ledger_for"]
+
+#: How a failure marker's ``result`` starts: JSON text never starts with ``!``.
+FAILURE_PREFIX = "!failed "
+
+
+def failure_of(marker: str) -> tuple[str, str] | None:
+    """``(error type, message)`` if ``marker`` is a failure marker, ``None`` if it is a committed result."""
+    if not marker.startswith(FAILURE_PREFIX):
+        return None
+    error_type, message = json.loads(marker[len(FAILURE_PREFIX):])
+    return str(error_type), str(message)
 
 
 def effects_table(metadata: sa.MetaData, name: str = "idemtasks_effects") -> sa.Table:
@@ -79,7 +96,7 @@ class EffectsLedger:
 
     def record(self, conn: sa.Connection, operation_id: str, token: int, result_json: str) -> str | None:
         """Insert the marker inside the body's transaction; return ``None`` if this transaction owns the effects,
-        or the committed result JSON of the holder that got there first (the caller must then roll back)."""
+        or the marker of the holder that got there first, a result or a failure (the caller must then roll back)."""
         try:
             with conn.begin_nested():
                 conn.execute(self.table.insert().values(
@@ -92,8 +109,25 @@ class EffectsLedger:
                 raise StoreError(f"effects marker of {operation_id} collided but cannot be read") from None
             return prior
 
+    def seal_failure(self, operation_id: str, token: int, error_type: str, message: str) -> str:
+        """Insert a failure marker in a transaction of its own, so that no holder can commit effects afterwards;
+        return the marker that stands: this one, or what another holder committed first (a result, which the
+        caller must adopt, or an earlier failure marker)."""
+        marker = FAILURE_PREFIX + json.dumps([error_type, message])
+        try:
+            with _wrapped(), self.engine.begin() as conn:
+                conn.execute(self.table.insert().values(
+                    operation_id=operation_id, fencing_token=token, result=marker, created_at=time.time()))
+            return marker
+        except IntegrityError:
+            # On PostgreSQL and MariaDB the INSERT waited for a holder's open transaction: that one committed.
+            prior = self.lookup(operation_id)
+            if prior is None:  # pragma: no cover - would mean the row vanished between two statements
+                raise StoreError(f"effects marker of {operation_id} collided but cannot be read") from None
+            return prior
+
     def lookup(self, operation_id: str, *, conn: sa.Connection | None = None) -> str | None:
-        """The result JSON committed for ``operation_id``, or ``None`` if no transaction committed yet."""
+        """The result JSON (or failure marker) committed for ``operation_id``, or ``None`` if nothing was."""
         query = sa.select(self.table.c.result).where(self.table.c.operation_id == operation_id)
         with _wrapped():
             if conn is not None:

@@ -87,6 +87,8 @@ class Attempt:
     released: bool = False
     #: The delivery's context (Celery's ``task.request`` is a lookup on a thread-local stack: read it once).
     request: Any = field(default=None, repr=False)
+    #: A transactional task's effects ledger, once opened (a failure is sealed in it).
+    ledger: Any = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -109,14 +111,14 @@ class Attempt:
         """True once a renewal found that another worker took the operation over."""
         return self.hold is not None and self.hold.lost
 
-    def release(self) -> None:
-        """Give the operation back (running → pending) for a retry."""
+    def release(self, *, delay: float = 0.0) -> None:
+        """Give the operation back (running → pending) for a retry due in ``delay`` seconds."""
         self.released = True
-        self.store.release(self.operation, self.fencing_token, ttl=self.ttl)
+        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay)
 
-    def release_quietly(self) -> None:
+    def release_quietly(self, *, delay: float = 0.0) -> None:
         try:
-            self.release()
+            self.release(delay=delay)
         except IdemtasksError as exc:
             # The lease will run out and the operation be taken over; nothing is lost, only delayed.
             logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
@@ -190,8 +192,8 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                 result_json = dump_json(result, what="result", limit=task.max_result_bytes)
         except Retry:
             raise  # retry() gave the operation back before publishing
-        except (Ignore, Reject):
-            attempt.release_quietly()
+        except (Ignore, Reject) as exc:
+            _dropped(task, attempt, exc)
             raise
         except BaseException as exc:
             if attempt.released:
@@ -212,7 +214,9 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                 # An outage to ride out like the store's, never a payment stored as failed.
                 attempt.release_quietly()
                 _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
-            _finish(task, attempt, Status.FAILED, None, error_info(exc))
+            committed = _fail(task, attempt, error_info(exc))
+            if committed is not _NOTHING:
+                return committed
             raise
         _finish(task, attempt, Status.SUCCEEDED, result_json, None)
         return result
@@ -222,15 +226,73 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         request.idemtasks_connection = None
 
 
+def _dropped(task: Any, attempt: Attempt, exc: Ignore | Reject) -> None:
+    """The body raised ``Ignore`` or ``Reject``: Celery drops this delivery (or, for ``Reject(requeue=True)``, puts
+    the message back on the queue).
+
+    Only a requeued message comes back to claim the operation again, so only then is the operation given back. A
+    dropped delivery is the body's decision that this operation will not run again (a poison message): given back,
+    it would stay pending, and recovery would publish it again every ``pending_after`` and run the body again,
+    forever. It is stored as a terminal failure instead, which duplicates replay as ``OperationFailed``. A body that
+    wants to run again later must use ``self.retry()``: a message it sent itself before raising ``Ignore`` cannot be
+    told apart from any other dropped delivery. When ``retry()`` already gave the operation back (Celery raises
+    ``Reject`` when it cannot publish the retry message), it stays given back: recovery publishes it again.
+    """
+    if attempt.released:
+        return
+    if isinstance(exc, Reject) and exc.requeue:
+        attempt.release_quietly()
+        return
+    kind = "Reject" if isinstance(exc, Reject) else "Ignore"
+    reason = exc.reason if isinstance(exc, Reject) else (exc.args[0] if exc.args else None)
+    message = (f"the task body raised {kind}{'(requeue=False)' if kind == 'Reject' else ''}: its delivery was "
+               f"dropped on purpose and the operation will not run again")
+    if reason:
+        message = f"{message} ({error_info(Exception(reason)).message})"
+    # Should a zombie's effects have committed meanwhile, _fail stores them as the outcome; Celery still drops
+    # this delivery.
+    _fail(task, attempt, ErrorInfo(kind, message[:MAX_ERROR_MESSAGE]))
+
+
+def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> Any:
+    """Store a terminal failure; return ``_NOTHING``, or the committed result that was stored instead.
+
+    A transactional task seals the failure in its ledger first (:meth:`~idemtasks.effects.EffectsLedger.
+    seal_failure`): a holder that lost its lease but kept running may commit its effects at any moment, and the
+    operation must not be stored as failed with a payment committed. If such a commit came first, its result is
+    the outcome; once the failure is sealed, a later one collides and rolls back.
+    """
+    if attempt.ledger is not None:  # not opened (a misconfigured URL): no holder could have committed anything
+        from .effects import failure_of
+
+        try:
+            marker = attempt.ledger.seal_failure(attempt.id, attempt.fencing_token, error.type, error.message)
+        except StoreError as exc:
+            # Whether effects committed cannot be told: never store the failure blind. The next attempt looks in
+            # the ledger before it runs the body.
+            attempt.release_quietly()
+            _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
+        failed = failure_of(marker)
+        if failed is None:
+            logger.warning("idemtasks: operation %s failed (%s) but a previous holder had committed its effects; "
+                           "its result is the outcome", attempt.id, error.type)
+            _finish(task, attempt, Status.SUCCEEDED, marker, None)
+            return load_json(marker)
+        error = ErrorInfo(*failed)  # ours, or the failure an earlier holder sealed before it died
+    _finish(task, attempt, Status.FAILED, None, error)
+    return _NOTHING
+
+
 def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
     from .effects import ledger_for
 
-    ledger = ledger_for(_transaction_url(task))
+    ledger = attempt.ledger = ledger_for(_transaction_url(task))
     if attempt.operation.attempts > 1:
-        # A previous holder may have committed its effects and died before completing the operation.
+        # A previous holder may have committed its effects (or sealed its failure) and died before completing the
+        # operation.
         prior = ledger.lookup(attempt.id)
         if prior is not None:
-            return load_json(prior), prior
+            return _adopt(attempt, prior)
     try:
         with ledger.transaction() as conn:
             attempt.request.idemtasks_connection = conn
@@ -240,8 +302,19 @@ def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwarg
             if prior is not None:
                 raise _AlreadyCommitted(prior)  # rolls this holder's writes back
     except _AlreadyCommitted as done:
-        return load_json(done.result_json), done.result_json
+        return _adopt(attempt, done.result_json)
     return result, result_json
+
+
+def _adopt(attempt: Attempt, marker: str) -> tuple[Any, str]:
+    """What another holder committed for this operation: its result, or the failure it sealed (raised, so that
+    the failure path stores it: see :func:`_fail`)."""
+    from .effects import failure_of
+
+    failed = failure_of(marker)
+    if failed is not None:
+        raise OperationFailed(operation_id=attempt.id, error_type=failed[0], error_message=failed[1])
+    return load_json(marker), marker
 
 
 def _database_outage(exc: BaseException) -> bool:

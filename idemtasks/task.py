@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from celery import Task
@@ -33,6 +34,17 @@ HEADER = "idemtasks"
 #: Scope of tasks sent without ``submit`` and without ``key_func``: the Celery task id is the key, which still
 #: turns broker redeliveries of one message into replays.
 TASK_ID_SCOPE = "celery-task-id"
+
+
+def _retry_delay(eta: Any, countdown: float | None, default: float | None) -> float:
+    """Seconds until a retry is due, as Celery's ``retry`` schedules it (a countdown, an ETA, or the task's
+    ``default_retry_delay``)."""
+    if eta is not None:
+        if isinstance(eta, datetime):
+            now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now(timezone.utc).replace(tzinfo=None)
+            return max(0.0, (eta - now).total_seconds())
+        return 0.0
+    return max(0.0, float(countdown if countdown is not None else default or 0.0))
 
 
 class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
@@ -138,11 +150,41 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         the failure is stored as terminal.
         """
         limit = self.max_retries if max_retries is None else max_retries
-        attempt: Attempt | None = getattr(self.request, "idemtasks_attempt", None)
-        if attempt is not None and not attempt.released and (limit is None or self.request.retries + 1 <= limit):
-            attempt.release()
+        request = self.request
+        attempt: Attempt | None = getattr(request, "idemtasks_attempt", None)
+        if attempt is not None:
+            # The retry message belongs to this operation whatever its arguments: name it in the header, or a
+            # message sent without submit would be identified by the new arguments (a fingerprint mismatch, or with
+            # key_func another key) and the released operation would be left pending, republished with the old
+            # ones by the sweeper, forever. Celery copies the request's headers unless ``headers=`` replaces them.
+            # Only the identity is carried: bookkeeping of this delivery (outage count, carried completion) is not.
+            op = attempt.operation
+            headers = dict(options.pop("headers", None) or request.headers or {})
+            headers[HEADER] = {"scope": op.scope, "key": op.key, "fp": op.fingerprint}
+            options["headers"] = headers
+        if attempt is not None and not attempt.released and (limit is None or request.retries + 1 <= limit):
+            # Released as due when the retry is: recovery must not publish a copy of a released operation before
+            # its retry had the chance to run (a copy would run the body early and start a second chain of retries).
+            # Quietly: if the store cannot take the release, the retry still goes out, and its claim waits for the
+            # lease to run out (busy), then takes the operation over.
+            attempt.release_quietly(delay=_retry_delay(eta, countdown, self.default_retry_delay))
         return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
                              max_retries=max_retries, **options)
+
+    def replace(self, sig: Any) -> Any:
+        """Refused while an operation runs, before anything is sent.
+
+        Celery's ``replace`` sends the replacement under this task id and raises ``Ignore``: the operation's
+        outcome would be decided by a message idemtasks does not claim, and no result could be stored for it (the
+        replacement's is not known yet, and storing none would tell clients the payment succeeded before it ran).
+        Call the follow-up work from the body, or chain it when submitting, instead. The error is the body's, so it
+        is stored as the operation's terminal failure.
+        """
+        if getattr(self.request, "idemtasks_attempt", None) is not None:
+            raise IdemtasksError(f"{self.name}: self.replace() is not supported by idempotent tasks (the replacement "
+                                 "would run unclaimed and the operation could never store its outcome); nothing was "
+                                 "sent")
+        return super().replace(sig)
 
     # ----------------------------------------------------------------- the client side
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.exceptions import Ignore, Reject
 
 from idemtasks import (
     IdempotencyKeyMismatch,
@@ -47,6 +48,7 @@ class Harness:
     runs: Counter[str] = field(default_factory=Counter)
     tasks: dict[str, Any] = field(default_factory=dict)
     seen: dict[str, Any] = field(default_factory=dict)  # task id -> status its on_success hook read
+    times: dict[str, list[float]] = field(default_factory=dict)  # key -> when each run of its body started
 
     def wait_final(self, op_id: str, timeout: float = 20.0) -> Any:
         deadline = time.monotonic() + timeout
@@ -123,8 +125,44 @@ def build(store: Store) -> Harness:
         h.runs[self.operation.key] += 1
         return n
 
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.reargs", max_retries=3)
+    def reargs(self: IdempotentTask, tag: str, step: int) -> int:
+        h.runs[tag] += 1
+        if step == 0:
+            self.retry(args=(tag, 1), countdown=0.1)
+        return step
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed_reargs", max_retries=3,
+              key_func=lambda tag, step: f"{tag}-{step}")
+    def keyed_reargs(self: IdempotentTask, tag: str, step: int) -> int:
+        h.runs[tag] += 1
+        if step == 0:
+            self.retry(args=(tag, 1), countdown=0.1)
+        return step
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.drops")
+    def drops(self: IdempotentTask, tag: str, how: str) -> str:
+        h.runs[tag] += 1
+        if how == "ignore":
+            raise Ignore()
+        if how == "reject":
+            raise Reject("poison message", requeue=False)
+        if how == "requeue" and h.runs[tag] == 1:
+            raise Reject("not now", requeue=True)
+        if how == "replace":
+            return self.replace(charge.s(tag, 1))  # type: ignore[no-any-return]
+        return "done"
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.later", max_retries=1)
+    def later(self: IdempotentTask) -> str:
+        h.runs[self.operation.key] += 1
+        h.times.setdefault(self.operation.key, []).append(time.monotonic())
+        if h.runs[self.operation.key] == 1:
+            self.retry(countdown=2.0)
+        return "done"
+
     h.tasks.update(charge=charge, flaky=flaky, retry_on=retry_on, weird=weird, keyed=keyed, long=long,
-                   watched=watched)
+                   watched=watched, reargs=reargs, keyed_reargs=keyed_reargs, drops=drops, later=later)
     return h
 
 
@@ -292,6 +330,82 @@ class TestFailures:
         assert op.status is Status.FAILED and op.error is not None
         assert op.error.message == message
         assert h.runs[k] == 1
+
+
+class TestRetryWithNewArguments:
+    """``self.retry(args=…)`` of a message sent without ``submit``: the retry message belongs to the same
+    operation, although its arguments (and, with ``key_func``, the key they map to) are new."""
+
+    @pytest.mark.parametrize("name", ["reargs", "keyed_reargs"])
+    def test_the_retry_runs_under_the_same_operation(self, h: Harness, name: str) -> None:
+        tag = key()
+        task = h.tasks[name]
+        res = task.apply_async((tag, 0))
+        assert res.get(timeout=10) == 1
+        found = h.store.get(*(("celery-task-id", res.id) if name == "reargs" else (task.idempotency_scope,
+                                                                                    f"{tag}-0")))
+        assert found is not None
+        op = h.wait_final(found.id, timeout=10)
+        assert op.status is Status.SUCCEEDED and op.result == 1
+        assert op.attempts == 2
+        assert h.runs[tag] == 2
+        if name == "keyed_reargs":  # the new arguments' key was never claimed
+            assert h.store.get(task.idempotency_scope, f"{tag}-1") is None
+        time.sleep(0.3)
+        assert h.runs[tag] == 2
+
+
+class TestRetryCountdown:
+    def test_recovery_leaves_a_released_operation_alone_until_its_retry_is_due(self, h: Harness) -> None:
+        """A copy published by the sweeper before the scheduled retry would run the body early, and start a second
+        chain of retries beside the first."""
+        from idemtasks.recovery import Sweeper
+
+        sub = h.tasks["later"].submit(key=(k := key()))
+        deadline = time.monotonic() + 10
+        while h.runs[k] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.6)  # released, and quiet for longer than pending_after below
+        assert sub.operation.id not in Sweeper(h.app, pending_after=0.3).sweep().republished
+        op = h.wait_final(sub.operation.id)
+        assert op.status is Status.SUCCEEDED and op.attempts == 2 and h.runs[k] == 2
+        assert h.times[k][1] - h.times[k][0] >= 1.9  # the countdown was kept
+
+
+class TestDroppedDeliveries:
+    """``Ignore`` / ``Reject`` raised by the body, and ``self.replace()``."""
+
+    @pytest.mark.parametrize(("how", "error_type"), [("ignore", "Ignore"), ("reject", "Reject")])
+    def test_a_dropped_delivery_fails_the_operation_for_good(self, h: Harness, how: str, error_type: str) -> None:
+        drops = h.tasks["drops"]
+        sub = drops.submit((tag := key(), how), key=(k := key()))
+        op = h.wait_final(sub.operation.id, timeout=10)
+        assert op.status is Status.FAILED and op.error is not None
+        assert op.error.type == error_type
+        assert "dropped on purpose" in op.error.message
+        # Nothing is left for recovery to run again, and a duplicate is answered from the store.
+        assert sub.operation.id not in [o.id for o in h.store.stale(pending_after=0.0, limit=10_000)]
+        headers = {"idemtasks": {"scope": op.scope, "key": k}}
+        replay = drops.apply((tag, how), task_id=op.id, headers=headers)
+        assert isinstance(replay.result, OperationFailed) and replay.result.error_type == error_type
+        time.sleep(0.3)
+        assert h.runs[tag] == 1
+
+    def test_a_requeued_delivery_gives_the_operation_back(self, h: Harness) -> None:
+        sub = h.tasks["drops"].submit((tag := key(), "requeue"), key=key())
+        op = h.wait_final(sub.operation.id, timeout=10)
+        assert op.status is Status.SUCCEEDED and op.result == "done"
+        assert h.runs[tag] == 2
+
+    def test_replace_is_refused_before_the_replacement_is_sent(self, h: Harness) -> None:
+        sub = h.tasks["drops"].submit((tag := key(), "replace"), key=key())
+        op = h.wait_final(sub.operation.id, timeout=10)
+        assert op.status is Status.FAILED and op.error is not None
+        assert op.error.type == "IdemtasksError" and "replace() is not supported" in op.error.message
+        assert sub.operation.id not in [o.id for o in h.store.stale(pending_after=0.0, limit=10_000)]
+        time.sleep(0.5)
+        assert h.runs[tag] == 1
+        assert h.runs[sub.operation.id] == 0  # the replacement (keyed by the shared task id) never ran
 
 
 class TestLeases:

@@ -1,0 +1,114 @@
+"""Transactional tasks whose body fails while a zombie holder (lease lost, still running) commits its effects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from idemtasks import IdempotentTask, OperationFailed, Status
+from idemtasks.effects import EffectsLedger, failure_of, ledger_for
+from idemtasks.identity import fingerprint
+from idemtasks.models import Operation
+from idemtasks.stores.base import Store
+from tests import services
+from tests.conftest import drop, make_store
+
+
+@dataclass
+class Rig:
+    store: Store
+    ledger: EffectsLedger
+    task: Any
+    runs: Counter[str] = field(default_factory=Counter)
+    #: What the body does before it raises, with the zombie's claim (set by the test).
+    meanwhile: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
+    store = make_store(request.param, tmp_path)
+    url = services.POSTGRES_URL if request.param == "postgres" else f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    app = Celery(f"tx{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_ignore_result=True, task_default_queue=app.main)
+    runs: Counter[str] = Counter()
+    meanwhile: dict[str, Any] = {}
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+              transaction_url=url)
+    def pay(self: IdempotentTask, order: int) -> int:
+        runs[self.operation.key] += 1
+        action = meanwhile.pop(self.operation.key, None)
+        if action is not None:
+            action()
+        raise RuntimeError(f"order {order} declined")
+
+    yield Rig(store, ledger_for(url), pay, runs, meanwhile)
+    drop(store)
+
+
+def _zombie(rig: Rig, key: str, order: int) -> Operation:
+    """An operation claimed by a holder whose lease then ran out (it is presumed dead, but keeps running)."""
+    fp = fingerprint(rig.task.name, (order,), {})
+    rig.store.create("global", key, rig.task.name, fp, ttl=3600)
+    zombie = rig.store.claim("global", key, rig.task.name, fp, owner="zombie", lease=0.3, ttl=3600).operation
+    time.sleep(0.5)
+    return zombie
+
+
+def _zombie_commits(rig: Rig, zombie: Operation, result_json: str) -> str | None:
+    """The zombie's transaction: its effects and its marker, committed unless the marker collides."""
+    with rig.ledger.transaction() as conn:
+        return rig.ledger.record(conn, zombie.id, zombie.fencing_token, result_json)
+
+
+def _run(rig: Rig, zombie: Operation, order: int) -> Any:
+    # apply() runs the delivery through the claim in this thread: it takes over from the zombie.
+    headers = {"idemtasks": {"scope": zombie.scope, "key": zombie.key}}
+    return rig.task.apply((order,), task_id=zombie.id, headers=headers)
+
+
+def test_a_zombie_commit_during_a_failing_takeover_is_adopted(rig: Rig) -> None:
+    zombie = _zombie(rig, key := f"order-{uuid.uuid4().hex}", 1)
+    # While the new holder's body runs (and finds nothing in the ledger), the zombie commits; then the body fails.
+    rig.meanwhile[key] = lambda: _zombie_commits(rig, zombie, '"A"')
+    outcome = _run(rig, zombie, 1)
+    assert outcome.result == "A"
+    op = rig.store.get("global", key)
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == "A"
+    assert op.fencing_token == zombie.fencing_token + 1
+    assert rig.runs[key] == 1
+
+
+def test_a_sealed_failure_refuses_the_zombies_late_commit(rig: Rig) -> None:
+    zombie = _zombie(rig, key := f"order-{uuid.uuid4().hex}", 2)
+    outcome = _run(rig, zombie, 2)
+    assert isinstance(outcome.result, RuntimeError)
+    op = rig.store.get("global", key)
+    assert op is not None and op.status is Status.FAILED
+    assert op.error is not None and op.error.type == "RuntimeError"
+    # The zombie's commit collides with the sealed failure: its transaction rolls back, nothing of it is committed.
+    prior = _zombie_commits(rig, zombie, '"A"')
+    assert prior is not None and failure_of(prior) == ("RuntimeError", "order 2 declined")
+    marker = rig.ledger.lookup(zombie.id)
+    assert marker is not None and failure_of(marker) is not None
+    assert rig.runs[key] == 1
+
+
+def test_a_takeover_after_a_sealed_failure_stores_that_failure_without_running(rig: Rig) -> None:
+    """A holder sealed its failure and died before storing it: the next one stores it, and runs nothing."""
+    zombie = _zombie(rig, key := f"order-{uuid.uuid4().hex}", 3)
+    rig.ledger.seal_failure(zombie.id, zombie.fencing_token, "Declined", "card declined")
+    outcome = _run(rig, zombie, 3)
+    assert isinstance(outcome.result, OperationFailed)
+    op = rig.store.get("global", key)
+    assert op is not None and op.status is Status.FAILED
+    assert op.error is not None and (op.error.type, op.error.message) == ("Declined", "card declined")
+    assert rig.runs[key] == 0
