@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         report = sweeper.sweep()
         print(f"published again: {len(report.republished)} (from dead holders: {len(report.requeued)}), "
-              f"skipped: {len(report.skipped)}", flush=True)
+              f"suspected: {len(report.suspected)}, skipped: {len(report.skipped)}", flush=True)
         if not opts.every:
             return 0
         time.sleep(opts.every)

@@ -363,8 +363,30 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
             raise
         except StoreError as exc:
             if delay is None:
+                _keep_finishing(task, attempt, status, result_json, error)
                 _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error))
             time.sleep(delay)
+
+
+def _keep_finishing(task: Any, attempt: Attempt, status: Status, result_json: str | None,
+                    error: ErrorInfo | None) -> None:
+    """Have the lease keeper of this process try the completion again until it lands, while it is also carried over
+    in a republished message.
+
+    Through an outage longer than the lease, nothing renews the lease: when the store is back, recovery would find it
+    lapsed and take the operation over, and the body would run again before the carried message (which backs off up
+    to ``store_retry_max_delay``) arrives. The keeper tries at least every second, and a completion lands on a
+    record still running under its token even after its lease lapsed; recovery needs two sweeps, ``confirm_after``
+    apart, to take an operation over, so the completion is stored first. Should this process die meanwhile, the
+    carried message still completes the operation.
+    """
+    op, store = attempt.operation, attempt.store
+
+    def again() -> None:
+        store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json, error=error,
+                     ttl=attempt.ttl, again=True)
+
+    keeper.keep_finishing(store, op, attempt.fencing_token, again, lease=float(task.lease_seconds), ttl=attempt.ttl)
 
 
 def _carry(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> dict[str, Any]:
@@ -393,14 +415,15 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
                 return
             except IdemtasksError as again:
                 exc = again
+        _keep_finishing(task, attempt, status, result_json, error)
         try:
             _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error), request=request)
         except Ignore:
             pass
         except Exception as publish_exc:
-            # Neither the store nor the broker: the lease runs out and recovery runs the operation again.
-            logger.error("idemtasks: the outcome of operation %s could not be stored (%s) nor carried over (%s)",
-                         op.id, exc, publish_exc)
+            # Neither the store nor the broker: only this process's keeper still holds the outcome.
+            logger.error("idemtasks: the outcome of operation %s could not be stored (%s) nor carried over (%s); "
+                         "this process keeps trying to store it", op.id, exc, publish_exc)
 
     return settle
 

@@ -1,7 +1,9 @@
 """Background lease renewal for long-running bodies.
 
 One daemon thread per process renews every live lease a third of the way through it, so a healthy holder never
-loses its operation, and a holder that stops renewing (SIGKILL, OOM, a frozen VM) loses it at most one lease later.
+loses its operation, and a holder that stops renewing (SIGKILL, OOM, a frozen VM) loses it at most one lease later
+(plus recovery's grace, see :mod:`idemtasks.recovery`). A renewal that fails is retried every ``lease / 10``, at
+most :data:`RENEW_RETRY_MAX` apart, so a holder cut off by a store outage renews promptly once the store is back.
 A task shorter than a third of its lease never costs a renewal round trip.
 """
 
@@ -11,15 +13,21 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import IdemtasksError
+from .errors import IdemtasksError, LeaseLost
 from .models import Operation
 from .stores.base import Store
 
-__all__ = ["Hold", "LeaseKeeper", "keeper"]
+__all__ = ["RENEW_RETRY_MAX", "Hold", "LeaseKeeper", "keeper"]
 
 logger = logging.getLogger("idemtasks.lease")
+
+#: Longest wait (seconds) between retries of a renewal that failed: well under recovery's grace for a lapsed lease
+#: (:data:`idemtasks.recovery.MIN_CONFIRM_AFTER`), so a holder cut off by a store outage renews before it is taken
+#: over once the store is back.
+RENEW_RETRY_MAX = 1.0
 
 
 @dataclass(eq=False, slots=True)
@@ -34,6 +42,10 @@ class Hold:
     due: float
     lost: bool = False
     released: bool = field(default=False, repr=False)
+    #: A completion to store instead of a lease to renew (see :meth:`LeaseKeeper.keep_finishing`), tried until
+    #: ``until`` (monotonic seconds).
+    finish: Callable[[], None] | None = field(default=None, repr=False)
+    until: float = float("inf")
 
 
 class LeaseKeeper:
@@ -45,7 +57,19 @@ class LeaseKeeper:
         self._wake_at = 0.0  # when the keeper thread will look next on its own
 
     def hold(self, store: Store, op: Operation, token: int, *, lease: float, ttl: float) -> Hold:
-        h = Hold(store, op, token, lease, ttl, due=time.monotonic() + lease / 3)
+        return self._add(Hold(store, op, token, lease, ttl, due=time.monotonic() + lease / 3))
+
+    def keep_finishing(self, store: Store, op: Operation, token: int, finish: Callable[[], None], *, lease: float,
+                       ttl: float) -> Hold:
+        """Call ``finish`` (a completion sent ``again``) at most :data:`RENEW_RETRY_MAX` apart until it lands, is
+        refused (``LeaseLost``: taken over), or the record's ``ttl`` has passed. Used when a store outage outlasted
+        a completion's retries in place: a completion lands on a record still running under its token even after
+        its lease lapsed, and recovery waits a grace of more than that before taking a lapsed lease over."""
+        now = time.monotonic()
+        return self._add(Hold(store, op, token, lease, ttl, due=now + _retry_interval(lease), finish=finish,
+                              until=now + ttl))
+
+    def _add(self, h: Hold) -> Hold:
         with self._cond:
             # A forked pool child inherits the parent's keeper object but not its thread; a thread that died clears
             # _thread on its way out (cheaper than asking it whether it is alive on every task).
@@ -89,14 +113,20 @@ class LeaseKeeper:
                 self._renew(h)
 
     def _renew(self, h: Hold) -> None:
+        if h.finish is not None:
+            self._finish(h)
+            return
         try:
             ok = h.store.renew(h.operation, h.token, lease=h.lease, ttl=h.ttl)
         except Exception as exc:
             # The store is unreachable (or failed in a way nobody foresaw): keep trying sooner; the lease may still be
             # saved before it runs out. The thread must live on, or every hold of the process would lapse with it.
+            # At most RENEW_RETRY_MAX apart: after an outage longer than the lease, recovery only suspects a lapsed
+            # lease and waits recovery.MIN_CONFIRM_AFTER (or lease / 3) for a renewal before taking the operation
+            # over, so a live holder must renew within that grace once the store answers again.
             log = logger.warning if isinstance(exc, IdemtasksError) else logger.exception
             log("idemtasks: could not renew the lease of operation %s: %s", h.operation.id, exc)
-            h.due = time.monotonic() + max(h.lease / 10, 0.05)
+            h.due = time.monotonic() + _retry_interval(h.lease)
             return
         with self._cond:
             if h.released:
@@ -108,6 +138,30 @@ class LeaseKeeper:
                 self._holds.discard(h)
                 logger.error("idemtasks: operation %s was taken over by another worker (fencing token %d is stale); "
                              "this holder's result will be refused", h.operation.id, h.token)
+
+
+    def _finish(self, h: Hold) -> None:
+        assert h.finish is not None
+        try:
+            h.finish()
+        except LeaseLost:
+            logger.error("idemtasks: operation %s was taken over before this attempt's outcome could be stored "
+                         "(fencing token %d is stale); the outcome was discarded", h.operation.id, h.token)
+        except Exception as exc:
+            if time.monotonic() < h.until:
+                logger.warning("idemtasks: could not store the outcome of operation %s yet: %s", h.operation.id, exc)
+                h.due = time.monotonic() + _retry_interval(h.lease)
+                return
+            logger.error("idemtasks: gave up storing the outcome of operation %s: its record has expired",
+                         h.operation.id)
+        else:
+            logger.info("idemtasks: the outcome of operation %s was stored after the store came back", h.operation.id)
+        with self._cond:
+            self._holds.discard(h)
+
+
+def _retry_interval(lease: float) -> float:
+    return max(min(lease / 10, RENEW_RETRY_MAX), 0.05)
 
 
 #: The process-wide keeper used by :class:`~idemtasks.task.IdempotentTask`.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["ClaimOutcome", "ClaimResult", "ErrorInfo", "Operation", "Status", "Submission"]
+__all__ = ["ClaimOutcome", "ClaimResult", "ErrorInfo", "Operation", "Status", "Submission", "Takeover"]
 
 
 class Status(str, enum.Enum):
@@ -25,6 +25,20 @@ class Status(str, enum.Enum):
     @property
     def is_final(self) -> bool:
         return self in (Status.SUCCEEDED, Status.FAILED)
+
+
+class Takeover(str, enum.Enum):
+    """What :meth:`Store.requeue <idemtasks.stores.base.Store.requeue>` did with a running operation whose lease
+    had run out (recovery's two-phase takeover, see :mod:`idemtasks.recovery`)."""
+
+    #: Put back to pending, fenced on its token: the holder did not renew for ``confirm_after`` seconds after a
+    #: first call suspected it. Recovery publishes it again.
+    REQUEUED = "requeued"
+    #: Marked as suspected (first call), or still waiting for the mark to be ``confirm_after`` seconds old. The
+    #: holder keeps it if it renews (or finishes) meanwhile.
+    SUSPECTED = "suspected"
+    #: Nothing to take over: claimed again, renewed under a live lease, finished, or no longer this record.
+    ALIVE = "alive"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,19 @@ Two kinds are found by :meth:`Store.stale <idemtasks.stores.base.Store.stale>`:
   transport's in-memory unacked messages, a Redis broker that would redeliver only after its visibility timeout).
   Such an operation is first put back to pending (fenced on its token), then published.
 
+A lapsed lease does not prove the holder dead. During a store outage longer than the lease a live holder cannot
+renew, and when the store comes back a sweep may reach the record before the holder's keeper renews it (or before
+its completion lands): a takeover then would run the body a second time. So the takeover has two phases
+(:meth:`Store.requeue <idemtasks.stores.base.Store.requeue>`): the first sweep that finds the lapsed lease only marks
+the operation suspected, in the record itself (so a cron-run one-shot sweep and the sweepers of several workers all
+see it); a later sweep requeues it only if no renewal came since the mark and the mark is at least ``confirm_after``
+seconds old. The timing rule: ``confirm_after`` must exceed the time a live holder needs to renew once the store
+answers again. The keeper retries a failed renewal at most :data:`~idemtasks.lease.RENEW_RETRY_MAX` (1 s) apart, so
+``confirm_after = max(MIN_CONFIRM_AFTER, lease / 3)`` (:func:`confirm_after_for`) leaves it at least one more retry
+and the round trip. A dead holder's operation is therefore taken over about one sweep interval later than its lease
+alone would allow (``lease + confirm_after``, rounded up to the sweeps). The grace protects a holder only from
+recovery: a duplicate of its message that a broker redelivers still claims a lapsed lease at once.
+
 Publishing again is always safe: the worker's claim turns any extra copy into a replay. The sweeper runs as a
 thread in every worker process that has ``idemtasks_sweep_interval`` set (so a plain ``celery worker`` recovers by
 itself, no beat needed), as the ``idemtasks.sweep`` task for beat, and as ``python -m idemtasks sweep -A app``.
@@ -23,10 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import IdemtasksError
-from .models import Status
+from .models import Status, Takeover
 from .stores import Store
 
-__all__ = ["DEFAULT_PENDING_AFTER", "DEFAULT_SWEEP_INTERVAL", "SweepReport", "Sweeper", "install"]
+__all__ = ["DEFAULT_PENDING_AFTER", "DEFAULT_SWEEP_INTERVAL", "MIN_CONFIRM_AFTER", "SweepReport", "Sweeper",
+           "confirm_after_for", "install"]
 
 logger = logging.getLogger("idemtasks.recovery")
 
@@ -35,23 +49,46 @@ DEFAULT_SWEEP_INTERVAL = 30.0
 #: Seconds a pending operation may wait, unchanged, before its message is presumed lost and published again;
 #: ``idemtasks_pending_after``. Longer than a normal queueing delay, shorter than a client's patience.
 DEFAULT_PENDING_AFTER = 60.0
+#: Fewest seconds between suspecting a lapsed lease and taking the operation over: twice the keeper's longest wait
+#: between renewal retries (:data:`idemtasks.lease.RENEW_RETRY_MAX`), so a holder that lost the store only for a
+#: while renews within the grace, with a retry and a round trip to spare.
+MIN_CONFIRM_AFTER = 2.0
+
+
+def confirm_after_for(lease: float) -> float:
+    """Seconds a suspected operation of a task with this lease waits for a renewal before it is requeued.
+
+    It must exceed the time a live holder needs to renew once the store answers again: the keeper retries a failed
+    renewal every ``lease / 10`` but at most :data:`~idemtasks.lease.RENEW_RETRY_MAX` apart, so
+    :data:`MIN_CONFIRM_AFTER` covers it. For long leases, a third of the lease (a healthy keeper's renewal period)
+    keeps the grace in proportion, at little cost next to the lease a dead holder's operation already waited.
+    """
+    return max(MIN_CONFIRM_AFTER, lease / 3)
 
 
 @dataclass
 class SweepReport:
     republished: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
+    #: Running under a lapsed lease, marked (or still marked) suspected: taken over by a later sweep unless renewed.
+    suspected: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
 
 class Sweeper:
-    """Sweeps every store used by the idempotent tasks of one Celery app."""
+    """Sweeps every store used by the idempotent tasks of one Celery app.
 
-    def __init__(self, app: Any, *, limit: int = 500, pending_after: float | None = None) -> None:
+    ``confirm_after`` overrides :func:`confirm_after_for` for every task (tests; an operator who knows the holders'
+    renewal latency): shorter than a live holder needs to renew after an outage, it lets the body run twice.
+    """
+
+    def __init__(self, app: Any, *, limit: int = 500, pending_after: float | None = None,
+                 confirm_after: float | None = None) -> None:
         self.app = app
         self.limit = limit
         self.pending_after = float(pending_after if pending_after is not None
                                    else app.conf.get("idemtasks_pending_after", DEFAULT_PENDING_AFTER))
+        self.confirm_after = confirm_after
 
     def stores(self) -> list[Store]:
         from .task import IdempotentTask
@@ -74,17 +111,27 @@ class Sweeper:
         if report.republished:
             logger.info("idemtasks: recovery published %d operation(s) again (%d taken from dead holders)",
                         len(report.republished), len(report.requeued))
+        if report.suspected:
+            logger.info("idemtasks: %d operation(s) under a lapsed lease are suspected; a later sweep takes them over "
+                        "unless their holders renew", len(report.suspected))
         return report
 
     def _sweep_store(self, store: Store, report: SweepReport) -> None:
+        from .task import IdempotentTask
+
         for op in store.stale(pending_after=self.pending_after, limit=self.limit):
             task = self.app.tasks.get(op.task_name)
-            if task is None or op.payload is None:
+            if not isinstance(task, IdempotentTask) or op.payload is None:
                 report.skipped.append(op.id)  # another app's task, or a record made by a claim without its call
                 continue
             if op.status is Status.RUNNING:
-                if not store.requeue(op):
-                    continue  # claimed or renewed meanwhile: alive after all
+                # Two-phase takeover: a lapsed lease may belong to a live holder that could not renew through a store
+                # outage. The first sweep only marks it; a later one requeues it if the holder stayed silent.
+                taken = store.requeue(op, confirm_after=self._confirm_after(task))
+                if taken is Takeover.SUSPECTED:
+                    report.suspected.append(op.id)
+                if taken is not Takeover.REQUEUED:
+                    continue  # suspected only, or claimed, renewed or finished meanwhile: alive after all
                 report.requeued.append(op.id)
             _name, args, kwargs = json.loads(op.payload)
             try:
@@ -93,6 +140,12 @@ class Sweeper:
                 logger.warning("idemtasks: could not publish operation %s again: %s", op.id, exc)
                 continue
             report.republished.append(op.id)
+
+    def _confirm_after(self, task: Any) -> float:
+        if self.confirm_after is not None:
+            return self.confirm_after
+        task._settled()  # as in stores(): the task's settings may not be read yet in this process
+        return confirm_after_for(float(task.lease_seconds or 0.0))
 
 
 def install(app: Any, *, beat_task: bool = True) -> None:

@@ -23,18 +23,21 @@ def free_port() -> int:
 class PrivateRedis:
     """A redis-server of this test's own, on its own port, so it can be stopped and started again."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, durable: bool = False) -> None:
         self.port = free_port()
         self.tmp = tmp
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Every write in an append-only file synced at once: stopped and started again, the server has lost nothing.
+        self.durable = durable
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.tmp)], stdout=subprocess.DEVNULL)
+                                      *persistence, "--dir", str(self.tmp)], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

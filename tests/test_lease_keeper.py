@@ -6,8 +6,10 @@ import time
 
 import pytest
 
-from idemtasks.lease import LeaseKeeper
+from idemtasks.errors import StoreUnavailable
+from idemtasks.lease import RENEW_RETRY_MAX, LeaseKeeper
 from idemtasks.models import Operation
+from idemtasks.recovery import MIN_CONFIRM_AFTER
 from idemtasks.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(30)
@@ -64,4 +66,39 @@ def test_an_unforeseen_renewal_error_is_logged_and_the_lease_renewed_on_the_next
     assert _lease_left(store, "k") > 0
     assert keeper._thread is not None and keeper._thread.is_alive()
     assert "a bug in renewal" in caplog.text
+    keeper.release(hold)
+
+
+class Outage(MemoryStore):
+    """A store that refuses renewals as unreachable while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.renewed = 0
+
+    def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
+        if self.down:
+            raise StoreUnavailable("the store is down")
+        self.renewed += 1
+        return super()._renew(digest, operation_id, token, lease, ttl)
+
+
+def test_a_failed_renewal_of_a_long_lease_is_retried_within_recoverys_grace() -> None:
+    """After an outage longer than the lease, recovery waits MIN_CONFIRM_AFTER for a renewal before it takes the
+    operation over: the keeper must not wait lease / 10 (6 s here) between retries, but at most RENEW_RETRY_MAX."""
+    store, keeper = Outage(), LeaseKeeper()
+    op = store.claim("s", "k", "t", "fp", owner="o", lease=60.0, ttl=600.0).operation
+    hold = keeper.hold(store, op, op.fencing_token, lease=60.0, ttl=600.0)
+    with keeper._cond:  # the outage began at the first renewal, not 20 s from now
+        hold.due = time.monotonic()
+        keeper._cond.notify()
+    time.sleep(0.2)
+    store.down = False
+    back = time.monotonic()
+    while not store.renewed:
+        assert time.monotonic() - back < RENEW_RETRY_MAX + 0.5, "the keeper did not renew promptly after the outage"
+        time.sleep(0.02)
+    assert time.monotonic() - back < MIN_CONFIRM_AFTER
+    assert not hold.lost
     keeper.release(hold)

@@ -17,10 +17,14 @@ from celery.contrib.testing.worker import start_worker
 
 from idemtasks import IdempotentTask, LeaseLost, Status
 from idemtasks.identity import canonical_call, fingerprint_of_call
-from idemtasks.recovery import Sweeper, install
+from idemtasks.lease import RENEW_RETRY_MAX
+from idemtasks.recovery import MIN_CONFIRM_AFTER, Sweeper, confirm_after_for, install
 from idemtasks.stores.base import Store
 from tests.conftest import BACKENDS, drop, make_store
 from tests.workers import ROOT
+
+#: The sweeper's grace before a takeover, shortened for tests (the rule for tasks is confirm_after_for(lease)).
+CONFIRM = 0.3
 
 
 @dataclass
@@ -82,14 +86,58 @@ def test_running_operation_whose_holder_died_with_its_message_is_taken_over(rig:
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
     dead = rig.store.claim("global", key, rig.task.name, fp, owner="dead", lease=0.3, ttl=3600).operation
     time.sleep(0.4)
+    sweeper = Sweeper(rig.app, confirm_after=CONFIRM)
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
-        report = Sweeper(rig.app).sweep()
-        assert report.requeued == [op_id] and report.republished == [op_id]
+        # A lapsed lease is only suspected by the first sweep: its holder may merely have lost the store for a while.
+        report = sweeper.sweep()
+        assert report.suspected == [op_id] and report.requeued == [] and report.republished == []
+        assert rig.store.get_by_id(op_id).status is Status.RUNNING  # type: ignore[union-attr]
+        time.sleep(CONFIRM + 0.1)
+        report = sweeper.sweep()  # no renewal since the mark: the holder is dead, take it over
+        assert report.requeued == [op_id] and report.republished == [op_id] and report.suspected == []
         op = rig.final(op_id)
     assert op.status is Status.SUCCEEDED and op.fencing_token == dead.fencing_token + 1
     with pytest.raises(LeaseLost):
         rig.store.succeed(dead, dead.fencing_token, "0", ttl=3600)
     assert rig.runs[key] == 1
+
+
+def test_a_holder_that_renews_after_a_store_outage_keeps_its_operation(rig: Rig) -> None:
+    """The store was down for longer than the lease: the live holder could not renew. When it comes back, a sweep
+    reaching the record first must not take it over; the holder's renewal within the grace keeps it, and its
+    completion is accepted. A one-shot sweeper (a new Sweeper per run, as from cron) sees the mark in the store."""
+    key, op_id = rig.lost_submit(21)
+    fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
+    held = rig.store.claim("global", key, rig.task.name, fp, owner="alive", lease=0.3, ttl=3600).operation
+    time.sleep(0.4)  # the outage: no renewal went through
+    assert Sweeper(rig.app, confirm_after=CONFIRM).sweep().suspected == [op_id]
+    assert rig.store.renew(held, held.fencing_token, lease=30, ttl=3600)  # the keeper's next retry
+    time.sleep(CONFIRM + 0.1)
+    report = Sweeper(rig.app, confirm_after=CONFIRM).sweep()
+    assert op_id not in report.requeued + report.republished + report.suspected
+    rig.store.succeed(held, held.fencing_token, "21", ttl=3600)
+    op = rig.store.get_by_id(op_id)
+    assert op is not None and op.status is Status.SUCCEEDED and op.fencing_token == held.fencing_token
+    assert rig.runs[key] == 0  # recovery never published a second copy
+
+
+def test_the_grace_before_a_takeover_follows_the_tasks_lease(rig: Rig) -> None:
+    """Without an override, a suspected operation waits max(MIN_CONFIRM_AFTER, lease / 3) for its holder."""
+    assert confirm_after_for(0.5) == MIN_CONFIRM_AFTER == 2.0
+    assert confirm_after_for(300.0) == 100.0
+    assert RENEW_RETRY_MAX < MIN_CONFIRM_AFTER  # a cut-off holder retries its renewal at least once within the grace
+    key, op_id = rig.lost_submit(22)
+    fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
+    held = rig.store.claim("global", key, rig.task.name, fp, owner="dead", lease=0.1, ttl=3600).operation
+    time.sleep(0.2)
+    sweeper = Sweeper(rig.app)  # the task's lease is 0.5 s: MIN_CONFIRM_AFTER applies
+    assert op_id in sweeper.sweep().suspected
+    time.sleep(CONFIRM + 0.1)
+    report = sweeper.sweep()
+    assert op_id in report.suspected and op_id not in report.requeued  # still within the 2 s grace
+    assert rig.store.get_by_id(op_id).status is Status.RUNNING  # type: ignore[union-attr]
+    # Leave nothing behind: Celery shares each test's task with the apps made later, and their sweeps visit its store.
+    rig.store.succeed(held, held.fencing_token, "22", ttl=3600)
 
 
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
@@ -101,8 +149,9 @@ def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
                            owner="w", lease=30, ttl=3600).operation
     rig.store.succeed(held, held.fencing_token, "31", ttl=3600)
     time.sleep(0.4)
-    report = Sweeper(rig.app).sweep()
+    report = Sweeper(rig.app, confirm_after=0.0).sweep()
     assert op_id not in report.republished and done_id not in report.republished
+    assert op_id not in report.suspected and done_id not in report.suspected
 
 
 def test_a_worker_sweeps_by_itself_without_beat(rig: Rig) -> None:

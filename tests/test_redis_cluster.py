@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from idemtasks.errors import LeaseLost
-from idemtasks.models import ClaimOutcome, Status
+from idemtasks.models import ClaimOutcome, Status, Takeover
 from idemtasks.stores.redis import RedisStore
 from tests import services
 
@@ -88,7 +88,10 @@ def test_recovery_scans_the_cluster(store: RedisStore) -> None:
     time.sleep(0.4)
     stale = {op.id: op for op in store.stale(pending_after=0.1)}
     assert set(stale) == {lost.id, dead.id}
-    assert store.requeue(stale[dead.id])
+    assert store.requeue(stale[dead.id], confirm_after=0.2) is Takeover.SUSPECTED  # the first sweep only marks it
+    assert {op.id for op in store.stale(pending_after=0.1)} == {lost.id, dead.id}  # and finds it again
+    time.sleep(0.3)
+    assert store.requeue(stale[dead.id], confirm_after=0.2) is Takeover.REQUEUED
     assert store.get_by_id(dead.id).status is Status.PENDING  # type: ignore[union-attr]
     with pytest.raises(LeaseLost):
         store.succeed(dead, dead.fencing_token, "1", ttl=60)

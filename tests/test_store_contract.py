@@ -13,7 +13,7 @@ import pytest
 
 from idemtasks.errors import IdempotencyKeyMismatch, LeaseLost
 from idemtasks.identity import digest_from_id, key_digest
-from idemtasks.models import ClaimOutcome, ErrorInfo, Status
+from idemtasks.models import ClaimOutcome, ErrorInfo, Status, Takeover
 from idemtasks.stores.base import Store
 from tests import services
 
@@ -220,6 +220,66 @@ class TestFinish:
         time.sleep(0.5)
         claim(store, scope, "k1")
         assert not store.renew(zombie, zombie.fencing_token, lease=30.0, ttl=TTL)
+
+
+class TestRequeue:
+    """Recovery's takeover is two-phase: a lapsed lease is only suspected at first, and taken over by a later call
+    only if nothing renewed it meanwhile (a live holder cut off by a store outage renews once the store is back)."""
+
+    CONFIRM = 0.4
+
+    def test_a_lapsed_lease_is_marked_then_requeued_if_not_renewed(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", lease=0.3).operation
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.ALIVE  # lease still live
+        time.sleep(0.4)
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.SUSPECTED
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.RUNNING and op.fencing_token == held.fencing_token
+        assert held.id in {o.id for o in store.stale(pending_after=TTL)}  # a later sweep must find it to confirm
+        # Still suspected, not yet confirmed: asking again neither requeues nor restarts the wait.
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.SUSPECTED
+        time.sleep(self.CONFIRM + 0.1)
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.REQUEUED
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.PENDING and op.fencing_token == held.fencing_token
+        assert op.lease_owner is None
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.ALIVE  # nothing left to take over
+        again = claim(store, scope, "k1")
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation.fencing_token == held.fencing_token + 1
+        with pytest.raises(LeaseLost):
+            store.succeed(held, held.fencing_token, "0", ttl=TTL)
+
+    def test_a_renewal_after_the_mark_cancels_the_suspicion(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.4)
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.SUSPECTED
+        assert store.renew(held, held.fencing_token, lease=0.3, ttl=TTL)  # the holder reaches the store again
+        assert held.id not in {o.id for o in store.stale(pending_after=TTL)}
+        time.sleep(self.CONFIRM + 0.1)  # its lease lapsed once more, but it was renewed since the mark
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.SUSPECTED  # a new suspicion, no takeover
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.RUNNING and op.fencing_token == held.fencing_token
+        store.succeed(held, held.fencing_token, "7", ttl=TTL)
+        assert store.requeue(held, confirm_after=self.CONFIRM) is Takeover.ALIVE
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.SUCCEEDED and op.result == 7
+
+    def test_a_completion_after_the_mark_is_accepted(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.4)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.SUSPECTED  # the first call never takes over
+        store.succeed(held, held.fencing_token, "8", ttl=TTL)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.ALIVE
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.SUCCEEDED and op.result == 8
+
+    def test_a_stale_token_never_requeues(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.4)
+        newer = claim(store, scope, "k1", lease=0.3).operation  # a redelivery took the lapsed lease meanwhile
+        time.sleep(0.4)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.ALIVE
+        assert store.requeue(newer, confirm_after=0.0) is Takeover.SUSPECTED
 
 
 class TestLongValues:

@@ -6,7 +6,8 @@ A backend implements only what must be atomic, each primitive in one round trip 
 * ``_claim``   pending/absent/expired/dead-lease → running under a new lease and a higher fencing token (worker);
 * ``_finish``  running → succeeded/failed, or → pending for a retry, only while the caller's token is current;
 * ``_renew``   push a live lease further, fenced;
-* ``_stale``   list what recovery must publish again; ``_requeue`` give a dead holder's operation back, fenced;
+* ``_stale``   list what recovery must publish again; ``_requeue`` suspect, then give back, a dead holder's
+  operation (fenced; see :meth:`Store.requeue`);
 * ``_mark_published`` clear ``needs_publish`` once the message of a new operation reached the broker;
 * ``_abandon`` delete a new operation whose message could not be published, so a retry starts afresh;
 * ``_get``     read one record by its ``(scope, key)`` digest.
@@ -29,7 +30,7 @@ from typing import Any
 
 from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
 from ..identity import digest_from_id, key_digest, load_json, new_operation_id
-from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission
+from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
 __all__ = ["PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store", "decide_claim", "decide_create"]
 
@@ -261,11 +262,25 @@ class Store(abc.ABC):
         self._settle_own_writes()
         return self._stale(pending_after, limit)
 
-    def requeue(self, op: Operation) -> bool:
-        """Put a running operation whose lease ran out back to pending, fenced on its token (the dead holder stays
-        fenced off, since finishing needs ``running``); ``False`` if it was claimed, renewed or finished."""
+    def requeue(self, op: Operation, *, confirm_after: float) -> Takeover:
+        """Take a running operation whose lease ran out away from its holder, in two phases, fenced on its token.
+
+        A lapsed lease does not prove the holder dead: during a store outage longer than the lease, a live holder
+        cannot renew, and once the store is back the first sweep may reach the record before the holder's keeper
+        does. So the first call only marks the operation suspected (``SUSPECTED``; it stays running). A later call
+        puts it back to pending (``REQUEUED``; the holder stays fenced off, since finishing needs ``running``) only if
+        the lease was not renewed since the mark and the mark is at least ``confirm_after`` seconds old (store clock).
+        A renewal or a completion in between cancels the suspicion; ``ALIVE`` means there is nothing to take over.
+
+        The mark is kept in the record, so it holds across sweeper processes and one-shot sweeps. No extra column:
+        a running record's ``updated_at`` is set by the claim and left alone by renewals, so ``updated_at <
+        lease_expires_at`` while the holder is unsuspected. Marking sets ``updated_at`` to now (≥ the lapsed lease);
+        a renewal sets ``lease_expires_at`` to now + lease, above it again. Hence "marked and not renewed since" is
+        ``updated_at >= lease_expires_at``, and the takeover condition is ``lease_expires_at <= now`` and
+        ``lease_expires_at <= updated_at <= now - confirm_after``.
+        """
         self._settle_own_writes()
-        return self._requeue(key_digest(op.scope, op.key), op.id, op.fencing_token)
+        return self._requeue(key_digest(op.scope, op.key), op.id, op.fencing_token, max(0.0, confirm_after))
 
     def get(self, scope: str, key: str) -> Operation | None:
         """The live operation for ``(scope, key)``, or ``None``."""
@@ -310,7 +325,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
-        """Atomically: if running with ``token``, set the lease to now + ``lease`` (and expiry to now + ``ttl``)."""
+        """Atomically: if running with ``token``, set the lease to now + ``lease`` (and expiry to now + ``ttl``).
+        Never touches ``updated_at``: a lease pushed above it is how a renewal cancels recovery's suspicion."""
 
     @abc.abstractmethod
     def _mark_published(self, digest: str, operation_id: str) -> None:
@@ -331,8 +347,11 @@ class Store(abc.ABC):
         under an expired lease, oldest first."""
 
     @abc.abstractmethod
-    def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
-        """Atomically: if running with ``token`` under an expired lease, move to pending (token unchanged)."""
+    def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:
+        """Atomically, if running with ``token`` under an expired lease: when marked (``updated_at >=
+        lease_expires_at``) at least ``confirm_after`` seconds ago, move to pending (token unchanged) and answer
+        ``REQUEUED``; when marked more recently, change nothing; when not marked, set ``updated_at`` to now. Both
+        answer ``SUSPECTED``. Otherwise change nothing and answer ``ALIVE``. See :meth:`Store.requeue`."""
 
     @abc.abstractmethod
     def purge_expired(self, *, grace: float = PURGE_GRACE) -> int:

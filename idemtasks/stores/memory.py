@@ -7,7 +7,7 @@ import threading
 import time
 
 from ..identity import load_json
-from ..models import ClaimResult, Operation, Status
+from ..models import ClaimResult, Operation, Status, Takeover
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
 
 __all__ = ["MemoryStore"]
@@ -96,16 +96,22 @@ class MemoryStore(Store):
                 or (op.status is Status.RUNNING and (op.lease_expires_at or 0.0) <= now))]
             return sorted(found, key=lambda op: op.updated_at)[:limit]
 
-    def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
+    def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:
         with self._lock:
             self.round_trips += 1
             now = time.time()
             op = self._holds(digest, operation_id, token, now)
-            if op is None or (op.lease_expires_at or 0.0) > now:
-                return False
+            lease = (op.lease_expires_at or 0.0) if op is not None else 0.0
+            if op is None or lease > now:
+                return Takeover.ALIVE
+            if op.updated_at < lease:  # not marked since the last claim or renewal: mark it, take nothing yet
+                self._records[digest] = dataclasses.replace(op, updated_at=now)
+                return Takeover.SUSPECTED
+            if op.updated_at > now - confirm_after:  # marked, not renewed since, but the holder's grace is not over
+                return Takeover.SUSPECTED
             self._records[digest] = dataclasses.replace(
                 op, status=Status.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
-            return True
+            return Takeover.REQUEUED
 
     def _get(self, digest: str) -> Operation | None:
         with self._lock:

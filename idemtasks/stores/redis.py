@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..errors import ConfigurationError, IdemtasksError, StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
-from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
+from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from . import redis_scripts as lua
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store
 from .lanes import published_answer, settle_own_writes
@@ -40,6 +40,7 @@ __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record
 _STATUS = {"p": Status.PENDING, "r": Status.RUNNING, "s": Status.SUCCEEDED, "f": Status.FAILED}
 _STATUS_CODE = {v: k for k, v in _STATUS.items()}
 _CLAIM = {"b": ClaimOutcome.BUSY, "d": ClaimOutcome.DONE, "m": ClaimOutcome.MISMATCH}
+_TAKEOVER = {0: Takeover.ALIVE, 1: Takeover.REQUEUED, 2: Takeover.SUSPECTED}  # the REQUEUE script's answers
 # Failover and resharding answer with errors that a later attempt gets past, unlike a bad command.
 # OOM included: a script refused for memory (maxmemory, noeviction) has written nothing, and passes again once keys
 # expire or the limit is raised.
@@ -288,10 +289,11 @@ class RedisStore(Store):
         with self._call():
             self._abandon_script(keys=[self.record_key(digest), *self._indexes[:1]], args=[tail(digest, operation_id)])
 
-    def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
+    def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:
         with self._call():
-            return bool(self._requeue_script(keys=[self.record_key(digest), *self._indexes],
-                                             args=[tail(digest, operation_id), str(token)]))
+            answer = self._requeue_script(keys=[self.record_key(digest), *self._indexes],
+                                          args=[tail(digest, operation_id), str(token), repr(float(confirm_after))])
+        return _TAKEOVER[int(answer)]
 
     def _stale(self, pending_after: float, limit: int) -> list[Operation]:
         if self.cluster:

@@ -226,11 +226,23 @@ end
 return 1
 """
 
-# KEYS: record, pending index, running index. ARGV: id, token  ->  1 | 0
+# KEYS: record, pending index, running index. ARGV: id, token, confirm_after (seconds)
+#   ->  1 requeued | 2 suspected (marked now, or marked less than confirm_after ago) | 0 alive
+# Two-phase takeover (see Store.requeue): a running record's 'u' is set by the claim and left alone by RENEW, so
+# u < le until a first call marks it with u = now (>= the lapsed le); a renewal then sets le above u again, which
+# cancels the mark. Only a mark at least confirm_after old, with no renewal since, gives the operation back.
+# Marking leaves 'le' and the running index alone: STALE keeps returning the record, so a later sweep can confirm.
 REQUEUE = _CLOCK + """
-local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x', 'le')
+local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x', 'le', 'u')
+local le = tonumber(rec[5]) or 0
 if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now
-   or (tonumber(rec[5]) or 0) > now then return 0 end
+   or le > now then return 0 end
+local marked = tonumber(rec[6]) or 0
+if marked < le then
+  redis.call('HSET', k, 'u', string.format('%d', now))
+  return 2
+end
+if marked > now - math.floor(ARGV[3] * 1000000 + 0.5) then return 2 end
 local u = string.format('%d', now)
 redis.call('HSET', k, 'st', 'p', 'u', u)
 redis.call('HDEL', k, 'lo', 'le')
@@ -244,6 +256,8 @@ return 1
 # Reads records by names built here rather than passed in KEYS: their digests are what the index holds. Each member
 # looked at is returned, moved to its true score, or dropped (record gone, expired or in another status), so the
 # next range read starts after what was returned; the work per call is bounded even if the index has much to shed.
+# A running record is scored by its lease expiry 'le', which REQUEUE's mark leaves alone: a suspected record stays
+# due here until a renewal moves its lease on (then it is re-scored) or a later sweep confirms and requeues it.
 STALE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]

@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..errors import IdemtasksError, StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
-from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
+from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
 from .lanes import lanes_supported, published_answer, settle_own_writes
 from .sql_schema import create_tables, dispose_after_fork, is_outage, make_engine, operations_table
@@ -364,9 +364,15 @@ class SQLStore(Store):
     def _abandon(self, digest: str, operation_id: str) -> None:
         self._count(self.sql.abandon, {"p_key_hash": digest, "p_id": operation_id})
 
-    def _requeue(self, digest: str, operation_id: str, token: int) -> bool:
+    def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:
+        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token,
+                                 p_confirm_after=confirm_after)
+        if self._count(self.sql.requeue, params) == 1:
+            return Takeover.REQUEUED
+        # Not (yet) confirmed: mark it, or find it marked. Whatever happened between the two statements is safe:
+        # each is fenced on the token and the lapsed lease, and a mark only ever delays a takeover.
         params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token)
-        return self._count(self.sql.requeue, params) == 1
+        return Takeover.SUSPECTED if self._count(self.sql.suspect, params) == 1 else Takeover.ALIVE
 
     def _count(self, stmt: sa.Executable, params: dict[str, Any]) -> int:
         # rowcount is the number of rows matched (SQLAlchemy asks MySQL drivers for FOUND_ROWS), and it is reliable

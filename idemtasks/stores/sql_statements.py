@@ -153,11 +153,32 @@ class Statements:
             expires_at=sa.case((t.c.expires_at < live_until, live_until), else_=t.c.expires_at),
         )
 
+    # Recovery's two-phase takeover (see Store.requeue). A running record's updated_at is set by its claim and left
+    # alone by renew, so updated_at < lease_expires_at until ``suspect`` marks it with updated_at = now (>= the lapsed
+    # lease); a renewal puts the lease above updated_at again, which cancels the mark. ``requeue`` takes the record
+    # only when marked, not renewed since, and marked at least p_confirm_after seconds ago. SQLStore sends ``requeue``
+    # first and ``suspect`` when it matched nothing: two statements, each with a single-column or all-constant SET
+    # (MySQL assigns SET clauses left to right on the already-updated row, so one CASE-heavy statement could not
+    # safely do both), each atomic and fenced on its own.
+
+    def _lapsed(self, now: Any) -> Any:
+        return sa.and_(self._held(now), sa.func.coalesce(self.table.c.lease_expires_at, 0.0) <= now)
+
     @cached_property
     def requeue(self) -> Any:
         t, now = self.table, self.now()
-        return t.update().where(self._held(now), sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now).values(
-            status="pending", lease_owner=None, lease_expires_at=None, updated_at=now)
+        return t.update().where(
+            self._lapsed(now), t.c.updated_at >= sa.func.coalesce(t.c.lease_expires_at, 0.0),
+            t.c.updated_at <= now - self._seconds("p_confirm_after"),
+        ).values(status="pending", lease_owner=None, lease_expires_at=None, updated_at=now)
+
+    @cached_property
+    def suspect(self) -> Any:
+        """Mark a lapsed lease (updated_at = now) unless it is marked already, in which case the row is matched but
+        keeps its mark's time; its row count (rows matched) is 1 either way."""
+        t, now = self.table, self.now()
+        marked = t.c.updated_at >= sa.func.coalesce(t.c.lease_expires_at, 0.0)
+        return t.update().where(self._lapsed(now)).values(updated_at=sa.case((marked, t.c.updated_at), else_=now))
 
     @cached_property
     def mark_published(self) -> Any:
