@@ -46,6 +46,7 @@ class Hold:
     #: ``until`` (monotonic seconds).
     finish: Callable[[], None] | None = field(default=None, repr=False)
     until: float = float("inf")
+    warned: bool = field(default=False, repr=False)
 
 
 class LeaseKeeper:
@@ -149,7 +150,11 @@ class LeaseKeeper:
                          "(fencing token %d is stale); the outcome was discarded", h.operation.id, h.token)
         except Exception as exc:
             if time.monotonic() < h.until:
-                logger.warning("idemtasks: could not store the outcome of operation %s yet: %s", h.operation.id, exc)
+                # Said once: the store is down, and this is tried every second until it is back.
+                if not h.warned:
+                    logger.warning("idemtasks: could not store the outcome of operation %s yet (%s); trying again "
+                                   "every %gs until the store is back", h.operation.id, exc, _retry_interval(h.lease))
+                    h.warned = True
                 h.due = time.monotonic() + _retry_interval(h.lease)
                 return
             logger.error("idemtasks: gave up storing the outcome of operation %s: its record has expired",
