@@ -129,6 +129,13 @@ def assert_next_claims_answer_correctly(store: Store) -> None:
     assert claim(store, "busy") is ClaimOutcome.BUSY  # and again: nothing left over on the connection
 
 
+
+def assert_refused_once(settled: Settled, successor: Operation) -> None:
+    """The zombie's completion reached ``settle`` as refused: the successor's token is the current one."""
+    assert settled.called.wait(COLLECT_AFTER * 20)
+    [refusal] = settled.errors
+    assert isinstance(refusal, LeaseLost) and refusal.current_token == successor.fencing_token
+
 def test_a_completion_interrupted_right_after_its_write_still_lands(store: Store, other: Store,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     held(other, "busy")
@@ -161,9 +168,7 @@ def test_a_refused_completion_interrupted_right_after_its_write_still_reaches_se
     interrupt.undo()
     assert dropped(store)
 
-    assert settled.called.wait(COLLECT_AFTER * 20)
-    [refusal] = settled.errors
-    assert isinstance(refusal, LeaseLost) and refusal.current_token == successor.fencing_token
+    assert_refused_once(settled, successor)
     assert_next_claims_answer_correctly(store)
     op = store.get("s", "z")
     assert op is not None and op.status is Status.RUNNING and op.fencing_token == successor.fencing_token
@@ -184,9 +189,7 @@ def test_a_claim_interrupted_right_after_its_write_leaves_no_answer_behind(store
     interrupt.undo()
     assert dropped(store)
 
-    assert settled.called.wait(COLLECT_AFTER * 20)
-    [refusal] = settled.errors
-    assert isinstance(refusal, LeaseLost) and refusal.current_token == successor.fencing_token
+    assert_refused_once(settled, successor)
     assert_next_claims_answer_correctly(store)
     # The interrupted claim reached the server: its holder (whose answer was lost) keeps the lease.
     assert claim(store, "x") is ClaimOutcome.BUSY
@@ -209,9 +212,7 @@ def test_an_interruption_before_a_pending_answer_is_read_hands_it_over(store: St
     interrupt.undo()
     assert dropped(store)
 
-    assert refused.called.wait(COLLECT_AFTER * 20)
-    [refusal] = refused.errors
-    assert isinstance(refusal, LeaseLost) and refusal.current_token == successor.fencing_token
+    assert_refused_once(refused, successor)
     assert_next_claims_answer_correctly(store)
     # And the lane carries on: a completion behind all this is answered as usual.
     finish_pipelined(store, op, settled)
