@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, InvalidKey, Status, StoreUnavailable, open_store
+from idemtasks.aio import async_store_for
 from idemtasks.config import validate
 from idemtasks.stores.base import Store
 from idemtasks.stores.sql import SQLStore
@@ -47,6 +50,25 @@ def test_unreachable_store_raises_store_unavailable(url: str) -> None:
         store.create("s", "k", "t", "fp", ttl=60)
     with pytest.raises(StoreUnavailable):
         store.get("s", "k")
+
+
+def test_retrying_an_unreachable_redis_store_leaves_the_applications_random_state_alone() -> None:
+    """The store's retry jitter has a generator of its own: its background threads (the lanes' collector, the lease
+    keeper) retry while the application runs, and must not change what a seeded ``random`` draws next."""
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0")
+    random.seed(1234)
+    before = random.getstate()
+    with pytest.raises(StoreUnavailable):
+        store.claim("s", "k", "t", "fp", owner="w1", lease=30, ttl=60)
+    with pytest.raises(StoreUnavailable):
+        store.get("s", "k")
+
+    async def create() -> None:
+        with pytest.raises(StoreUnavailable):
+            await async_store_for(store).create("s", "k", "t", "fp", ttl=60)
+
+    asyncio.run(create())
+    assert random.getstate() == before
 
 
 def test_a_redis_store_out_of_memory_is_unavailable_and_writes_nothing(private_redis: PrivateRedis) -> None:

@@ -18,7 +18,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 try:
     import redis
-    from redis.backoff import EqualJitterBackoff
     from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, RedisError, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -32,7 +31,7 @@ from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Ta
 from . import redis_scripts as lua
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store
 from .lanes import published_answer, settle_own_writes
-from .redis_lane import Lane, lanes_supported
+from .redis_lane import JitterBackoff, Lane, lanes_supported
 
 __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
 
@@ -156,7 +155,7 @@ class RedisStore(Store):
         factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
         self.client: Any = client or factory(
             url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-            health_check_interval=30, retry=Retry(EqualJitterBackoff(cap=0.5, base=0.02), 2),
+            health_check_interval=30, retry=Retry(JitterBackoff(cap=0.5, base=0.02), 2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._create_script = self.client.register_script(lua.CREATE)

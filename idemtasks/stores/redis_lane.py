@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from redis.backoff import AbstractBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -46,10 +47,27 @@ try:  # redis-py's own packer wraps hiredis in a per-argument generator: measura
 except ImportError:  # pragma: no cover - hiredis is a dependency of the redis extra
     _hiredis_pack = None
 
-__all__ = ["COLLECT_AFTER", "Lane", "Pending", "lanes_supported"]
+__all__ = ["COLLECT_AFTER", "JitterBackoff", "Lane", "Pending", "lanes_supported"]
 
 #: Tries of one call on a broken connection (the client's own retry policy for ordinary calls).
 _TRIES = 3
+
+# Retry jitter comes from a generator of the store's own. The module-level functions of ``random`` share one
+# state with the application: a lane's collector or the lease keeper retrying in the background would move it
+# under the application's feet, so a program that seeds ``random`` (a simulation, a property-based test) would not
+# draw the same numbers twice.
+_jitter = random.Random()
+
+
+class JitterBackoff(AbstractBackoff):
+    """Equal-jitter back-off (half fixed, half random) for the store's clients, drawn from :data:`_jitter`."""
+
+    def __init__(self, cap: float, base: float) -> None:
+        self.cap, self.base = cap, base
+
+    def compute(self, failures: int) -> float:
+        half = min(self.cap, self.base * 2 ** failures) / 2
+        return float(half + _jitter.uniform(0, half))
 
 
 class Lane(BaseLane):
@@ -83,7 +101,7 @@ class Lane(BaseLane):
                         self._broken(done, exc)
                         if attempt == _TRIES - 1:
                             raise
-                        time.sleep(random.uniform(0.01, 0.02) * 2 ** attempt)
+                        time.sleep(_jitter.uniform(0.01, 0.02) * 2 ** attempt)
                     except ResponseError:  # an error reply to this call: every answer sent was read
                         raise
                     except BaseException as exc:
