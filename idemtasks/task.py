@@ -36,9 +36,9 @@ HEADER = "idemtasks"
 TASK_ID_SCOPE = "celery-task-id"
 
 
-def _retry_delay(eta: Any, countdown: float | None, default: float | None) -> float:
-    """Seconds until a retry is due, as Celery's ``retry`` schedules it (a countdown, an ETA, or the task's
-    ``default_retry_delay``)."""
+def due_in(eta: Any, countdown: float | None, default: float | None = None) -> float:
+    """Seconds until a message is due, as Celery schedules it: an ETA, a countdown, or (for ``retry``) the task's
+    ``default_retry_delay``."""
     if eta is not None:
         if isinstance(eta, datetime):
             now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now(timezone.utc).replace(tzinfo=None)
@@ -167,7 +167,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # its retry had the chance to run (a copy would run the body early and start a second chain of retries).
             # Quietly: if the store cannot take the release, the retry still goes out, and its claim waits for the
             # lease to run out (busy), then takes the operation over.
-            attempt.release_quietly(delay=_retry_delay(eta, countdown, self.default_retry_delay))
+            attempt.release_quietly(delay=due_in(eta, countdown, self.default_retry_delay))
         return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
                              max_retries=max_retries, **options)
 
@@ -197,6 +197,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         hash of the arguments when something else defines "the same request" (the HTTP layer hashes the request).
         ``options`` go to ``apply_async`` (queue, countdown, …). If publishing fails, the new record is removed
         and :class:`~idemtasks.errors.PublishFailed` is raised, so submitting again starts afresh.
+
+        With a ``countdown`` or ``eta`` the record lives ``idempotency_ttl`` beyond the time the message is due, and
+        recovery waits ``idemtasks_pending_after`` from that time before it presumes the message lost.
         """
         self._settled()
         key = validate_key(key)
@@ -204,8 +207,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         call = canonical_call(self.name, args, kwargs, limit=self.max_args_bytes)
         fp = fingerprint or fingerprint_of_call(call)
         store = self.store
-        sub = store.create(scope, key, self.name, fp, ttl=float(self.idempotency_ttl or config.DEFAULT_TTL),
-                           payload=call)
+        # A scheduled message must still find its record when it runs, and a client's retry meanwhile a replay.
+        ttl = float(self.idempotency_ttl or config.DEFAULT_TTL) + due_in(options.get("eta"), options.get("countdown"))
+        sub = store.create(scope, key, self.name, fp, ttl=ttl, payload=call)
         op = sub.operation
         if sub.created or (op.status is Status.PENDING and op.needs_publish
                            and store.now() - op.created_at >= ACCEPT_WINDOW):
@@ -216,6 +220,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,
                 **options: Any) -> None:
         """Publish the message of a recorded operation (used by :meth:`submit` and by recovery)."""
+        due = due_in(options.get("eta"), options.get("countdown"))
         headers = {**options.pop("headers", {}), HEADER: {"scope": op.scope, "key": op.key, "fp": op.fingerprint}}
         if self.app.conf.task_always_eager:
             # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.
@@ -233,7 +238,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             raise PublishFailed(f"operation {op.id} was recorded but its message was not published: {exc}",
                                 operation_id=op.id) from exc
         try:
-            self.store.mark_published(op)
+            self.store.mark_published(op, delay=due)
         except IdemtasksError as exc:
             # Harmless: the flag only makes duplicates wait ACCEPT_WINDOW, and the worker's claim clears it.
             logger.warning("idemtasks: could not mark operation %s as published: %s", op.id, exc)

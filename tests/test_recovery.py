@@ -140,6 +140,22 @@ def test_the_grace_before_a_takeover_follows_the_tasks_lease(rig: Rig) -> None:
     rig.store.succeed(held, held.fencing_token, "22", ttl=3600)
 
 
+@pytest.mark.parametrize("rig", ["redis"], indirect=True)  # the stores' side runs on every backend in the contract
+def test_a_submit_with_a_countdown_is_not_published_again_before_it_is_due(rig: Rig) -> None:
+    """A payment scheduled for later must not be run early by a copy that recovery published."""
+    key = f"later-{uuid.uuid4().hex}"
+    sub = rig.task.submit((key, 50), key=key, countdown=1.5)
+    assert sub.operation.expires_at - sub.operation.created_at >= 3600 + 1.5  # still a record when it runs
+    time.sleep(0.6)  # pending_after (0.3 s) has passed since the publish, not since the message is due
+    sweeper = Sweeper(rig.app)
+    assert sweeper.sweep().republished == []
+    time.sleep(1.4)  # now due, and pending_after later still unclaimed: presumed lost after all
+    assert sweeper.sweep().republished == [sub.operation.id]
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(sub.operation.id)
+    assert op.status is Status.SUCCEEDED and op.result == 50 and rig.runs[key] == 1  # two messages, one run
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]

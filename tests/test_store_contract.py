@@ -208,6 +208,18 @@ class TestFinish:
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
         assert claim(store, scope, "later").outcome is ClaimOutcome.CLAIMED  # the retry, when it comes, claims it
 
+    def test_a_scheduled_message_is_not_presumed_lost_before_it_is_due(self, store: Store, scope: str) -> None:
+        """Published with a countdown: recovery must not publish a copy that would run the body before its time."""
+        later = store.create(scope, "later", "tasks.charge", "fp-a", ttl=TTL).operation
+        now = store.create(scope, "now", "tasks.charge", "fp-a", ttl=TTL).operation
+        store.mark_published(later, delay=1.5)
+        store.mark_published(now)
+        time.sleep(0.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now"}
+        time.sleep(1.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
+        assert claim(store, scope, "later").outcome is ClaimOutcome.CLAIMED  # the message, when it comes, claims it
+
     def test_renew_extends_only_the_current_holders_lease(self, store: Store, scope: str) -> None:
         held = claim(store, scope, "k1", lease=0.5).operation
         assert store.renew(held, held.fencing_token, lease=30.0, ttl=TTL)

@@ -246,9 +246,14 @@ class Store(abc.ABC):
         self._settle_own_writes()
         return self._renew(key_digest(op.scope, op.key), op.id, token, lease, ttl)
 
-    def mark_published(self, op: Operation) -> None:
-        """Clear ``needs_publish``: the message of ``op`` is with the broker."""
-        self._mark_published(key_digest(op.scope, op.key), op.id)
+    def mark_published(self, op: Operation, *, delay: float = 0.0) -> None:
+        """Clear ``needs_publish``: the message of ``op`` is with the broker.
+
+        ``delay``: seconds until that message is due (a countdown or ETA). As for a release, ``updated_at`` is set
+        that far ahead and recovery waits ``pending_after`` from then: a copy published sooner would run the body
+        before its time.
+        """
+        self._mark_published(key_digest(op.scope, op.key), op.id, max(0.0, delay))
 
     def abandon(self, op: Operation) -> None:
         """Delete ``op`` if it is still pending and never claimed: its message could not be published, and a
@@ -329,9 +334,9 @@ class Store(abc.ABC):
         Never touches ``updated_at``: a lease pushed above it is how a renewal cancels recovery's suspicion."""
 
     @abc.abstractmethod
-    def _mark_published(self, digest: str, operation_id: str) -> None:
+    def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
         """If the record is ``operation_id`` and still pending: clear ``needs_publish`` and set ``updated_at`` to now
-        (recovery's clock for pending records restarts with every publish)."""
+        plus ``delay`` (recovery's clock for pending records restarts with every publish, from when it is due)."""
 
     @abc.abstractmethod
     def _abandon(self, digest: str, operation_id: str) -> None:

@@ -73,12 +73,12 @@ class MemoryStore(Store):
             )
             return True
 
-    def _mark_published(self, digest: str, operation_id: str) -> None:
+    def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
         with self._lock:
             self.round_trips += 1
             op = self._live(digest, time.time())
             if op is not None and op.id == operation_id and op.status is Status.PENDING:
-                self._records[digest] = dataclasses.replace(op, needs_publish=False, updated_at=time.time())
+                self._records[digest] = dataclasses.replace(op, needs_publish=False, updated_at=time.time() + delay)
 
     def _abandon(self, digest: str, operation_id: str) -> None:
         with self._lock:

@@ -272,8 +272,8 @@ class RedisStore(Store):
             return bool(self._renew_script(keys=[self.record_key(digest)],
                                            args=[tail(digest, operation_id), str(token), repr(lease), repr(ttl)]))
 
-    def _mark_published(self, digest: str, operation_id: str) -> None:
-        keys, args = [self.record_key(digest)], [tail(digest, operation_id)]
+    def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
+        keys, args = [self.record_key(digest)], [tail(digest, operation_id), repr(delay)]
         lane = self._lane()
         if lane is None:
             with self._call():

@@ -205,11 +205,12 @@ end
 return 1
 """
 
-# KEYS: record. ARGV: id  ->  1
+# KEYS: record. ARGV: id, delay (seconds until the message is due, which 'u' is set ahead by)  ->  1
+# The pending index keeps its score: STALE moves a member whose 'u' turns out later than the score to its true place.
 MARK_PUBLISHED = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'st', 'x')
 if rec[1] == ARGV[1] and rec[2] == 'p' and (tonumber(rec[3]) or 0) > now then
-  redis.call('HSET', k, 'u', string.format('%d', now))
+  redis.call('HSET', k, 'u', string.format('%d', now + math.floor(ARGV[2] * 1000000 + 0.5)))
   redis.call('HDEL', k, 'np')
 end
 return 1

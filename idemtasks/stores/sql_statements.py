@@ -184,7 +184,8 @@ class Statements:
     def mark_published(self) -> Any:
         t, now = self.table, self.now()
         return t.update().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
-                                t.c.expires_at > now).values(needs_publish=False, updated_at=now)
+                                t.c.expires_at > now).values(needs_publish=False,
+                                                                updated_at=now + self._seconds("p_delay"))
 
     @cached_property
     def abandon(self) -> Any:
