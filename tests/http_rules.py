@@ -303,6 +303,17 @@ class HttpRules:
         assert status.status_code == 400 and status.json()["code"] == "credentials_invalid"
         assert api.store.get(caller_scope(None, "POST", "/payments"), "k-" + a) is None
 
+    def test_no_reply_may_be_kept_by_a_cache(self, api: Api) -> None:
+        """A kept "pending" would be served to a polling client for ever; a shared cache could serve one caller's
+        result to another."""
+        a = acct()
+        first = api.post({"account": a, "amount": 7}, "k-" + a)
+        replies = [first, api.get(first.headers["location"]), api.post({"account": a, "amount": 7}, "k-" + a),
+                   api.post({"account": a, "amount": 7}), api.get("/operations/nope")]
+        replies.append(api.final(first.headers["location"]))
+        assert [r.status_code for r in replies[-3:]] == [400, 404, 200]
+        assert all(r.headers["cache-control"] == "no-store" for r in replies), [r.headers for r in replies]
+
     def test_status_of_unknown_operation_is_404(self, api: Api) -> None:
         r = api.get("/operations/" + "0" * 56)
         assert r.status_code == 404 and r.json()["code"] == "operation_not_found"

@@ -32,7 +32,7 @@ __all__ = ["Idempotency", "to_response"]
 
 def to_response(reply: Reply) -> HttpResponse:
     response = HttpResponse(reply.json_bytes(), status=reply.status, content_type=reply.media_type)
-    for name, value in reply.headers.items():
+    for name, value in reply.response_headers.items():
         response[name] = value
     return response
 

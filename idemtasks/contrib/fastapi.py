@@ -35,7 +35,8 @@ __all__ = ["Idempotency", "to_response"]
 
 
 def to_response(reply: Reply) -> Response:
-    return Response(reply.json_bytes(), status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
+    return Response(reply.json_bytes(), status_code=reply.status, headers=reply.response_headers,
+                    media_type=reply.media_type)
 
 
 async def _body(request: Request) -> bytes:

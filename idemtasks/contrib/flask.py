@@ -30,7 +30,7 @@ __all__ = ["Idempotency", "to_response"]
 
 
 def to_response(reply: Reply) -> flask.Response:
-    return flask.Response(reply.json_bytes(), status=reply.status, headers=reply.headers,
+    return flask.Response(reply.json_bytes(), status=reply.status, headers=reply.response_headers,
                           content_type=reply.media_type)
 
 

@@ -104,6 +104,13 @@ class Reply:
     def json_bytes(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
 
+    @property
+    def response_headers(self) -> dict[str, str]:
+        """``headers`` and ``Cache-Control: no-store``. Every reply describes one caller's operation at one moment:
+        a cache that kept a "pending" would serve it to a polling client for ever, and a shared one could serve a
+        caller's result, or a replay, to somebody else."""
+        return {"Cache-Control": "no-store", **self.headers}
+
 
 def problem(status: int, code: str, title: str, detail: str, *, retry_after: int | None = None,
             **extra: Any) -> Reply:
