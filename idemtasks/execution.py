@@ -148,6 +148,8 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
             _come_back_later(task, exc)
         op = claim.operation
         if claim.outcome is ClaimOutcome.CLAIMED:
+            if op.payload is None and call is None:
+                _keep_call(task, store, op, args, kwargs)
             return _execute(task, Attempt(store, op, ttl, request=request), args, kwargs)
         if claim.outcome is ClaimOutcome.DONE:
             return _replay(op)
@@ -155,6 +157,17 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=op.id,
                                          stored_fingerprint=op.fingerprint, fingerprint=fp)
         _wait_for_holder(task, request, claim)
+
+
+def _keep_call(task: Any, store: Store, op: Operation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The claim created the record of a submitted message whose record was gone (expired, purged, or lost by a
+    store that restarted empty), and the message does not carry the call: store it, or recovery could never publish
+    the operation again if this holder died (and on Redis it would stay at the head of the index, in every sweep's
+    way). One more round trip, only in this case; the body runs whether or not it lands."""
+    try:
+        store.attach_payload(op, op.fencing_token, canonical_call(task.name, args, kwargs, limit=task.max_args_bytes))
+    except IdemtasksError as exc:  # arguments that cannot be stored as JSON, or the store gone for a moment
+        logger.warning("idemtasks: operation %s has no stored call; recovery cannot publish it again: %s", op.id, exc)
 
 
 def _replay(op: Operation) -> Any:

@@ -156,6 +156,19 @@ def test_a_submit_with_a_countdown_is_not_published_again_before_it_is_due(rig: 
     assert op.status is Status.SUCCEEDED and op.result == 50 and rig.runs[key] == 1  # two messages, one run
 
 
+def test_a_submitted_message_whose_record_is_gone_stores_its_call_when_claimed(rig: Rig) -> None:
+    """The record was lost (expired, purged, or a store restarted empty) while the message waited: the claim creates
+    a new one, and the holder stores the call in it, so recovery could still publish it again."""
+    key = f"gone-{uuid.uuid4().hex}"
+    sub = rig.task.submit((key, 60), key=key)
+    rig.store.abandon(sub.operation)  # the record is gone; its message is still on the broker
+    assert rig.store.get_by_id(sub.operation.id) is None
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(sub.operation.id)
+    assert op.status is Status.SUCCEEDED and op.result == 60 and rig.runs[key] == 1
+    assert op.payload == canonical_call(rig.task.name, (key, 60), {})
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]

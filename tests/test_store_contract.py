@@ -141,6 +141,24 @@ class TestClaim:
         assert res.operation.fencing_token == held.fencing_token
 
 
+    def test_a_record_created_by_a_claim_without_its_call_can_be_given_it_by_its_holder(
+            self, store: Store, scope: str) -> None:
+        """A submitted message whose record is gone is claimed into a new record without its call: the holder stores
+        it, so that recovery could publish the operation again. Only the holder, once, and never over a call."""
+        held = claim(store, scope, "k1").operation
+        assert held.payload is None
+        call = '["tasks.charge",["' + "é" * 150 + '",1],{}]'  # longer than a Redis chunk, cut inside characters
+        assert not store.attach_payload(held, held.fencing_token + 1, call)
+        assert store.attach_payload(held, held.fencing_token, call)
+        assert not store.attach_payload(held, held.fencing_token, '["tasks.charge",[2],{}]')
+        assert store.get(scope, "k1").payload == call  # type: ignore[union-attr]
+        submitted = store.create(scope, "k2", "tasks.charge", "fp-a", ttl=TTL, payload='["tasks.charge",[3],{}]')
+        again = claim(store, scope, "k2").operation
+        assert again.payload == '["tasks.charge",[3],{}]'
+        assert not store.attach_payload(again, again.fencing_token, '["tasks.charge",[4],{}]')
+        assert store.get_by_id(submitted.operation.id).payload == '["tasks.charge",[3],{}]'  # type: ignore[union-attr]
+
+
 class TestFinish:
     def test_success_stores_the_result_and_clears_the_lease(self, store: Store, scope: str) -> None:
         held = claim(store, scope, "k1").operation

@@ -10,6 +10,7 @@ A backend implements only what must be atomic, each primitive in one round trip 
   operation (fenced; see :meth:`Store.requeue`);
 * ``_mark_published`` clear ``needs_publish`` once the message of a new operation reached the broker;
 * ``_abandon`` delete a new operation whose message could not be published, so a retry starts afresh;
+* ``_attach_payload`` give the holder's call to a record a claim created without one;
 * ``_get``     read one record by its ``(scope, key)`` digest.
 
 A duplicate, a busy lease or a stale token are ordinary return values; only infrastructure failures raise
@@ -255,6 +256,13 @@ class Store(abc.ABC):
         """
         self._mark_published(key_digest(op.scope, op.key), op.id, max(0.0, delay))
 
+    def attach_payload(self, op: Operation, token: int, payload: str) -> bool:
+        """Store the call of an operation whose record a claim created without one, so that recovery can publish it
+        again if its holder dies. A submitted message names its operation but does not carry the call as the record
+        keeps it; when its record is gone (expired, purged, lost by a store that restarted empty) the claim creates
+        a new one without it. Fenced on ``token``; a record that already holds a call keeps it. True if stored."""
+        return self._attach_payload(key_digest(op.scope, op.key), op.id, token, payload)
+
     def abandon(self, op: Operation) -> None:
         """Delete ``op`` if it is still pending and never claimed: its message could not be published, and a
         retry of the request must be free to start over rather than find a record that nothing will run."""
@@ -337,6 +345,10 @@ class Store(abc.ABC):
     def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
         """If the record is ``operation_id`` and still pending: clear ``needs_publish`` and set ``updated_at`` to now
         plus ``delay`` (recovery's clock for pending records restarts with every publish, from when it is due)."""
+
+    @abc.abstractmethod
+    def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:
+        """If the live record is ``operation_id`` under ``token`` and holds no payload: store ``payload``."""
 
     @abc.abstractmethod
     def _abandon(self, digest: str, operation_id: str) -> None:

@@ -80,6 +80,15 @@ class MemoryStore(Store):
             if op is not None and op.id == operation_id and op.status is Status.PENDING:
                 self._records[digest] = dataclasses.replace(op, needs_publish=False, updated_at=time.time() + delay)
 
+    def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:
+        with self._lock:
+            self.round_trips += 1
+            op = self._live(digest, time.time())
+            if op is None or op.id != operation_id or op.fencing_token != token or op.payload is not None:
+                return False
+            self._records[digest] = dataclasses.replace(op, payload=payload)
+            return True
+
     def _abandon(self, digest: str, operation_id: str) -> None:
         with self._lock:
             self.round_trips += 1

@@ -164,6 +164,7 @@ class RedisStore(Store):
         self._renew_script = self.client.register_script(lua.RENEW)
         self._published_script = self.client.register_script(lua.MARK_PUBLISHED)
         self._abandon_script = self.client.register_script(lua.ABANDON)
+        self._attach_script = self.client.register_script(lua.ATTACH_PAYLOAD)
         self._requeue_script = self.client.register_script(lua.REQUEUE)
         self._stale_script = self.client.register_script(lua.STALE)
         # A worker thread's claims and completions go through its own connection (see redis_lane); a cluster
@@ -283,6 +284,11 @@ class RedisStore(Store):
         # the worker's claim clears it anyway. A submit then costs one synchronous round trip, the create.
         self.round_trips += 1
         lane.send(self._published_script.sha, keys, args, published_answer)
+
+    def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:
+        with self._call():
+            return bool(int(self._attach_script(keys=[self.record_key(digest)],
+                                                args=[tail(digest, operation_id), str(token), payload])))
 
     def _abandon(self, digest: str, operation_id: str) -> None:
         with self._call():

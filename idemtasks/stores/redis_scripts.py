@@ -50,7 +50,8 @@ lease (otherwise it would report itself busy). A finish stays strict, as the con
 
 from __future__ import annotations
 
-__all__ = ["ABANDON", "CHUNK", "CLAIM", "CREATE", "FINISH", "MARK_PUBLISHED", "RENEW", "REQUEUE", "STALE"]
+__all__ = ["ABANDON", "ATTACH_PAYLOAD", "CHUNK", "CLAIM", "CREATE", "FINISH", "MARK_PUBLISHED", "RENEW", "REQUEUE",
+           "STALE"]
 
 #: The longest piece of a long value (Redis' default ``hash-max-listpack-value``).
 CHUNK = 64
@@ -213,6 +214,15 @@ if rec[1] == ARGV[1] and rec[2] == 'p' and (tonumber(rec[3]) or 0) > now then
   redis.call('HSET', k, 'u', string.format('%d', now + math.floor(ARGV[2] * 1000000 + 0.5)))
   redis.call('HDEL', k, 'np')
 end
+return 1
+"""
+
+# KEYS: record. ARGV: id, token, payload  ->  1 | 0
+# Only a live record: an expired one is absent, and a claim re-creating it must not inherit another call.
+ATTACH_PAYLOAD = _CLOCK + """
+local rec = redis.call('HMGET', k, 'id', 'tok', 'x', 'p')
+if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[2] or (tonumber(rec[3]) or 0) <= now or rec[4] then return 0 end
+local w = {}""" + _put_chunked("w", "p", "ARGV[3]") + """redis.call('HSET', k, unpack(w))
 return 1
 """
 

@@ -361,6 +361,10 @@ class SQLStore(Store):
         self.round_trips += 1
         lane.send(self._lanes().mark_published, params, published_answer)
 
+    def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:
+        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_payload=payload)
+        return self._count(self.sql.attach_payload, params) == 1
+
     def _abandon(self, digest: str, operation_id: str) -> None:
         self._count(self.sql.abandon, {"p_key_hash": digest, "p_id": operation_id})
 

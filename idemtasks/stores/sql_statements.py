@@ -188,6 +188,13 @@ class Statements:
                                                                 updated_at=now + self._seconds("p_delay"))
 
     @cached_property
+    def attach_payload(self) -> Any:
+        t, now = self.table, self.now()
+        return t.update().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"),
+                                t.c.fencing_token == self.p("fencing_token"), t.c.payload.is_(None),
+                                t.c.expires_at > now).values(payload=self.p("payload"))
+
+    @cached_property
     def abandon(self) -> Any:
         t = self.table
         return t.delete().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
