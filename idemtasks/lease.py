@@ -129,11 +129,16 @@ class LeaseKeeper:
             log("idemtasks: could not renew the lease of operation %s: %s", h.operation.id, exc)
             h.due = time.monotonic() + _retry_interval(h.lease)
             return
+        # Refused: taken over, or the holder's own completion landed just before its thread released the hold (a
+        # race, not a loss). Tell them apart before an error log says "taken over".
+        finished = not ok and _finished_by(h)
         with self._cond:
             if h.released:
                 return
             if ok:
                 h.due = time.monotonic() + h.lease / 3
+            elif finished:
+                self._holds.discard(h)
             else:
                 h.lost = True
                 self._holds.discard(h)
@@ -163,6 +168,16 @@ class LeaseKeeper:
             logger.info("idemtasks: the outcome of operation %s was stored after the store came back", h.operation.id)
         with self._cond:
             self._holds.discard(h)
+
+
+def _finished_by(h: Hold) -> bool:
+    """Whether the record is final under the hold's token: only its holder can have completed it (the completion is
+    fenced on the token). A record put back to pending keeps its token too, but recovery may have done that."""
+    try:
+        op = h.store.get_by_id(h.operation.id)
+    except Exception:  # the store went away: say what the refusal said
+        return False
+    return op is not None and op.is_final and op.fencing_token == h.token
 
 
 def _retry_interval(lease: float) -> float:

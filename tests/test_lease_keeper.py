@@ -102,3 +102,31 @@ def test_a_failed_renewal_of_a_long_lease_is_retried_within_recoverys_grace() ->
     assert time.monotonic() - back < MIN_CONFIRM_AFTER
     assert not hold.lost
     keeper.release(hold)
+
+
+def test_a_renewal_that_meets_its_own_holders_completion_is_not_reported_as_a_takeover(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's completion lands, and the keeper renews before the worker thread releases the hold: the refusal
+    is this holder's own doing, not another worker's takeover, and no error says otherwise."""
+    store, keeper = MemoryStore(), LeaseKeeper()
+    op = _claimed(store, "k")
+    hold = keeper.hold(store, op, op.fencing_token, lease=LEASE, ttl=60.0)
+    store.succeed(op, op.fencing_token, "1", ttl=60.0)
+
+    time.sleep(LEASE)  # the renewal was due a third of the way through
+
+    assert not hold.lost and hold not in keeper._holds
+    assert "taken over" not in caplog.text
+
+
+def test_a_renewal_refused_after_a_takeover_marks_the_hold_lost(caplog: pytest.LogCaptureFixture) -> None:
+    store, keeper = MemoryStore(), LeaseKeeper()
+    op = _claimed(store, "k")
+    time.sleep(LEASE + 0.05)  # the lease ran out before the keeper held it, and another worker took the operation
+    taker = store.claim("s", "k", "t", "fp", owner="taker", lease=30.0, ttl=60.0).operation
+    store.succeed(taker, taker.fencing_token, "2", ttl=60.0)
+    hold = keeper.hold(store, op, op.fencing_token, lease=LEASE, ttl=60.0)
+
+    time.sleep(LEASE)
+
+    assert hold.lost and "taken over" in caplog.text
