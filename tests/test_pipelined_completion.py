@@ -226,3 +226,23 @@ def test_a_postgres_completion_whose_connection_is_killed_before_it_ran_is_sent_
     finally:
         admin.dispose()
         drop(store)
+
+
+def test_a_read_waits_for_the_completion_the_collector_is_sending_again(private_redis: PrivateRedis) -> None:
+    """The collector found this thread's completion unanswered on a broken connection and is sending it again: a
+    read by the thread meanwhile waits for that, so it never finds its own completed operation still running."""
+    store = RedisStore(private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
+    op = held(store, "k")
+    lane = store._lane()
+    assert lane is not None
+    port = lane.connection._sock.getsockname()[1]
+    admin.execute_command("CLIENT", "PAUSE", "800", "WRITE")  # scripts that write wait; reads go on
+    settled = Settled()
+    finish_pipelined(store, op, settled)
+    time.sleep(0.05)
+    admin.execute_command("CLIENT", "KILL", "ADDR", f"127.0.0.1:{port}")  # its completion, queued, never runs
+    time.sleep(COLLECT_AFTER + 0.2)  # the collector met the broken connection: its resend waits for the pause
+    got = store.get("s", "k")
+    assert got is not None and got.status is Status.SUCCEEDED and not settled.errors
+    store.close()

@@ -70,6 +70,9 @@ class BaseLane:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.pending: Pending | None = None
+        #: Set while the collector settles an answer it took from this lane (outside ``lock``: settling may send a
+        #: completion again); ``drain`` waits for it, or the owner could read its own completion's record too early.
+        self.settling: threading.Event | None = None
         self.watched_by = 0  # the pid whose collector knows this lane
 
     def _send_unanswered(self, write: Callable[[], None], resolve: Callable[[Any], None],
@@ -106,19 +109,26 @@ class BaseLane:
             resolve_all(done)
 
     def drain(self) -> None:
-        """Read the pending answer, waiting for it if need be: the write it answers has then been applied."""
-        if self.pending is None:  # the owner's own check: only the owner adds one, the collector may take it
+        """Read the pending answer, waiting for it if need be: the write it answers has then been applied (or
+        handed over, a carried completion). An answer the collector took is waited for until it is settled."""
+        # The owner's own check: only the owner adds a pending answer; the collector may take it, and then sets
+        # ``settling`` under the lock before it lets go of the answer.
+        if self.pending is None and self.settling is None:
             return
         done: list[tuple[Pending, Any]] = []
         try:
             with self.lock:
                 self._collect_pending(done)
+                settling = self.settling
         finally:
             resolve_all(done)
+        if settling is not None:
+            settling.wait()
 
     def collect(self, older_than: float) -> bool:
         """Read a pending answer older than ``older_than`` seconds, unless the owner is busy; True if one is left."""
         done: list[tuple[Pending, Any]] = []
+        settling: threading.Event | None = None
         if not self.lock.acquire(blocking=False):
             return True
         try:
@@ -126,11 +136,19 @@ class BaseLane:
                 return False
             if time.monotonic() - self.pending.sent_at < older_than:
                 return True
+            settling = self.settling = threading.Event()
             self._collect_pending(done)
             return False
         finally:
             self.lock.release()
-            resolve_all(done)
+            try:
+                resolve_all(done)
+            finally:
+                if settling is not None:
+                    with self.lock:
+                        if self.settling is settling:
+                            self.settling = None
+                    settling.set()
 
     def _collect_pending(self, done: list[tuple[Pending, Any]]) -> None:
         """Read the pending answer into ``done``; a broken connection resolves it as unknown instead of raising
