@@ -12,13 +12,13 @@ import asyncio
 import os
 from typing import Any
 
-from .config import ACCEPT_WINDOW, DEFAULT_TTL
+from .config import ACCEPT_WINDOW
 from .errors import IdempotencyKeyMismatch
 from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 from .stores.base import CreateRequest
-from .task import due_in
+from .task import record_ttl
 
 __all__ = ["AsyncStore", "ThreadedAsyncStore", "async_store_for", "submit_async"]
 
@@ -106,8 +106,7 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(task.store)
-    ttl = float(task.idempotency_ttl or DEFAULT_TTL) + due_in(options.get("eta"), options.get("countdown"))
-    sub = await astore.create(scope, key, task.name, fingerprint, ttl=ttl, payload=call)
+    sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, options), payload=call)
     op = sub.operation
     if sub.created or (op.status is Status.PENDING and op.needs_publish
                        and await astore.now() - op.created_at >= ACCEPT_WINDOW):

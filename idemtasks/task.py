@@ -47,6 +47,13 @@ def due_in(eta: Any, countdown: float | None, default: float | None = None) -> f
     return max(0.0, float(countdown if countdown is not None else default or 0.0))
 
 
+def record_ttl(task: Any, options: dict[str, Any]) -> float:
+    """The TTL a submitted record is created with: ``idempotency_ttl`` beyond the time its message is due (a
+    countdown or ETA in ``options``), so that a scheduled message still finds its record when it runs, and a
+    client's retry meanwhile is a replay."""
+    return float(task.idempotency_ttl or config.DEFAULT_TTL) + due_in(options.get("eta"), options.get("countdown"))
+
+
 class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     """Base class for exactly-once tasks: ``@app.task(base=IdempotentTask, bind=True)``.
 
@@ -207,9 +214,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         call = canonical_call(self.name, args, kwargs, limit=self.max_args_bytes)
         fp = fingerprint or fingerprint_of_call(call)
         store = self.store
-        # A scheduled message must still find its record when it runs, and a client's retry meanwhile a replay.
-        ttl = float(self.idempotency_ttl or config.DEFAULT_TTL) + due_in(options.get("eta"), options.get("countdown"))
-        sub = store.create(scope, key, self.name, fp, ttl=ttl, payload=call)
+        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, options), payload=call)
         op = sub.operation
         if sub.created or (op.status is Status.PENDING and op.needs_publish
                            and store.now() - op.created_at >= ACCEPT_WINDOW):
@@ -240,5 +245,6 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         try:
             self.store.mark_published(op, delay=due)
         except IdemtasksError as exc:
-            # Harmless: the flag only makes duplicates wait ACCEPT_WINDOW, and the worker's claim clears it.
+            # The flag only makes duplicates wait ACCEPT_WINDOW, and the worker's claim clears it. A scheduled message's
+            # due time is lost with it, though: recovery may then publish a copy pending_after from now, before it.
             logger.warning("idemtasks: could not mark operation %s as published: %s", op.id, exc)

@@ -31,7 +31,7 @@ from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Ta
 from . import redis_scripts as lua
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store
 from .lanes import published_answer, settle_own_writes
-from .redis_lane import JitterBackoff, Lane, lanes_supported
+from .redis_lane import Lane, client_retry, lanes_supported
 
 __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
 
@@ -149,14 +149,12 @@ class RedisStore(Store):
         self.socket_timeout = socket_timeout
         self._raw_url = url  # with its password: the asyncio twin of this store connects with it
         self._own_client = client is None
-        # Two retries ride out a stale pooled connection or a failover; redis-py's default (ten) would hold a worker
-        # for ten socket timeouts when the server is gone. A create or claim resent after a lost reply answers as the
-        # first run did (see redis_scripts); a resent finish whose first run landed reports LeaseLost, as any backend.
+        # Retried as client_retry says. A create or claim resent after a lost reply answers as the first run did (see
+        # redis_scripts); a resent finish whose first run landed reports LeaseLost, as any backend.
         factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
         self.client: Any = client or factory(
             url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-            health_check_interval=30, retry=Retry(JitterBackoff(cap=0.5, base=0.02), 2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            health_check_interval=30, **client_retry(Retry),
         )
         self._create_script = self.client.register_script(lua.CREATE)
         self._claim_script = self.client.register_script(lua.CLAIM)

@@ -7,16 +7,14 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..aio import AsyncStore
 from ..models import Operation
 from . import redis_scripts as lua
 from .base import CreateRequest
 from .redis import RedisStore, create_answer, create_args, parse_record
-from .redis_lane import JitterBackoff
+from .redis_lane import client_retry
 
 __all__ = ["AsyncRedisStore"]
 
@@ -28,9 +26,7 @@ class AsyncRedisStore(AsyncStore):
         self.sync = store
         self.client = aioredis.Redis.from_url(
             store._raw_url, decode_responses=True, socket_timeout=store.socket_timeout,
-            socket_connect_timeout=store.socket_timeout,
-            # The synchronous store's retry policy, and its own jitter source (see redis_lane).
-            retry=Retry(JitterBackoff(cap=0.5, base=0.02), 2), retry_on_error=[RedisConnectionError, RedisTimeoutError])
+            socket_connect_timeout=store.socket_timeout, **client_retry(Retry))
         self._create_script = self.client.register_script(lua.CREATE)
 
     @asynccontextmanager

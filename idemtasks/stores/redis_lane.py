@@ -47,7 +47,7 @@ try:  # redis-py's own packer wraps hiredis in a per-argument generator: measura
 except ImportError:  # pragma: no cover - hiredis is a dependency of the redis extra
     _hiredis_pack = None
 
-__all__ = ["COLLECT_AFTER", "JitterBackoff", "Lane", "Pending", "lanes_supported"]
+__all__ = ["COLLECT_AFTER", "JitterBackoff", "Lane", "Pending", "client_retry", "lanes_supported"]
 
 #: Tries of one call on a broken connection (the client's own retry policy for ordinary calls).
 _TRIES = 3
@@ -68,6 +68,14 @@ class JitterBackoff(AbstractBackoff):
     def compute(self, failures: int) -> float:
         half = min(self.cap, self.base * 2 ** failures) / 2
         return float(half + _jitter.uniform(0, half))
+
+
+def client_retry(retry_class: Callable[..., Any]) -> dict[str, Any]:
+    """The retry settings of the store's clients (redis-py's ``Retry``, or its asyncio twin), as client keyword
+    arguments. Two retries ride out a stale pooled connection or a failover; redis-py's default (ten) would hold a
+    worker for ten socket timeouts when the server is gone."""
+    return {"retry": retry_class(JitterBackoff(cap=0.5, base=0.02), 2),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
 
 
 class Lane(BaseLane):
