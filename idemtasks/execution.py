@@ -29,7 +29,7 @@ from .errors import (
 from .identity import canonical_call, dump_json, fingerprint_of_call, load_json
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
-from .stores.base import Store
+from .stores.base import Store, confirm_after_for
 
 __all__ = ["MAX_ERROR_MESSAGE", "Attempt", "error_info", "run_attempt"]
 
@@ -186,9 +186,13 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
     if policy == "retry" and not request.is_eager:
         _republish(task, countdown)
     # "wait" (and eager mode, which has no queue to come back through): poll until the holder finishes or its
-    # lease runs out, whichever is first; the next claim then replays or takes over.
-    lease_left = (claim.operation.lease_expires_at or 0.0) - task.store.now()
-    time.sleep(max(0.01, min(countdown, lease_left + 0.01)))
+    # lease runs out, whichever is first; the next claim then replays or takes over. A lapsed lease is suspected
+    # first and taken over only after the grace (see Store.claim): then the wait is until the grace is over.
+    op = claim.operation
+    lease_end = op.lease_expires_at or 0.0
+    if op.updated_at >= lease_end:  # lapsed and marked: the mark's time is updated_at
+        lease_end = op.updated_at + confirm_after_for(float(task.lease_seconds))
+    time.sleep(max(0.01, min(countdown, lease_end - task.store.now() + 0.01)))
 
 
 def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

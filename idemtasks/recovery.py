@@ -19,8 +19,8 @@ seconds old. The timing rule: ``confirm_after`` must exceed the time a live hold
 answers again. The keeper retries a failed renewal at most :data:`~idemtasks.lease.RENEW_RETRY_MAX` (1 s) apart, so
 ``confirm_after = max(MIN_CONFIRM_AFTER, lease / 3)`` (:func:`confirm_after_for`) leaves it at least one more retry
 and the round trip. A dead holder's operation is therefore taken over about one sweep interval later than its lease
-alone would allow (``lease + confirm_after``, rounded up to the sweeps). The grace protects a holder only from
-recovery: a duplicate of its message that a broker redelivers still claims a lapsed lease at once.
+alone would allow (``lease + confirm_after``, rounded up to the sweeps). A worker's claim of a redelivered message
+follows the same two phases with the same mark (:meth:`Store.claim <idemtasks.stores.base.Store.claim>`).
 
 Publishing again is always safe: the worker's claim turns any extra copy into a replay. The sweeper runs as a
 thread in every worker process that has ``idemtasks_sweep_interval`` set (so a plain ``celery worker`` recovers by
@@ -38,6 +38,7 @@ from typing import Any
 from .errors import IdemtasksError
 from .models import Status, Takeover
 from .stores import Store
+from .stores.base import MIN_CONFIRM_AFTER, confirm_after_for
 
 __all__ = ["DEFAULT_PENDING_AFTER", "DEFAULT_SWEEP_INTERVAL", "MIN_CONFIRM_AFTER", "SweepReport", "Sweeper",
            "confirm_after_for", "install"]
@@ -49,23 +50,6 @@ DEFAULT_SWEEP_INTERVAL = 30.0
 #: Seconds a pending operation may wait, unchanged, before its message is presumed lost and published again;
 #: ``idemtasks_pending_after``. Longer than a normal queueing delay, shorter than a client's patience.
 DEFAULT_PENDING_AFTER = 60.0
-#: Fewest seconds between suspecting a lapsed lease and taking the operation over: twice the keeper's longest wait
-#: between renewal retries (:data:`idemtasks.lease.RENEW_RETRY_MAX`), so a holder that lost the store only for a
-#: while renews within the grace, with a retry and a round trip to spare.
-MIN_CONFIRM_AFTER = 2.0
-
-
-def confirm_after_for(lease: float) -> float:
-    """Seconds a suspected operation of a task with this lease waits for a renewal before it is requeued.
-
-    It must exceed the time a live holder needs to renew once the store answers again: the keeper retries a failed
-    renewal every ``lease / 10`` but at most :data:`~idemtasks.lease.RENEW_RETRY_MAX` apart, so
-    :data:`MIN_CONFIRM_AFTER` covers it. For long leases, a third of the lease (a healthy keeper's renewal period)
-    keeps the grace in proportion, at little cost next to the lease a dead holder's operation already waited.
-    """
-    return max(MIN_CONFIRM_AFTER, lease / 3)
-
-
 @dataclass
 class SweepReport:
     republished: list[str] = field(default_factory=list)

@@ -29,7 +29,7 @@ from idemtasks.stores.lanes import COLLECT_AFTER
 from idemtasks.stores.redis import RedisStore
 from idemtasks.stores.sql import SQLStore
 from tests.conftest import drop, make_store
-from tests.test_pipelined_completion import Settled, claim, finish_pipelined, held, twin
+from tests.test_pipelined_completion import Settled, claim, finish_pipelined, held, taken_over, twin
 
 TTL = 3600.0
 
@@ -116,7 +116,7 @@ def zombie(store: Store, other: Store, key: str) -> tuple[Operation, Operation]:
     """An operation this store held, and lost to ``other`` while it was away: its completion will be refused."""
     lost = held(store, key, lease=0.2)
     time.sleep(0.3)
-    return lost, held(other, key)
+    return lost, taken_over(other, key)
 
 
 def assert_next_claims_answer_correctly(store: Store) -> None:

@@ -123,7 +123,8 @@ def test_a_renewal_refused_after_a_takeover_marks_the_hold_lost(caplog: pytest.L
     store, keeper = MemoryStore(), LeaseKeeper()
     op = _claimed(store, "k")
     time.sleep(LEASE + 0.05)  # the lease ran out before the keeper held it, and another worker took the operation
-    taker = store.claim("s", "k", "t", "fp", owner="taker", lease=30.0, ttl=60.0).operation
+    store.claim("s", "k", "t", "fp", owner="taker", lease=30.0, ttl=60.0, grace=0.0)  # suspects the lapsed lease
+    taker = store.claim("s", "k", "t", "fp", owner="taker", lease=30.0, ttl=60.0, grace=0.0).operation
     store.succeed(taker, taker.fencing_token, "2", ttl=60.0)
     hold = keeper.hold(store, op, op.fencing_token, lease=LEASE, ttl=60.0)
 

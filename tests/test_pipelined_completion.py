@@ -63,10 +63,17 @@ def claim(store: Store, key: str, *, lease: float = 30.0) -> ClaimOutcome:
     return store.claim("s", key, "t", "fp", owner=uuid.uuid4().hex, lease=lease, ttl=TTL).outcome
 
 
-def held(store: Store, key: str, *, lease: float = 30.0):  # type: ignore[no-untyped-def]
-    res = store.claim("s", key, "t", "fp", owner=uuid.uuid4().hex, lease=lease, ttl=TTL)
+def held(store: Store, key: str, *, lease: float = 30.0, grace: float | None = None):  # type: ignore[no-untyped-def]
+    res = store.claim("s", key, "t", "fp", owner=uuid.uuid4().hex, lease=lease, ttl=TTL, grace=grace)
     assert res.outcome is ClaimOutcome.CLAIMED
     return res.operation
+
+
+def taken_over(store: Store, key: str):  # type: ignore[no-untyped-def]
+    """A lapsed lease taken over by a redelivery's claims, with no grace: the first marks it, the second takes it."""
+    assert store.claim("s", key, "t", "fp", owner="suspicious", lease=30.0, ttl=TTL, grace=0.0).outcome \
+        is ClaimOutcome.BUSY
+    return held(store, key, grace=0.0)
 
 
 def finish_pipelined(store: Store, op, settled: Settled, result: str = '"paid"') -> None:  # type: ignore[no-untyped-def]
@@ -121,7 +128,7 @@ def test_a_zombies_pipelined_completion_is_refused_and_it_hears_so_while_idle(st
     time.sleep(0.3)
     other = twin(store)  # another worker, another connection
     try:
-        successor = held(other, "k")
+        successor = taken_over(other, "k")
     finally:
         other.close()
     finish_pipelined(store, zombie, settled, result='"late"')
@@ -190,7 +197,8 @@ def test_stores_that_cannot_pipeline_finish_at_once_and_raise(tmp_path: Path) ->
         assert not sql.pipelines_completions
         zombie = sql.claim("s", "k", "t", "fp", owner="a", lease=0.2, ttl=TTL).operation
         time.sleep(0.3)
-        assert sql.claim("s", "k", "t", "fp", owner="b", lease=30.0, ttl=TTL).outcome is ClaimOutcome.CLAIMED
+        assert sql.claim("s", "k", "t", "fp", owner="b", lease=30.0, ttl=TTL, grace=0.0).outcome is ClaimOutcome.BUSY
+        assert sql.claim("s", "k", "t", "fp", owner="b", lease=30.0, ttl=TTL, grace=0.0).outcome is ClaimOutcome.CLAIMED
         settled = Settled()
         with pytest.raises(LeaseLost):
             sql.finish_pipelined("s", "k", zombie.id, zombie.fencing_token, Status.SUCCEEDED, result_json="1",

@@ -48,8 +48,9 @@ def version(store: SQLStore, scope: str, key: str) -> tuple[str, str, str]:
     return row[0], row[1], row[2]
 
 
-def claim(store: SQLStore, key: str, fp: str = "fp-a", *, lease: float = 30.0):  # type: ignore[no-untyped-def]
-    return store.claim("s", key, "tasks.charge", fp, owner=uuid.uuid4().hex, lease=lease, ttl=TTL)
+def claim(store: SQLStore, key: str, fp: str = "fp-a", *, lease: float = 30.0,  # type: ignore[no-untyped-def]
+          grace: float | None = None):
+    return store.claim("s", key, "tasks.charge", fp, owner=uuid.uuid4().hex, lease=lease, ttl=TTL, grace=grace)
 
 
 def test_a_repeated_create_of_a_published_operation_leaves_the_row_as_it_was(pg_store: SQLStore) -> None:
@@ -146,10 +147,14 @@ def test_a_claim_that_wins_writes_a_new_row_version(pg_store: SQLStore) -> None:
     pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
     pending = version(pg_store, "s", "k")
 
-    first = claim(pg_store, "k", lease=0.0)
+    first = claim(pg_store, "k", lease=0.05)
     running = version(pg_store, "s", "k")
-    takeover = claim(pg_store, "k")
+    time.sleep(0.1)
+    suspicion = claim(pg_store, "k", grace=0.0)  # the lapsed lease is marked first (see Store.claim)
+    marked = version(pg_store, "s", "k")
+    takeover = claim(pg_store, "k", grace=0.0)
 
-    assert (first.outcome, takeover.outcome) == (ClaimOutcome.CLAIMED, ClaimOutcome.CLAIMED)
+    assert (first.outcome, suspicion.outcome, takeover.outcome) == (
+        ClaimOutcome.CLAIMED, ClaimOutcome.BUSY, ClaimOutcome.CLAIMED)
     assert takeover.operation.fencing_token == first.operation.fencing_token + 1
-    assert pending[:2] != running[:2] != version(pg_store, "s", "k")[:2]
+    assert pending[:2] != running[:2] != marked[:2] != version(pg_store, "s", "k")[:2]

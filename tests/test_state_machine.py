@@ -1,8 +1,9 @@
 """A stateful model of the operation state machine, run against every store.
 
-Holders claim, renew, release and complete one operation while leases run out and zombies finish late. Whatever
-the interleaving: claims hand out strictly increasing fencing tokens, only the latest holder can ever complete,
-at most one completion succeeds, and a completed result never changes.
+Holders claim, renew, release and complete one operation while leases run out (suspected by one claim, taken over
+by a later one) and zombies finish late. Whatever the interleaving: claims hand out strictly increasing fencing
+tokens, only the latest holder can ever complete, at most one completion succeeds, and a completed result never
+changes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def machine_for(store: Store) -> type[RuleBasedStateMachine]:
             self.completions = 0
 
         def _claim(self) -> None:
-            res = store.claim(self.scope, "k", "t", "fp", owner=uuid.uuid4().hex, lease=LEASE, ttl=TTL)
+            # A grace as short as the lease, so that lapsed leases are suspected and taken over within a run.
+            res = store.claim(self.scope, "k", "t", "fp", owner=uuid.uuid4().hex, lease=LEASE, ttl=TTL, grace=LEASE)
             if res.outcome is ClaimOutcome.CLAIMED:
                 if self.holders:
                     assert res.operation.fencing_token > self.holders[-1].fencing_token

@@ -22,9 +22,18 @@ LEASE = 30.0
 
 
 def claim(store: Store, scope: str, key: str, fp: str = "fp-a", *, lease: float = LEASE, owner: str | None = None,
-          ttl: float = TTL, operation_id: str | None = None, payload: str | None = None):  # type: ignore[no-untyped-def]
+          ttl: float = TTL, operation_id: str | None = None, payload: str | None = None,
+          grace: float | None = None):  # type: ignore[no-untyped-def]
     return store.claim(scope, key, "tasks.charge", fp, owner=owner or uuid.uuid4().hex, lease=lease, ttl=ttl,
-                       operation_id=operation_id, payload=payload)
+                       operation_id=operation_id, payload=payload, grace=grace)
+
+
+def take_over(store: Store, scope: str, key: str, *, lease: float = LEASE):  # type: ignore[no-untyped-def]
+    """A redelivery's claim of a lapsed lease through both phases, with no grace: the first claim marks it."""
+    assert claim(store, scope, key, lease=lease, grace=0.0).outcome is ClaimOutcome.BUSY
+    res = claim(store, scope, key, lease=lease, grace=0.0)
+    assert res.outcome is ClaimOutcome.CLAIMED
+    return res
 
 
 class TestCreate:
@@ -103,14 +112,59 @@ class TestClaim:
         assert res.outcome is ClaimOutcome.BUSY
         assert res.operation.lease_owner == "w1" and res.operation.fencing_token == held.fencing_token
 
-    def test_expired_lease_is_taken_over_with_a_higher_token(self, store: Store, scope: str) -> None:
+    def test_expired_lease_is_suspected_first_then_taken_over_with_a_higher_token(self, store: Store,
+                                                                                    scope: str) -> None:
         first = claim(store, scope, "k1", owner="w1", lease=0.3).operation
         time.sleep(0.5)
-        res = claim(store, scope, "k1", owner="w2")
+        # The first claim to find the lapsed lease only marks it: a holder cut off by a store outage may be alive.
+        suspected = claim(store, scope, "k1", owner="w2", grace=0.4)
+        assert suspected.outcome is ClaimOutcome.BUSY
+        op = suspected.operation
+        assert (op.status, op.lease_owner, op.fencing_token) == (Status.RUNNING, "w1", first.fencing_token)
+        assert op.updated_at >= (op.lease_expires_at or 0.0)  # the mark
+        assert claim(store, scope, "k1", owner="w3", grace=0.4).outcome is ClaimOutcome.BUSY  # within the grace
+        time.sleep(0.5)
+        res = claim(store, scope, "k1", owner="w4", grace=0.4)
         assert res.outcome is ClaimOutcome.CLAIMED
         assert res.operation.id == first.id
         assert res.operation.fencing_token == first.fencing_token + 1
-        assert res.operation.attempts == 2 and res.operation.lease_owner == "w2"
+        assert res.operation.attempts == 2 and res.operation.lease_owner == "w4"
+        with pytest.raises(LeaseLost):
+            store.succeed(first, first.fencing_token, '"late"', ttl=TTL)
+
+    def test_a_renewal_within_the_grace_keeps_a_suspected_holder(self, store: Store, scope: str) -> None:
+        first = claim(store, scope, "k1", owner="w1", lease=0.3).operation
+        time.sleep(0.5)
+        assert claim(store, scope, "k1", owner="w2", grace=0.3).outcome is ClaimOutcome.BUSY  # suspected
+        assert store.renew(first, first.fencing_token, lease=0.2, ttl=TTL)  # the holder's store came back in time
+        time.sleep(0.5)  # past the grace, and past the renewed lease as well
+        again = claim(store, scope, "k1", owner="w3", grace=0.3)
+        assert again.outcome is ClaimOutcome.BUSY  # the renewal cancelled the mark: this claim only marks again
+        assert again.operation.lease_owner == "w1"
+        store.succeed(first, first.fencing_token, '"paid"', ttl=TTL)
+        assert claim(store, scope, "k1", owner="w4", grace=0.0).outcome is ClaimOutcome.DONE
+
+    def test_the_default_grace_follows_the_lease(self, store: Store, scope: str) -> None:
+        claim(store, scope, "k1", owner="w1", lease=0.2)
+        time.sleep(0.3)
+        assert claim(store, scope, "k1", owner="w2", lease=0.2).outcome is ClaimOutcome.BUSY  # marks
+        time.sleep(0.5)
+        # confirm_after_for(0.2) is MIN_CONFIRM_AFTER (2 s): half a second after the mark the holder still has it.
+        res = claim(store, scope, "k1", owner="w3", lease=0.2)
+        assert res.outcome is ClaimOutcome.BUSY and res.operation.lease_owner == "w1"
+
+    def test_a_sweep_and_a_claim_share_one_suspicion_mark(self, store: Store, scope: str) -> None:
+        first = claim(store, scope, "k1", owner="w1", lease=0.3).operation
+        time.sleep(0.5)
+        assert store.requeue(first, confirm_after=0.3) is Takeover.SUSPECTED  # recovery marks it
+        time.sleep(0.4)
+        res = claim(store, scope, "k1", owner="w2", grace=0.3)  # a redelivery after the grace: the mark counts
+        assert res.outcome is ClaimOutcome.CLAIMED and res.operation.fencing_token == first.fencing_token + 1
+        second = claim(store, scope, "k2", owner="w1", lease=0.3).operation
+        time.sleep(0.5)
+        assert claim(store, scope, "k2", owner="w2", grace=0.3).outcome is ClaimOutcome.BUSY  # a claim marks it
+        time.sleep(0.4)
+        assert store.requeue(second, confirm_after=0.3) is Takeover.REQUEUED
 
     def test_a_record_recreated_after_expiry_keeps_counting_tokens(self, store: Store, scope: str) -> None:
         old = claim(store, scope, "k1", lease=0.3, ttl=1.0).operation
@@ -178,7 +232,7 @@ class TestFinish:
     def test_stale_holder_cannot_overwrite_the_new_holders_result(self, store: Store, scope: str) -> None:
         zombie = claim(store, scope, "k1", lease=0.3).operation
         time.sleep(0.5)
-        fresh = claim(store, scope, "k1").operation
+        fresh = take_over(store, scope, "k1").operation
         store.succeed(fresh, fresh.fencing_token, '"fresh"', ttl=TTL)
         with pytest.raises(LeaseLost) as info:
             store.succeed(zombie, zombie.fencing_token, '"zombie"', ttl=TTL)
@@ -189,7 +243,7 @@ class TestFinish:
     def test_stale_holder_cannot_complete_while_new_holder_runs(self, store: Store, scope: str) -> None:
         zombie = claim(store, scope, "k1", lease=0.3).operation
         time.sleep(0.5)
-        fresh = claim(store, scope, "k1").operation
+        fresh = take_over(store, scope, "k1").operation
         with pytest.raises(LeaseLost) as info:
             store.fail(zombie, zombie.fencing_token, ErrorInfo("X", "late"), ttl=TTL)
         assert info.value.current_token == fresh.fencing_token
@@ -248,7 +302,7 @@ class TestFinish:
     def test_renew_fails_after_takeover(self, store: Store, scope: str) -> None:
         zombie = claim(store, scope, "k1", lease=0.3).operation
         time.sleep(0.5)
-        claim(store, scope, "k1")
+        take_over(store, scope, "k1")
         assert not store.renew(zombie, zombie.fencing_token, lease=30.0, ttl=TTL)
 
 
@@ -306,7 +360,7 @@ class TestRequeue:
     def test_a_stale_token_never_requeues(self, store: Store, scope: str) -> None:
         held = claim(store, scope, "k1", lease=0.3).operation
         time.sleep(0.4)
-        newer = claim(store, scope, "k1", lease=0.3).operation  # a redelivery took the lapsed lease meanwhile
+        newer = take_over(store, scope, "k1", lease=0.3).operation  # a redelivery took the lapsed lease meanwhile
         time.sleep(0.4)
         assert store.requeue(held, confirm_after=0.0) is Takeover.ALIVE
         assert store.requeue(newer, confirm_after=0.0) is Takeover.SUSPECTED

@@ -436,6 +436,31 @@ class TestLeases:
         op = h.wait_final(sub.operation.id)
         assert op.result == res and op.attempts == 2
 
+    def test_a_redelivery_leaves_a_lapsed_holder_the_grace_to_renew_and_replays_its_result(self, h: Harness) -> None:
+        """A holder cut off from the store past its lease may be alive, its body still running. The redelivered
+        message's claim only suspects it; the holder renews once the store answers again, and its result is what
+        the redelivery returns: the body never ran a second time."""
+        charge = h.tasks["charge"]
+        k = key()
+        fp = _fp(charge.name, ("acct", 4))
+        sub = h.store.create("global", k, charge.name, fp, ttl=3600)
+        holder = h.store.claim("global", k, charge.name, fp, owner="cut-off", lease=0.3, ttl=3600).operation
+        time.sleep(0.5)  # no renewal reached the store: the lease lapsed
+        headers = {"idemtasks": {"scope": "global", "key": k}}
+        redelivered = charge.apply_async(("acct", 4), task_id=sub.operation.id, headers=headers)
+        deadline = time.monotonic() + 10
+        while True:  # until the redelivery's claim has marked the lapsed lease suspected
+            op = h.store.get_by_id(sub.operation.id)
+            assert op is not None and op.lease_owner == "cut-off"
+            if op.updated_at >= (op.lease_expires_at or 0.0):
+                break
+            assert time.monotonic() < deadline, "the redelivery never met the lapsed lease"
+            time.sleep(0.02)
+        assert h.store.renew(holder, holder.fencing_token, lease=30.0, ttl=3600)  # the store is back: it renews
+        h.store.succeed(holder, holder.fencing_token, '{"by": "the holder"}', ttl=3600)
+        assert redelivered.get(timeout=20) == {"by": "the holder"}
+        assert h.runs[k] == 0
+
 
 class TestCost:
     def test_executed_task_costs_two_round_trips_and_a_replay_one(self, h: Harness) -> None:

@@ -33,7 +33,8 @@ from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
 from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
-__all__ = ["PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store", "decide_claim", "decide_create"]
+__all__ = ["MIN_CONFIRM_AFTER", "PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store",
+           "confirm_after_for", "decide_claim", "decide_create"]
 
 #: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
 #: record's key (``KEEP_MS`` in :mod:`.redis_scripts`). A claim that re-creates an expired record continues its
@@ -41,6 +42,22 @@ __all__ = ["PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Sto
 #: stalled past the expiry, whose message was redelivered) may hold too, so that its renewals and completion would be
 #: accepted and the new holder's refused.
 PURGE_GRACE = 600.0
+
+#: Fewest seconds between suspecting a lapsed lease and taking the operation over (by a claim or by recovery): twice
+#: the keeper's longest wait between renewal retries (:data:`idemtasks.lease.RENEW_RETRY_MAX`), so a holder that lost
+#: the store only for a while renews within the grace, with a retry and a round trip to spare.
+MIN_CONFIRM_AFTER = 2.0
+
+
+def confirm_after_for(lease: float) -> float:
+    """Seconds a suspected operation of a task with this lease waits for a renewal before it is taken over.
+
+    It must exceed the time a live holder needs to renew once the store answers again: the keeper retries a failed
+    renewal every ``lease / 10`` but at most :data:`~idemtasks.lease.RENEW_RETRY_MAX` apart, so
+    :data:`MIN_CONFIRM_AFTER` covers it. For long leases, a third of the lease (a healthy keeper's renewal period)
+    keeps the grace in proportion, at little cost next to the lease a dead holder's operation already waited.
+    """
+    return max(MIN_CONFIRM_AFTER, lease / 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +84,7 @@ class ClaimRequest:
     lease: float
     ttl: float
     payload: str | None = None
+    grace: float = 0.0  # seconds a suspected lapsed lease is left to its holder (see Store.claim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +125,15 @@ def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tu
         return ClaimOutcome.MISMATCH, current
     elif current.status.is_final:
         return ClaimOutcome.DONE, current
-    elif current.status is Status.RUNNING and (current.lease_expires_at or 0.0) > now:
-        return ClaimOutcome.BUSY, current
+    elif current.status is Status.RUNNING:
+        lease = current.lease_expires_at or 0.0
+        if lease > now:
+            return ClaimOutcome.BUSY, current
+        # A lapsed lease, taken in two phases as by Store.requeue: the mark is updated_at >= lease_expires_at.
+        if current.updated_at < lease:
+            return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now)
+        if current.updated_at > now - req.grace:
+            return ClaimOutcome.BUSY, current
     claimed = dataclasses.replace(
         current, status=Status.RUNNING, attempts=current.attempts + 1, fencing_token=current.fencing_token + 1,
         lease_owner=req.owner, lease_expires_at=now + req.lease, updated_at=now, expires_at=now + req.ttl,
@@ -148,16 +173,25 @@ class Store(abc.ABC):
     def claim(
         self, scope: str, key: str, task_name: str, fingerprint: str, *,
         owner: str, lease: float, ttl: float, operation_id: str | None = None, payload: str | None = None,
+        grace: float | None = None,
     ) -> ClaimResult:
         """Try to become the holder of ``(scope, key)``; the outcome says whether the body may run.
 
         ``operation_id`` is the id to give the record if the claim must create it (a message whose record expired,
         or a task sent without :meth:`submit`); it is ignored when it does not belong to ``(scope, key)``.
+
+        A running operation whose lease ran out is taken in two phases, as :meth:`requeue` does and for the same
+        reason (a holder cut off by a store outage may be alive, its body still running): the first claim to find
+        the lapsed lease marks the operation suspected and answers ``BUSY``; a claim succeeds only once the mark is
+        ``grace`` seconds old (default :func:`confirm_after_for` of ``lease``) with no renewal since. A broker's
+        redelivery, which Redis sends after its visibility timeout whether or not the first delivery still runs,
+        then cannot start the body beside a live holder that merely could not renew for a while.
         """
         digest = key_digest(scope, key)
         new_id = operation_id if operation_id and digest_from_id(operation_id) == digest else new_operation_id(digest)
+        grace = confirm_after_for(lease) if grace is None else max(0.0, grace)
         return self._claim(ClaimRequest(digest, scope, key, task_name, fingerprint, new_id, owner, lease, ttl,
-                                        payload))
+                                        payload, grace))
 
     def succeed(self, op: Operation, token: int, result_json: str, *, ttl: float) -> None:
         """Store the result; raises :class:`LeaseLost` if ``token`` is no longer the current fencing token."""

@@ -230,7 +230,7 @@ class RedisStore(Store):
     def _claim(self, req: ClaimRequest) -> ClaimResult:
         keys = [self.record_key(req.digest), *self._indexes]
         args = [tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, req.owner,
-                repr(req.lease), repr(req.ttl), req.payload or ""]
+                repr(req.lease), repr(req.ttl), req.payload or "", repr(req.grace)]
         reply = self._run(self._claim_script, lua.CLAIM, keys, args)
         code = _text(reply[0])
         if code != "c":

@@ -116,10 +116,13 @@ if KEYS[2] then redis.call('ZADD', KEYS[2], c, d) end
 return {'N', c, xs}
 """
 
-# KEYS: record, pending index, running index. ARGV: id, scope, key, task, fingerprint, owner, lease, ttl, payload
+# KEYS: record, pending index, running index. ARGV: id, scope, key, task, fingerprint, owner, lease, ttl, payload,
+# grace (seconds)
 #   ->  {'c', id, task, created, attempts, token, lease expiry, updated, expires, payload}: claimed (the caller knows
 #       the rest)
 #   ->  {'b' | 'd' | 'm', record}: busy, done, mismatch
+# A lapsed lease is taken in two phases with REQUEUE's mark (u >= le; see Store.claim): the first claim marks it and
+# answers busy, and only a mark at least ``grace`` old with no renewal since lets a claim win.
 CLAIM = _CLOCK + """
 local r = redis.call('HMGET', k, 'x', 'f', 'st', 'le', 'lo', 'id', 't', 'c', 'a', 'tok', 'u', 'np', 'p', 'p2')
 local w
@@ -136,11 +139,21 @@ if (tonumber(r[1]) or 0) > now then
     end
     r[13] = table.concat(parts)
   end
-  if r[3] == 'r' and (tonumber(r[4]) or 0) > now then
-    if r[5] == ARGV[6] then return {'c', r[6], r[7], r[8], r[9], r[10], r[4], r[11], r[1], r[13]} end
-    return {'b', redis.call('HGETALL', k)}
+  if r[3] == 'r' then
+    local le = tonumber(r[4]) or 0
+    if le > now then
+      if r[5] == ARGV[6] then return {'c', r[6], r[7], r[8], r[9], r[10], r[4], r[11], r[1], r[13]} end
+      return {'b', redis.call('HGETALL', k)}
+    end
+    local marked = tonumber(r[11]) or 0
+    if marked < le then
+      redis.call('HSET', k, 'u', string.format('%d', now))
+      return {'b', redis.call('HGETALL', k)}
+    end
+    if marked > now - math.floor(ARGV[10] * 1000000 + 0.5) then return {'b', redis.call('HGETALL', k)} end
   end
-  -- pending, or running under a dead lease: take it with the next fencing token
+  -- pending, or running under a lease that lapsed and stayed unrenewed through the grace: take it with the next
+  -- fencing token
   if r[12] then redis.call('HDEL', k, 'np') end
   w = {}
 else

@@ -190,13 +190,14 @@ class SQLStore(Store):
         if self.sql.upsert is None:
             def decide(cur: Operation | None, now: float) -> tuple[ClaimResult, Operation | None]:
                 outcome, op = decide_claim(cur, req, now)
-                return ClaimResult(outcome, op), op if outcome is ClaimOutcome.CLAIMED else None
+                # A win, or a lapsed lease's suspicion mark (see Store.claim): anything decide_claim changed.
+                return ClaimResult(outcome, op), None if op is cur else op
 
             return self._locked(req.digest, decide)
         params = self.sql.params(
             p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key, p_task_name=req.task_name,
             p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
-            p_ttl=req.ttl)
+            p_ttl=req.ttl, p_grace=req.grace)
         op = self._op(self._upsert(self.sql.claim, lambda: self._lanes().claim, params))
         if op.lease_owner == req.owner and op.status is Status.RUNNING:  # owners are unique per attempt
             return ClaimResult(ClaimOutcome.CLAIMED, op)

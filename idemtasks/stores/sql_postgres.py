@@ -43,12 +43,16 @@ _NEW = {**{c: f":p_{c}" for c in ("key_hash", "id", "scope", "idem_key", "task_n
         "result": "NULL", "error_type": "NULL", "error_message": "NULL", "created_at": _NOW, "updated_at": _NOW,
         "expires_at": f"{_NOW} + :p_ttl"}
 _EXPIRED = "o.expires_at <= excluded.created_at"
-# Claimable once not expired (every use below tests _EXPIRED first): the same payload, and pending or running
-# under a dead lease.
-_CLAIMABLE = ("o.fingerprint = excluded.fingerprint AND (o.status = 'pending' OR o.status = 'running' AND "
-              "coalesce(o.lease_expires_at, 0) <= excluded.created_at)")
+# Claimable once not expired (every use below tests _EXPIRED first): the same payload, and pending, or running under
+# a lease that lapsed and was suspected at least :p_grace ago with no renewal since (updated_at >= lease_expires_at:
+# the mark of Store.requeue, which a first claim of a lapsed lease sets too, as _SUSPECT).
+_LAPSED = ("o.fingerprint = excluded.fingerprint AND o.status = 'running' AND "
+           "coalesce(o.lease_expires_at, 0) <= excluded.created_at")
+_CLAIMABLE = (f"(o.fingerprint = excluded.fingerprint AND o.status = 'pending' OR {_LAPSED} AND "
+              "o.updated_at >= coalesce(o.lease_expires_at, 0) AND o.updated_at <= excluded.created_at - :p_grace)")
+_SUSPECT = f"{_LAPSED} AND o.updated_at < coalesce(o.lease_expires_at, 0)"
 _FRESH = f"CASE WHEN {_EXPIRED} THEN excluded.{{c}} ELSE o.{{c}} END"
-_WON = ("status", "lease_owner", "lease_expires_at", "updated_at", "expires_at", "needs_publish")
+_WON = ("status", "lease_owner", "lease_expires_at", "expires_at", "needs_publish")
 
 Bind = Callable[[str], Any]
 
@@ -73,12 +77,15 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
         **{c: _FRESH.format(c=c) for c in ("id", "scope", "idem_key", "task_name", "fingerprint", "created_at",
                                            "payload")},
         **{c: f"CASE WHEN {_EXPIRED} THEN NULL ELSE o.{c} END" for c in ("result", "error_type", "error_message")},
-        "attempts": f"CASE WHEN {_EXPIRED} THEN 1 WHEN {_CLAIMABLE} THEN o.attempts + 1 ELSE o.attempts END",
         # What a winning claim sets, from one test of "wins" in a sub-select rather than one per column. An expired
-        # record's token carries on, so a holder of the old record never shares a token with the new one.
-        f"({', '.join(_WON)}, fencing_token)":
-            f"(SELECT {won}, CASE WHEN w THEN o.fencing_token + 1 ELSE o.fencing_token END "
-            f"FROM (SELECT {_EXPIRED} OR {_CLAIMABLE} AS w) AS claim)",
+        # record's token carries on, so a holder of the old record never shares a token with the new one. A first
+        # claim of a lapsed lease sets only updated_at: the suspicion mark.
+        f"({', '.join(_WON)}, fencing_token, attempts, updated_at)":
+            f"(SELECT {won}, CASE WHEN w THEN o.fencing_token + 1 ELSE o.fencing_token END, "
+            "CASE WHEN e THEN 1 WHEN w THEN o.attempts + 1 ELSE o.attempts END, "
+            "CASE WHEN w OR s THEN excluded.updated_at ELSE o.updated_at END "
+            f"FROM (SELECT e, e OR {_CLAIMABLE} AS w, {_SUSPECT} AS s "
+            f"FROM (SELECT {_EXPIRED} AS e) AS x) AS claim)",
     }
     # What no write in flight can change: a final record, another payload.
     answers = " AND (c.status IN ('succeeded', 'failed') OR c.fingerprint <> :p_fingerprint)"
@@ -97,6 +104,7 @@ def _upsert(table: sa.Table, values: dict[str, str], set_: dict[str, str], colum
             "ON CONFLICT (key_hash) DO UPDATE SET " + ", ".join(f"{c} = {expr}" for c, expr in set_.items())
             + f" RETURNING {', '.join(f'o.{c}' for c in _COLUMNS)}) "
             "SELECT * FROM up UNION ALL SELECT * FROM cur")
-    names = {word[3:] for expr in values.values() for word in expr.split() if word.startswith(":p_")}
-    binds = [column_bind(n) if n in table.c else seconds_bind(f"p_{n}") for n in sorted(names)]  # p_ttl, p_lease
+    words = " ".join([*values.values(), *set_.values()]).replace("(", " ").replace(")", " ").split()
+    names = {word[3:] for word in words if word.startswith(":p_")}
+    binds = [column_bind(n) if n in table.c else seconds_bind(f"p_{n}") for n in sorted(names)]  # p_ttl, p_lease, …
     return sa.text(text).bindparams(*binds).columns(*(table.c[c] for c in _COLUMNS))

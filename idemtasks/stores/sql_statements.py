@@ -93,10 +93,15 @@ class Statements:
         t, now = self.table, self.now()
         lease_until, owner = now + self._seconds("p_lease"), self.p("lease_owner")
         expired = t.c.expires_at <= now
-        claimable = sa.and_(
-            t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"),
-            sa.or_(t.c.status == "pending",
-                   sa.and_(t.c.status == "running", sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now)),
+        lease = sa.func.coalesce(t.c.lease_expires_at, 0.0)
+        lapsed = sa.and_(t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"), t.c.status == "running",
+                         lease <= now)
+        # A lapsed lease is taken in two phases with requeue's mark (see Store.claim and the note above requeue):
+        # ``suspect`` marks it, and only a mark at least p_grace old, with no renewal since, lets a claim win.
+        suspect = sa.and_(lapsed, t.c.updated_at < lease)
+        claimable = sa.or_(
+            sa.and_(t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"), t.c.status == "pending"),
+            sa.and_(lapsed, t.c.updated_at >= lease, t.c.updated_at <= now - self._seconds("p_grace")),
         )
         wins = sa.or_(expired, claimable)
         values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
@@ -118,7 +123,8 @@ class Statements:
             # An expired record's token carries on, so a holder of the old record never shares a token with the new.
             "fencing_token": sa.case((expired | claimable, t.c.fencing_token + 1), else_=t.c.fencing_token),
             "status": won("status", "running"), "lease_owner": won("lease_owner", owner),
-            "lease_expires_at": won("lease_expires_at", lease_until), "updated_at": won("updated_at", now),
+            "lease_expires_at": won("lease_expires_at", lease_until),
+            "updated_at": sa.case((wins | suspect, now), else_=t.c.updated_at),
             "expires_at": won("expires_at", values["expires_at"]), "needs_publish": won("needs_publish", False),
         }).returning(*t.c)
 
