@@ -18,7 +18,7 @@ from .identity import canonical_call, fingerprint_of_call, key_digest, new_opera
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 from .stores.base import CreateRequest
-from .task import record_ttl
+from .task import due_in, record_ttl
 
 __all__ = ["AsyncStore", "ThreadedAsyncStore", "async_store_for", "submit_async"]
 
@@ -36,10 +36,10 @@ class AsyncStore(abc.ABC):
     async def now(self) -> float: ...
 
     async def create(self, scope: str, key: str, task_name: str, fingerprint: str, *, ttl: float,
-                     payload: str | None = None) -> Submission:
+                     payload: str | None = None, delay: float = 0.0) -> Submission:
         digest = key_digest(scope, key)
-        op, created = await self._create(
-            CreateRequest(digest, scope, key, task_name, fingerprint, new_operation_id(digest), ttl, payload))
+        op, created = await self._create(CreateRequest(digest, scope, key, task_name, fingerprint,
+                                                       new_operation_id(digest), ttl, payload, max(0.0, delay)))
         if not created and op.fingerprint != fingerprint:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=op.id, stored_fingerprint=op.fingerprint,
                                          fingerprint=fingerprint)
@@ -106,7 +106,8 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(task.store)
-    sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, options), payload=call)
+    sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, options), payload=call,
+                              delay=due_in(options.get("eta"), options.get("countdown")))
     op = sub.operation
     if sub.created or (op.status is Status.PENDING and op.needs_publish
                        and await astore.now() - op.created_at >= ACCEPT_WINDOW):

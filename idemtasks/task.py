@@ -214,7 +214,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         call = canonical_call(self.name, args, kwargs, limit=self.max_args_bytes)
         fp = fingerprint or fingerprint_of_call(call)
         store = self.store
-        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, options), payload=call)
+        # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
+        # still waits for the message's time before it presumes the message lost.
+        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, options), payload=call,
+                           delay=due_in(options.get("eta"), options.get("countdown")))
         op = sub.operation
         if sub.created or (op.status is Status.PENDING and op.needs_publish
                            and store.now() - op.created_at >= ACCEPT_WINDOW):
@@ -243,8 +246,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             raise PublishFailed(f"operation {op.id} was recorded but its message was not published: {exc}",
                                 operation_id=op.id) from exc
         try:
+            # The due time again, now counted from the publish: the record's, set at its creation, is a moment early.
             self.store.mark_published(op, delay=due)
         except IdemtasksError as exc:
-            # The flag only makes duplicates wait ACCEPT_WINDOW, and the worker's claim clears it. A scheduled message's
-            # due time is lost with it, though: recovery may then publish a copy pending_after from now, before it.
+            # The flag only makes duplicates wait ACCEPT_WINDOW, and the worker's claim clears it; a scheduled
+            # message's due time is in the record since its creation.
             logger.warning("idemtasks: could not mark operation %s as published: %s", op.id, exc)

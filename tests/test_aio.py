@@ -32,3 +32,14 @@ def test_async_create_and_get_match_the_sync_store(server_store: Store) -> None:
         assert abs(await astore.now() - server_store.now()) < 5
 
     asyncio.run(scenario())
+
+
+def test_an_async_create_records_when_its_message_is_due(server_store: Store) -> None:
+    """As with the synchronous store: recovery counts pending_after from the due time, mark or no mark."""
+    async def scenario() -> None:
+        sub = await async_store_for(server_store).create("s", f"k-{uuid.uuid4().hex}", "t", "fp", ttl=60, delay=30.0)
+        op = sub.operation
+        assert op.updated_at - op.created_at == pytest.approx(30.0, abs=0.01)
+        assert server_store.get_by_id(op.id) == op
+
+    asyncio.run(scenario())

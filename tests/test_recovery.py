@@ -146,6 +146,8 @@ def test_a_submit_with_a_countdown_is_not_published_again_before_it_is_due(rig: 
     key = f"later-{uuid.uuid4().hex}"
     sub = rig.task.submit((key, 50), key=key, countdown=1.5)
     assert sub.operation.expires_at - sub.operation.created_at >= 3600 + 1.5  # still a record when it runs
+    # Due time recorded at creation, before the publish: it holds even if the "published" mark never lands.
+    assert sub.operation.updated_at - sub.operation.created_at == pytest.approx(1.5, abs=0.01)
     time.sleep(0.6)  # pending_after (0.3 s) has passed since the publish, not since the message is due
     sweeper = Sweeper(rig.app)
     assert sweeper.sweep().republished == []

@@ -292,6 +292,19 @@ class TestFinish:
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
         assert claim(store, scope, "later").outcome is ClaimOutcome.CLAIMED  # the message, when it comes, claims it
 
+    def test_a_scheduled_operation_is_not_presumed_lost_before_it_is_due_even_unmarked(self, store: Store,
+                                                                                        scope: str) -> None:
+        """The due time is recorded at creation too: if the "published" mark never lands (a store hiccup after the
+        publish, a web process killed right after it), recovery still waits for the message's time."""
+        later = store.create(scope, "later", "tasks.charge", "fp-a", ttl=TTL, delay=1.5).operation
+        store.create(scope, "now", "tasks.charge", "fp-a", ttl=TTL)
+        assert later.updated_at - later.created_at == pytest.approx(1.5, abs=0.01)
+        assert store.get(scope, "later") == later
+        time.sleep(0.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now"}
+        time.sleep(1.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
+
     def test_renew_extends_only_the_current_holders_lease(self, store: Store, scope: str) -> None:
         held = claim(store, scope, "k1", lease=0.5).operation
         assert store.renew(held, held.fencing_token, lease=30.0, ttl=TTL)

@@ -70,6 +70,7 @@ class CreateRequest:
     new_id: str
     ttl: float
     payload: str | None = None
+    delay: float = 0.0  # seconds until the message is due: updated_at is set that far ahead (see Store.create)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,7 @@ def decide_create(current: Operation | None, req: CreateRequest, now: float) -> 
     op = Operation(
         id=req.new_id, scope=req.scope, key=req.key, task_name=req.task_name, fingerprint=req.fingerprint,
         status=Status.PENDING, result=None, error=None, attempts=0, fencing_token=0, lease_owner=None,
-        lease_expires_at=None, created_at=now, updated_at=now, expires_at=now + req.ttl, needs_publish=True,
+        lease_expires_at=None, created_at=now, updated_at=now + req.delay, expires_at=now + req.ttl, needs_publish=True,
         payload=req.payload,
     )
     return op, True
@@ -155,14 +156,17 @@ class Store(abc.ABC):
     # ----------------------------------------------------------------- public operations
 
     def create(self, scope: str, key: str, task_name: str, fingerprint: str, *, ttl: float,
-               payload: str | None = None) -> Submission:
+               payload: str | None = None, delay: float = 0.0) -> Submission:
         """Record a pending operation for ``(scope, key)``, or return the live one (``created=False``).
 
-        ``payload`` is the call (:func:`~idemtasks.identity.canonical_call`), kept for recovery.
+        ``payload`` is the call (:func:`~idemtasks.identity.canonical_call`), kept for recovery. ``delay``: seconds
+        until its message is due (a countdown or ETA); ``updated_at`` is set that far ahead, so recovery waits
+        ``pending_after`` from then even if the "published" mark (:meth:`mark_published`) never lands.
         Raises :class:`IdempotencyKeyMismatch` when the live operation was created for another payload.
         """
         digest = key_digest(scope, key)
-        req = CreateRequest(digest, scope, key, task_name, fingerprint, new_operation_id(digest), ttl, payload)
+        req = CreateRequest(digest, scope, key, task_name, fingerprint, new_operation_id(digest), ttl, payload,
+                            max(0.0, delay))
         op, created = self._create(req)
         if not created and op.fingerprint != fingerprint:
             raise IdempotencyKeyMismatch(

@@ -104,7 +104,7 @@ def tail(digest: str, operation_id: str) -> str:
 
 def create_args(req: CreateRequest) -> list[str]:
     return [tail(req.digest, req.new_id), req.scope, req.key, req.task_name, req.fingerprint, repr(req.ttl),
-            req.payload or ""]
+            req.payload or "", repr(req.delay)]
 
 
 def create_answer(reply: list[Any], req: CreateRequest) -> tuple[Operation, bool]:
@@ -117,7 +117,7 @@ def create_answer(reply: list[Any], req: CreateRequest) -> tuple[Operation, bool
     return Operation(
         id=req.new_id, scope=req.scope, key=req.key, task_name=req.task_name, fingerprint=req.fingerprint,
         status=Status.PENDING, result=None, error=None, attempts=0, fencing_token=0, lease_owner=None,
-        lease_expires_at=None, created_at=created, updated_at=created, expires_at=_us(_text(reply[2])),
+        lease_expires_at=None, created_at=created, updated_at=_us(_text(reply[3])), expires_at=_us(_text(reply[2])),
         needs_publish=True, payload=req.payload or None,
     ), True
 

@@ -93,8 +93,9 @@ end
 """
 
 
-# KEYS: record, pending index. ARGV: id, scope, key, task, fingerprint, ttl, payload ('' for none)
-#   ->  {'N', created, expires}: created now (the caller knows the rest of the record)
+# KEYS: record, pending index. ARGV: id, scope, key, task, fingerprint, ttl, payload ('' for none), delay (seconds
+# until the message is due, which 'u' and the pending index's score are set ahead by)
+#   ->  {'N', created, expires, updated}: created now (the caller knows the rest of the record)
 #   ->  {'n' (created by an earlier run of this same call) | 'e' (existing), record}
 # (Without index keys — Redis Cluster — the index is not kept and recovery scans instead.)
 CREATE = _CLOCK + """
@@ -107,13 +108,14 @@ if #h > 0 then
 end
 local x = now + math.floor(ARGV[6] * 1000000 + 0.5)
 local c, xs = string.format('%d', now), string.format('%d', x)
+local u = string.format('%d', now + math.floor(ARGV[8] * 1000000 + 0.5))
 local rec = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'st', 'p', 'a', '0', 'tok', '0',
-             'c', c, 'u', c, 'x', xs, 'np', '1'}
+             'c', c, 'u', u, 'x', xs, 'np', '1'}
 if ARGV[7] and ARGV[7] ~= '' then""" + _put_chunked("rec", "p", "ARGV[7]") + """end
 redis.call('HSET', k, unpack(rec))
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
-if KEYS[2] then redis.call('ZADD', KEYS[2], c, d) end
-return {'N', c, xs}
+if KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
+return {'N', c, xs, u}
 """
 
 # KEYS: record, pending index, running index. ARGV: id, scope, key, task, fingerprint, owner, lease, ttl, payload,

@@ -184,7 +184,8 @@ class SQLStore(Store):
         """PostgreSQL/SQLite: the one statement of ``_create`` and its parameters (shared with the asyncio store)."""
         return self.sql.create, self.sql.params(
             p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key,
-            p_task_name=req.task_name, p_fingerprint=req.fingerprint, p_payload=req.payload, p_ttl=req.ttl)
+            p_task_name=req.task_name, p_fingerprint=req.fingerprint, p_payload=req.payload, p_ttl=req.ttl,
+            p_delay=req.delay)
 
     def _claim(self, req: ClaimRequest) -> ClaimResult:
         if self.sql.upsert is None:

@@ -60,8 +60,9 @@ Bind = Callable[[str], Any]
 def create(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
     """A new pending record, unless a live one holds the key: then it is returned as it is, without a write once it
     was published (the conflict branch, which keeps every column, is for the rest)."""
+    # updated_at is when the message is due (a countdown or ETA): recovery counts pending_after from then.
     values = {**_NEW, "status": "'pending'", "attempts": "0", "fencing_token": "0", "lease_owner": "NULL",
-              "lease_expires_at": "NULL", "needs_publish": "true"}
+              "lease_expires_at": "NULL", "needs_publish": "true", "updated_at": f"{_NOW} + :p_delay"}
     return _upsert(table, values, {c: _FRESH.format(c=c) for c in _COLUMNS[1:]}, column_bind, seconds_bind,
                    answers=" AND NOT c.needs_publish")
 

@@ -77,7 +77,7 @@ class Statements:
             return sql_postgres.create(self.table, self.p, self._seconds)
         t, now = self.table, self.now()
         values = self._new_row(now, status="pending", attempts=0, fencing_token=0, lease_owner=None,
-                               lease_expires_at=None, needs_publish=True)
+                               lease_expires_at=None, needs_publish=True, updated_at=now + self._seconds("p_delay"))
         stmt = self.upsert(t).values(**values)
         expired = t.c.expires_at <= now
         # A live record keeps every column: rewritten with its own values, the price of RETURNING it.
