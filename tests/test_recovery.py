@@ -71,10 +71,11 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_pending_operation_whose_message_was_lost_is_published_again(rig: Rig) -> None:
+    # A pending_after long enough that the first sweep surely comes within it, even on a busy machine.
+    sweeper = Sweeper(rig.app, pending_after=1.0)
     key, op_id = rig.lost_submit(10)
-    sweeper = Sweeper(rig.app)
     assert sweeper.sweep().republished == []  # too young: its message may still be on its way
-    time.sleep(0.4)
+    time.sleep(1.1)
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
         assert sweeper.sweep().republished == [op_id]
         op = rig.final(op_id)
