@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from .errors import (
@@ -30,10 +31,20 @@ from .identity import canonical_call, dump_json, fingerprint_of_call, load_json
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .stores.base import Store, confirm_after_for
+from .stores.lanes import collector
 
 __all__ = ["MAX_ERROR_MESSAGE", "Attempt", "error_info", "run_attempt"]
 
 logger = logging.getLogger("idemtasks.task")
+
+
+def _drain_lanes_at_exit(**_: Any) -> None:
+    """A prefork pool child leaves through ``os._exit``, past ``atexit``: read the answers its pipelined completions
+    are still owed first, so that one whose connection broke is sent again (see :mod:`idemtasks.stores.lanes`)."""
+    collector.drain_all()
+
+
+signals.worker_process_shutdown.connect(_drain_lanes_at_exit, weak=False)
 
 _HOST = socket.gethostname()
 _owners: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())

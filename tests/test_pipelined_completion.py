@@ -8,6 +8,8 @@ server ran the completion, and a server that is gone.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -173,6 +175,47 @@ def test_a_completion_whose_connection_is_killed_before_it_ran_is_sent_again(pri
         assert not settled.errors
     finally:
         admin.close()
+        store.close()
+
+
+# A worker process's last task: its completion goes out, the connection dies before the server ran it, and the
+# process ends at once, before the collector (a daemon thread, COLLECT_AFTER later) would read the lost answer.
+_EXITING_WORKER = """
+import os, sys, time
+import redis
+from celery import signals
+import idemtasks.execution  # the worker side, as a pool child has it loaded
+from idemtasks.models import Status
+from idemtasks.stores.redis import RedisStore
+
+url, how = sys.argv[1], sys.argv[2]
+store, admin = RedisStore(url), redis.Redis.from_url(url)
+op = store.claim("s", "k", "t", "fp", owner="last", lease=30.0, ttl=60.0).operation
+admin.execute_command("CLIENT", "PAUSE", "800", "WRITE")  # the completion waits in the server, unrun
+store.finish_pipelined("s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"paid"', ttl=60.0,
+                       settle=lambda exc: print("settled:", exc))
+time.sleep(0.02)
+admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+admin.execute_command("CLIENT", "UNPAUSE")
+if how == "pool child":  # what billiard does when a prefork child ends: the signal, then os._exit
+    signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+    os._exit(0)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("how", ["interpreter exit", "pool child"])
+def test_a_process_that_exits_right_after_a_completion_whose_connection_died_sends_it_again(
+        private_redis: PrivateRedis, how: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", _EXITING_WORKER, private_redis.url, how], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    store = RedisStore(private_redis.url)
+    try:
+        op = store.get("s", "k")
+        assert op is not None and op.status is Status.SUCCEEDED and op.result == "paid"
+        assert "settled" not in proc.stdout  # nothing refused it, nothing was lost
+    finally:
         store.close()
 
 

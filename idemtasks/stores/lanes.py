@@ -4,10 +4,16 @@ A "lane" is one connection owned by one worker thread (:mod:`.redis_lane`, :mod:
 written to it without waiting, and its answer is read in front of the thread's next call. A thread that goes idle
 would leave that answer unread, and its ``settle`` callback unheard, so one collector thread per process reads the
 answers idle lanes are still owed after :data:`COLLECT_AFTER`.
+
+A process that exits does not wait for that daemon thread. The answer owed for its last completion decides whether
+the completion is sent again (its connection broke before the server ran it), so :meth:`_Collector.drain_all` reads
+every owed answer at exit: from ``atexit``, and, for a prefork pool child (which leaves through ``os._exit``, past
+``atexit``), from Celery's ``worker_process_shutdown`` signal (see :mod:`idemtasks.execution`).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -180,6 +186,17 @@ class _Collector:
         if not self._wake.is_set():  # set by the first completion after an idle spell only: cheap on the hot path
             self._wake.set()
 
+    def drain_all(self) -> None:
+        """Read and settle every answer the lanes of this process are still owed, waiting for each (bounded by the
+        stores' socket timeouts): a completion whose connection broke is then sent again before the process ends."""
+        for lane in list(self._lanes):
+            if lane.pid != os.getpid():  # a forked child never touches its parent's socket
+                continue
+            try:
+                lane.drain()
+            except Exception:  # pragma: no cover - lanes resolve their own errors; exit must go on
+                logger.exception("idemtasks: reading a pipelined completion's answer at exit failed")
+
     def _start(self) -> None:
         with self._lock:
             # A forked pool child inherits this object but not the thread.
@@ -208,3 +225,4 @@ class _Collector:
 
 
 collector = _Collector()
+atexit.register(collector.drain_all)
