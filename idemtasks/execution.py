@@ -189,20 +189,25 @@ def _replay(op: Operation) -> Any:
 
 
 def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
-    """A duplicate met a live lease. Returns to claim again (``wait``), or leaves by raising ``Ignore``."""
+    """A duplicate met a live or a suspected lease. Returns to claim again (``wait``), or leaves by raising
+    ``Ignore``, having republished this message when it must come back."""
     policy = task.on_busy
     countdown = float(task.busy_countdown)
+    op = claim.operation
+    lease_end = op.lease_expires_at or 0.0
+    if op.updated_at >= lease_end:
+        # A lapsed lease, marked suspected (the mark's time is updated_at): taken over only once the grace is over
+        # (see Store.claim). Its holder may be dead and this message the operation's only copy, so it is never
+        # dropped, whatever on_busy says: it comes back when the grace ends, or sooner if retrying sooner was asked.
+        lease_end = op.updated_at + confirm_after_for(float(task.lease_seconds))
+        if policy == "ignore":
+            policy, countdown = "retry", max(0.01, lease_end - task.store.now() + 0.01)
     if policy == "ignore":
         raise Ignore()
     if policy == "retry" and not request.is_eager:
         _republish(task, countdown)
     # "wait" (and eager mode, which has no queue to come back through): poll until the holder finishes or its
-    # lease runs out, whichever is first; the next claim then replays or takes over. A lapsed lease is suspected
-    # first and taken over only after the grace (see Store.claim): then the wait is until the grace is over.
-    op = claim.operation
-    lease_end = op.lease_expires_at or 0.0
-    if op.updated_at >= lease_end:  # lapsed and marked: the mark's time is updated_at
-        lease_end = op.updated_at + confirm_after_for(float(task.lease_seconds))
+    # lease (or the suspicion's grace) runs out, whichever is first; the next claim then replays or takes over.
     time.sleep(max(0.01, min(countdown, lease_end - task.store.now() + 0.01)))
 
 

@@ -24,7 +24,7 @@ from idemtasks import (
     Status,
     TooLarge,
 )
-from idemtasks.stores.base import Store
+from idemtasks.stores.base import MIN_CONFIRM_AFTER, Store
 from tests.conftest import SERVER_BACKENDS, drop, make_store
 
 
@@ -408,6 +408,17 @@ class TestDroppedDeliveries:
         assert h.runs[sub.operation.id] == 0  # the replacement (keyed by the shared task id) never ran
 
 
+def _lapsed(h: Harness, k: str, amount: int, owner: str) -> tuple[Any, Any, dict[str, Any]]:
+    """A submitted operation whose holder's lease (0.3 s) lapsed unrenewed: its record, the holder's claim, and the
+    headers of its message."""
+    charge = h.tasks["charge"]
+    fp = _fp(charge.name, ("acct", amount))
+    sub = h.store.create("global", k, charge.name, fp, ttl=3600)
+    holder = h.store.claim("global", k, charge.name, fp, owner=owner, lease=0.3, ttl=3600).operation
+    time.sleep(0.5)
+    return sub, holder, {"idemtasks": {"scope": "global", "key": k}}
+
+
 class TestLeases:
     def test_long_body_keeps_its_lease_so_duplicates_wait(self, h: Harness) -> None:
         long = h.tasks["long"]
@@ -422,13 +433,8 @@ class TestLeases:
     def test_dead_holder_is_taken_over_and_its_late_result_refused(self, h: Harness) -> None:
         from idemtasks.errors import LeaseLost
 
-        charge = h.tasks["charge"]
-        k = key()
-        fp = _fp(charge.name, ("acct", 3))
-        sub = h.store.create("global", k, charge.name, fp, ttl=3600)
-        zombie = h.store.claim("global", k, charge.name, fp, owner="dead", lease=0.3, ttl=3600).operation
-        time.sleep(0.5)
-        headers = {"idemtasks": {"scope": "global", "key": k}}
+        charge, k = h.tasks["charge"], key()
+        sub, zombie, headers = _lapsed(h, k, 3, "dead")
         res = charge.apply_async(("acct", 3), task_id=sub.operation.id, headers=headers).get(timeout=20)
         assert res["token"] == zombie.fencing_token + 1
         with pytest.raises(LeaseLost):
@@ -436,17 +442,28 @@ class TestLeases:
         op = h.wait_final(sub.operation.id)
         assert op.result == res and op.attempts == 2
 
+    @pytest.mark.parametrize("on_busy", ["wait", "ignore"])
+    def test_a_message_that_finds_a_lapsed_lease_takes_over_after_the_grace_whatever_on_busy_says(
+            self, h: Harness, on_busy: str) -> None:
+        """"ignore" drops a duplicate of a live holder. A lapsed lease's holder may be dead, and this message the
+        operation's only copy: it is kept (waiting in place, or republished for when the grace ends) and takes over."""
+        charge, k = h.tasks["charge"], key()
+        sub, dead, headers = _lapsed(h, k, 5, "dead")
+        charge.on_busy = on_busy
+        try:
+            started = time.monotonic()
+            res = charge.apply_async(("acct", 5), task_id=sub.operation.id, headers=headers).get(timeout=20)
+        finally:
+            del charge.on_busy  # back to the value bound from the app's configuration
+        assert res["token"] == dead.fencing_token + 1 and h.runs[k] == 1
+        assert time.monotonic() - started >= MIN_CONFIRM_AFTER  # not before the grace (lease 5 s: 2 s) was over
+
     def test_a_redelivery_leaves_a_lapsed_holder_the_grace_to_renew_and_replays_its_result(self, h: Harness) -> None:
         """A holder cut off from the store past its lease may be alive, its body still running. The redelivered
         message's claim only suspects it; the holder renews once the store answers again, and its result is what
         the redelivery returns: the body never ran a second time."""
-        charge = h.tasks["charge"]
-        k = key()
-        fp = _fp(charge.name, ("acct", 4))
-        sub = h.store.create("global", k, charge.name, fp, ttl=3600)
-        holder = h.store.claim("global", k, charge.name, fp, owner="cut-off", lease=0.3, ttl=3600).operation
-        time.sleep(0.5)  # no renewal reached the store: the lease lapsed
-        headers = {"idemtasks": {"scope": "global", "key": k}}
+        charge, k = h.tasks["charge"], key()
+        sub, holder, headers = _lapsed(h, k, 4, "cut-off")  # no renewal reached the store: the lease lapsed
         redelivered = charge.apply_async(("acct", 4), task_id=sub.operation.id, headers=headers)
         deadline = time.monotonic() + 10
         while True:  # until the redelivery's claim has marked the lapsed lease suspected
