@@ -45,8 +45,9 @@ __all__ = [
 DEFAULT_STORE_URL = "sqlite:///idemtasks.sqlite3"
 #: How long an operation is remembered after its last change (Stripe keeps keys at least 24 h).
 DEFAULT_TTL = 24 * 3600.0
-#: How long a claim stays valid without renewal. A running task renews it every third of this, so this is
-#: roughly how long a crashed worker's operation waits before another worker may take it over.
+#: How long a claim stays valid without renewal. A running task renews it every third of this. A crashed worker's
+#: operation is taken over this long after its last renewal plus a grace of max(2 s, lease / 3) (see
+#: :meth:`Store.claim <idemtasks.stores.base.Store.claim>`), which a holder merely cut off from the store uses to renew.
 DEFAULT_LEASE = 60.0
 #: What a duplicate does when another worker holds a live lease: ``"retry"`` (republish itself after
 #: ``busy_countdown`` and replay the holder's result once it is stored), ``"wait"`` (poll the store in place, holding a
