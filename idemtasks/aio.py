@@ -18,7 +18,7 @@ from .identity import canonical_call, fingerprint_of_call, key_digest, new_opera
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 from .stores.base import CreateRequest
-from .task import due_in, record_ttl
+from .task import message_due, record_ttl
 
 __all__ = ["AsyncStore", "ThreadedAsyncStore", "async_store_for", "submit_async"]
 
@@ -106,8 +106,8 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(task.store)
-    sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, options), payload=call,
-                              delay=due_in(options.get("eta"), options.get("countdown")))
+    due = message_due(options)
+    sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due), payload=call, delay=due)
     op = sub.operation
     if sub.created or (op.status is Status.PENDING and op.needs_publish
                        and await astore.now() - op.created_at >= ACCEPT_WINDOW):

@@ -47,11 +47,15 @@ def due_in(eta: Any, countdown: float | None, default: float | None = None) -> f
     return max(0.0, float(countdown if countdown is not None else default or 0.0))
 
 
-def record_ttl(task: Any, options: dict[str, Any]) -> float:
-    """The TTL a submitted record is created with: ``idempotency_ttl`` beyond the time its message is due (a
-    countdown or ETA in ``options``), so that a scheduled message still finds its record when it runs, and a
-    client's retry meanwhile is a replay."""
-    return float(task.idempotency_ttl or config.DEFAULT_TTL) + due_in(options.get("eta"), options.get("countdown"))
+def message_due(options: dict[str, Any]) -> float:
+    """Seconds until a message published with these ``apply_async`` options is due (its countdown or ETA)."""
+    return due_in(options.get("eta"), options.get("countdown"))
+
+
+def record_ttl(task: Any, due: float) -> float:
+    """The TTL a submitted record is created with: ``idempotency_ttl`` beyond the time its message is ``due``, so
+    that a scheduled message still finds its record when it runs, and a client's retry meanwhile is a replay."""
+    return float(task.idempotency_ttl or config.DEFAULT_TTL) + due
 
 
 class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
@@ -216,8 +220,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         store = self.store
         # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
         # still waits for the message's time before it presumes the message lost.
-        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, options), payload=call,
-                           delay=due_in(options.get("eta"), options.get("countdown")))
+        due = message_due(options)
+        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=call, delay=due)
         op = sub.operation
         if sub.created or (op.status is Status.PENDING and op.needs_publish
                            and store.now() - op.created_at >= ACCEPT_WINDOW):
@@ -228,7 +232,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,
                 **options: Any) -> None:
         """Publish the message of a recorded operation (used by :meth:`submit` and by recovery)."""
-        due = due_in(options.get("eta"), options.get("countdown"))
+        due = message_due(options)
         headers = {**options.pop("headers", {}), HEADER: {"scope": op.scope, "key": op.key, "fp": op.fingerprint}}
         if self.app.conf.task_always_eager:
             # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.

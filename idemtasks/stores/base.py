@@ -34,7 +34,7 @@ from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
 __all__ = ["MIN_CONFIRM_AFTER", "PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store",
-           "confirm_after_for", "decide_claim", "decide_create"]
+           "confirm_after_for", "decide_claim", "decide_create", "takeover_phase"]
 
 #: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
 #: record's key (``KEEP_MS`` in :mod:`.redis_scripts`). A claim that re-creates an expired record continues its
@@ -102,6 +102,18 @@ class FinishRequest:
     delay: float = 0.0
 
 
+def takeover_phase(op: Operation, now: float, grace: float) -> str:
+    """Where a running operation stands in the two-phase takeover of a lapsed lease (see :meth:`Store.requeue`):
+    ``"live"`` (its lease has not run out), ``"mark"`` (lapsed and not suspected since its last claim or renewal:
+    mark it now, take nothing yet), ``"wait"`` (suspected, but the holder's ``grace`` is not over) or ``"take"``."""
+    lease = op.lease_expires_at or 0.0
+    if lease > now:
+        return "live"
+    if op.updated_at < lease:  # the mark is updated_at >= lease_expires_at; a renewal moves the lease past it
+        return "mark"
+    return "wait" if op.updated_at > now - grace else "take"
+
+
 def decide_create(current: Operation | None, req: CreateRequest, now: float) -> tuple[Operation, bool]:
     """Reference semantics of ``_create`` for backends that decide in Python under a lock or row lock."""
     if current is not None and current.expires_at > now:
@@ -126,15 +138,8 @@ def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tu
         return ClaimOutcome.MISMATCH, current
     elif current.status.is_final:
         return ClaimOutcome.DONE, current
-    elif current.status is Status.RUNNING:
-        lease = current.lease_expires_at or 0.0
-        if lease > now:
-            return ClaimOutcome.BUSY, current
-        # A lapsed lease, taken in two phases as by Store.requeue: the mark is updated_at >= lease_expires_at.
-        if current.updated_at < lease:
-            return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now)
-        if current.updated_at > now - req.grace:
-            return ClaimOutcome.BUSY, current
+    elif current.status is Status.RUNNING and (phase := takeover_phase(current, now, req.grace)) != "take":
+        return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now) if phase == "mark" else current
     claimed = dataclasses.replace(
         current, status=Status.RUNNING, attempts=current.attempts + 1, fencing_token=current.fencing_token + 1,
         lease_owner=req.owner, lease_expires_at=now + req.lease, updated_at=now, expires_at=now + req.ttl,

@@ -8,7 +8,16 @@ import time
 
 from ..identity import load_json
 from ..models import ClaimResult, Operation, Status, Takeover
-from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
+from .base import (
+    PURGE_GRACE,
+    ClaimRequest,
+    CreateRequest,
+    FinishRequest,
+    Store,
+    decide_claim,
+    decide_create,
+    takeover_phase,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -110,13 +119,12 @@ class MemoryStore(Store):
             self.round_trips += 1
             now = time.time()
             op = self._holds(digest, operation_id, token, now)
-            lease = (op.lease_expires_at or 0.0) if op is not None else 0.0
-            if op is None or lease > now:
+            phase = "live" if op is None else takeover_phase(op, now, confirm_after)
+            if op is None or phase == "live":
                 return Takeover.ALIVE
-            if op.updated_at < lease:  # not marked since the last claim or renewal: mark it, take nothing yet
+            if phase == "mark":
                 self._records[digest] = dataclasses.replace(op, updated_at=now)
-                return Takeover.SUSPECTED
-            if op.updated_at > now - confirm_after:  # marked, not renewed since, but the holder's grace is not over
+            if phase != "take":
                 return Takeover.SUSPECTED
             self._records[digest] = dataclasses.replace(
                 op, status=Status.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)

@@ -46,11 +46,10 @@ _EXPIRED = "o.expires_at <= excluded.created_at"
 # Claimable once not expired (every use below tests _EXPIRED first): the same payload, and pending, or running under
 # a lease that lapsed and was suspected at least :p_grace ago with no renewal since (updated_at >= lease_expires_at:
 # the mark of Store.requeue, which a first claim of a lapsed lease sets too, as _SUSPECT).
-_LAPSED = ("o.fingerprint = excluded.fingerprint AND o.status = 'running' AND "
-           "coalesce(o.lease_expires_at, 0) <= excluded.created_at")
-_CLAIMABLE = (f"(o.fingerprint = excluded.fingerprint AND o.status = 'pending' OR {_LAPSED} AND "
+_LAPSED = "o.status = 'running' AND coalesce(o.lease_expires_at, 0) <= excluded.created_at"
+_CLAIMABLE = (f"o.fingerprint = excluded.fingerprint AND (o.status = 'pending' OR {_LAPSED} AND "
               "o.updated_at >= coalesce(o.lease_expires_at, 0) AND o.updated_at <= excluded.created_at - :p_grace)")
-_SUSPECT = f"{_LAPSED} AND o.updated_at < coalesce(o.lease_expires_at, 0)"
+_SUSPECT = f"o.fingerprint = excluded.fingerprint AND {_LAPSED} AND o.updated_at < coalesce(o.lease_expires_at, 0)"
 _FRESH = f"CASE WHEN {_EXPIRED} THEN excluded.{{c}} ELSE o.{{c}} END"
 _WON = ("status", "lease_owner", "lease_expires_at", "expires_at", "needs_publish")
 

@@ -94,15 +94,15 @@ class Statements:
         lease_until, owner = now + self._seconds("p_lease"), self.p("lease_owner")
         expired = t.c.expires_at <= now
         lease = sa.func.coalesce(t.c.lease_expires_at, 0.0)
-        lapsed = sa.and_(t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"), t.c.status == "running",
-                         lease <= now)
+        same = sa.and_(t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"))  # live, this payload
+        lapsed = sa.and_(t.c.status == "running", lease <= now)
         # A lapsed lease is taken in two phases with requeue's mark (see Store.claim and the note above requeue):
         # ``suspect`` marks it, and only a mark at least p_grace old, with no renewal since, lets a claim win.
-        suspect = sa.and_(lapsed, t.c.updated_at < lease)
-        claimable = sa.or_(
-            sa.and_(t.c.expires_at > now, t.c.fingerprint == self.p("fingerprint"), t.c.status == "pending"),
+        suspect = sa.and_(same, lapsed, t.c.updated_at < lease)
+        claimable = sa.and_(same, sa.or_(
+            t.c.status == "pending",
             sa.and_(lapsed, t.c.updated_at >= lease, t.c.updated_at <= now - self._seconds("p_grace")),
-        )
+        ))
         wins = sa.or_(expired, claimable)
         values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
                                lease_expires_at=lease_until, needs_publish=False)
