@@ -14,7 +14,15 @@ from typing import Any
 
 from .config import ACCEPT_WINDOW
 from .errors import IdempotencyKeyMismatch
-from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
+from .identity import (
+    canonical_call,
+    fingerprint_of_call,
+    key_digest,
+    new_operation_id,
+    stored_call,
+    validate_key,
+    validate_scope,
+)
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 from .stores.base import CreateRequest
@@ -107,7 +115,8 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(task.store)
     due = message_due(options)
-    sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due), payload=call, delay=due)
+    sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),
+                              payload=stored_call(call, options), delay=due)
     op = sub.operation
     if sub.created or (op.status is Status.PENDING and op.needs_publish
                        and await astore.now() - op.created_at >= ACCEPT_WINDOW):

@@ -29,6 +29,8 @@ __all__ = [
     "key_digest",
     "load_json",
     "new_operation_id",
+    "parse_stored_call",
+    "stored_call",
     "validate_key",
     "validate_scope",
 ]
@@ -135,6 +137,38 @@ def canonical_call(task_name: str, args: Any, kwargs: Any, *, limit: int | None 
     so that recovery can publish its message again, and what its fingerprint hashes."""
     return dump_json([task_name, list(args or ()), dict(kwargs or {})], what="arguments", limit=limit,
                      canonical=True)
+
+
+#: The ``apply_async`` options that say where a message goes. ``submit`` stores them with the call, so that a copy
+#: recovery publishes goes where the first one went: a queue that only some workers consume (the ones holding a
+#: payment provider's credentials, say) is often why a caller named it, and the default queue may have no consumer
+#: that knows the task at all.
+ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
+
+
+def stored_call(call: str, options: dict[str, Any]) -> str:
+    """The payload an operation stores: its ``call``, followed by the routing ``options`` it was published with.
+
+    The fingerprint stays the call's alone: where a message goes is not what it asks for, so a repeat sent to
+    another queue is a replay. A kombu ``Queue`` or ``Exchange`` is kept by name; a value that is neither a name nor
+    a number is left out (the copy then takes the task's own route).
+    """
+    routing: dict[str, str | int] = {}
+    for option in ROUTING_OPTIONS:
+        value = options.get(option)
+        value = getattr(value, "name", value)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            routing[option] = value
+    if not routing:
+        return call
+    # ``call`` is a canonical JSON array: one more element goes before its closing bracket.
+    return f"{call[:-1]},{dump_json(routing, what='routing options', canonical=True)}]"
+
+
+def parse_stored_call(payload: str) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
+    """The task name, arguments and routing options of a stored payload (see :func:`stored_call`)."""
+    name, args, kwargs, *routing = load_json(payload)
+    return name, args, kwargs, (routing[0] if routing else {})
 
 
 def fingerprint_of_call(call: str) -> str:

@@ -29,13 +29,13 @@ itself, no beat needed), as the ``idemtasks.sweep`` task for beat, and as ``pyth
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import IdemtasksError
+from .identity import parse_stored_call
 from .models import Status, Takeover
 from .stores import Store
 from .stores.base import MIN_CONFIRM_AFTER, confirm_after_for
@@ -117,9 +117,10 @@ class Sweeper:
                 if taken is not Takeover.REQUEUED:
                     continue  # suspected only, or claimed, renewed or finished meanwhile: alive after all
                 report.requeued.append(op.id)
-            _name, args, kwargs = json.loads(op.payload)
+            # With the routing options the first message was published with: the queue a caller chose.
+            _name, args, kwargs, routing = parse_stored_call(op.payload)
             try:
-                task.publish(op, args, kwargs)
+                task.publish(op, args, kwargs, **routing)
             except IdemtasksError as exc:
                 logger.warning("idemtasks: could not publish operation %s again: %s", op.id, exc)
                 continue

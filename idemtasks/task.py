@@ -20,7 +20,7 @@ from . import checks, config
 from .config import ACCEPT_WINDOW
 from .errors import IdemtasksError, PublishFailed
 from .execution import Attempt, run_attempt
-from .identity import canonical_call, fingerprint_of_call, validate_key, validate_scope
+from .identity import canonical_call, fingerprint_of_call, stored_call, validate_key, validate_scope
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 
@@ -221,7 +221,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
         # still waits for the message's time before it presumes the message lost.
         due = message_due(options)
-        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=call, delay=due)
+        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=stored_call(call, options),
+                           delay=due)
         op = sub.operation
         if sub.created or (op.status is Status.PENDING and op.needs_publish
                            and store.now() - op.created_at >= ACCEPT_WINDOW):

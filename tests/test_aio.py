@@ -6,9 +6,11 @@ import asyncio
 import uuid
 
 import pytest
+from celery import Celery
 
-from idemtasks import IdempotencyKeyMismatch
-from idemtasks.aio import async_store_for
+from idemtasks import IdempotencyKeyMismatch, IdempotentTask
+from idemtasks.aio import async_store_for, submit_async
+from idemtasks.identity import parse_stored_call
 from idemtasks.stores.base import Store
 
 NATIVE = {"RedisStore": "AsyncRedisStore", "SQLStore": "AsyncSQLStore"}
@@ -43,3 +45,22 @@ def test_an_async_create_records_when_its_message_is_due(server_store: Store) ->
         assert server_store.get_by_id(op.id) == op
 
     asyncio.run(scenario())
+
+
+def test_submit_async_keeps_the_queue_it_was_given_for_recovery(server_store: Store) -> None:
+    app = Celery(f"aio{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+    @app.task(base=IdempotentTask, store_url=server_store, name=f"{app.main}.charge")
+    def charge(amount: int) -> int:
+        return amount
+
+    special, key = f"{app.main}.special", f"k-{uuid.uuid4().hex}"
+    sub = asyncio.run(submit_async(charge, (5,), key=key, queue=special, priority=3))
+    assert sub.created
+    stored = server_store.get_by_id(sub.operation.id)
+    assert stored is not None and stored.payload is not None
+    assert parse_stored_call(stored.payload) == (charge.name, [5], {}, {"priority": 3, "queue": special})
+    with app.connection_for_write() as conn:
+        received = conn.SimpleQueue(special).get(timeout=5)
+        assert received.headers["id"] == sub.operation.id
+        received.ack()

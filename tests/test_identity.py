@@ -8,15 +8,19 @@ import uuid
 from typing import Any
 
 import pytest
+from kombu import Exchange, Queue
 
 from idemtasks import InvalidKey, NotSerializable, TooLarge
 from idemtasks.identity import (
+    canonical_call,
     digest_from_id,
     dump_json,
     fingerprint,
     key_digest,
     load_json,
     new_operation_id,
+    parse_stored_call,
+    stored_call,
     validate_key,
     validate_scope,
 )
@@ -77,3 +81,19 @@ def test_size_limit_counts_encoded_bytes() -> None:
     with pytest.raises(TooLarge) as info:
         dump_json("é" * 20, what="result", limit=30)
     assert (info.value.what, info.value.limit) == ("result", 30) and info.value.size > 30
+
+
+def test_a_stored_call_keeps_the_routing_and_not_the_rest_of_the_options() -> None:
+    call = canonical_call("tasks.charge", (1, "a"), {"b": 2})
+    assert stored_call(call, {}) == call
+    assert stored_call(call, {"countdown": 5, "headers": {"x": 1}, "queue": None}) == call  # not routing
+    payload = stored_call(call, {"queue": Queue("payments"), "exchange": Exchange("ex"), "routing_key": "pay.eu",
+                                 "priority": 7, "countdown": 5})
+    routing = {"exchange": "ex", "priority": 7, "queue": "payments", "routing_key": "pay.eu"}
+    assert parse_stored_call(payload) == ("tasks.charge", [1, "a"], {"b": 2}, routing)
+    # Neither a name nor a number (a flag by mistake, an object with no name): left to the task's own route.
+    assert stored_call(call, {"priority": True, "queue": object()}) == call
+
+
+def test_a_payload_stored_without_routing_parses() -> None:
+    assert parse_stored_call(canonical_call("tasks.charge", (1,), {})) == ("tasks.charge", [1], {}, {})

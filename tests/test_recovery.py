@@ -172,6 +172,27 @@ def test_a_submitted_message_whose_record_is_gone_stores_its_call_when_claimed(r
     assert op.payload == canonical_call(rig.task.name, (key, 60), {})
 
 
+def test_a_copy_published_by_recovery_goes_to_the_queue_the_submit_named(rig: Rig) -> None:
+    """A caller routed the payment to a queue only some workers consume: the copy recovery publishes goes there too,
+    not to the default queue, where no worker may know the task."""
+    special = f"{rig.app.main}.special"
+    key = f"routed-{uuid.uuid4().hex}"
+    sub = rig.task.submit((key, 70), key=key, queue=special)
+    assert sub.operation.payload == canonical_call(rig.task.name, (key, 70), {})[:-1] + f',{{"queue":"{special}"}}]'
+    # Where a message goes is not what it asks for: a repeat routed elsewhere is a replay, not a mismatch.
+    again = rig.task.submit((key, 70), key=key)
+    assert not again.created and again.operation.id == sub.operation.id
+    with rig.app.connection_for_write() as conn:
+        assert conn.default_channel.queue_purge(special) == 1  # the broker lost the message
+    time.sleep(0.4)  # pending_after
+    assert Sweeper(rig.app).sweep().republished == [sub.operation.id]
+    with rig.app.connection_for_write() as conn:  # nothing went to the default queue
+        assert conn.default_channel.queue_purge(rig.app.conf.task_default_queue) == 0
+    with start_worker(rig.app, pool="solo", perform_ping_check=False, queues=[special]):
+        op = rig.final(sub.operation.id)
+    assert op.status is Status.SUCCEEDED and op.result == 70 and rig.runs[key] == 1
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
