@@ -42,6 +42,7 @@ from psycopg import pq
 from sqlalchemy.dialects import postgresql
 
 from .lanes import BaseLane, Pending, resolve_all
+from .sql_errors import pg_outage
 from .sql_statements import Statements
 
 __all__ = ["LaneError", "LaneStatements", "PGLane", "Prepared"]
@@ -293,9 +294,8 @@ def _error_class(sqlstate: str) -> type[psycopg.Error]:
 
 
 def _outage(sqlstate: str) -> bool:
-    # The rule psycopg and SQLAlchemy apply to the pooled path: an OperationalError (connection exceptions,
-    # admin shutdown, serialization failures and deadlocks, insufficient resources) is an outage.
-    return issubclass(_error_class(sqlstate), psycopg.OperationalError)
+    # The pooled path's rule (sql_errors): the SQLSTATE decides, not the class psycopg files it under.
+    return pg_outage(sqlstate)
 
 
 def _wait(fileno: int, *, write: bool = False) -> None:

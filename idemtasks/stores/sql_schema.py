@@ -49,6 +49,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
+from .sql_errors import driver_outage
+
 __all__ = ["IDLE_BEFORE_PING", "PG_KEEPALIVES", "create_tables", "is_outage", "make_engine", "operations_table",
            "pg_connect_args", "ping_when_idle"]
 
@@ -60,17 +62,20 @@ IDLE_BEFORE_PING = 1.0
 PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
                  "tcp_user_timeout": 60_000}
 
-# The database is away, or the pool has no connection to give: something to wait out, not the statement's fault.
-_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+# The connection is gone, or the pool has no connection to give: something to wait out, not the statement's fault.
+_OUTAGES = (sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
 
 
 def is_outage(exc: BaseException) -> bool:
     """Whether a SQLAlchemy error means "the database is unreachable for now" (a restart, a killed connection, an
     exhausted pool, a deadlock broken by the server) rather than a fault of the statement. The store, the effects
-    ledger and a transactional body's failures all go by this one rule."""
-    if isinstance(exc, _OUTAGES):
+    ledger and a transactional body's failures all go by this one rule. An ``OperationalError`` is judged by its
+    driver's error code (see :mod:`.sql_errors`): a CHECK violation is one too, on MariaDB."""
+    if isinstance(exc, _OUTAGES) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated):
         return True
-    return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+    if isinstance(exc, sa.exc.OperationalError):
+        return driver_outage(exc.orig) is not False
+    return False
 
 
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
