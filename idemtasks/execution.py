@@ -189,13 +189,19 @@ def _replay(op: Operation) -> Any:
 
 
 def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
-    """A duplicate met a live or a suspected lease. Returns to claim again (``wait``), or leaves by raising
-    ``Ignore``, having republished this message when it must come back."""
+    """A duplicate met a live or a suspected lease, or an operation not due yet. Returns to claim again (``wait``),
+    or leaves by raising ``Ignore``, having republished this message when it must come back."""
     policy = task.on_busy
     countdown = float(task.busy_countdown)
     op = claim.operation
     lease_end = op.lease_expires_at or 0.0
-    if op.updated_at >= lease_end:
+    if op.status is Status.PENDING:
+        # Given back for a retry, or submitted with a countdown, and not due yet (see DUE_SLACK): this copy came
+        # early. It may be the operation's only copy (its clock ahead of the store's), so it is never dropped, and
+        # never held in a worker until then: it comes back when the operation is due (eager mode waits for it).
+        lease_end = op.updated_at
+        policy, countdown = "retry", max(0.01, lease_end - task.store.now() + 0.01)
+    elif op.updated_at >= lease_end:
         # A lapsed lease, marked suspected (the mark's time is updated_at): taken over only once the grace is over
         # (see Store.claim). Its holder may be dead and this message the operation's only copy, so it is never
         # dropped, whatever on_busy says: it comes back when the grace ends, or sooner if retrying sooner was asked.

@@ -178,7 +178,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # its retry had the chance to run (a copy would run the body early and start a second chain of retries).
             # Quietly: if the store cannot take the release, the retry still goes out, and its claim waits for the
             # lease to run out (busy), then takes the operation over.
-            attempt.release_quietly(delay=due_in(eta, countdown, self.default_retry_delay))
+            # Eager mode runs the retry at once, in this thread, whatever its countdown: due now.
+            delay = 0.0 if request.is_eager else due_in(eta, countdown, self.default_retry_delay)
+            attempt.release_quietly(delay=delay)
         return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
                              max_retries=max_retries, **options)
 

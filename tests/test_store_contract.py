@@ -14,7 +14,7 @@ import pytest
 from idemtasks.errors import IdempotencyKeyMismatch, LeaseLost
 from idemtasks.identity import digest_from_id, key_digest
 from idemtasks.models import ClaimOutcome, ErrorInfo, Status, Takeover
-from idemtasks.stores.base import Store
+from idemtasks.stores.base import DUE_SLACK, Store
 from tests import services
 
 TTL = 3600.0
@@ -165,6 +165,26 @@ class TestClaim:
         assert claim(store, scope, "k2", owner="w2", grace=0.3).outcome is ClaimOutcome.BUSY  # a claim marks it
         time.sleep(0.4)
         assert store.requeue(second, confirm_after=0.3) is Takeover.REQUEUED
+
+    def test_a_pending_operation_is_not_claimed_before_it_is_due(self, store: Store, scope: str) -> None:
+        """Given back for retry(countdown=…), or submitted with a countdown: a copy of the message that comes sooner
+        (a duplicate delivery, a busy copy coming back) must not run the body early, nor start a second chain of
+        retries beside the scheduled one."""
+        held = claim(store, scope, "retry").operation
+        store.release(held, held.fencing_token, ttl=TTL, delay=30.0)
+        store.create(scope, "scheduled", "tasks.charge", "fp-a", ttl=TTL, delay=30.0)
+        for key in ("retry", "scheduled"):
+            early = claim(store, scope, key)
+            assert early.outcome is ClaimOutcome.BUSY and early.operation.status is Status.PENDING
+            assert early.operation.updated_at > store.now() + 25  # when to come back
+            assert store.get(scope, key) == early.operation  # unchanged: no token, no attempt spent
+        assert store.get(scope, "retry").fencing_token == held.fencing_token  # type: ignore[union-attr]
+
+    def test_a_pending_operation_due_within_the_slack_is_claimed(self, store: Store, scope: str) -> None:
+        """The message that is due arrives a moment before the store records its due time (Celery computes the ETA
+        before the publish, the store after it), and clocks differ a little: DUE_SLACK lets it claim."""
+        store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL, delay=DUE_SLACK / 2)
+        assert claim(store, scope, "k1").outcome is ClaimOutcome.CLAIMED
 
     def test_a_record_recreated_after_expiry_keeps_counting_tokens(self, store: Store, scope: str) -> None:
         old = claim(store, scope, "k1", lease=0.3, ttl=1.0).operation

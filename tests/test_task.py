@@ -24,7 +24,7 @@ from idemtasks import (
     Status,
     TooLarge,
 )
-from idemtasks.stores.base import MIN_CONFIRM_AFTER, Store
+from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, Store
 from tests.conftest import SERVER_BACKENDS, drop, make_store
 
 
@@ -154,11 +154,11 @@ def build(store: Store) -> Harness:
         return "done"
 
     @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.later", max_retries=1)
-    def later(self: IdempotentTask) -> str:
+    def later(self: IdempotentTask, countdown: float = 1.2) -> str:
         h.runs[self.operation.key] += 1
         h.times.setdefault(self.operation.key, []).append(time.monotonic())
         if h.runs[self.operation.key] == 1:
-            self.retry(countdown=1.2)
+            self.retry(countdown=countdown)
         return "done"
 
     h.tasks.update(charge=charge, flaky=flaky, retry_on=retry_on, weird=weird, keyed=keyed, long=long,
@@ -372,6 +372,47 @@ class TestRetryCountdown:
         assert h.times[k][1] - h.times[k][0] >= 1.1  # the countdown was kept
 
 
+    def test_a_copy_that_comes_before_the_retry_is_due_waits_for_it(self, h: Harness) -> None:
+        """A second copy of the message (a redelivery, a busy copy coming back, recovery's) that finds the operation
+        given back for a later retry does not run the body early, beside the scheduled retry: it comes back when
+        the retry is due, and finds it done."""
+        task = h.tasks["later"]
+        sub = task.submit((3.0,), key=(k := key()))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            op = h.store.get_by_id(sub.operation.id)
+            if op is not None and op.status is Status.PENDING and op.attempts == 1:  # released for its retry
+                break
+            time.sleep(0.02)
+        # The same message again, as a broker's redelivery or a duplicate publish would bring it.
+        header = {"scope": sub.operation.scope, "key": k, "fp": sub.operation.fingerprint}
+        task.apply_async((3.0,), task_id=sub.operation.id, headers={"idemtasks": header})
+        op = h.wait_final(sub.operation.id)
+        time.sleep(0.5)  # whichever copy comes last finds it done
+        assert op.status is Status.SUCCEEDED and op.attempts == 2 and h.runs[k] == 2
+        assert h.times[k][1] - h.times[k][0] >= 3.0 - DUE_SLACK - 0.1
+
+
+    @pytest.mark.timeout(20)
+    def test_in_eager_mode_a_retry_runs_at_once_whatever_its_countdown(self) -> None:
+        """Celery runs an eager retry at once, in the caller's thread: the operation is given back as due now (held
+        to its countdown, the retry's claim would wait it out)."""
+        app = Celery(f"eager{uuid.uuid4().hex[:6]}", set_as_current=False)
+        app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
+        runs: Counter[str] = Counter()
+
+        @app.task(base=IdempotentTask, bind=True, name=f"{app.main}.later", max_retries=1)
+        def later(self: IdempotentTask) -> str:
+            runs[self.operation.key] += 1
+            if runs[self.operation.key] == 1:
+                self.retry(countdown=30.0)
+            return "done"
+
+        started = time.monotonic()
+        assert later.apply().get() == "done"
+        assert sum(runs.values()) == 2 and time.monotonic() - started < 5
+
+
 class TestDroppedDeliveries:
     """``Ignore`` / ``Reject`` raised by the body, and ``self.replace()``."""
 
@@ -457,6 +498,23 @@ class TestLeases:
             del charge.on_busy  # back to the value bound from the app's configuration
         assert res["token"] == dead.fencing_token + 1 and h.runs[k] == 1
         assert time.monotonic() - started >= MIN_CONFIRM_AFTER  # not before the grace (lease 5 s: 2 s) was over
+
+    @pytest.mark.parametrize("on_busy", ["wait", "ignore"])
+    def test_a_message_that_comes_before_its_operation_is_due_runs_when_due_whatever_on_busy_says(
+            self, h: Harness, on_busy: str) -> None:
+        """It may be the operation's only copy (its worker's clock ahead of the store's): never dropped, and never
+        held in a worker until then, it is republished for the due time."""
+        charge, k = h.tasks["charge"], key()
+        sub = h.store.create("global", k, charge.name, _fp(charge.name, ("acct", 6)), ttl=3600, delay=2.5)
+        charge.on_busy = on_busy
+        try:
+            started = time.monotonic()
+            headers = {"idemtasks": {"scope": "global", "key": k}}
+            res = charge.apply_async(("acct", 6), task_id=sub.operation.id, headers=headers).get(timeout=20)
+        finally:
+            del charge.on_busy
+        assert res["amount"] == 6 and h.runs[k] == 1
+        assert time.monotonic() - started >= 2.5 - DUE_SLACK - 0.1
 
     def test_a_redelivery_leaves_a_lapsed_holder_the_grace_to_renew_and_replays_its_result(self, h: Harness) -> None:
         """A holder cut off from the store past its lease may be alive, its body still running. The redelivered

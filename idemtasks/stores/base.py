@@ -33,7 +33,7 @@ from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
 from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
-__all__ = ["MIN_CONFIRM_AFTER", "PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store",
+__all__ = ["DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store",
            "confirm_after_for", "decide_claim", "decide_create", "takeover_phase"]
 
 #: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
@@ -47,6 +47,13 @@ PURGE_GRACE = 600.0
 #: the keeper's longest wait between renewal retries (:data:`idemtasks.lease.RENEW_RETRY_MAX`), so a holder that lost
 #: the store only for a while renews within the grace, with a retry and a round trip to spare.
 MIN_CONFIRM_AFTER = 2.0
+
+#: Seconds before its due time (``updated_at``) a pending operation may already be claimed. An operation given back
+#: for a retry, or submitted with a countdown, is due later: a copy of its message that arrives sooner (a duplicate
+#: delivery, a busy copy coming back) must not run the body early, nor start a second chain of retries beside the
+#: scheduled one. The slack covers the message that *is* due, which Celery sends a moment before the store records
+#: its due time, and the clocks of worker and store, which never agree exactly.
+DUE_SLACK = 1.0
 
 
 def confirm_after_for(lease: float) -> float:
@@ -138,6 +145,8 @@ def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tu
         return ClaimOutcome.MISMATCH, current
     elif current.status.is_final:
         return ClaimOutcome.DONE, current
+    elif current.status is Status.PENDING and current.updated_at > now + DUE_SLACK:
+        return ClaimOutcome.BUSY, current  # not due yet (see DUE_SLACK)
     elif current.status is Status.RUNNING and (phase := takeover_phase(current, now, req.grace)) != "take":
         return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now) if phase == "mark" else current
     claimed = dataclasses.replace(
@@ -195,6 +204,9 @@ class Store(abc.ABC):
         ``grace`` seconds old (default :func:`confirm_after_for` of ``lease``) with no renewal since. A broker's
         redelivery, which Redis sends after its visibility timeout whether or not the first delivery still runs,
         then cannot start the body beside a live holder that merely could not renew for a while.
+
+        A pending operation that is not due yet (given back for a retry, or submitted with a countdown: its
+        ``updated_at`` is ahead) answers ``BUSY`` until :data:`DUE_SLACK` before its due time.
         """
         digest = key_digest(scope, key)
         new_id = operation_id if operation_id and digest_from_id(operation_id) == digest else new_operation_id(digest)

@@ -50,11 +50,15 @@ lease (otherwise it would report itself busy). A finish stays strict, as the con
 
 from __future__ import annotations
 
+from .base import DUE_SLACK
+
 __all__ = ["ABANDON", "ATTACH_PAYLOAD", "CHUNK", "CLAIM", "CREATE", "FINISH", "MARK_PUBLISHED", "RENEW", "REQUEUE",
            "STALE"]
 
 #: The longest piece of a long value (Redis' default ``hash-max-listpack-value``).
 CHUNK = 64
+
+_DUE_SLACK_US = round(DUE_SLACK * 1_000_000)
 
 # An expired record is absent to every script at once (``x``), but Redis keeps the key ten minutes longer
 # (``KEEP_MS``): a claim that re-creates it then continues its fencing token, so no holder of the old record can
@@ -122,7 +126,7 @@ return {'N', c, xs, u}
 # grace (seconds)
 #   ->  {'c', id, task, created, attempts, token, lease expiry, updated, expires, payload}: claimed (the caller knows
 #       the rest)
-#   ->  {'b' | 'd' | 'm', record}: busy, done, mismatch
+#   ->  {'b' | 'd' | 'm', record}: busy (held, suspected, or pending and not due yet), done, mismatch
 # A lapsed lease is taken in two phases with REQUEUE's mark (u >= le; see Store.claim): the first claim marks it and
 # answers busy, and only a mark at least ``grace`` old with no renewal since lets a claim win.
 CLAIM = _CLOCK + """
@@ -131,6 +135,10 @@ local w
 if (tonumber(r[1]) or 0) > now then
   if r[2] ~= ARGV[5] then return {'m', redis.call('HGETALL', k)} end
   if r[3] == 's' or r[3] == 'f' then return {'d', redis.call('HGETALL', k)} end
+  -- pending but not due (a retry's countdown, a scheduled submit): busy until DUE_SLACK before its time
+  if r[3] == 'p' and (tonumber(r[11]) or 0) > now + """ + str(_DUE_SLACK_US) + """ then
+    return {'b', redis.call('HGETALL', k)}
+  end
   -- A long payload's other pieces: only a claim answers the payload (a replay answers the whole record).
   if r[14] then
     local parts, i = {r[13], r[14]}, 3

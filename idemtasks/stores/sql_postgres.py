@@ -33,6 +33,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from .base import DUE_SLACK
+
 __all__ = ["claim", "create"]
 
 _NOW = "extract(epoch from statement_timestamp())::float8"  # fixed for the whole statement
@@ -43,12 +45,14 @@ _NEW = {**{c: f":p_{c}" for c in ("key_hash", "id", "scope", "idem_key", "task_n
         "result": "NULL", "error_type": "NULL", "error_message": "NULL", "created_at": _NOW, "updated_at": _NOW,
         "expires_at": f"{_NOW} + :p_ttl"}
 _EXPIRED = "o.expires_at <= excluded.created_at"
-# Claimable once not expired (every use below tests _EXPIRED first): the same payload, and pending, or running under
-# a lease that lapsed and was suspected at least :p_grace ago with no renewal since (updated_at >= lease_expires_at:
-# the mark of Store.requeue, which a first claim of a lapsed lease sets too, as _SUSPECT).
+# Claimable once not expired (every use below tests _EXPIRED first): the same payload, and pending and due (see
+# DUE_SLACK), or running under a lease that lapsed and was suspected at least :p_grace ago with no renewal since
+# (updated_at >= lease_expires_at: the mark of Store.requeue, which a first claim of a lapsed lease sets too, as
+# _SUSPECT).
 _LAPSED = "o.status = 'running' AND coalesce(o.lease_expires_at, 0) <= excluded.created_at"
-_CLAIMABLE = (f"o.fingerprint = excluded.fingerprint AND (o.status = 'pending' OR {_LAPSED} AND "
-              "o.updated_at >= coalesce(o.lease_expires_at, 0) AND o.updated_at <= excluded.created_at - :p_grace)")
+_CLAIMABLE = (f"o.fingerprint = excluded.fingerprint AND (o.status = 'pending' AND o.updated_at <= "
+              f"excluded.created_at + {DUE_SLACK!r} OR {_LAPSED} AND o.updated_at >= coalesce(o.lease_expires_at, 0) "
+              "AND o.updated_at <= excluded.created_at - :p_grace)")
 _SUSPECT = f"o.fingerprint = excluded.fingerprint AND {_LAPSED} AND o.updated_at < coalesce(o.lease_expires_at, 0)"
 _FRESH = f"CASE WHEN {_EXPIRED} THEN excluded.{{c}} ELSE o.{{c}} END"
 _WON = ("status", "lease_owner", "lease_expires_at", "expires_at", "needs_publish")

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..models import Status
 from . import sql_postgres
+from .base import DUE_SLACK
 
 __all__ = ["Statements"]
 
@@ -100,7 +101,7 @@ class Statements:
         # ``suspect`` marks it, and only a mark at least p_grace old, with no renewal since, lets a claim win.
         suspect = sa.and_(same, lapsed, t.c.updated_at < lease)
         claimable = sa.and_(same, sa.or_(
-            t.c.status == "pending",
+            sa.and_(t.c.status == "pending", t.c.updated_at <= now + DUE_SLACK),  # due (see DUE_SLACK)
             sa.and_(lapsed, t.c.updated_at >= lease, t.c.updated_at <= now - self._seconds("p_grace")),
         ))
         wins = sa.or_(expired, claimable)
