@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import secrets
 from typing import Any
 
@@ -41,6 +42,8 @@ DEFAULT_SCOPE = "global"
 MAX_KEY_LENGTH = 255
 #: Longest accepted scope; scopes are built from caller identity and route, so they get more room than keys.
 MAX_SCOPE_LENGTH = 1024
+
+logger = logging.getLogger("idemtasks")
 
 _DIGEST_LEN = 32  # hex characters: 128 bits of sha256
 _RANDOM_LEN = 24  # hex characters: 96 random bits
@@ -144,31 +147,43 @@ def canonical_call(task_name: str, args: Any, kwargs: Any, *, limit: int | None 
 #: payment provider's credentials, say) is often why a caller named it, and the default queue may have no consumer
 #: that knows the task at all.
 ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
+#: The callbacks given to ``submit`` (signatures, or lists of them): stored too, or the follow-up work chained to a
+#: payment (its receipt, its notification) would be lost with the message that recovery replaces.
+CALLBACK_OPTIONS = ("link", "link_error")
 
 
 def stored_call(call: str, options: dict[str, Any]) -> str:
-    """The payload an operation stores: its ``call``, followed by the routing ``options`` it was published with.
+    """The payload an operation stores: its ``call``, followed by the routing and callback ``options`` it was
+    published with.
 
-    The fingerprint stays the call's alone: where a message goes is not what it asks for, so a repeat sent to
-    another queue is a replay. A kombu ``Queue`` or ``Exchange`` is kept by name; a value that is neither a name nor
-    a number is left out (the copy then takes the task's own route).
+    The fingerprint stays the call's alone: where a message goes, and what follows it, is not what it asks for, so a
+    repeat sent to another queue is a replay. A kombu ``Queue`` or ``Exchange`` is kept by name; a value that is
+    neither a name nor a number is left out (the copy then takes the task's own route). Callbacks that cannot be
+    stored as JSON are left out with a warning: a pickle-serialized app can still send them the first time.
     """
-    routing: dict[str, str | int] = {}
+    kept: dict[str, Any] = {}
     for option in ROUTING_OPTIONS:
         value = options.get(option)
         value = getattr(value, "name", value)
         if isinstance(value, (str, int)) and not isinstance(value, bool):
-            routing[option] = value
-    if not routing:
+            kept[option] = value
+    callbacks = {option: options[option] for option in CALLBACK_OPTIONS if options.get(option)}
+    if callbacks:
+        try:
+            dump_json(callbacks, what="callbacks")
+            kept.update(callbacks)
+        except NotSerializable as exc:
+            logger.warning("idemtasks: %s; a copy that recovery publishes will go without them", exc)
+    if not kept:
         return call
     # ``call`` is a canonical JSON array: one more element goes before its closing bracket.
-    return f"{call[:-1]},{dump_json(routing, what='routing options', canonical=True)}]"
+    return f"{call[:-1]},{dump_json(kept, what='publish options', canonical=True)}]"
 
 
 def parse_stored_call(payload: str) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
-    """The task name, arguments and routing options of a stored payload (see :func:`stored_call`)."""
-    name, args, kwargs, *routing = load_json(payload)
-    return name, args, kwargs, (routing[0] if routing else {})
+    """The task name, arguments and publish options of a stored payload (see :func:`stored_call`)."""
+    name, args, kwargs, *options = load_json(payload)
+    return name, args, kwargs, (options[0] if options else {})
 
 
 def fingerprint_of_call(call: str) -> str:

@@ -97,3 +97,24 @@ def test_a_stored_call_keeps_the_routing_and_not_the_rest_of_the_options() -> No
 
 def test_a_payload_stored_without_routing_parses() -> None:
     assert parse_stored_call(canonical_call("tasks.charge", (1,), {})) == ("tasks.charge", [1], {}, {})
+
+
+def test_a_stored_call_keeps_the_callbacks_it_can_store() -> None:
+    from celery import Celery
+
+    app = Celery("ids", set_as_current=False)
+    receipt = app.signature("billing.receipt", args=("eu",))
+    call = canonical_call("tasks.charge", (1,), {})
+    options = parse_stored_call(stored_call(call, {"link": receipt, "link_error": [receipt]}))[3]
+    assert set(options) == {"link", "link_error"} and options["link_error"] == [options["link"]]
+    rebuilt = app.signature(options["link"])  # what Celery does with it when the copy's task succeeds
+    assert (rebuilt.task, rebuilt.args) == ("billing.receipt", ["eu"])
+
+
+def test_callbacks_that_cannot_be_stored_are_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from celery import Celery
+
+    odd = Celery("ids", set_as_current=False).signature("billing.receipt", args=(object(),))
+    call = canonical_call("tasks.charge", (1,), {})
+    assert stored_call(call, {"link": odd, "queue": "payments"}) == call[:-1] + ',{"queue":"payments"}]'
+    assert "callbacks cannot be stored" in caplog.text

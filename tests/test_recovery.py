@@ -193,6 +193,28 @@ def test_a_copy_published_by_recovery_goes_to_the_queue_the_submit_named(rig: Ri
     assert op.status is Status.SUCCEEDED and op.result == 70 and rig.runs[key] == 1
 
 
+def test_a_copy_published_by_recovery_keeps_the_callbacks_the_submit_gave(rig: Rig) -> None:
+    """Follow-up work chained to a payment (its receipt) is not lost with the message recovery replaces."""
+    receipts: list[int] = []
+
+    @rig.app.task(name=f"{rig.app.main}.receipt")
+    def receipt(amount: int) -> None:
+        receipts.append(amount)
+
+    key = f"linked-{uuid.uuid4().hex}"
+    sub = rig.task.submit((key, 80), key=key, link=receipt.s())
+    with rig.app.connection_for_write() as conn:
+        assert conn.default_channel.queue_purge(rig.app.conf.task_default_queue) == 1  # the broker lost it
+    time.sleep(0.4)  # pending_after
+    assert Sweeper(rig.app).sweep().republished == [sub.operation.id]
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(sub.operation.id)
+        deadline = time.monotonic() + 10
+        while not receipts and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert op.status is Status.SUCCEEDED and rig.runs[key] == 1 and receipts == [80]
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
