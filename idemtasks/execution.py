@@ -416,8 +416,9 @@ def _keep_finishing(task: Any, attempt: Attempt, status: Status, result_json: st
     lapsed and take the operation over, and the body would run again before the carried message (which backs off up
     to ``store_retry_max_delay``) arrives. The keeper tries at least every second, and a completion lands on a
     record still running under its token even after its lease lapsed; recovery needs two sweeps, ``confirm_after``
-    apart, to take an operation over, so the completion is stored first. Should this process die meanwhile, the
-    carried message still completes the operation.
+    apart, to take an operation over, so the completion is stored first (and it still lands after a takeover until
+    a claim moves the token on). Should this process die meanwhile, the carried message still completes the
+    operation, unless the copy that recovery published claimed it first.
     """
     op, store = attempt.operation, attempt.store
 

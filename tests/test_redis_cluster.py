@@ -93,5 +93,7 @@ def test_recovery_scans_the_cluster(store: RedisStore) -> None:
     time.sleep(0.3)
     assert store.requeue(stale[dead.id], confirm_after=0.2) is Takeover.REQUEUED
     assert store.get_by_id(dead.id).status is Status.PENDING  # type: ignore[union-attr]
+    # The copy recovery publishes claims it: from then on the holder it was taken from cannot store anything.
+    assert store.claim("s", "dead", "t", "fp", owner="copy", lease=5, ttl=60).outcome is ClaimOutcome.CLAIMED
     with pytest.raises(LeaseLost):
         store.succeed(dead, dead.fencing_token, "1", ttl=60)

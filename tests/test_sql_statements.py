@@ -35,3 +35,17 @@ def test_postgres_claim_reads_the_clock_once_per_row_it_proposes() -> None:
     assert "statement_timestamp()" in insert
     assert "statement_timestamp()" not in update
     assert "excluded.created_at" in update
+
+
+def test_every_statement_a_postgres_lane_sends_can_be_prepared() -> None:
+    """A lane prepares each statement once, with fixed text: an ``IN`` of a list (an expanding parameter) has none,
+    and slipped into a completion's WHERE it broke every pipelined completion on PostgreSQL."""
+    from idemtasks.stores.sql_lane import LaneStatements, Prepared
+
+    table = operations_table(sa.MetaData())
+    lanes = LaneStatements(Statements(table, "postgresql"))
+    for prepared in (lanes.create, lanes.claim, lanes.mark_published, *lanes.finish.values()):
+        assert b"POSTCOMPILE" not in prepared.text and b"$1" in prepared.text
+    with pytest.raises(ValueError, match="expanding parameter"):
+        Prepared.compile("q", sa.select(table.c.id).where(table.c.status.in_(["a", "b"])),
+                         sa.dialects.postgresql.dialect())

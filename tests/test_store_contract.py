@@ -390,6 +390,26 @@ class TestRequeue:
         op = store.get(scope, "k1")
         assert op is not None and op.status is Status.SUCCEEDED and op.result == 8
 
+    @pytest.mark.parametrize("status", [Status.SUCCEEDED, Status.FAILED])
+    def test_a_completion_after_a_requeue_lands_until_a_claim_moves_the_token_on(self, store: Store, scope: str,
+                                                                                 status: Status) -> None:
+        """Recovery gave the operation back, and nobody claimed it since: the holder it was taken from (cut off from
+        the store, not dead) may still complete it, and the copy recovery published then replays instead of running
+        the body a second time."""
+        held = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.4)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.SUSPECTED
+        time.sleep(0.01)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.REQUEUED
+        if status is Status.SUCCEEDED:
+            store.succeed(held, held.fencing_token, "9", ttl=TTL)
+        else:
+            store.fail(held, held.fencing_token, ErrorInfo("Declined", "no"), ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is status and op.fencing_token == held.fencing_token
+        assert claim(store, scope, "k1").outcome is ClaimOutcome.DONE  # the copy recovery published replays
+        assert held.id not in {o.id for o in store.stale(pending_after=0.0)}
+
     def test_a_stale_token_never_requeues(self, store: Store, scope: str) -> None:
         held = claim(store, scope, "k1", lease=0.3).operation
         time.sleep(0.4)

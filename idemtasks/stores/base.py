@@ -4,7 +4,9 @@ A backend implements only what must be atomic, each primitive in one round trip 
 
 * ``_create``  insert a pending operation unless a live one holds the key (submit);
 * ``_claim``   pending/absent/expired/dead-lease → running under a new lease and a higher fencing token (worker);
-* ``_finish``  running → succeeded/failed, or → pending for a retry, only while the caller's token is current;
+* ``_finish``  running → succeeded/failed, or → pending for a retry, only while the caller's token is current (a
+  record recovery gave back to pending keeps its token until a claim moves it on: the holder it was taken from may
+  still complete it, and the copy that recovery published then replays instead of running the body again);
 * ``_renew``   push a live lease further, fenced;
 * ``_stale``   list what recovery must publish again; ``_requeue`` suspect, then give back, a dead holder's
   operation (fenced; see :meth:`Store.requeue`);

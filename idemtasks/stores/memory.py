@@ -50,17 +50,22 @@ class MemoryStore(Store):
             self._records[req.digest] = op
             return ClaimResult(outcome, op)
 
-    def _holds(self, digest: str, operation_id: str, token: int, now: float) -> Operation | None:
+    def _holds(self, digest: str, operation_id: str, token: int, now: float, *,
+               given_back: bool = False) -> Operation | None:
+        """The live record, if ``token`` holds it: running, or (``given_back``, for a completion) pending with
+        that token still (see ``_finish`` in stores.base)."""
         op = self._live(digest, now)
-        if op is None or op.id != operation_id or op.status is not Status.RUNNING or op.fencing_token != token:
+        if op is None or op.id != operation_id or op.fencing_token != token:
             return None
-        return op
+        if op.status is Status.RUNNING or (given_back and op.status is Status.PENDING):
+            return op
+        return None
 
     def _finish(self, req: FinishRequest) -> bool:
         with self._lock:
             self.round_trips += 1
             now = time.time()
-            op = self._holds(req.digest, req.operation_id, req.token, now)
+            op = self._holds(req.digest, req.operation_id, req.token, now, given_back=True)
             if op is None:
                 return False
             self._records[req.digest] = dataclasses.replace(

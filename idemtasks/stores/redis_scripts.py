@@ -192,9 +192,13 @@ return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13]}
 # KEYS: record, pending index, running index.
 # ARGV: id, token, status (s/f/p), result ('' for none), error type, error message, ttl, delay (a release: seconds
 # until the retry is due, which ``u`` and the pending index's score are set ahead by)  ->  1 | 0
+# Running under the token, or pending with it still (given back by REQUEUE, and not claimed since: its holder may
+# still complete it; see _finish in stores.base).
 FINISH = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x')
-if rec[1] ~= ARGV[1] or rec[2] ~= 'r' or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now then return 0 end
+if rec[1] ~= ARGV[1] or (rec[2] ~= 'r' and rec[2] ~= 'p') or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now then
+  return 0
+end
 local st = ARGV[3]
 local x = now + math.floor(ARGV[7] * 1000000 + 0.5)
 local u = string.format('%d', now)
@@ -210,6 +214,7 @@ redis.call('HDEL', k, 'lo', 'le')
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[3] then redis.call('ZREM', KEYS[3], d) end
 if st == 'p' and KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
+if st ~= 'p' and rec[2] == 'p' and KEYS[2] then redis.call('ZREM', KEYS[2], d) end
 return 1
 """
 

@@ -77,6 +77,9 @@ class Prepared:
         # A dialect without bind casts: libpq infers each parameter's type from where it stands, so a CHAR key
         # compares with its index's type rather than being cast to the parameter's.
         compiled = statement.compile(dialect=dialect)
+        if any(b.expanding for b in compiled.binds.values()):
+            # SQLAlchemy renders IN (…) of a list as a placeholder it expands per execution: no fixed text to prepare.
+            raise ValueError(f"{name}: a statement with an expanding parameter (IN of a list) cannot be prepared")
         order: list[str] = []
 
         def number(match: re.Match[str]) -> str:

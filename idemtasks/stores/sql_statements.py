@@ -129,10 +129,14 @@ class Statements:
             "expires_at": won("expires_at", values["expires_at"]), "needs_publish": won("needs_publish", False),
         }).returning(*t.c)
 
-    def _held(self, now: Any) -> Any:
-        """The record is still held under the fencing token ``p_fencing_token``."""
+    def _held(self, now: Any, *, given_back: bool = False) -> Any:
+        """The record is still held under the fencing token ``p_fencing_token``: running, or (``given_back``, for a
+        completion) pending with that token still (see ``_finish`` in stores.base)."""
         t = self.table
-        return sa.and_(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "running",
+        # Not IN (…): SQLAlchemy renders it with an expanding parameter, which the lanes' prepared statements lack.
+        running = t.c.status == "running"
+        status = sa.or_(running, t.c.status == "pending") if given_back else running
+        return sa.and_(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), status,
                        t.c.fencing_token == self.p("fencing_token"), t.c.expires_at > now)
 
     @cached_property
@@ -147,7 +151,8 @@ class Statements:
             # A release: recovery counts from updated_at, set ahead to when the retry is due (see Store.release).
             Status.PENDING: {"updated_at": now + self._seconds("p_delay")},
         }
-        return {status: t.update().where(self._held(now)).values(status=status.value, **{**common, **extra})
+        return {status: t.update().where(self._held(now, given_back=True)).values(status=status.value,
+                                                                                  **{**common, **extra})
                 for status, extra in stores.items()}
 
     @cached_property
