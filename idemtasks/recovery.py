@@ -36,7 +36,7 @@ from typing import Any
 
 from .errors import IdemtasksError
 from .identity import parse_stored_call
-from .models import Status, Takeover
+from .models import Operation, Status, Takeover
 from .stores import Store
 from .stores.base import MIN_CONFIRM_AFTER, confirm_after_for
 
@@ -50,6 +50,8 @@ DEFAULT_SWEEP_INTERVAL = 30.0
 #: Seconds a pending operation may wait, unchanged, before its message is presumed lost and published again;
 #: ``idemtasks_pending_after``. Longer than a normal queueing delay, shorter than a client's patience.
 DEFAULT_PENDING_AFTER = 60.0
+#: How many stale records this app cannot publish a sweep looks past, beyond its ``limit`` (see ``_sweep_store``).
+LOOK_PAST = 5000
 @dataclass
 class SweepReport:
     republished: list[str] = field(default_factory=list)
@@ -101,30 +103,52 @@ class Sweeper:
         return report
 
     def _sweep_store(self, store: Store, report: SweepReport) -> None:
+        # Records this app cannot publish (another app's tasks in a shared store, a task renamed or removed by a
+        # deploy, a record a claim made without its call) stay stale until they expire, and oldest first they come
+        # first: the window widens past them (by up to LOOK_PAST), or a few hundred of them would hide every
+        # operation this app could recover, for as long as they live. At most ``limit`` are recovered per sweep.
+        seen: set[str] = set()
+        recovered = skipped = 0
+        window = self.limit
+        while True:
+            batch = store.stale(pending_after=self.pending_after, limit=window)
+            new = [op for op in batch if op.id not in seen]
+            for op in new:
+                seen.add(op.id)
+                if self._recover(store, op, report):
+                    recovered += 1
+                else:
+                    skipped += 1
+            if not new or len(batch) < window or recovered >= self.limit or window >= self.limit + LOOK_PAST:
+                return
+            window = self.limit + min(skipped, LOOK_PAST)
+
+    def _recover(self, store: Store, op: Operation, report: SweepReport) -> bool:
+        """Publish ``op`` again, taking it from a dead holder first; False if this app cannot (skipped)."""
         from .task import IdempotentTask
 
-        for op in store.stale(pending_after=self.pending_after, limit=self.limit):
-            task = self.app.tasks.get(op.task_name)
-            if not isinstance(task, IdempotentTask) or op.payload is None:
-                report.skipped.append(op.id)  # another app's task, or a record made by a claim without its call
-                continue
-            if op.status is Status.RUNNING:
-                # Two-phase takeover: a lapsed lease may belong to a live holder that could not renew through a store
-                # outage. The first sweep only marks it; a later one requeues it if the holder stayed silent.
-                taken = store.requeue(op, confirm_after=self._confirm_after(task))
-                if taken is Takeover.SUSPECTED:
-                    report.suspected.append(op.id)
-                if taken is not Takeover.REQUEUED:
-                    continue  # suspected only, or claimed, renewed or finished meanwhile: alive after all
-                report.requeued.append(op.id)
-            # With the routing options the first message was published with: the queue a caller chose.
-            _name, args, kwargs, routing = parse_stored_call(op.payload)
-            try:
-                task.publish(op, args, kwargs, **routing)
-            except IdemtasksError as exc:
-                logger.warning("idemtasks: could not publish operation %s again: %s", op.id, exc)
-                continue
-            report.republished.append(op.id)
+        task = self.app.tasks.get(op.task_name)
+        if not isinstance(task, IdempotentTask) or op.payload is None:
+            report.skipped.append(op.id)
+            return False
+        if op.status is Status.RUNNING:
+            # Two-phase takeover: a lapsed lease may belong to a live holder that could not renew through a store
+            # outage. The first sweep only marks it; a later one requeues it if the holder stayed silent.
+            taken = store.requeue(op, confirm_after=self._confirm_after(task))
+            if taken is Takeover.SUSPECTED:
+                report.suspected.append(op.id)
+            if taken is not Takeover.REQUEUED:
+                return True  # suspected only, or claimed, renewed or finished meanwhile: alive after all
+            report.requeued.append(op.id)
+        # With the routing options and callbacks the first message was published with.
+        _name, args, kwargs, options = parse_stored_call(op.payload)
+        try:
+            task.publish(op, args, kwargs, **options)
+        except IdemtasksError as exc:
+            logger.warning("idemtasks: could not publish operation %s again: %s", op.id, exc)
+            return True
+        report.republished.append(op.id)
+        return True
 
     def _confirm_after(self, task: Any) -> float:
         if self.confirm_after is not None:

@@ -215,6 +215,21 @@ def test_a_copy_published_by_recovery_keeps_the_callbacks_the_submit_gave(rig: R
     assert op.status is Status.SUCCEEDED and rig.runs[key] == 1 and receipts == [80]
 
 
+def test_records_this_app_cannot_publish_do_not_hide_the_ones_it_can(rig: Rig) -> None:
+    """Stale records of a task this app does not know (another app sharing the store, a task a deploy renamed) come
+    first, oldest first, and stay until they expire: a sweep looks past them."""
+    renamed = [rig.store.create("global", f"renamed-{uuid.uuid4().hex}", "old.charge", "fp", ttl=3600,
+                                payload='["old.charge",[],{}]').operation.id for _ in range(4)]
+    time.sleep(0.05)
+    key, op_id = rig.lost_submit(90)
+    time.sleep(0.4)  # pending_after
+    report = Sweeper(rig.app, limit=3).sweep()
+    assert report.republished == [op_id] and set(renamed) <= set(report.skipped)
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(op_id)
+    assert op.status is Status.SUCCEEDED and op.result == 90 and rig.runs[key] == 1
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]

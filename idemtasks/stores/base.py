@@ -338,8 +338,9 @@ class Store(abc.ABC):
         A lapsed lease does not prove the holder dead: during a store outage longer than the lease, a live holder
         cannot renew, and once the store is back the first sweep may reach the record before the holder's keeper
         does. So the first call only marks the operation suspected (``SUSPECTED``; it stays running). A later call
-        puts it back to pending (``REQUEUED``; the holder stays fenced off, since finishing needs ``running``) only if
-        the lease was not renewed since the mark and the mark is at least ``confirm_after`` seconds old (store clock).
+        puts it back to pending (``REQUEUED``; the token stays, so the holder may still complete it until the copy
+        recovery publishes claims it) only if the lease was not renewed since the mark and the mark is at least
+        ``confirm_after`` seconds old (store clock).
         A renewal or a completion in between cancels the suspicion; ``ALIVE`` means there is nothing to take over.
 
         The mark is kept in the record, so it holds across sweeper processes and one-shot sweeps. No extra column:
