@@ -244,6 +244,10 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                     raise
                 except BaseException:
                     pass
+                if attempt.released:
+                    # Given back, but the retry message could not be published (Celery raised Reject): it stays given
+                    # back for recovery to publish, rather than stored as failed for a passing error.
+                    raise
             if not isinstance(exc, Exception):  # SystemExit/KeyboardInterrupt: shutting down, not the body's fault
                 attempt.release_quietly()
                 raise

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import IdemtasksError
-from .identity import parse_stored_call
+from .identity import CALLBACK_OPTIONS, parse_stored_call
 from .models import Operation, Status, Takeover
 from .stores import Store
 from .stores.base import MIN_CONFIRM_AFTER, confirm_after_for
@@ -121,7 +121,8 @@ class Sweeper:
                     skipped += 1
             if not new or len(batch) < window or recovered >= self.limit or window >= self.limit + LOOK_PAST:
                 return
-            window = self.limit + min(skipped, LOOK_PAST)
+            # Past a batch that was all skipped, twice as far: a few passes, not one per ``limit`` of them.
+            window = self.limit + min(max(skipped, 2 * (window - self.limit)), LOOK_PAST)
 
     def _recover(self, store: Store, op: Operation, report: SweepReport) -> bool:
         """Publish ``op`` again, taking it from a dead holder first; False if this app cannot (skipped)."""
@@ -140,8 +141,12 @@ class Sweeper:
             if taken is not Takeover.REQUEUED:
                 return True  # suspected only, or claimed, renewed or finished meanwhile: alive after all
             report.requeued.append(op.id)
-        # With the routing options and callbacks the first message was published with.
+        # With the routing options the first message was published with; with its callbacks only if it never reached
+        # the broker. Once it did, it may still be queued (a backlog longer than pending_after) or be redelivered
+        # (acks_late), and a copy that replays would send them a second time.
         _name, args, kwargs, options = parse_stored_call(op.payload)
+        if not op.needs_publish:
+            options = {name: value for name, value in options.items() if name not in CALLBACK_OPTIONS}
         try:
             task.publish(op, args, kwargs, **options)
         except IdemtasksError as exc:

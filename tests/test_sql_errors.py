@@ -69,7 +69,7 @@ def test_postgresql_an_unreachable_server_is_an_outage() -> None:
 
 
 @pytest.mark.parametrize(("sqlstate", "outage"), [
-    (None, True), ("08006", True), ("28P01", True), ("40001", True), ("40P01", True), ("53300", True),
+    (None, True), ("08006", True), ("25006", True), ("28P01", True), ("40001", True), ("40P01", True), ("53300", True),
     ("55P03", True), ("57P01", True), ("57014", True), ("58030", True),
     ("54000", False), ("54023", False), ("55000", False), ("40002", False), ("27000", False), ("2F005", False),
     ("42501", False), ("23514", False),

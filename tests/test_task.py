@@ -23,6 +23,7 @@ from idemtasks import (
     OperationFailed,
     Status,
     TooLarge,
+    open_store,
 )
 from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, Store
 from tests.conftest import SERVER_BACKENDS, drop, make_store
@@ -332,6 +333,48 @@ class TestFailures:
         assert h.runs[k] == 1
 
 
+@pytest.mark.timeout(30)
+def test_a_retry_on_error_whose_retry_cannot_be_published_is_left_for_recovery() -> None:
+    """retry_on gave the operation back, then the retry message could not be published (Celery raises Reject): a
+    passing error must not become the payment's final failure. The operation stays given back, for recovery."""
+    app = Celery(f"norepub{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    store = open_store("memory://")
+
+    broker_down = threading.Event()  # from the first run on: the submit's own message went out before
+
+    def refuse_retries(name: str, args: Any, kwargs: Any, options: dict[str, Any], **_: Any) -> Any:
+        if broker_down.is_set():
+            raise ConnectionError("the broker refused the retry")  # what a broker outage at that moment raises
+        return None
+
+    app.conf.update(task_ignore_result=True, task_default_queue=app.main, task_routes=(refuse_retries,))
+    runs: Counter[str] = Counter()
+
+    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", max_retries=3,
+              retry_on=(Flaky,))
+    def pay(self: IdempotentTask) -> str:
+        runs[self.operation.key] += 1
+        broker_down.set()
+        raise Flaky("provider busy")
+
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        sub = pay.submit(key=(k := key()))
+        deadline = time.monotonic() + 10
+        while runs[k] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.5)  # the retry would have been due after 1 s
+    op = store.get_by_id(sub.operation.id)
+    try:
+        assert op is not None and op.status is Status.PENDING and op.attempts == 1 and runs[k] == 1
+        assert op.id in [o.id for o in store.stale(pending_after=0.0)]
+    finally:
+        # Leave nothing pending: Celery shares this task with the apps made later, and their sweeps visit its store.
+        for stale in store.stale(pending_after=0.0):
+            held = store.claim(stale.scope, stale.key, stale.task_name, stale.fingerprint, owner="test", lease=60.0,
+                               ttl=3600.0, grace=0.0).operation
+            store.succeed(held, held.fencing_token, '"settled"', ttl=3600.0)
+
+
 class TestRetryWithNewArguments:
     """``self.retry(args=…)`` of a message sent without ``submit``: the retry message belongs to the same
     operation, although its arguments (and, with ``key_func``, the key they map to) are new."""
@@ -411,6 +454,23 @@ class TestRetryCountdown:
         started = time.monotonic()
         assert later.apply().get() == "done"
         assert sum(runs.values()) == 2 and time.monotonic() - started < 5
+
+
+    @pytest.mark.timeout(20)
+    def test_in_eager_mode_a_submit_with_a_countdown_runs_at_once(self) -> None:
+        """Celery ignores the countdown of an eager call: the operation is recorded as due now, or its claim would
+        wait the countdown out."""
+        app = Celery(f"eager{uuid.uuid4().hex[:6]}", set_as_current=False)
+        app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
+
+        @app.task(base=IdempotentTask, name=f"{app.main}.pay")
+        def pay(amount: int) -> int:
+            return amount
+
+        started = time.monotonic()
+        op = pay.submit((3,), key=key(), countdown=600).operation
+        assert pay.store.get_by_id(op.id).result == 3  # type: ignore[union-attr]
+        assert time.monotonic() - started < 5
 
 
 class TestDroppedDeliveries:

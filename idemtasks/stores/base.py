@@ -391,8 +391,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _finish(self, req: FinishRequest) -> bool:
-        """Atomically: if the record is ``req.operation_id``, running, with fencing token ``req.token``, move it to
-        ``req.status`` with the result or error, clear the lease and reset its expiry; report whether it did."""
+        """Atomically: if the record is ``req.operation_id`` with fencing token ``req.token``, running (or pending:
+        given back by a requeue and not claimed since), move it to ``req.status`` with the result or error, clear the
+        lease and reset its expiry; report whether it did."""
 
     @abc.abstractmethod
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:

@@ -23,18 +23,19 @@ __all__ = ["driver_outage", "pg_outage"]
 # PostgreSQL SQLSTATE classes: 08 connection exception, 28 invalid authorization (a login refused), 53 insufficient
 # resources, 57 operator intervention (admin shutdown, a statement timeout or cancel), 58 system error (I/O).
 _PG_CLASSES = frozenset({"08", "28", "53", "57", "58"})
-# And single states: 40000/40001/40003/40P01 transaction rollback (serialization failure, deadlock, completion
-# unknown), 55P03 lock not available, 55006 object in use.
-_PG_STATES = frozenset({"40000", "40001", "40003", "40P01", "55P03", "55006"})
+# And single states: 25006 read-only transaction (a standby during a failover), 40000/40001/40003/40P01 transaction
+# rollback (serialization failure, deadlock, completion unknown), 55P03 lock not available, 55006 object in use.
+_PG_STATES = frozenset({"25006", "40000", "40001", "40003", "40P01", "55P03", "55006"})
 
-# MySQL/MariaDB server error numbers: 1037/1038/1041 out of memory, 1040 too many connections, 1044/1045 login
-# refused, 1053 shutdown in progress, 1152 and 1154-1161 aborted connection and network read/write errors (not 1153,
-# a packet over the size limit), 1205 lock wait timeout, 1213 deadlock, 1290/1836 read-only (a replica being
-# promoted), 1317 query interrupted, 1927 connection killed (MariaDB), 1969 statement timeout (MariaDB), 3024
-# execution time exceeded (MySQL), 4031 disconnected for inactivity. Not 1142/1143, a statement's missing privilege:
-# PostgreSQL reports that as the statement's fault too.
-_MYSQL_ERRORS = frozenset({1037, 1038, 1040, 1041, 1044, 1045, 1053, 1152, 1154, 1155, 1156, 1157, 1158, 1159, 1160,
-                           1161, 1205, 1213, 1290, 1317, 1836, 1927, 1969, 3024, 4031})
+# MySQL/MariaDB server error numbers: 1020 record changed since last read (MariaDB's snapshot isolation), 1037,
+# 1038 and 1041 out of memory, 1040/1203 too many connections (in all, for the user), 1044/1045 login refused, 1047 a
+# Galera node not ready, 1053 shutdown in progress, 1152 and 1154-1161 aborted connection and network read/write
+# errors (not 1153, a packet over the size limit), 1205 lock wait timeout, 1213 deadlock, 1290/1836 read-only (a
+# replica being promoted), 1317 query interrupted, 1927 connection killed (MariaDB), 1969 statement timeout
+# (MariaDB), 3024 execution time exceeded (MySQL), 3101 a Group Replication conflict, 4031 disconnected for
+# inactivity. Not 1142/1143, a statement's missing privilege: PostgreSQL reports that as the statement's fault too.
+_MYSQL_ERRORS = frozenset({1020, 1037, 1038, 1040, 1041, 1044, 1045, 1047, 1053, 1152, 1154, 1155, 1156, 1157, 1158,
+                           1159, 1160, 1161, 1203, 1205, 1213, 1290, 1317, 1836, 1927, 1969, 3024, 3101, 4031})
 # The client library's own errors (CR_*: cannot connect, server gone away, connection lost): 2000-2999.
 _MYSQL_CLIENT_ERRORS = range(2000, 3000)
 
