@@ -114,7 +114,7 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(task.store)
-    due = 0.0 if task.app.conf.task_always_eager else message_due(options)  # as in IdempotentTask.submit
+    due = message_due(task, options)
     sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),
                               payload=stored_call(call, options), delay=due)
     op = sub.operation

@@ -195,26 +195,31 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
     countdown = float(task.busy_countdown)
     op = claim.operation
     lease_end = op.lease_expires_at or 0.0
+    # Set when this message must come back at lease_end rather than be dropped, whatever on_busy says.
+    keep = False
     if op.status is Status.PENDING:
         # Given back for a retry, or submitted with a countdown, and not due yet (see DUE_SLACK): this copy came
         # early. It may be the operation's only copy (its clock ahead of the store's), so it is never dropped, and
         # never held in a worker until then: it comes back when the operation is due (eager mode waits for it).
-        lease_end = op.updated_at
-        policy, countdown = "retry", max(0.01, lease_end - task.store.now() + 0.01)
+        lease_end, keep = op.updated_at, True
     elif op.updated_at >= lease_end:
         # A lapsed lease, marked suspected (the mark's time is updated_at): taken over only once the grace is over
         # (see Store.claim). Its holder may be dead and this message the operation's only copy, so it is never
         # dropped, whatever on_busy says: it comes back when the grace ends, or sooner if retrying sooner was asked.
-        lease_end = op.updated_at + confirm_after_for(float(task.lease_seconds))
-        if policy == "ignore":
-            policy, countdown = "retry", max(0.01, lease_end - task.store.now() + 0.01)
-    if policy == "ignore":
+        lease_end, keep = op.updated_at + confirm_after_for(float(task.lease_seconds)), policy == "ignore"
+    if policy == "ignore" and not keep:
         raise Ignore()
+
+    def until_end() -> float:  # a store round trip: only where it is needed (not for a live lease's "retry")
+        return max(0.01, lease_end - float(task.store.now()) + 0.01)
+
+    if keep:
+        policy, countdown = "retry", until_end()
     if policy == "retry" and not request.is_eager:
         _republish(task, countdown)
     # "wait" (and eager mode, which has no queue to come back through): poll until the holder finishes or its
     # lease (or the suspicion's grace) runs out, whichever is first; the next claim then replays or takes over.
-    time.sleep(max(0.01, min(countdown, lease_end - task.store.now() + 0.01)))
+    time.sleep(max(0.01, min(countdown, until_end())))
 
 
 def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -47,8 +47,11 @@ def due_in(eta: Any, countdown: float | None, default: float | None = None) -> f
     return max(0.0, float(countdown if countdown is not None else default or 0.0))
 
 
-def message_due(options: dict[str, Any]) -> float:
-    """Seconds until a message published with these ``apply_async`` options is due (its countdown or ETA)."""
+def message_due(task: Any, options: dict[str, Any]) -> float:
+    """Seconds until ``task``'s message published with these ``apply_async`` options is due (its countdown or ETA;
+    none in eager mode, which runs the body at once whatever the countdown)."""
+    if task.app.conf.task_always_eager:
+        return 0.0
     return due_in(options.get("eta"), options.get("countdown"))
 
 
@@ -222,8 +225,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         store = self.store
         # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
         # still waits for the message's time before it presumes the message lost.
-        # Eager mode runs the body at once whatever the countdown (Celery ignores it there): due now.
-        due = 0.0 if self.app.conf.task_always_eager else message_due(options)
+        due = message_due(self, options)
         sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=stored_call(call, options),
                            delay=due)
         op = sub.operation
@@ -236,7 +238,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,
                 **options: Any) -> None:
         """Publish the message of a recorded operation (used by :meth:`submit` and by recovery)."""
-        due = message_due(options)
+        due = message_due(self, options)
         headers = {**options.pop("headers", {}), HEADER: {"scope": op.scope, "key": op.key, "fp": op.fingerprint}}
         if self.app.conf.task_always_eager:
             # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.

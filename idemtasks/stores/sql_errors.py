@@ -10,8 +10,9 @@ payment round again forever, running its body (and any call it makes outside the
 So an ``OperationalError`` is an outage only if its code is on a short list of codes known to pass: connection
 failures (a login refused included: rotated credentials are fixed by an operator, not by the payment), a server
 shutting down or out of resources, lock timeouts, deadlocks and serialization failures, a read-only server during a
-failover. An ``OperationalError`` without a code (a connection that could not be made) and
-one from a driver not known here stay outages, as before: waiting is the safe side of not knowing.
+failover. An ``OperationalError`` without a code (a connection that could not be made) and one from a driver not
+known here stay outages, as before: waiting is the safe side of not knowing. The pipelined PostgreSQL connections
+(:mod:`.sql_lane`) judge their errors by the same SQLSTATE rule.
 """
 
 from __future__ import annotations

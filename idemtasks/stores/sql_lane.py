@@ -278,7 +278,7 @@ class PGLane(BaseLane):
         if res.status == pq.ExecStatus.FATAL_ERROR:
             sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
             message = (res.error_message or b"").decode(errors="replace").strip()
-            raise LaneError(f"{_error_class(sqlstate).__name__}: {message}", outage=_outage(sqlstate),
+            raise LaneError(f"{_error_class(sqlstate).__name__}: {message}", outage=pg_outage(sqlstate),
                             sqlstate=sqlstate)
         return res
 
@@ -294,11 +294,6 @@ def _error_class(sqlstate: str) -> type[psycopg.Error]:
         return psycopg.errors.lookup(sqlstate)
     except KeyError:
         return psycopg.DatabaseError
-
-
-def _outage(sqlstate: str) -> bool:
-    # The pooled path's rule (sql_errors): the SQLSTATE decides, not the class psycopg files it under.
-    return pg_outage(sqlstate)
 
 
 def _wait(fileno: int, *, write: bool = False) -> None:

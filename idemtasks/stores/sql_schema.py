@@ -21,7 +21,7 @@ column                type                   note
 ``lease_expires_at``  DOUBLE NULL            epoch seconds
 ``created_at`` …      DOUBLE                 ``created_at``, ``updated_at``, ``expires_at``: epoch seconds
 ``needs_publish``     BOOLEAN                default false; true until the message is confirmed published
-``payload``           TEXT (LONGTEXT) NULL   the call ``[task, args, kwargs]`` and its routing, as JSON
+``payload``           TEXT (LONGTEXT) NULL   ``[task, args, kwargs]``, then its routing/callbacks
 ====================  =====================  ==============================================================
 
 Indexes: ``expires_at`` (purge) and ``(status, updated_at)`` (recovery looks for stale pending/running records).
