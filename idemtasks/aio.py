@@ -97,7 +97,9 @@ def _native(store: Store) -> AsyncStore | None:
     if kind == "RedisStore":
         from .stores.redis_async import AsyncRedisStore
 
-        return AsyncRedisStore(store)  # type: ignore[arg-type]
+        # An application's own client (Sentinel, TLS, a proxy) cannot be copied onto redis.asyncio: its URL may not
+        # even name the server it talks to, and a twin built from it would write where the workers never read.
+        return AsyncRedisStore(store) if store._own_client else None  # type: ignore[attr-defined,arg-type]
     if kind == "SQLStore":
         from .stores.sql_async import AsyncSQLStore, supports
 

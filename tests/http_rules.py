@@ -243,6 +243,20 @@ class HttpRules:
         assert api.final(first.headers["location"]).json()["result"] == {"account": a, "amount": 5}
         assert api.runs[a] == 1
 
+    def test_a_retry_that_serializes_its_body_again_is_a_replay(self, api: Api) -> None:
+        """Another member order and spacing is the same request: answered 422, a client that gave up on its key
+        and sent a fresh one would pay twice."""
+        a = acct()
+        headers = {"Authorization": "Bearer alice", "Idempotency-Key": "k-" + a, "Content-Type": "application/json"}
+        first = api.send("POST", "/payments", json.dumps({"account": a, "amount": 5}).encode(), headers)
+        api.final(first.headers["location"])
+        again = api.send("POST", "/payments", json.dumps({"amount": 5, "account": a}, indent=2).encode(), headers)
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        assert again.json()["id"] == first.json()["id"]
+        other = api.send("POST", "/payments", json.dumps({"amount": 6, "account": a}).encode(), headers)
+        assert other.status_code == 422 and other.json()["code"] == "idempotency_key_mismatch"
+        assert api.runs[a] == 1
+
     def test_mismatch_status_is_configurable(self, api: Api) -> None:
         a = acct()
         api.post({"account": a, "amount": 5}, "k-" + a, path="/strict")
@@ -280,6 +294,26 @@ class HttpRules:
         again = api.post({"account": a, "amount": 5}, "shared-" + a, authorization=alice)
         assert again.json()["id"] == mine.json()["id"] and again.headers["idempotent-replayed"] == "true"
         assert api.runs[a] == 2
+
+    def test_a_custom_caller_decides_who_owns_an_operation(self, tenants: Api) -> None:
+        """``tenants`` serves ``POST /v1/payments`` with a caller reading ``X-Tenant``, asked for in another case
+        than the framework spells it: a lookup that missed would put every tenant in one anonymous scope."""
+        a = acct()
+        headers = {"Idempotency-Key": "k-" + a, "X-Tenant": "acme", "Content-Type": "application/json"}
+        body = b'{"account": "%s", "amount": 3}' % a.encode()
+        first = tenants.send("POST", "/v1/payments", body, {**headers, "Authorization": "Bearer alice"})
+        # The Bearer token plays no part: the same tenant replays, another tenant gets its own operation.
+        again = tenants.send("POST", "/v1/payments", body, {**headers, "Authorization": "Bearer bob"})
+        other = tenants.send("POST", "/v1/payments", body, {**headers, "X-Tenant": "globex"})
+        assert first.status_code == other.status_code == 202
+        assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert other.json()["id"] != first.json()["id"]
+        location = first.headers["location"]
+        assert location == f"/v1/operations/{first.json()['id']}"
+        assert tenants.send("GET", location, b"", {"X-Tenant": "globex"}).status_code == 404
+        assert tenants.final_with(location, {"X-Tenant": "acme"}).json()["status"] == "succeeded"
+        tenants.final_with(other.headers["location"], {"X-Tenant": "globex"})
+        assert tenants.runs[a] == 2
 
     def test_an_authorization_scheme_the_default_caller_cannot_read_is_refused_not_made_anonymous(
             self, api: Api) -> None:

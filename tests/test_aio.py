@@ -64,3 +64,30 @@ def test_submit_async_keeps_the_queue_it_was_given_for_recovery(server_store: St
         received = conn.SimpleQueue(special).get(timeout=5)
         assert received.headers["id"] == sub.operation.id
         received.ack()
+
+
+def test_a_redis_store_on_the_applications_own_client_is_used_as_it_is() -> None:
+    """An application's own client (Sentinel, TLS, a proxy) cannot be copied onto redis.asyncio, and the URL beside
+    it need not name the server it talks to: the async half goes through that very client, off the event loop."""
+    import redis
+
+    from idemtasks.stores.redis import RedisStore
+    from tests.services import REDIS_URL, require
+    from tests.test_bad_input import free_port
+
+    require("redis")
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", client=client, namespace=f"own{uuid.uuid4().hex[:6]}")
+
+    async def scenario() -> None:
+        astore = async_store_for(store)
+        assert type(astore).__name__ == "ThreadedAsyncStore"
+        sub = await astore.create("s", "k", "t", "fp", ttl=60)
+        assert sub.created and store.get_by_id(sub.operation.id) == sub.operation
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for key in client.scan_iter(match=f"{store.namespace}:*"):
+            client.delete(key)
+        client.close()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import time
+from datetime import date, datetime, timezone
+from datetime import time as dt_time
+from decimal import Decimal
+from uuid import UUID
 
 import pytest
 
@@ -31,6 +37,7 @@ from idemtasks.http.core import (
     status_reply,
 )
 from idemtasks.http.endpoint import bearer_caller
+from idemtasks.identity import dump_json, load_json
 from idemtasks.models import ErrorInfo, Operation, Status, Submission
 
 POLICY = HttpPolicy()
@@ -90,6 +97,49 @@ class TestScopeAndFingerprint:
         assert fp("a=1") != fp("a=2")
         assert fp("", b'{"x":1}') != fp("", b'{"x":2}')
         assert fp("", method="PUT") != fp("")
+
+    @pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                              "application/merge-patch+json"])
+    def test_a_json_body_serialized_again_is_the_same_request(self, content_type: str) -> None:
+        """A client's retry may serialize its body afresh: member order, spacing and string escapes mean nothing."""
+        def fp(body: bytes) -> str:
+            return request_fingerprint("POST", "/p", "", body, {"Content-Type": content_type}, POLICY)
+
+        first = fp(rb'{"account":"caf\u00e9","amount":500,"meta":{"b":[1,2],"a":null}}')
+        assert fp('{\n  "meta": {"a": null, "b": [1, 2]},\n  "amount": 500, "account": "café"\n}'.encode()) == first
+        assert fp('{"account":"café","amount":500,"meta":{"a":null,"b":[1,2]}}'.encode("utf-16")) == first
+
+    @pytest.mark.parametrize("other", [
+        b'{"account":"a","amount":500.0}',  # another spelling of the number: a parser may read it otherwise
+        b'{"account":"a","amount":5e2}',
+        b'{"account":"a","amount":"500"}',
+        b'{"account":"a","amount":500,"amount":500}',  # a repeated member is kept, not merged
+        b'{"account":"a","amount":500,"x":null}',
+        b'{"account":"a ","amount":500}',
+        b'[{"account":"a","amount":500}]',
+    ])
+    def test_a_json_body_that_may_mean_something_else_is_another_request(self, other: bytes) -> None:
+        def fp(body: bytes) -> str:
+            return request_fingerprint("POST", "/p", "", body, {"Content-Type": "application/json"}, POLICY)
+
+        assert fp(other) != fp(b'{"account":"a","amount":500}')
+
+    def test_numbers_keep_every_digit_the_client_sent(self) -> None:
+        def fp(body: bytes) -> str:
+            return request_fingerprint("POST", "/p", "", body, {"Content-Type": "application/json"}, POLICY)
+
+        # Equal as floats, different as decimal amounts.
+        assert fp(b'{"amount":0.1}') != fp(b'{"amount":0.10000000000000000001}')
+        assert fp(b'{"n":12345678901234567890}') != fp(b'{"n":12345678901234567891}')
+
+    def test_a_body_that_is_not_json_or_not_declared_json_is_hashed_as_sent(self) -> None:
+        def fp(body: bytes, content_type: str = "application/json") -> str:
+            return request_fingerprint("POST", "/p", "", body, {"Content-Type": content_type}, POLICY)
+
+        assert fp(b'{"a":1,') != fp(b'{"a":1, ')  # not JSON: as it is
+        assert fp(rb'["\ud800"]') != fp(rb'[ "\ud800"]')  # a lone surrogate has no canonical UTF-8 form
+        assert fp(b'{"a": 1}', "text/plain") != fp(b'{"a":1}', "text/plain")
+        assert fp(b"[" * 50_000 + b"]" * 50_000) != fp(b"[" * 50_001 + b"]" * 50_001)  # deeper than Python recurses
 
     def test_a_multipart_boundary_leaves_the_fingerprint_alone_but_the_parts_do_not(self) -> None:
         """Browsers and HTTP libraries draw a new boundary for every request, a client's retry included."""
@@ -159,6 +209,25 @@ class TestReplies:
         assert status_reply(op(Status.SUCCEEDED), "alice", POLICY).status == 200
         assert status_reply(op(), "mallory", POLICY).status == 404
         assert status_reply(None, "alice", POLICY).status == 404
+
+
+    def test_a_result_holding_decimals_dates_and_uuids_is_answered_in_plain_json(self) -> None:
+        """The store gives these types back as they were (for the task's own callers); a poll or a replay must
+        still answer, with amounts as strings that keep every digit and times in ISO 8601."""
+        paid = {"amount": Decimal("10.10"), "at": datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc),
+                "day": date(2026, 12, 1), "cutoff": dt_time(17, 0), "charge": UUID(int=7)}
+        stored = load_json(dump_json(paid, what="result"))
+        assert stored == paid  # the store keeps the types: the reply is where they become plain JSON
+        done = dataclasses.replace(op(Status.SUCCEEDED), result=stored)
+        for reply in (status_reply(done, "alice", POLICY),
+                      accepted(Submission(done, False), "/operations/op1", POLICY, now=time.time())):
+            assert json.loads(reply.json_bytes())["result"] == {
+                "amount": "10.10", "at": "2026-12-01T09:30:00+00:00", "day": "2026-12-01", "cutoff": "17:00:00",
+                "charge": "00000000-0000-0000-0000-000000000007"}
+
+    def test_a_body_of_another_type_is_still_refused(self) -> None:
+        with pytest.raises(TypeError, match="set is not JSON serializable"):
+            Reply(200, {"x": {1}}).json_bytes()
 
 
 class TestErrors:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,13 @@ from tests.http_rules import (
 class Served:
     api: Api
     mounted: Api  # the same application, mounted under /api in another (ASGI root_path="/api")
+    v1: Api  # another application, with status_prefix="/v1" and the tenant as caller
+
+
+def tenant(headers: Mapping[str, str]) -> str | None:
+    """A custom caller identity: the tenant header instead of the Bearer token. Asked for as X-Tenant, though
+    Starlette spells it x-tenant: a lookup that missed would put every tenant in the anonymous scope."""
+    return headers.get("X-Tenant")
 
 
 def sender(client: TestClient) -> Callable[[str, str, bytes, dict[str, str]], Resp]:
@@ -91,13 +98,27 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
         outer = FastAPI()
         outer.mount("/api", app)
-        with TestClient(app) as client, TestClient(outer) as mounted:
-            yield Served(Api(sender(client), store, runs), Api(sender(mounted), store, runs))
+        v1_app = FastAPI()
+        v1 = Idempotency(store=store, caller=tenant, status_prefix="/v1")
+        v1_app.include_router(v1.router)
+
+        @v1_app.post("/v1/payments")
+        async def v1_payments(request: Request) -> Response:
+            return await v1.submit(request, task, pay_body(await request.json()))
+
+        with TestClient(app) as client, TestClient(outer) as mounted, TestClient(v1_app) as v1_client:
+            yield Served(Api(sender(client), store, runs), Api(sender(mounted), store, runs),
+                         Api(sender(v1_client), store, runs))
 
 
 @pytest.fixture
 def api(served: Served) -> Api:
     return served.api
+
+
+@pytest.fixture
+def tenants(served: Served) -> Api:
+    return served.v1
 
 
 class TestFastAPI(HttpRules):

@@ -98,3 +98,46 @@ def test_a_store_that_refuses_is_a_500_and_the_retry_starts_afresh(caplog: pytes
         assert again.status_code == 202 and "idempotent-replayed" not in again.headers
     finally:
         drop(store)
+
+
+def flask_service(store: str) -> Any:
+    import flask
+
+    from idemtasks.contrib.flask import Idempotency as FlaskIdempotency
+
+    celery = Celery(f"out{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+    @celery.task(base=IdempotentTask, store_url=store, name=f"{celery.main}.pay")
+    def pay(amount: int) -> int:
+        return amount
+
+    app = flask.Flask(__name__)
+    idem = FlaskIdempotency(app, store=store)
+
+    @app.post("/payments")
+    def payments() -> flask.Response:
+        return idem.submit(pay, (flask.request.get_json()["amount"],))
+
+    return app.test_client()
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "flask"])
+def test_a_store_given_by_url_and_down_when_first_used_is_a_503_and_the_retry_starts_afresh(
+        tmp_path: Path, framework: str) -> None:
+    """The endpoint opens a store given by URL on its first request (a SQL store creates its schema then): a
+    database that cannot be opened yet is an outage like any other, not an unhandled 500."""
+    url = f"sqlite:///{tmp_path / 'not-yet' / 'ops.sqlite3'}"  # its directory does not exist yet: cannot open
+
+    def attempt() -> Any:
+        if framework == "flask":
+            r = flask_service(url).post("/payments", json={"amount": 5}, headers={"Idempotency-Key": "k5"})
+            return r.status_code, r.headers, r.get_json()
+        with service(url, "memory://") as client:
+            r = post(client, "k5")
+        return r.status_code, r.headers, r.json()
+
+    status, headers, body = attempt()
+    assert status == 503 and body["code"] == "service_unavailable" and headers["retry-after"] == "1"
+    (tmp_path / "not-yet").mkdir()
+    status, headers, body = attempt()
+    assert status == 202 and "idempotent-replayed" not in headers and body["status"] == "pending"

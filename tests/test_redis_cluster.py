@@ -97,3 +97,27 @@ def test_recovery_scans_the_cluster(store: RedisStore) -> None:
     assert store.claim("s", "dead", "t", "fp", owner="copy", lease=5, ttl=60).outcome is ClaimOutcome.CLAIMED
     with pytest.raises(LeaseLost):
         store.succeed(dead, dead.fencing_token, "1", ttl=60)
+
+
+def test_the_async_half_routes_each_record_to_its_slot(store: RedisStore) -> None:
+    """The web side's asyncio store writes where the workers' store reads: a plain client would be answered MOVED
+    for every key whose slot lives on another node."""
+    import asyncio
+
+    from idemtasks.aio import async_store_for
+
+    async def scenario() -> list[str]:
+        astore = async_store_for(store)
+        ids = []
+        for i in range(20):
+            sub = await astore.create("s", f"a{i}", "t", "fp", ttl=60, payload='["t",[],{}]')
+            assert sub.created
+            assert await astore.get_by_id(sub.operation.id) == sub.operation
+            ids.append(sub.operation.id)
+        assert abs(await astore.now() - store.now()) < 5
+        await astore.client.aclose()  # type: ignore[attr-defined]
+        return ids
+
+    ids = asyncio.run(scenario())
+    assert len({store.client.keyslot(store.record_key(f"{i:032x}")) for i in range(20)}) > 5
+    assert all(store.get_by_id(op_id) is not None for op_id in ids)

@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the Django adapter needs Django: pip install idemtasks[django]") from exc
 
 from ..http import core
-from ..http.core import HttpPolicy, InvalidCredentials, Reply
+from ..http.core import HttpPolicy, InvalidCredentials, Reply, RequestHeaders
 from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length
 from ..http.forms import FORM_BODY, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
@@ -70,7 +70,7 @@ class Idempotency:
     def incoming(self, request: HttpRequest, policy: HttpPolicy | None = None) -> IncomingRequest:
         """``request`` as the endpoint reads it. A body whose Content-Length is over ``policy``'s limit is left
         unread: the endpoint answers 413 from the declared length alone."""
-        headers = dict(request.headers.items())
+        headers = RequestHeaders(request.headers.items())
         caller = self.caller(headers)
         limit = (policy or self.endpoint.policy).max_body_bytes
         match = getattr(request, "resolver_match", None)
@@ -104,7 +104,7 @@ class Idempotency:
         if request.method != "GET":
             return HttpResponse(status=405, headers={"Allow": "GET"})
         try:
-            caller = self.caller(dict(request.headers.items()))
+            caller = self.caller(RequestHeaders(request.headers.items()))
         except InvalidCredentials as exc:
             return to_response(core.error_reply(exc, self.endpoint.policy))
         return to_response(self.endpoint.status(operation_id, caller))

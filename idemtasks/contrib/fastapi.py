@@ -24,9 +24,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the FastAPI adapter needs FastAPI: pip install idemtasks[fastapi]") from exc
 
 from ..aio import AsyncStore, async_store_for, submit_async
-from ..errors import IdemtasksError
+from ..errors import ConfigurationError, IdemtasksError
 from ..http import core
-from ..http.core import HttpPolicy, InvalidCredentials, Reply
+from ..http.core import HttpPolicy, InvalidCredentials, Reply, RequestHeaders
 from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length
 from ..http.forms import FORM_BODY, Upload, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
@@ -93,7 +93,7 @@ class Idempotency:
         """``request`` as the endpoint reads it. A body whose Content-Length is over ``policy``'s limit is left
         unread: the endpoint answers 413 from the declared length alone."""
         route = getattr(request.scope.get("route"), "path", request.url.path)
-        headers = dict(request.headers.items())
+        headers = RequestHeaders(request.headers.items())
         caller = self.caller(headers)
         limit = (policy or self.endpoint.policy).max_body_bytes
         return IncomingRequest(method=request.method, route=route, path=request.url.path, query=request.url.query,
@@ -120,13 +120,15 @@ class Idempotency:
         if isinstance(prepared, Reply):
             return to_response(prepared)
         key, scope, fp = prepared
-        astore = self._async_store(task)
         try:
+            astore = self._async_store(task)  # inside: a store given by URL is opened on first use (see Endpoint)
             sub = await submit_async(task, args, kwargs, key=key, scope=scope, fingerprint=fp, store=astore,
                                      **options)
             now = sub.operation.updated_at
             if not sub.created and sub.operation.needs_publish:  # only then does the answer depend on the clock
                 now = await astore.now()
+        except ConfigurationError:
+            raise  # a programming error: the framework's 500, with its traceback (see Endpoint.submit)
         except IdemtasksError as exc:
             return to_response(core.error_reply(exc, policy))
         return to_response(core.accepted(sub, self.endpoint.location(sub.operation.id, req.root), policy, now=now))
@@ -134,7 +136,7 @@ class Idempotency:
     async def status(self, operation_id: str, request: Request) -> Response:
         """``GET …/operations/{operation_id}``: the caller's own operation, or 404."""
         try:
-            caller = self.caller(dict(request.headers.items()))
+            caller = self.caller(RequestHeaders(request.headers.items()))
         except InvalidCredentials as exc:
             return to_response(core.error_reply(exc, self.endpoint.policy))
         try:

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the Flask adapter needs Flask: pip install idemtasks[flask]") from exc
 
 from ..http import core
-from ..http.core import HttpPolicy, InvalidCredentials, Reply
+from ..http.core import HttpPolicy, InvalidCredentials, Reply, RequestHeaders
 from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length
 from ..http.forms import FORM_BODY, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
@@ -39,7 +39,7 @@ def _body(req: flask.Request) -> bytes:
     if body:
         return body
     if not (is_form(req.content_type) and "form" in req.__dict__):
-        if declared_length(dict(req.headers.items())) > 0 or "Transfer-Encoding" in req.headers:
+        if declared_length(RequestHeaders(req.headers.items())) > 0 or "Transfer-Encoding" in req.headers:
             # There was a body, and the view read it as a stream: every payload would look like this empty one.
             raise body_consumed("request.get_data() (which keeps it)")
         return body
@@ -78,7 +78,7 @@ class Idempotency:
         """The current request as the endpoint reads it. A body whose Content-Length is over ``policy``'s limit is
         left unread: the endpoint answers 413 from the declared length alone."""
         req = flask.request
-        headers = dict(req.headers.items())
+        headers = RequestHeaders(req.headers.items())
         caller = self.caller(headers)
         limit = (policy or self.endpoint.policy).max_body_bytes
         rule = req.url_rule.rule if req.url_rule is not None else req.path
@@ -106,7 +106,7 @@ class Idempotency:
 
     def status_view(self, operation_id: str) -> flask.Response:
         try:
-            caller = self.caller(dict(flask.request.headers.items()))
+            caller = self.caller(RequestHeaders(flask.request.headers.items()))
         except InvalidCredentials as exc:
             return to_response(core.error_reply(exc, self.endpoint.policy))
         return to_response(self.endpoint.status(operation_id, caller))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .core import HttpPolicy, InvalidCredentials, Reply
+from .core import HttpPolicy, InvalidCredentials, Reply, RequestHeaders
 from .endpoint import Endpoint, IncomingRequest, bearer_caller
 
-__all__ = ["Endpoint", "HttpPolicy", "IncomingRequest", "InvalidCredentials", "Reply", "bearer_caller"]
+__all__ = ["Endpoint", "HttpPolicy", "IncomingRequest", "InvalidCredentials", "Reply", "RequestHeaders",
+           "bearer_caller"]

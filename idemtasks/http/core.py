@@ -24,13 +24,16 @@ status of the caller's own operation                   200         ``Retry-After
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
+from uuid import UUID
 
 from ..config import ACCEPT_WINDOW
 from ..errors import (
@@ -46,12 +49,14 @@ from ..errors import (
 from ..identity import MAX_KEY_LENGTH
 from ..models import Operation, Status, Submission
 from .forms import canonical_body
+from .json_body import canonical_json, is_json
 
 __all__ = [
     "ACCEPT_WINDOW",
     "HttpPolicy",
     "InvalidCredentials",
     "Reply",
+    "RequestHeaders",
     "accepted",
     "caller_scope",
     "error_reply",
@@ -102,7 +107,7 @@ class Reply:
         return PROBLEM_JSON if self.status >= 400 else "application/json"
 
     def json_bytes(self) -> bytes:
-        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False, default=_plain_json).encode()
 
     @property
     def response_headers(self) -> dict[str, str]:
@@ -110,6 +115,18 @@ class Reply:
         a cache that kept a "pending" would serve it to a polling client for ever, and a shared one could serve a
         caller's result, or a replay, to somebody else."""
         return {"Cache-Control": "no-store", **self.headers}
+
+
+def _plain_json(value: Any) -> Any:
+    """The JSON a client reads for the types a stored result keeps (the store tags them, so that the task's own
+    callers get them back as they were): a ``Decimal`` and a ``UUID`` as strings, which keep every digit (a JSON number
+    would lose them in a browser), and dates and times in ISO 8601. Without this, a payment that returned its amount
+    as a ``Decimal`` would answer every poll and every replay with a 500."""
+    if isinstance(value, (Decimal, UUID)):
+        return str(value)
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime is a date
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def problem(status: int, code: str, title: str, detail: str, *, retry_after: int | None = None,
@@ -120,7 +137,40 @@ def problem(status: int, code: str, title: str, detail: str, *, retry_after: int
     return Reply(status, body, headers)
 
 
+class RequestHeaders(Mapping[str, str]):
+    """A request's headers, looked up whatever the case of the name: what adapters hand to ``caller=`` and the
+    endpoint.
+
+    Frameworks spell header names differently (Starlette lower-cases them, Werkzeug and Django title-case them), and a
+    plain dict of them would make ``headers.get("X-Tenant")`` find nothing under one framework: every tenant would
+    then share the anonymous scope, where one tenant's key replays another's operation. Names are kept lower-cased; a
+    repeated header keeps its last value, as the frameworks' own ``get`` does.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items = {name.lower(): value for name, value in items}
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"RequestHeaders({self._items!r})"
+
+
 def _header(headers: Mapping[str, str], name: str) -> str | None:
+    if isinstance(headers, RequestHeaders):
+        return headers.get(name)
     lowered = name.lower()
     for k, v in headers.items():
         if k.lower() == lowered:
@@ -176,7 +226,10 @@ def request_fingerprint(method: str, path: str, query: str, body: bytes, headers
         h.update(part.encode() + b"\x00")
     for name in policy.fingerprint_headers:
         h.update(f"{name.lower()}:{_header(headers, name) or ''}".encode() + b"\x00")
-    h.update(canonical_body(body, _header(headers, "Content-Type")))  # a multipart boundary drawn per request
+    content_type = _header(headers, "Content-Type")
+    # JSON in its canonical form (a retry may serialize it again); a multipart body without the boundary its client
+    # draws per request; any other body as it is.
+    h.update((is_json(content_type) and canonical_json(body)) or canonical_body(body, content_type))
     return "http:" + h.hexdigest()[:27]  # 32 characters like a call's fingerprint: 108 bits, tagged with its origin
 
 
@@ -232,6 +285,7 @@ def error_reply(exc: Exception, policy: HttpPolicy) -> Reply:
         logger.error("idemtasks: answered 500: %s", exc)
         return problem(500, "store_error", "Store error", "the request could not be recorded")
     if isinstance(exc, IdemtasksError):
+        logger.error("idemtasks: answered 500: %s: %s", type(exc).__name__, exc)
         return problem(500, "internal_error", "Internal error", type(exc).__name__)
     raise exc
 

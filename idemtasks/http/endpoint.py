@@ -21,7 +21,8 @@ from .core import HttpPolicy, InvalidCredentials, Reply
 
 __all__ = ["Caller", "Endpoint", "IncomingRequest", "bearer_caller", "declared_length"]
 
-#: Who a request comes from, from its headers: ``None`` is anonymous.
+#: Who a request comes from, from its headers (a :class:`~.core.RequestHeaders` from the adapters: lookups ignore
+#: the case of the name): ``None`` is anonymous.
 Caller = Callable[[Mapping[str, str]], "str | None"]
 
 
@@ -141,10 +142,14 @@ class Endpoint:
         if isinstance(prepared, Reply):
             return prepared
         key, scope, fp = prepared
-        store = self.store_for(task)
         try:
+            # Inside: a store given by URL is opened on first use, and a database that is down then is a 503 like
+            # any other outage.
+            store = self.store_for(task)
             sub = task.submit(args, kwargs, key=key, scope=scope, fingerprint=fp, **options)
             now = accept_clock(sub, store.now)
+        except ConfigurationError:
+            raise  # a programming error (a task writing to another store): the framework's 500, with its traceback
         except IdemtasksError as exc:
             return core.error_reply(exc, policy)
         return core.accepted(sub, self.location(sub.operation.id, req.root), policy, now=now)

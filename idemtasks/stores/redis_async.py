@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -24,7 +25,10 @@ class AsyncRedisStore(AsyncStore):
 
     def __init__(self, store: RedisStore) -> None:
         self.sync = store
-        self.client = aioredis.Redis.from_url(
+        # A cluster client routes each script to its record's slot, as the synchronous store's does; a plain client
+        # on a cluster would be answered MOVED for most keys.
+        factory = aioredis.RedisCluster.from_url if store.cluster else aioredis.Redis.from_url
+        self.client: Any = factory(
             store._raw_url, decode_responses=True, socket_timeout=store.socket_timeout,
             socket_connect_timeout=store.socket_timeout, **client_retry(Retry))
         self._create_script = self.client.register_script(lua.CREATE)
@@ -56,4 +60,4 @@ class AsyncRedisStore(AsyncStore):
     async def now(self) -> float:
         async with self._call():
             seconds, micros = await self.client.time()
-        return float(seconds) + micros / 1_000_000
+        return float(seconds) + float(micros) / 1_000_000
