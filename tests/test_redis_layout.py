@@ -46,3 +46,31 @@ def test_a_long_error_message_keeps_the_record_a_listpack(redis_store: RedisStor
     assert encoding(redis_store, "k1") == "listpack"
     op = redis_store.get("global", "k1")
     assert op is not None and op.error == ErrorInfo("Declined", "no. " * 200)
+
+
+def test_reads_judge_expiry_by_the_servers_clock(redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis keeps an expired record's key ten minutes longer (so that a claim re-creating it continues its tokens).
+    A read must call it expired when the scripts do, by the server's clock: a web host whose clock is behind would
+    otherwise show an expired operation as live, and one ahead would answer 404 for a live one."""
+    import asyncio
+    import time
+
+    from idemtasks.aio import async_store_for
+
+    expired = redis_store.create("s", "expired", "t", "fp", ttl=0.2).operation
+    live = redis_store.create("s", "live", "t", "fp", ttl=30).operation
+    time.sleep(0.4)
+    real = time.time
+
+    async def read_both() -> tuple[object, object]:
+        astore = async_store_for(redis_store)
+        try:
+            return await astore.get_by_id(expired.id), await astore.get_by_id(live.id)
+        finally:
+            await astore.client.aclose()  # type: ignore[attr-defined]
+
+    for skew in (-60.0, 60.0):  # this host's clock a minute behind the server's, then a minute ahead
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)
+        assert redis_store.get("s", "expired") is None and redis_store.get_by_id(expired.id) is None
+        assert redis_store.get_by_id(live.id) == live
+        assert asyncio.run(read_both()) == (None, live)

@@ -312,6 +312,19 @@ class TestFinish:
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
         assert claim(store, scope, "later").outcome is ClaimOutcome.CLAIMED  # the message, when it comes, claims it
 
+    def test_a_published_mark_that_lands_after_a_claim_changes_nothing(self, store: Store, scope: str) -> None:
+        """The publisher paused between its publish and its mark; meanwhile a worker claimed the operation and gave
+        it back for a retry in 600 s. The late mark must not make it due now: a duplicate delivery would run the
+        body at once (and recovery publish a copy), starting a second chain of retries beside the scheduled one."""
+        published = store.create(scope, "k", "tasks.charge", "fp-a", ttl=TTL).operation
+        held = claim(store, scope, "k").operation
+        store.release(held, held.fencing_token, ttl=TTL, delay=600)
+        store.mark_published(published)
+        after = store.get(scope, "k")  # a thread's read waits for its own pipelined mark to land
+        assert after is not None and after.updated_at > store.now() + 590
+        assert claim(store, scope, "k").outcome is ClaimOutcome.BUSY
+        assert not [op for op in store.stale(pending_after=0.0) if op.scope == scope]
+
     def test_a_scheduled_operation_is_not_presumed_lost_before_it_is_due_even_unmarked(self, store: Store,
                                                                                         scope: str) -> None:
         """The due time is recorded at creation too: if the "published" mark never lands (a store hiccup after the

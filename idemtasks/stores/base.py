@@ -310,8 +310,12 @@ class Store(abc.ABC):
         ``delay``: seconds until that message is due (a countdown or ETA). As for a release, ``updated_at`` is set
         that far ahead and recovery waits ``pending_after`` from then: a copy published sooner would run the body
         before its time.
+
+        Fenced on ``op``'s token: a mark that lands after a worker claimed the operation (the publisher paused
+        between its publish and this call) would otherwise undo what the claim did since, such as a retry's
+        countdown, and the body would be due at once.
         """
-        self._mark_published(key_digest(op.scope, op.key), op.id, max(0.0, delay))
+        self._mark_published(key_digest(op.scope, op.key), op.id, op.fencing_token, max(0.0, delay))
 
     def attach_payload(self, op: Operation, token: int, payload: str) -> bool:
         """Store the call of an operation whose record a claim created without one, so that recovery can publish it
@@ -401,9 +405,10 @@ class Store(abc.ABC):
         Never touches ``updated_at``: a lease pushed above it is how a renewal cancels recovery's suspicion."""
 
     @abc.abstractmethod
-    def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
-        """If the record is ``operation_id`` and still pending: clear ``needs_publish`` and set ``updated_at`` to now
-        plus ``delay`` (recovery's clock for pending records restarts with every publish, from when it is due)."""
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
+        """If the record is ``operation_id``, still pending and not claimed since (its token is still ``token``):
+        clear ``needs_publish`` and set ``updated_at`` to now plus ``delay`` (recovery's clock for pending records
+        restarts with every publish, from when it is due)."""
 
     @abc.abstractmethod
     def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:

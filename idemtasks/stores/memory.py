@@ -87,11 +87,12 @@ class MemoryStore(Store):
             )
             return True
 
-    def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
         with self._lock:
             self.round_trips += 1
             op = self._live(digest, time.time())
-            if op is not None and op.id == operation_id and op.status is Status.PENDING:
+            if (op is not None and op.id == operation_id and op.status is Status.PENDING
+                    and op.fencing_token == token):
                 self._records[digest] = dataclasses.replace(op, needs_publish=False, updated_at=time.time() + delay)
 
     def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -165,6 +164,7 @@ class RedisStore(Store):
         self._attach_script = self.client.register_script(lua.ATTACH_PAYLOAD)
         self._requeue_script = self.client.register_script(lua.REQUEUE)
         self._stale_script = self.client.register_script(lua.STALE)
+        self._get_script = self.client.register_script(lua.GET)
         # A worker thread's claims and completions go through its own connection (see redis_lane); a cluster
         # routes by slot, and an application's own client may not be a plain pool, so those stay synchronous.
         self._local = threading.local()
@@ -271,8 +271,8 @@ class RedisStore(Store):
             return bool(self._renew_script(keys=[self.record_key(digest)],
                                            args=[tail(digest, operation_id), str(token), repr(lease), repr(ttl)]))
 
-    def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
-        keys, args = [self.record_key(digest)], [tail(digest, operation_id), repr(delay)]
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
+        keys, args = [self.record_key(digest)], [tail(digest, operation_id), str(token), repr(delay)]
         lane = self._lane()
         if lane is None:
             with self._call():
@@ -326,14 +326,8 @@ class RedisStore(Store):
 
     def _get(self, digest: str) -> Operation | None:
         with self._call():
-            flat = self.client.execute_command("HGETALL", self.record_key(digest))
-        if not flat:
-            return None
-        if isinstance(flat, dict):  # RESP3 answers a map
-            flat = [x for pair in flat.items() for x in pair]
-        op = parse_record(flat, digest)
-        # Redis evicts a millisecond after the expiry; the local clock closes that gap (a script would cost a TIME).
-        return op if op.expires_at > time.time() else None
+            flat = self._get_script(keys=[self.record_key(digest)])
+        return parse_record(flat, digest) if flat else None
 
     def now(self) -> float:
         with self._call():

@@ -32,6 +32,7 @@ class AsyncRedisStore(AsyncStore):
             store._raw_url, decode_responses=True, socket_timeout=store.socket_timeout,
             socket_connect_timeout=store.socket_timeout, **client_retry(Retry))
         self._create_script = self.client.register_script(lua.CREATE)
+        self._get_script = self.client.register_script(lua.GET)
 
     @asynccontextmanager
     async def _call(self) -> AsyncIterator[None]:
@@ -48,14 +49,9 @@ class AsyncRedisStore(AsyncStore):
         return create_answer(reply, req)
 
     async def _get(self, digest: str) -> Operation | None:
-        import time
-
         async with self._call():
-            h = await self.client.hgetall(self.sync.record_key(digest))
-        if not h:
-            return None
-        op = parse_record([x for pair in h.items() for x in pair], digest)
-        return op if op.expires_at > time.time() else None
+            flat = await self._get_script(keys=[self.sync.record_key(digest)])
+        return parse_record(flat, digest) if flat else None
 
     async def now(self) -> float:
         async with self._call():

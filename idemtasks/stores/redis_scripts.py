@@ -52,8 +52,8 @@ from __future__ import annotations
 
 from .base import DUE_SLACK
 
-__all__ = ["ABANDON", "ATTACH_PAYLOAD", "CHUNK", "CLAIM", "CREATE", "FINISH", "MARK_PUBLISHED", "RENEW", "REQUEUE",
-           "STALE"]
+__all__ = ["ABANDON", "ATTACH_PAYLOAD", "CHUNK", "CLAIM", "CREATE", "FINISH", "GET", "MARK_PUBLISHED", "RENEW",
+           "REQUEUE", "STALE"]
 
 #: The longest piece of a long value (Redis' default ``hash-max-listpack-value``).
 CHUNK = 64
@@ -234,15 +234,27 @@ end
 return 1
 """
 
-# KEYS: record. ARGV: id, delay (seconds until the message is due, which 'u' is set ahead by)  ->  1
+# KEYS: record. ARGV: id, token, delay (seconds until the message is due, which 'u' is set ahead by)  ->  1
 # The pending index keeps its score: STALE moves a member whose 'u' turns out later than the score to its true place.
+# Only while the token is the publisher's: a claim since (a late mark) may have given the record back with a later
+# due time, which the mark must not undo.
 MARK_PUBLISHED = _CLOCK + """
-local rec = redis.call('HMGET', k, 'id', 'st', 'x')
-if rec[1] == ARGV[1] and rec[2] == 'p' and (tonumber(rec[3]) or 0) > now then
-  redis.call('HSET', k, 'u', string.format('%d', now + math.floor(ARGV[2] * 1000000 + 0.5)))
+local rec = redis.call('HMGET', k, 'id', 'st', 'x', 'tok')
+if rec[1] == ARGV[1] and rec[2] == 'p' and (tonumber(rec[3]) or 0) > now and rec[4] == ARGV[2] then
+  redis.call('HSET', k, 'u', string.format('%d', now + math.floor(ARGV[3] * 1000000 + 0.5)))
   redis.call('HDEL', k, 'np')
 end
 return 1
+"""
+
+# KEYS: record  ->  the record's fields and values, or {} if it is absent or expired.
+# Expired by the server's clock, as every other script judges it: the key outlives its expiry by KEEP_MS, and a
+# reader's own clock, ahead or behind, would show a live record as gone or an expired one as live for as long.
+GET = """
+local t = redis.call('TIME')
+local x = tonumber(redis.call('HGET', KEYS[1], 'x'))
+if not x or x <= t[1] * 1000000 + t[2] then return {} end
+return redis.call('HGETALL', KEYS[1])
 """
 
 # KEYS: record. ARGV: id, token, payload  ->  1 | 0

@@ -352,8 +352,8 @@ class SQLStore(Store):
                                  p_ttl=ttl)
         return self._count(self.sql.renew, params) == 1
 
-    def _mark_published(self, digest: str, operation_id: str, delay: float) -> None:
-        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_delay=delay)
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
+        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_delay=delay)
         lane = self._lane()
         if lane is None:
             self._count(self.sql.mark_published, params)

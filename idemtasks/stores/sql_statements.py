@@ -195,7 +195,9 @@ class Statements:
     @cached_property
     def mark_published(self) -> Any:
         t, now = self.table, self.now()
+        # Fenced on the publisher's token: see Store.mark_published.
         return t.update().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
+                                t.c.fencing_token == self.p("fencing_token"),
                                 t.c.expires_at > now).values(needs_publish=False,
                                                                 updated_at=now + self._seconds("p_delay"))
 
