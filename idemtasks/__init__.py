@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .config import DEFAULT_LEASE, DEFAULT_STORE_URL, DEFAULT_TTL
 from .errors import (
+    AttemptsExhausted,
     ConfigurationError,
     IdempotencyKeyMismatch,
     IdemtasksError,
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_STORE_URL",
     "DEFAULT_TTL",
     # Errors
+    "AttemptsExhausted",
     "ConfigurationError",
     "IdempotencyKeyMismatch",
     "IdemtasksError",

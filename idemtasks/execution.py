@@ -19,7 +19,9 @@ from typing import Any, NoReturn
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
+from .config import max_attempts_for
 from .errors import (
+    AttemptsExhausted,
     IdempotencyKeyMismatch,
     IdemtasksError,
     LeaseLost,
@@ -227,12 +229,13 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
     request.idemtasks_attempt = attempt
     attempt.hold = keeper.hold(attempt.store, attempt.operation, attempt.fencing_token,
                                lease=float(task.lease_seconds), ttl=attempt.ttl)
+    body = _body(task, attempt.operation)
     try:
         try:
             if task.transactional:
-                result, result_json = _run_transactional(task, attempt, args, kwargs)
+                result, result_json = _run_transactional(task, attempt, body, args, kwargs)
             else:
-                result = task.run(*args, **kwargs)
+                result = body(*args, **kwargs)
                 result_json = dump_json(result, what="result", limit=task.max_result_bytes)
         except Retry:
             raise  # retry() gave the operation back before publishing
@@ -242,7 +245,7 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         except BaseException as exc:
             if attempt.released:
                 raise
-            if task.retry_on and isinstance(exc, task.retry_on):
+            if task.retry_on and isinstance(exc, task.retry_on) and not isinstance(exc, AttemptsExhausted):
                 try:
                     task.retry(exc=exc, countdown=min(2.0 ** request.retries, 300.0))
                 except Retry:
@@ -272,6 +275,27 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         keeper.release(attempt.hold)
         request.idemtasks_attempt = None
         request.idemtasks_connection = None
+
+
+def _body(task: Any, op: Operation) -> Callable[..., Any]:
+    """The task's body, or, once the operation was started as often as ``max_attempts`` allows, a stand-in that
+    raises :class:`AttemptsExhausted`. Each of those starts ended without an outcome (every other ending stores one,
+    or gives the operation back for a retry Celery counts): their holders died in the body, and this one would too.
+
+    The stand-in takes the body's place rather than failing the operation here, so that the failure takes the
+    body's own path: a transactional task first adopts what an earlier holder may have committed before it died,
+    and seals the failure in its ledger, so that a holder still alive somewhere cannot commit after it.
+    """
+    limit = max_attempts_for(task)
+    if limit is None or op.attempts <= limit:  # the claim counted this start: op.attempts - 1 came before it
+        return task.run  # type: ignore[no-any-return]
+
+    def exhausted(*_args: Any, **_kwargs: Any) -> NoReturn:
+        raise AttemptsExhausted(operation_id=op.id, started=op.attempts - 1, limit=limit)
+
+    logger.error("idemtasks: operation %s was started %d times without an outcome (max_attempts %d): it fails "
+                 "instead of starting again", op.id, op.attempts - 1, limit)
+    return exhausted
 
 
 def _dropped(task: Any, attempt: Attempt, exc: Ignore | Reject) -> None:
@@ -331,7 +355,8 @@ def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> Any:
     return _NOTHING
 
 
-def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
+def _run_transactional(task: Any, attempt: Attempt, body: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> tuple[Any, str]:
     from .effects import ledger_for
 
     ledger = attempt.ledger = ledger_for(_transaction_url(task))
@@ -344,7 +369,7 @@ def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwarg
     try:
         with ledger.transaction() as conn:
             attempt.request.idemtasks_connection = conn
-            result = task.run(*args, **kwargs)
+            result = body(*args, **kwargs)
             result_json = dump_json(result, what="result", limit=task.max_result_bytes)
             prior = ledger.record(conn, attempt.id, attempt.fencing_token, result_json)
             if prior is not None:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from celery import Task
 
-from . import checks, config
+from . import checks, config, revoked  # noqa: F401 - revoked connects the handler of discarded messages
 from .config import ACCEPT_WINDOW
 from .errors import IdemtasksError, PublishFailed
 from .execution import Attempt, run_attempt
@@ -38,7 +38,9 @@ TASK_ID_SCOPE = "celery-task-id"
 
 def due_in(eta: Any, countdown: float | None, default: float | None = None) -> float:
     """Seconds until a message is due, as Celery schedules it: an ETA, a countdown, or (for ``retry``) the task's
-    ``default_retry_delay``."""
+    ``default_retry_delay``. A countdown given beside an ETA wins, as in Celery, which turns it into the ETA."""
+    if countdown:
+        return max(0.0, float(countdown))
     if eta is not None:
         if isinstance(eta, datetime):
             now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now(timezone.utc).replace(tzinfo=None)
@@ -78,6 +80,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     max_args_bytes: ClassVar[int | None] = None
     max_result_bytes: ClassVar[int | None] = None
     pipeline_completions: ClassVar[bool | None] = None
+    max_attempts: ClassVar[int | None] = None
     #: ``key_func(*args, **kwargs) -> str``: the idempotency key of a message sent without :meth:`submit`.
     key_func: ClassVar[Callable[..., str] | None] = None
     #: Exceptions retried with back-off (bounded by ``max_retries``) instead of being stored as terminal failures.

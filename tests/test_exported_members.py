@@ -12,7 +12,8 @@ EXPECTED = {
     "ClaimOutcome", "ClaimResult", "ErrorInfo", "Operation", "Status", "Submission",
     "Store", "open_store",
     "DEFAULT_LEASE", "DEFAULT_STORE_URL", "DEFAULT_TTL",
-    "ConfigurationError", "IdempotencyKeyMismatch", "IdemtasksError", "InvalidKey", "LeaseLost", "NotSerializable",
+    "AttemptsExhausted", "ConfigurationError", "IdempotencyKeyMismatch", "IdemtasksError", "InvalidKey", "LeaseLost",
+    "NotSerializable",
     "OperationFailed", "PublishFailed", "StoreError", "StoreUnavailable", "TooLarge",
 }
 

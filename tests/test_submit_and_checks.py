@@ -114,3 +114,20 @@ def test_warnings_are_logged_when_a_worker_starts(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.WARNING, logger="idemtasks.checks"):
         signals.worker_init.send(sender=sender)
     assert any("acks_late is off" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("eta_in", "countdown"), [(600.0, 5.0), (600.0, None), (None, 5.0), (600.0, 0), (None, None)])
+def test_a_message_is_due_when_celery_schedules_it(eta_in: float | None, countdown: float | None) -> None:
+    """The due time recorded for a retry or a submit is the one Celery gives the message: a countdown given beside
+    an ETA replaces it. Recorded later, a copy would be held back; earlier, one could run the body before its time."""
+    from datetime import datetime, timedelta, timezone
+
+    from idemtasks.task import due_in
+
+    app = Celery(f"due{uuid.uuid4().hex[:6]}", set_as_current=False)
+    eta = None if eta_in is None else datetime.now(timezone.utc) + timedelta(seconds=eta_in)
+    message = app.amqp.as_task_v2("id", "name", countdown=countdown, eta=eta)
+    scheduled = message.headers["eta"]
+    now = datetime.now(timezone.utc)
+    expected = 0.0 if scheduled is None else (datetime.fromisoformat(scheduled) - now).total_seconds()
+    assert due_in(eta, countdown) == pytest.approx(expected, abs=0.5)

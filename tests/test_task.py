@@ -16,6 +16,7 @@ from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject
 
 from idemtasks import (
+    ClaimOutcome,
     IdempotencyKeyMismatch,
     IdempotentTask,
     InvalidKey,
@@ -595,6 +596,111 @@ class TestLeases:
         h.store.succeed(holder, holder.fencing_token, '{"by": "the holder"}', ttl=3600)
         assert redelivered.get(timeout=20) == {"by": "the holder"}
         assert h.runs[k] == 0
+
+
+class TestAttemptsCap:
+    """A holder that dies in the body (a hard time limit, the OOM killer) runs no hook: its operation is taken over
+    and the body started again. ``charge`` keeps Celery's default ``max_retries`` (3), so its cap is derived: 4 starts
+    Celery's retries may make, plus ``LOST_HOLDER_STARTS`` (3)."""
+
+    @staticmethod
+    def died_in_the_body(h: Harness, k: str, times: int) -> tuple[Any, dict[str, Any]]:
+        """A submitted operation whose body was started ``times`` times, each holder dying in it; the last one's
+        operation given back by recovery. Its record, and the headers of its message."""
+        charge = h.tasks["charge"]
+        fp = _fp(charge.name, ("acct", 9))
+        sub = h.store.create("global", k, charge.name, fp, ttl=3600)
+        for n in range(times):
+            while True:  # a lapsed lease is first marked suspected (busy), then taken over once the grace is out
+                claim = h.store.claim("global", k, charge.name, fp, owner=f"dead-{n}", lease=0.01, ttl=3600,
+                                      grace=0.0)
+                time.sleep(0.03)
+                if claim.outcome is ClaimOutcome.CLAIMED:
+                    break
+            dead = claim.operation
+        h.store.release(dead, dead.fencing_token, ttl=3600)  # recovery's requeue: pending again, due now
+        return sub, {"idemtasks": {"scope": "global", "key": k}}
+
+    def test_the_body_starts_again_while_the_cap_allows(self, h: Harness) -> None:
+        charge, k = h.tasks["charge"], key()
+        sub, headers = self.died_in_the_body(h, k, 6)
+        assert charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers).get(timeout=20)["amount"] == 9
+        op = h.wait_final(sub.operation.id)
+        assert op.status is Status.SUCCEEDED and op.attempts == 7 and h.runs[k] == 1
+
+    def test_past_the_cap_the_operation_fails_instead_of_starting_the_body_again(self, h: Harness) -> None:
+        charge, k = h.tasks["charge"], key()
+        sub, headers = self.died_in_the_body(h, k, 7)
+        # The result backend stores JSON: the error comes back as an Exception naming its class.
+        with pytest.raises(Exception, match=r"AttemptsExhausted.*started 7 times without an outcome"):
+            charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers).get(timeout=20)
+        op = h.wait_final(sub.operation.id)
+        assert op.status is Status.FAILED and op.error is not None and op.error.type == "AttemptsExhausted"
+        assert h.runs[k] == 0
+        # Final: a duplicate's claim replays the failure, and recovery has nothing left to publish.
+        again = h.store.claim("global", k, charge.name, _fp(charge.name, ("acct", 9)), owner="dup", lease=5, ttl=3600)
+        assert again.outcome is ClaimOutcome.DONE
+        assert sub.operation.id not in {op.id for op in h.store.stale(pending_after=0.0)}
+
+    def test_an_explicit_cap_overrides_the_derived_one_and_zero_lifts_it(self, h: Harness) -> None:
+        charge = h.tasks["charge"]
+        for cap, dead, runs in ((2, 2, 0), (0, 8, 1)):
+            k = key()
+            sub, headers = self.died_in_the_body(h, k, dead)
+            charge.max_attempts = cap
+            try:
+                result = charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers)
+                assert h.wait_final(sub.operation.id).status is (Status.SUCCEEDED if runs else Status.FAILED)
+                result.get(timeout=20, propagate=False)
+            finally:
+                del charge.max_attempts  # back to the value bound from the app's configuration
+            assert h.runs[k] == runs
+
+
+class TestDiscardedMessages:
+    """A message the worker discards unrun (revoked, expired) is never claimed: its operation must not stay pending,
+    for recovery to publish it again until a worker that forgot the revoke (or a copy without ``expires``) runs it."""
+
+    def test_an_expired_message_fails_its_operation_instead_of_leaving_it_for_recovery(self, h: Harness) -> None:
+        charge, k = h.tasks["charge"], key()
+        sub = charge.submit(("acct", 7), key=k, countdown=1.0, expires=0.3)
+        op = h.wait_final(sub.operation.id)
+        assert op.status is Status.FAILED and op.error is not None and op.error.type == "Expired"
+        assert h.runs[k] == 0
+        again = charge.submit(("acct", 7), key=k)  # the client's retry: a replay of the failure, nothing runs
+        assert not again.created and again.operation.status is Status.FAILED
+        time.sleep(0.3)
+        assert h.runs[k] == 0
+
+    def test_a_revoked_message_fails_its_operation(self, h: Harness) -> None:
+        from celery.worker import state
+
+        charge, k = h.tasks["charge"], key()
+        sub = charge.submit(("acct", 8), key=k, countdown=1.0)
+        state.revoked.add(sub.operation.id)  # what app.control.revoke(id) does in each worker
+        try:
+            op = h.wait_final(sub.operation.id)
+        finally:
+            state.revoked.discard(sub.operation.id)
+        assert op.status is Status.FAILED and op.error is not None and op.error.type == "Revoked"
+        assert h.runs[k] == 0
+        assert sub.operation.id not in {o.id for o in h.store.stale(pending_after=0.0)}
+
+    def test_another_messages_operation_is_left_alone(self, h: Harness) -> None:
+        """A duplicate sent under another task id is revoked: the operation belongs to the first message, which
+        runs."""
+        from celery.worker import state
+
+        charge, k = h.tasks["charge"], key()
+        sub = charge.submit(("acct", 9), key=k, countdown=1.0)
+        headers = {"idemtasks": {"scope": sub.operation.scope, "key": k}}
+        dup = charge.apply_async(("acct", 9), task_id=f"dup-{k}", headers=headers, countdown=0.5)
+        state.revoked.add(dup.id)
+        try:
+            op = h.wait_final(sub.operation.id)
+        finally:
+            state.revoked.discard(dup.id)
+        assert op.status is Status.SUCCEEDED and h.runs[k] == 1
 
 
 class TestCost:

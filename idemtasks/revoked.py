@@ -1,0 +1,76 @@
+"""Messages a worker discards unrun: revoked (``app.control.revoke``) or expired (``expires=``).
+
+Celery drops such a message before the task is called, so no claim ever sees it, and its operation would stay
+pending: recovery would publish it again every ``pending_after`` under the same task id, to be discarded again while
+the workers remember the revoke, and run once they forgot it (a restart without ``--statedb``, or hours later), or
+at once for an expired message, whose copy carries no ``expires``. A task that was cancelled, or was not to run
+after its deadline, would run after all. So the operation of a discarded message is stored as failed
+(``Revoked`` or ``Expired``), which clients see and duplicates replay.
+
+Only an operation still pending under the discarded message's id is touched: one that runs, or was created by
+another message (a duplicate under ``key_func``), belongs to a delivery that was not revoked. A message revoked with
+``terminate=True`` while its body runs is not handled here: its holder dies, and the operation is taken over like
+any dead holder's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from .models import ErrorInfo, Status
+
+__all__ = ["fail_discarded"]
+
+logger = logging.getLogger("idemtasks.task")
+
+
+def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
+    """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
+    True if it was."""
+    from .execution import _transaction_url  # the worker side's modules, imported by the time a message arrives
+
+    scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
+    store = task.store
+    op = store.get(scope, key)
+    if op is None or op.status is not Status.PENDING or op.id != request.id:
+        return False
+    error = (ErrorInfo("Expired", "the message expired before a worker ran it (expires=): it will not run")
+             if expired else ErrorInfo("Revoked", "the task was revoked before a worker ran it: it will not run"))
+    ttl = float(task.idempotency_ttl)
+    if task.transactional and op.attempts:
+        # A holder that died after committing its effects left the operation pending for its copy: what it
+        # committed is the outcome, and sealing the failure keeps a holder still alive from committing later.
+        from .effects import failure_of, ledger_for
+
+        marker = ledger_for(_transaction_url(task)).seal_failure(op.id, op.fencing_token, error.type, error.message)
+        failed = failure_of(marker)
+        if failed is None:
+            store.finish(scope, key, op.id, op.fencing_token, Status.SUCCEEDED, result_json=marker, ttl=ttl)
+            return False
+        error = ErrorInfo(*failed)
+    # A pending record under its token takes a completion until a claim moves the token on: a claim that came
+    # first wins, and this raises LeaseLost.
+    store.finish(scope, key, op.id, op.fencing_token, Status.FAILED, error=error, ttl=ttl)
+    return True
+
+
+def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, expired: bool = False,
+                **_: Any) -> None:
+    from .task import IdempotentTask
+
+    if terminated or request is None or not isinstance(sender, IdempotentTask):
+        return
+    try:
+        sender._settled()
+        if fail_discarded(sender, request, expired=expired):
+            logger.warning("idemtasks: operation %s failed: its message was %s before it ran", request.id,
+                           "expired" if expired else "revoked")
+    except Exception as exc:  # the consumer runs this: a store error must not take the worker's consumer down
+        logger.warning("idemtasks: could not record that task %s was %s: %s", getattr(request, "id", "?"),
+                       "expired" if expired else "revoked", exc)
+
+
+signals.task_revoked.connect(_on_revoked, weak=False)
