@@ -20,6 +20,11 @@ Driver exceptions (redis-py, SQLAlchemy, kombu) are never leaked: they are wrapp
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 __all__ = [
     "AttemptsExhausted",
     "ConfigurationError",
@@ -39,10 +44,42 @@ __all__ = [
 class IdemtasksError(Exception):
     """Raised by idemtasks, never directly: the root of every error below."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _from_message_too(init)  # type: ignore[method-assign]
+
     def __reduce__(self) -> tuple[object, ...]:
         # Celery pickles exceptions (result backends, eager mode) and replaces any it cannot round-trip with a
         # base class; keyword-only constructors need this to survive as themselves, fields included.
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _from_message_too(init: Callable[..., None]) -> Callable[..., None]:
+    """``init``, which also accepts the exception's message alone.
+
+    A result backend that stores JSON (Celery's default) keeps a failure's class and message only, and rebuilds it
+    as ``cls(*args)``: a constructor with required keyword fields would refuse, and the caller of
+    ``AsyncResult.get()`` would get a bare ``Exception`` instead of the ``OperationFailed`` it catches. Rebuilt so,
+    the fields it had are ``None``.
+    """
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self: IdemtasksError, *args: Any, **kwargs: Any) -> None:
+        if args and not kwargs:
+            try:
+                signature.bind(self, *args)
+            except TypeError:
+                Exception.__init__(self, *args)
+                for name, param in signature.parameters.items():
+                    if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                        setattr(self, name, None)
+                return
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 def _rebuild(cls: type[IdemtasksError], args: tuple[object, ...], state: dict[str, object]) -> IdemtasksError:

@@ -44,3 +44,18 @@ def test_errors_share_one_root() -> None:
         obj = getattr(idemtasks, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, idemtasks.IdemtasksError), name
+
+
+def test_every_error_survives_a_json_result_backend() -> None:
+    """Celery's JSON result backends keep a failure's class, module and message, and rebuild it from the message
+    alone: each error must come back as itself (its fields unknown), not as a bare ``Exception``."""
+    from celery import Celery
+
+    backend = Celery("errors", backend="cache+memory://", set_as_current=False).backend
+    for name in EXPECTED:
+        cls = getattr(idemtasks, name)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            continue
+        stored = {"exc_type": cls.__name__, "exc_module": cls.__module__, "exc_message": ["what happened"]}
+        rebuilt = backend.exception_to_python(stored)
+        assert type(rebuilt) is cls and str(rebuilt) == "what happened", name

@@ -16,6 +16,7 @@ from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject
 
 from idemtasks import (
+    AttemptsExhausted,
     ClaimOutcome,
     IdempotencyKeyMismatch,
     IdempotentTask,
@@ -283,6 +284,18 @@ class TestFailures:
         assert op.status is Status.SUCCEEDED and op.result == "ok"
         assert h.runs[k] == 3
         assert op.attempts == 3
+
+    def test_a_replayed_failure_comes_out_of_the_result_backend_as_operation_failed(self, h: Harness) -> None:
+        """The result backend keeps JSON (Celery's default): a failure's class and message. A caller catching
+        ``OperationFailed`` around ``AsyncResult.get()`` must get one, not a bare ``Exception``."""
+        charge = h.tasks["charge"]
+        sub = charge.submit(("acct", 2_000_000), key=(k := key()))
+        h.wait_final(sub.operation.id)
+        header = {"scope": sub.operation.scope, "key": k, "fp": sub.operation.fingerprint}
+        duplicate = charge.apply_async(("acct", 2_000_000), task_id=f"dup-{k}", headers={"idemtasks": header})
+        with pytest.raises(OperationFailed, match="Declined: amount 2000000 declined"):
+            duplicate.get(timeout=20)
+        assert h.runs[k] == 1
 
     def test_terminal_failure_is_stored_and_replayed_not_rerun(self, h: Harness) -> None:
         charge = h.tasks["charge"]
@@ -631,8 +644,7 @@ class TestAttemptsCap:
     def test_past_the_cap_the_operation_fails_instead_of_starting_the_body_again(self, h: Harness) -> None:
         charge, k = h.tasks["charge"], key()
         sub, headers = self.died_in_the_body(h, k, 7)
-        # The result backend stores JSON: the error comes back as an Exception naming its class.
-        with pytest.raises(Exception, match=r"AttemptsExhausted.*started 7 times without an outcome"):
+        with pytest.raises(AttemptsExhausted, match=r"started 7 times without an outcome"):
             charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers).get(timeout=20)
         op = h.wait_final(sub.operation.id)
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "AttemptsExhausted"
