@@ -13,7 +13,7 @@
 ``idemtasks_max_args_bytes``    ``max_args_bytes``                      :data:`DEFAULT_MAX_ARGS_BYTES` (256 KiB)
 ``idemtasks_max_result_bytes``  ``max_result_bytes``                    :data:`DEFAULT_MAX_RESULT_BYTES` (1 MiB)
 ``idemtasks_pipeline``          ``pipeline_completions``                :data:`DEFAULT_PIPELINE` (``True``)
-``idemtasks_max_attempts``      ``max_attempts``                        :data:`DEFAULT_MAX_ATTEMPTS` (see there)
+``idemtasks_max_crashes``       ``max_crashes``                         :data:`DEFAULT_MAX_CRASHES` (3)
 ==============================  ======================================  ==========================================
 
 Task-only attributes: ``key_func`` (key for messages sent without :meth:`submit`), ``retry_on`` (exception types
@@ -32,17 +32,15 @@ __all__ = [
     "DEFAULT_BUSY_COUNTDOWN",
     "DEFAULT_LEASE",
     "DEFAULT_MAX_ARGS_BYTES",
-    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_CRASHES",
     "DEFAULT_MAX_RESULT_BYTES",
     "DEFAULT_ON_BUSY",
     "DEFAULT_PIPELINE",
     "DEFAULT_STORE_RETRY_MAX_DELAY",
     "DEFAULT_STORE_URL",
     "DEFAULT_TTL",
-    "LOST_HOLDER_STARTS",
     "ON_BUSY_POLICIES",
     "SETTINGS",
-    "max_attempts_for",
 ]
 
 #: The embedded default: a SQLite file in the working directory, so nothing needs a server to try idemtasks.
@@ -70,16 +68,13 @@ DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
 #: for what that defers and what it does not.
 DEFAULT_PIPELINE = True
 
-#: How many times one operation's body may be started, retries included. A holder that dies in the body (a hard
-#: time limit, the OOM killer, a segfault) runs no hook, so its operation is taken over and the body started again:
-#: without a cap, a body that always dies would run for ever, and its operation never end. Once the cap is reached,
-#: the operation fails with ``AttemptsExhausted`` instead of starting again. ``None`` derives the cap from Celery's
-#: retry budget: ``max_retries + 1`` starts plus :data:`LOST_HOLDER_STARTS` (no cap if ``max_retries`` is ``None``);
-#: ``0`` means no cap.
-DEFAULT_MAX_ATTEMPTS = None
-#: The starts the derived cap allows beyond Celery's retry budget, for holders that died (a deploy that killed a
-#: worker, a machine lost).
-LOST_HOLDER_STARTS = 3
+#: How many holders of one operation may die in its body before it fails. A holder that dies there (a hard time
+#: limit, the OOM killer, a segfault, a machine lost) runs no hook, so its operation is taken over and the body
+#: started again: without a cap, a body that always dies would run for ever, and its operation never end. After this
+#: many such deaths the operation fails with ``AttemptsExhausted`` instead of starting again. Starts that ended
+#: otherwise do not count: an outcome, or a give-back (``retry()``, ``Reject(requeue=True)``, an outage waited
+#: out). ``0``: the body is never started again after a holder died in it.
+DEFAULT_MAX_CRASHES = 3
 
 #: How long a just-created operation counts as "still being accepted": its message is not yet confirmed published.
 #: A duplicate inside this window is told to come back (HTTP 409); after it, the first request is presumed dead and
@@ -98,17 +93,8 @@ SETTINGS: tuple[tuple[str, str, Any], ...] = (
     ("max_args_bytes", "idemtasks_max_args_bytes", DEFAULT_MAX_ARGS_BYTES),
     ("max_result_bytes", "idemtasks_max_result_bytes", DEFAULT_MAX_RESULT_BYTES),
     ("pipeline_completions", "idemtasks_pipeline", DEFAULT_PIPELINE),
-    ("max_attempts", "idemtasks_max_attempts", DEFAULT_MAX_ATTEMPTS),
+    ("max_crashes", "idemtasks_max_crashes", DEFAULT_MAX_CRASHES),
 )
-
-
-def max_attempts_for(task: Any) -> int | None:
-    """The most starts of one operation's body ``task`` allows (see :data:`DEFAULT_MAX_ATTEMPTS`); ``None``: no cap."""
-    if task.max_attempts is not None:
-        return int(task.max_attempts) or None
-    if task.max_retries is None:
-        return None
-    return int(task.max_retries) + 1 + LOST_HOLDER_STARTS
 
 
 def validate(task_name: str, values: dict[str, Any]) -> None:
@@ -119,9 +105,8 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
     # The record must outlive any lease on it, or a running operation could expire and its key start a second one.
     if ttl < 2 * lease:
         raise ConfigurationError(f"{task_name}: idempotency_ttl ({ttl}) must be at least twice lease_seconds ({lease})")
-    attempts = values.get("max_attempts")
-    if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0):
-        raise ConfigurationError(f"{task_name}: max_attempts must be a whole number (0: no cap) or None, "
-                                 f"not {attempts!r}")
+    crashes = values.get("max_crashes", DEFAULT_MAX_CRASHES)
+    if isinstance(crashes, bool) or not isinstance(crashes, int) or crashes < 0:
+        raise ConfigurationError(f"{task_name}: max_crashes must be a whole number (0 or more), not {crashes!r}")
     if values["on_busy"] not in ON_BUSY_POLICIES:
         raise ConfigurationError(f"{task_name}: on_busy must be one of {ON_BUSY_POLICIES}, not {values['on_busy']!r}")

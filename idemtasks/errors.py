@@ -12,7 +12,7 @@ Every exception derives from one root, so ``except IdemtasksError`` catches them
     │   └── StoreUnavailable        the store cannot be reached (retry later)
     ├── PublishFailed               the operation was recorded but the broker refused the message
     ├── LeaseLost                   a holder was fenced off: another worker took the operation over
-    ├── AttemptsExhausted           the body was started too often without an outcome (its holders died)
+    ├── AttemptsExhausted           the body's holders died in it too often (max_crashes)
     └── OperationFailed             replay of an operation whose stored outcome is a failure
 
 Driver exceptions (redis-py, SQLAlchemy, kombu) are never leaked: they are wrapped with ``raise … from exc``.
@@ -165,14 +165,14 @@ class LeaseLost(IdemtasksError):
 
 
 class AttemptsExhausted(IdemtasksError):
-    """Raised instead of starting a body that was already started ``limit`` times without an outcome: each holder
-    died in it (a hard time limit, the OOM killer, a crash), and running it again would only repeat that."""
+    """Raised instead of starting a body whose holders died in it more than ``limit`` times (a hard time limit, the
+    OOM killer, a segfault): running it again would only repeat that."""
 
-    def __init__(self, *, operation_id: str, started: int, limit: int) -> None:
-        super().__init__(f"operation {operation_id}: the body was started {started} times without an outcome, "
-                         f"the most max_attempts ({limit}) allows; it is not started again")
+    def __init__(self, *, operation_id: str, crashes: int, limit: int) -> None:
+        super().__init__(f"operation {operation_id}: its body's holder died in it {crashes} times, more than "
+                         f"max_crashes ({limit}) allows; it is not started again")
         self.operation_id = operation_id
-        self.started = started
+        self.crashes = crashes
         self.limit = limit
 
 

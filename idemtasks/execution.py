@@ -19,7 +19,6 @@ from typing import Any, NoReturn
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
-from .config import max_attempts_for
 from .errors import (
     AttemptsExhausted,
     IdempotencyKeyMismatch,
@@ -32,10 +31,10 @@ from .errors import (
 from .identity import canonical_call, dump_json, fingerprint_of_call, load_json
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
-from .stores.base import Store, confirm_after_for
+from .stores.base import Store, confirm_after_for, crashes
 from .stores.lanes import collector
 
-__all__ = ["MAX_ERROR_MESSAGE", "Attempt", "error_info", "run_attempt"]
+__all__ = ["MAX_ERROR_MESSAGE", "Attempt", "error_info", "run_attempt", "store_carried"]
 
 logger = logging.getLogger("idemtasks.task")
 
@@ -124,14 +123,15 @@ class Attempt:
         """True once a renewal found that another worker took the operation over."""
         return self.hold is not None and self.hold.lost
 
-    def release(self, *, delay: float = 0.0) -> None:
-        """Give the operation back (running → pending) for a retry due in ``delay`` seconds."""
+    def release(self, *, delay: float = 0.0, interrupted: bool = False) -> None:
+        """Give the operation back (running → pending) for a retry due in ``delay`` seconds; ``interrupted``: the
+        body was cut short, which counts as a crash (see :meth:`idemtasks.stores.base.Store.release`)."""
         self.released = True
-        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay)
+        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, interrupted=interrupted)
 
-    def release_quietly(self, *, delay: float = 0.0) -> None:
+    def release_quietly(self, *, delay: float = 0.0, interrupted: bool = False) -> None:
         try:
-            self.release(delay=delay)
+            self.release(delay=delay, interrupted=interrupted)
         except IdemtasksError as exc:
             # The lease will run out and the operation be taken over; nothing is lost, only delayed.
             logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
@@ -256,8 +256,12 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                     # Given back, but the retry message could not be published (Celery raised Reject): it stays given
                     # back for recovery to publish, rather than stored as failed for a passing error.
                     raise
-            if not isinstance(exc, Exception):  # SystemExit/KeyboardInterrupt: shutting down, not the body's fault
-                attempt.release_quietly()
+            if not isinstance(exc, Exception):
+                # SystemExit/KeyboardInterrupt: a shutdown, or the pool's hard time limit (it terminates the child
+                # before it kills it). Given back, so the redelivered message need not wait out the lease; but as a
+                # start its holder died in, or a body that always outlives its time limit would never reach
+                # max_crashes.
+                attempt.release_quietly(interrupted=True)
                 raise
             if task.transactional and (isinstance(exc, StoreUnavailable) or _database_outage(exc)):
                 # The transaction's database dropped the connection (a restart, pg_terminate_backend, a failover)
@@ -278,23 +282,24 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
 
 
 def _body(task: Any, op: Operation) -> Callable[..., Any]:
-    """The task's body, or, once the operation was started as often as ``max_attempts`` allows, a stand-in that
-    raises :class:`AttemptsExhausted`. Each of those starts ended without an outcome (every other ending stores one,
-    or gives the operation back for a retry Celery counts): their holders died in the body, and this one would too.
+    """The task's body, or, once more of its holders died in it than ``max_crashes`` allows, a stand-in that raises
+    :class:`AttemptsExhausted`. A death is a start that ended in nothing: every other ending stores an outcome or
+    gives the operation back (a retry, a requeue, an outage waited out), which the record tells apart
+    (:func:`~idemtasks.stores.base.crashes`).
 
     The stand-in takes the body's place rather than failing the operation here, so that the failure takes the
     body's own path: a transactional task first adopts what an earlier holder may have committed before it died,
     and seals the failure in its ledger, so that a holder still alive somewhere cannot commit after it.
     """
-    limit = max_attempts_for(task)
-    if limit is None or op.attempts <= limit:  # the claim counted this start: op.attempts - 1 came before it
+    limit, died = int(task.max_crashes), crashes(op)
+    if died <= limit:
         return task.run  # type: ignore[no-any-return]
 
     def exhausted(*_args: Any, **_kwargs: Any) -> NoReturn:
-        raise AttemptsExhausted(operation_id=op.id, started=op.attempts - 1, limit=limit)
+        raise AttemptsExhausted(operation_id=op.id, crashes=died, limit=limit)
 
-    logger.error("idemtasks: operation %s was started %d times without an outcome (max_attempts %d): it fails "
-                 "instead of starting again", op.id, op.attempts - 1, limit)
+    logger.error("idemtasks: operation %s: its body's holder died in it %d times (max_crashes %d): it fails instead "
+                 "of starting again", op.id, died, limit)
     return exhausted
 
 
@@ -505,12 +510,19 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
 _NOTHING = object()
 
 
-def _finish_carried(task: Any, store: Store, scope: str, key: str, carried: dict[str, Any], ttl: float) -> Any:
+def store_carried(store: Store, scope: str, key: str, carried: dict[str, Any],
+                  ttl: float) -> tuple[Status, ErrorInfo | None]:
+    """Store a completion carried in a message (see :func:`_carry`); raises ``LeaseLost`` or ``StoreError``."""
     status = Status(carried["status"])
     error = None if carried["error"] is None else ErrorInfo(*carried["error"])
+    store.finish(scope, key, carried["id"], carried["token"], status, result_json=carried["result"], error=error,
+                 ttl=ttl, again=True)
+    return status, error
+
+
+def _finish_carried(task: Any, store: Store, scope: str, key: str, carried: dict[str, Any], ttl: float) -> Any:
     try:
-        store.finish(scope, key, carried["id"], carried["token"], status, result_json=carried["result"],
-                     error=error, ttl=ttl, again=True)
+        status, error = store_carried(store, scope, key, carried, ttl)
     except LeaseLost:
         return _NOTHING  # taken over meanwhile: claim normally, which replays or waits for the new holder
     except StoreError as exc:

@@ -15,11 +15,13 @@ any dead holder's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from celery import signals
 
+from .errors import LeaseLost
 from .models import ErrorInfo, Status
 
 __all__ = ["fail_discarded"]
@@ -30,16 +32,26 @@ logger = logging.getLogger("idemtasks.task")
 def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
     True if it was."""
-    from .execution import _transaction_url  # the worker side's modules, imported by the time a message arrives
+    from .execution import _transaction_url, store_carried  # the worker side, imported by the time a message arrives
+    from .task import HEADER
 
     scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
     store = task.store
+    ttl = float(task.idempotency_ttl)
+    header = (request.headers or {}).get(HEADER) or getattr(request, HEADER, None) or {}
+    if header.get("finish") is not None:
+        # The body ran: its completion, which the store could not take then, rides in this message. It is the
+        # outcome, never "will not run".
+        with contextlib.suppress(LeaseLost):  # taken over meanwhile: the new holder decides
+            store_carried(store, scope, key, header["finish"], ttl)
+        return False
     op = store.get(scope, key)
     if op is None or op.status is not Status.PENDING or op.id != request.id:
         return False
-    error = (ErrorInfo("Expired", "the message expired before a worker ran it (expires=): it will not run")
-             if expired else ErrorInfo("Revoked", "the task was revoked before a worker ran it: it will not run"))
-    ttl = float(task.idempotency_ttl)
+    what = "expired (expires=)" if expired else "was revoked"
+    ran = " (its body had started before, without an outcome)" if op.attempts else ""
+    error = ErrorInfo("Expired" if expired else "Revoked",
+                      f"the message {what} before this delivery ran{ran}: the operation will not run again")
     if task.transactional and op.attempts:
         # A holder that died after committing its effects left the operation pending for its copy: what it
         # committed is the outcome, and sealing the failure keeps a holder still alive from committing later.

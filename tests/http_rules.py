@@ -257,6 +257,23 @@ class HttpRules:
         assert other.status_code == 422 and other.json()["code"] == "idempotency_key_mismatch"
         assert api.runs[a] == 1
 
+    def test_an_operation_accepted_before_json_bodies_were_canonical_replays_the_same_bytes(self, api: Api) -> None:
+        """An earlier version (or a node not yet upgraded, in a rolling upgrade) hashed a JSON body as its bytes: a
+        retry of those very bytes must be a replay for as long as the operation lives, not a 422 that could send the
+        client to a fresh key and a second payment. Another body is still a mismatch."""
+        a = acct()
+        body = json.dumps({"account": a, "amount": 5}).encode()  # not canonical: spaces after ":" and ","
+        headers = {"Authorization": "Bearer alice", "Idempotency-Key": "k-" + a, "Content-Type": "application/json"}
+        earlier = request_fingerprint("POST", "/payments", "", body, headers, HttpPolicy(), raw_json=True)
+        assert earlier != request_fingerprint("POST", "/payments", "", body, headers, HttpPolicy())
+        first = api.store.create(PAYMENTS_SCOPE, "k-" + a, "x", earlier, ttl=3600).operation
+        api.store.mark_published(first)
+        r = api.send("POST", "/payments", body, headers)
+        assert r.status_code == 202 and r.headers["idempotent-replayed"] == "true" and r.json()["id"] == first.id
+        other = api.send("POST", "/payments", json.dumps({"account": a, "amount": 6}).encode(), headers)
+        assert other.status_code == 422 and other.json()["code"] == "idempotency_key_mismatch"
+        assert api.runs[a] == 0
+
     def test_mismatch_status_is_configurable(self, api: Api) -> None:
         a = acct()
         api.post({"account": a, "amount": 5}, "k-" + a, path="/strict")

@@ -27,6 +27,7 @@ from idemtasks.http.core import (
     HttpPolicy,
     InvalidCredentials,
     Reply,
+    RequestHeaders,
     accepted,
     caller_scope,
     error_reply,
@@ -215,7 +216,7 @@ class TestReplies:
         """The store gives these types back as they were (for the task's own callers); a poll or a replay must
         still answer, with amounts as strings that keep every digit and times in ISO 8601."""
         paid = {"amount": Decimal("10.10"), "at": datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc),
-                "day": date(2026, 12, 1), "cutoff": dt_time(17, 0), "charge": UUID(int=7)}
+                "day": date(2026, 12, 1), "cutoff": dt_time(17, 0), "charge": UUID(int=7), "receipt": b"\x00\xffpdf"}
         stored = load_json(dump_json(paid, what="result"))
         assert stored == paid  # the store keeps the types: the reply is where they become plain JSON
         done = dataclasses.replace(op(Status.SUCCEEDED), result=stored)
@@ -223,11 +224,24 @@ class TestReplies:
                       accepted(Submission(done, False), "/operations/op1", POLICY, now=time.time())):
             assert json.loads(reply.json_bytes())["result"] == {
                 "amount": "10.10", "at": "2026-12-01T09:30:00+00:00", "day": "2026-12-01", "cutoff": "17:00:00",
-                "charge": "00000000-0000-0000-0000-000000000007"}
+                "charge": "00000000-0000-0000-0000-000000000007", "receipt": "AP9wZGY="}
 
     def test_a_body_of_another_type_is_still_refused(self) -> None:
         with pytest.raises(TypeError, match="set is not JSON serializable"):
             Reply(200, {"x": {1}}).json_bytes()
+
+
+class TestRequestHeaders:
+    def test_lookups_ignore_case_and_iteration_keeps_the_frameworks_spelling(self) -> None:
+        """A caller written against a plain dict of the framework's headers (``dict(headers)``, a loop over
+        ``items()``) keeps working; one that asks in another case than the framework spells finds the header too."""
+        headers = RequestHeaders([("X-Tenant", "acme"), ("Content-Type", "application/json"), ("X-Tenant", "globex")])
+        assert headers.get("x-tenant") == headers["X-TENANT"] == "globex" and "x-TeNaNt" in headers
+        assert dict(headers) == {"X-Tenant": "globex", "Content-Type": "application/json"}
+        assert [name for name, _ in headers.items() if name == "Content-Type"] == ["Content-Type"]
+        headers["x-request-id"] = "r1"
+        del headers["CONTENT-TYPE"]
+        assert dict(headers) == {"X-Tenant": "globex", "x-request-id": "r1"} and len(headers) == 2
 
 
 class TestErrors:

@@ -27,6 +27,7 @@ from idemtasks import (
     TooLarge,
     open_store,
 )
+from idemtasks.models import Takeover
 from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, Store
 from tests.conftest import SERVER_BACKENDS, drop, make_store
 
@@ -611,40 +612,46 @@ class TestLeases:
         assert h.runs[k] == 0
 
 
-class TestAttemptsCap:
+class TestCrashCap:
     """A holder that dies in the body (a hard time limit, the OOM killer) runs no hook: its operation is taken over
-    and the body started again. ``charge`` keeps Celery's default ``max_retries`` (3), so its cap is derived: 4 starts
-    Celery's retries may make, plus ``LOST_HOLDER_STARTS`` (3)."""
+    and the body started again, up to ``max_crashes`` (3) deaths. Starts that gave the operation back (a retry, a
+    requeue, an outage waited out) are not deaths, however many there were."""
 
     @staticmethod
-    def died_in_the_body(h: Harness, k: str, times: int) -> tuple[Any, dict[str, Any]]:
-        """A submitted operation whose body was started ``times`` times, each holder dying in it; the last one's
-        operation given back by recovery. Its record, and the headers of its message."""
+    def history(h: Harness, k: str, *, deaths: int, give_backs: int = 0) -> tuple[Any, dict[str, Any]]:
+        """A submitted operation whose body was started ``give_backs`` times by holders that gave it back, then
+        ``deaths`` times by holders that died in it, the last one's operation requeued by recovery. Its record,
+        and the headers of its message."""
         charge = h.tasks["charge"]
         fp = _fp(charge.name, ("acct", 9))
         sub = h.store.create("global", k, charge.name, fp, ttl=3600)
-        for n in range(times):
+        for n in range(give_backs):
+            held = h.store.claim("global", k, charge.name, fp, owner=f"gave-back-{n}", lease=5, ttl=3600).operation
+            h.store.release(held, held.fencing_token, ttl=3600)
+        for n in range(deaths):
             while True:  # a lapsed lease is first marked suspected (busy), then taken over once the grace is out
                 claim = h.store.claim("global", k, charge.name, fp, owner=f"dead-{n}", lease=0.01, ttl=3600,
                                       grace=0.0)
                 time.sleep(0.03)
                 if claim.outcome is ClaimOutcome.CLAIMED:
                     break
+        if deaths:
             dead = claim.operation
-        h.store.release(dead, dead.fencing_token, ttl=3600)  # recovery's requeue: pending again, due now
+            while h.store.requeue(dead, confirm_after=0.0) is not Takeover.REQUEUED:  # recovery's two phases
+                time.sleep(0.01)
         return sub, {"idemtasks": {"scope": "global", "key": k}}
 
-    def test_the_body_starts_again_while_the_cap_allows(self, h: Harness) -> None:
+    def test_the_body_starts_again_while_the_cap_allows_and_give_backs_never_count(self, h: Harness) -> None:
         charge, k = h.tasks["charge"], key()
-        sub, headers = self.died_in_the_body(h, k, 6)
+        sub, headers = self.history(h, k, deaths=3, give_backs=10)
         assert charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers).get(timeout=20)["amount"] == 9
         op = h.wait_final(sub.operation.id)
-        assert op.status is Status.SUCCEEDED and op.attempts == 7 and h.runs[k] == 1
+        assert op.status is Status.SUCCEEDED and op.attempts == 14 and h.runs[k] == 1
 
     def test_past_the_cap_the_operation_fails_instead_of_starting_the_body_again(self, h: Harness) -> None:
         charge, k = h.tasks["charge"], key()
-        sub, headers = self.died_in_the_body(h, k, 7)
-        with pytest.raises(AttemptsExhausted, match=r"started 7 times without an outcome"):
+        sub, headers = self.history(h, k, deaths=4, give_backs=1)
+        with pytest.raises(AttemptsExhausted, match=r"died in it 4 times, more than max_crashes \(3\)"):
             charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers).get(timeout=20)
         op = h.wait_final(sub.operation.id)
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "AttemptsExhausted"
@@ -654,19 +661,17 @@ class TestAttemptsCap:
         assert again.outcome is ClaimOutcome.DONE
         assert sub.operation.id not in {op.id for op in h.store.stale(pending_after=0.0)}
 
-    def test_an_explicit_cap_overrides_the_derived_one_and_zero_lifts_it(self, h: Harness) -> None:
-        charge = h.tasks["charge"]
-        for cap, dead, runs in ((2, 2, 0), (0, 8, 1)):
-            k = key()
-            sub, headers = self.died_in_the_body(h, k, dead)
-            charge.max_attempts = cap
-            try:
-                result = charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers)
-                assert h.wait_final(sub.operation.id).status is (Status.SUCCEEDED if runs else Status.FAILED)
-                result.get(timeout=20, propagate=False)
-            finally:
-                del charge.max_attempts  # back to the value bound from the app's configuration
-            assert h.runs[k] == runs
+    def test_zero_never_starts_the_body_again_after_a_holder_died_in_it(self, h: Harness) -> None:
+        charge, k = h.tasks["charge"], key()
+        sub, headers = self.history(h, k, deaths=1)
+        charge.max_crashes = 0
+        try:
+            result = charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers)
+            assert h.wait_final(sub.operation.id).status is Status.FAILED
+            result.get(timeout=20, propagate=False)
+        finally:
+            del charge.max_crashes  # back to the value bound from the app's configuration
+        assert h.runs[k] == 0
 
 
 class TestDiscardedMessages:
@@ -697,6 +702,21 @@ class TestDiscardedMessages:
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "Revoked"
         assert h.runs[k] == 0
         assert sub.operation.id not in {o.id for o in h.store.stale(pending_after=0.0)}
+
+    def test_a_discarded_message_carrying_a_completion_stores_it(self, h: Harness) -> None:
+        """The body ran, the store could not take its outcome then, so it rides in a republished message; its
+        holder died, and recovery gave the operation back. That message expiring must store the outcome, never
+        "will not run" for a payment that happened."""
+        charge, k = h.tasks["charge"], key()
+        sub, _ = TestCrashCap.history(h, k, deaths=1)
+        held = h.store.get_by_id(sub.operation.id)
+        assert held is not None and held.status is Status.PENDING
+        carried = {"id": held.id, "token": held.fencing_token, "status": "succeeded", "result": '{"paid": 9}',
+                   "error": None}
+        headers = {"idemtasks": {"scope": "global", "key": k, "finish": carried}}
+        charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers, countdown=1.0, expires=0.3)
+        op = h.wait_final(sub.operation.id)
+        assert op.status is Status.SUCCEEDED and op.result == {"paid": 9} and h.runs[k] == 0
 
     def test_another_messages_operation_is_left_alone(self, h: Harness) -> None:
         """A duplicate sent under another task id is revoked: the operation belongs to the first message, which

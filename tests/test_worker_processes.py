@@ -165,7 +165,7 @@ def test_sigkilled_child_is_taken_over_after_its_lease_and_effects_commit_once(c
 
 
 @pytest.mark.timeout(120)
-def test_a_body_killed_by_its_hard_time_limit_every_time_is_started_max_attempts_times_then_fails(
+def test_a_body_killed_by_its_hard_time_limit_every_time_fails_once_max_crashes_is_passed(
         tmp_path: Path) -> None:
     """The pool kills the child at the hard time limit, in the body: no hook runs, the message is acked, and only
     the lease frees the operation, which recovery takes over and publishes again. Without a cap this would go on for
@@ -185,7 +185,7 @@ def test_a_body_killed_by_its_hard_time_limit_every_time_is_started_max_attempts
 
         op = wait_until(swept_until_final, 90, "the doomed operation to end")
         assert op.status is Status.FAILED and op.error.type == "AttemptsExhausted"
-        assert rig.runs(key) == 2 and op.attempts == 3  # two starts killed, the third refused to start
+        assert rig.runs(key) == 2 and op.attempts == 3  # two holders killed (max_crashes=1), the third refused
         assert "TimeLimitExceeded" in rig.worker.log.read_text()
     finally:
         rigs.close()

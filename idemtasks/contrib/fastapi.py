@@ -24,10 +24,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the FastAPI adapter needs FastAPI: pip install idemtasks[fastapi]") from exc
 
 from ..aio import AsyncStore, async_store_for, submit_async
-from ..errors import ConfigurationError, IdemtasksError
+from ..errors import ConfigurationError, IdempotencyKeyMismatch, IdemtasksError
 from ..http import core
 from ..http.core import HttpPolicy, InvalidCredentials, Reply, RequestHeaders
-from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length
+from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length, earlier
 from ..http.forms import FORM_BODY, Upload, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
 
@@ -122,8 +122,12 @@ class Idempotency:
         key, scope, fp = prepared
         try:
             astore = self._async_store(task)  # inside: a store given by URL is opened on first use (see Endpoint)
-            sub = await submit_async(task, args, kwargs, key=key, scope=scope, fingerprint=fp, store=astore,
-                                     **options)
+            try:
+                sub = await submit_async(task, args, kwargs, key=key, scope=scope, fingerprint=fp, store=astore,
+                                         **options)
+            except IdempotencyKeyMismatch as exc:  # perhaps a fingerprint of an earlier version (see Endpoint)
+                sub = await submit_async(task, args, kwargs, key=key, scope=scope,
+                                         fingerprint=earlier(req, policy, exc), store=astore, **options)
             now = sub.operation.updated_at
             if not sub.created and sub.operation.needs_publish:  # only then does the answer depend on the clock
                 now = await astore.now()

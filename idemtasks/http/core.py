@@ -24,11 +24,12 @@ status of the caller's own operation                   200         ``Retry-After
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "RequestHeaders",
     "accepted",
     "caller_scope",
+    "earlier_fingerprint",
     "error_reply",
     "owns",
     "problem",
@@ -120,12 +122,14 @@ class Reply:
 def _plain_json(value: Any) -> Any:
     """The JSON a client reads for the types a stored result keeps (the store tags them, so that the task's own
     callers get them back as they were): a ``Decimal`` and a ``UUID`` as strings, which keep every digit (a JSON number
-    would lose them in a browser), and dates and times in ISO 8601. Without this, a payment that returned its amount
-    as a ``Decimal`` would answer every poll and every replay with a 500."""
+    would lose them in a browser), dates and times in ISO 8601, and bytes in base64. Without this, a payment that
+    returned its amount as a ``Decimal`` would answer every poll and every replay with a 500."""
     if isinstance(value, (Decimal, UUID)):
         return str(value)
     if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime is a date
         return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -137,35 +141,44 @@ def problem(status: int, code: str, title: str, detail: str, *, retry_after: int
     return Reply(status, body, headers)
 
 
-class RequestHeaders(Mapping[str, str]):
+class RequestHeaders(MutableMapping[str, str]):
     """A request's headers, looked up whatever the case of the name: what adapters hand to ``caller=`` and the
     endpoint.
 
     Frameworks spell header names differently (Starlette lower-cases them, Werkzeug and Django title-case them), and a
     plain dict of them would make ``headers.get("X-Tenant")`` find nothing under one framework: every tenant would
-    then share the anonymous scope, where one tenant's key replays another's operation. Names are kept lower-cased; a
-    repeated header keeps its last value, as the frameworks' own ``get`` does.
+    then share the anonymous scope, where one tenant's key replays another's operation. Iteration (``dict()``,
+    ``items()``) gives the names as the framework spelled them, so a caller written against the plain dict adapters
+    used to give keeps working. A repeated header keeps its last value, as that dict did.
     """
 
     __slots__ = ("_items",)
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items = {name.lower(): value for name, value in items}
+        self._items: dict[str, tuple[str, str]] = {}
+        for name, value in items:
+            self[name] = value
 
     def __getitem__(self, name: str) -> str:
-        return self._items[name.lower()]
+        return self._items[name.lower()][1]
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self._items[name.lower()] = (name, value)
+
+    def __delitem__(self, name: str) -> None:
+        del self._items[name.lower()]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
+        return (name for name, _ in self._items.values())
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __repr__(self) -> str:
-        return f"RequestHeaders({self._items!r})"
+        return f"RequestHeaders({dict(self.items())!r})"
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -215,9 +228,10 @@ def owns(caller: str | None, op: Operation) -> bool:
 
 
 def request_fingerprint(method: str, path: str, query: str, body: bytes, headers: Mapping[str, str],
-                        policy: HttpPolicy) -> str:
+                        policy: HttpPolicy, *, raw_json: bool = False) -> str:
     """A hash of what makes two requests "the same": method, path, query (parameters in name order), body and chosen
-    headers."""
+    headers. ``raw_json``: a JSON body as its bytes, as versions before its canonical form hashed it (see
+    :func:`earlier_fingerprint`)."""
     h = hashlib.sha256()
     # Sorted by name only: the order of distinct parameters means nothing, but the values of a repeated one
     # (?sort=date&sort=name) keep theirs, which an API may well read as meaningful. (sorted() is stable.)
@@ -229,8 +243,20 @@ def request_fingerprint(method: str, path: str, query: str, body: bytes, headers
     content_type = _header(headers, "Content-Type")
     # JSON in its canonical form (a retry may serialize it again); a multipart body without the boundary its client
     # draws per request; any other body as it is.
-    h.update((is_json(content_type) and canonical_json(body)) or canonical_body(body, content_type))
+    h.update((not raw_json and is_json(content_type) and canonical_json(body)) or canonical_body(body, content_type))
     return "http:" + h.hexdigest()[:27]  # 32 characters like a call's fingerprint: 108 bits, tagged with its origin
+
+
+def earlier_fingerprint(method: str, path: str, query: str, body: bytes, headers: Mapping[str, str],
+                        policy: HttpPolicy, stored: str) -> str | None:
+    """``stored`` if it is this request's fingerprint as an earlier version computed it (a JSON body hashed as its
+    bytes), else ``None``. An operation accepted before an upgrade (or by a node not yet upgraded, during a rolling
+    one) keeps that fingerprint for its TTL: the client's retry of the very same bytes must still be a replay, not
+    a 422 that could lead it to a fresh key and a second payment."""
+    if not is_json(_header(headers, "Content-Type")):
+        return None
+    raw = request_fingerprint(method, path, query, body, headers, policy, raw_json=True)
+    return stored if raw == stored else None
 
 
 def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str]) -> Reply:

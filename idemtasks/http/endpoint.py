@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError, IdemtasksError, InvalidKey
+from ..errors import ConfigurationError, IdempotencyKeyMismatch, IdemtasksError, InvalidKey
 from ..models import Submission
 from ..stores import Store, shared_store
 from . import core
@@ -146,7 +146,10 @@ class Endpoint:
             # Inside: a store given by URL is opened on first use, and a database that is down then is a 503 like
             # any other outage.
             store = self.store_for(task)
-            sub = task.submit(args, kwargs, key=key, scope=scope, fingerprint=fp, **options)
+            try:
+                sub = task.submit(args, kwargs, key=key, scope=scope, fingerprint=fp, **options)
+            except IdempotencyKeyMismatch as exc:
+                sub = task.submit(args, kwargs, key=key, scope=scope, fingerprint=earlier(req, policy, exc), **options)
             now = accept_clock(sub, store.now)
         except ConfigurationError:
             raise  # a programming error (a task writing to another store): the framework's 500, with its traceback
@@ -161,6 +164,16 @@ class Endpoint:
         except IdemtasksError as exc:
             return core.error_reply(exc, self.policy)
         return core.status_reply(op, caller, self.policy)
+
+
+def earlier(req: IncomingRequest, policy: HttpPolicy, exc: IdempotencyKeyMismatch) -> str:
+    """The fingerprint an earlier version gave this request, if that is what the operation holds (a replay after
+    all: see :func:`.core.earlier_fingerprint`); otherwise the mismatch stands and ``exc`` is raised again."""
+    stored = core.earlier_fingerprint(req.method, req.path, req.query, req.body, req.headers, policy,
+                                      exc.stored_fingerprint)
+    if stored is None:
+        raise exc
+    return stored
 
 
 def accept_clock(sub: Submission, now: Callable[[], float]) -> float:

@@ -83,7 +83,7 @@ def flaky(self: IdempotentTask, failures: int) -> str:
     return "ok"
 
 
-@app.task(base=IdempotentTask, bind=True, store_url=STORE, name="procapp.doomed", time_limit=1.5, max_attempts=2)
+@app.task(base=IdempotentTask, bind=True, store_url=STORE, name="procapp.doomed", time_limit=1.5, max_crashes=1)
 def doomed(self: IdempotentTask) -> str:
     """Always outlives its hard time limit: the pool kills the child in the body, and no hook runs."""
     count(self.operation.key)
