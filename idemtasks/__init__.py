@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from .config import DEFAULT_LEASE, DEFAULT_STORE_URL, DEFAULT_TTL
 from .errors import (
-    AttemptsExhausted,
     ConfigurationError,
     IdempotencyKeyMismatch,
     IdemtasksError,
@@ -48,7 +47,6 @@ __all__ = [
     "DEFAULT_STORE_URL",
     "DEFAULT_TTL",
     # Errors
-    "AttemptsExhausted",
     "ConfigurationError",
     "IdempotencyKeyMismatch",
     "IdemtasksError",

@@ -13,7 +13,6 @@
 ``idemtasks_max_args_bytes``    ``max_args_bytes``                      :data:`DEFAULT_MAX_ARGS_BYTES` (256 KiB)
 ``idemtasks_max_result_bytes``  ``max_result_bytes``                    :data:`DEFAULT_MAX_RESULT_BYTES` (1 MiB)
 ``idemtasks_pipeline``          ``pipeline_completions``                :data:`DEFAULT_PIPELINE` (``True``)
-``idemtasks_max_crashes``       ``max_crashes``                         :data:`DEFAULT_MAX_CRASHES` (3)
 ==============================  ======================================  ==========================================
 
 Task-only attributes: ``key_func`` (key for messages sent without :meth:`submit`), ``retry_on`` (exception types
@@ -32,7 +31,6 @@ __all__ = [
     "DEFAULT_BUSY_COUNTDOWN",
     "DEFAULT_LEASE",
     "DEFAULT_MAX_ARGS_BYTES",
-    "DEFAULT_MAX_CRASHES",
     "DEFAULT_MAX_RESULT_BYTES",
     "DEFAULT_ON_BUSY",
     "DEFAULT_PIPELINE",
@@ -68,14 +66,6 @@ DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
 #: for what that defers and what it does not.
 DEFAULT_PIPELINE = True
 
-#: How many holders of one operation may die in its body before it fails. A holder that dies there (a hard time
-#: limit, the OOM killer, a segfault, a machine lost) runs no hook, so its operation is taken over and the body
-#: started again: without a cap, a body that always dies would run for ever, and its operation never end. After this
-#: many such deaths the operation fails with ``AttemptsExhausted`` instead of starting again. Starts that ended
-#: otherwise do not count: an outcome, or a give-back (``retry()``, ``Reject(requeue=True)``, an outage waited
-#: out). ``0``: the body is never started again after a holder died in it.
-DEFAULT_MAX_CRASHES = 3
-
 #: How long a just-created operation counts as "still being accepted": its message is not yet confirmed published.
 #: A duplicate inside this window is told to come back (HTTP 409); after it, the first request is presumed dead and
 #: the message is published again, which is safe because the worker's claim deduplicates.
@@ -93,7 +83,6 @@ SETTINGS: tuple[tuple[str, str, Any], ...] = (
     ("max_args_bytes", "idemtasks_max_args_bytes", DEFAULT_MAX_ARGS_BYTES),
     ("max_result_bytes", "idemtasks_max_result_bytes", DEFAULT_MAX_RESULT_BYTES),
     ("pipeline_completions", "idemtasks_pipeline", DEFAULT_PIPELINE),
-    ("max_crashes", "idemtasks_max_crashes", DEFAULT_MAX_CRASHES),
 )
 
 
@@ -105,8 +94,5 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
     # The record must outlive any lease on it, or a running operation could expire and its key start a second one.
     if ttl < 2 * lease:
         raise ConfigurationError(f"{task_name}: idempotency_ttl ({ttl}) must be at least twice lease_seconds ({lease})")
-    crashes = values.get("max_crashes", DEFAULT_MAX_CRASHES)
-    if isinstance(crashes, bool) or not isinstance(crashes, int) or crashes < 0:
-        raise ConfigurationError(f"{task_name}: max_crashes must be a whole number (0 or more), not {crashes!r}")
     if values["on_busy"] not in ON_BUSY_POLICIES:
         raise ConfigurationError(f"{task_name}: on_busy must be one of {ON_BUSY_POLICIES}, not {values['on_busy']!r}")

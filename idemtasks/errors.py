@@ -12,7 +12,6 @@ Every exception derives from one root, so ``except IdemtasksError`` catches them
     │   └── StoreUnavailable        the store cannot be reached (retry later)
     ├── PublishFailed               the operation was recorded but the broker refused the message
     ├── LeaseLost                   a holder was fenced off: another worker took the operation over
-    ├── AttemptsExhausted           the body's holders died in it too often (max_crashes)
     └── OperationFailed             replay of an operation whose stored outcome is a failure
 
 Driver exceptions (redis-py, SQLAlchemy, kombu) are never leaked: they are wrapped with ``raise … from exc``.
@@ -26,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-    "AttemptsExhausted",
     "ConfigurationError",
     "IdempotencyKeyMismatch",
     "IdemtasksError",
@@ -162,18 +160,6 @@ class LeaseLost(IdemtasksError):
         self.operation_id = operation_id
         self.fencing_token = fencing_token
         self.current_token = current_token
-
-
-class AttemptsExhausted(IdemtasksError):
-    """Raised instead of starting a body whose holders died in it more than ``limit`` times (a hard time limit, the
-    OOM killer, a segfault): running it again would only repeat that."""
-
-    def __init__(self, *, operation_id: str, crashes: int, limit: int) -> None:
-        super().__init__(f"operation {operation_id}: its body's holder died in it {crashes} times, more than "
-                         f"max_crashes ({limit}) allows; it is not started again")
-        self.operation_id = operation_id
-        self.crashes = crashes
-        self.limit = limit
 
 
 class OperationFailed(IdemtasksError):

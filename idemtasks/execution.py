@@ -20,7 +20,6 @@ from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from .errors import (
-    AttemptsExhausted,
     IdempotencyKeyMismatch,
     IdemtasksError,
     LeaseLost,
@@ -31,7 +30,7 @@ from .errors import (
 from .identity import canonical_call, dump_json, fingerprint_of_call, load_json
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
-from .stores.base import Store, confirm_after_for, crashes
+from .stores.base import Store, confirm_after_for
 from .stores.lanes import collector
 
 __all__ = ["MAX_ERROR_MESSAGE", "Attempt", "error_info", "run_attempt", "store_carried"]
@@ -123,15 +122,14 @@ class Attempt:
         """True once a renewal found that another worker took the operation over."""
         return self.hold is not None and self.hold.lost
 
-    def release(self, *, delay: float = 0.0, interrupted: bool = False) -> None:
-        """Give the operation back (running → pending) for a retry due in ``delay`` seconds; ``interrupted``: the
-        body was cut short, which counts as a crash (see :meth:`idemtasks.stores.base.Store.release`)."""
+    def release(self, *, delay: float = 0.0) -> None:
+        """Give the operation back (running → pending) for a retry due in ``delay`` seconds."""
         self.released = True
-        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, interrupted=interrupted)
+        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay)
 
-    def release_quietly(self, *, delay: float = 0.0, interrupted: bool = False) -> None:
+    def release_quietly(self, *, delay: float = 0.0) -> None:
         try:
-            self.release(delay=delay, interrupted=interrupted)
+            self.release(delay=delay)
         except IdemtasksError as exc:
             # The lease will run out and the operation be taken over; nothing is lost, only delayed.
             logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
@@ -229,13 +227,12 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
     request.idemtasks_attempt = attempt
     attempt.hold = keeper.hold(attempt.store, attempt.operation, attempt.fencing_token,
                                lease=float(task.lease_seconds), ttl=attempt.ttl)
-    body = _body(task, attempt.operation)
     try:
         try:
             if task.transactional:
-                result, result_json = _run_transactional(task, attempt, body, args, kwargs)
+                result, result_json = _run_transactional(task, attempt, args, kwargs)
             else:
-                result = body(*args, **kwargs)
+                result = task.run(*args, **kwargs)
                 result_json = dump_json(result, what="result", limit=task.max_result_bytes)
         except Retry:
             raise  # retry() gave the operation back before publishing
@@ -245,7 +242,7 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         except BaseException as exc:
             if attempt.released:
                 raise
-            if task.retry_on and isinstance(exc, task.retry_on) and not isinstance(exc, AttemptsExhausted):
+            if task.retry_on and isinstance(exc, task.retry_on):
                 try:
                     task.retry(exc=exc, countdown=min(2.0 ** request.retries, 300.0))
                 except Retry:
@@ -256,12 +253,8 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                     # Given back, but the retry message could not be published (Celery raised Reject): it stays given
                     # back for recovery to publish, rather than stored as failed for a passing error.
                     raise
-            if not isinstance(exc, Exception):
-                # SystemExit/KeyboardInterrupt: a shutdown, or the pool's hard time limit (it terminates the child
-                # before it kills it). Given back, so the redelivered message need not wait out the lease; but as a
-                # start its holder died in, or a body that always outlives its time limit would never reach
-                # max_crashes.
-                attempt.release_quietly(interrupted=True)
+            if not isinstance(exc, Exception):  # SystemExit/KeyboardInterrupt: shutting down, not the body's fault
+                attempt.release_quietly()
                 raise
             if task.transactional and (isinstance(exc, StoreUnavailable) or _database_outage(exc)):
                 # The transaction's database dropped the connection (a restart, pg_terminate_backend, a failover)
@@ -279,28 +272,6 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         keeper.release(attempt.hold)
         request.idemtasks_attempt = None
         request.idemtasks_connection = None
-
-
-def _body(task: Any, op: Operation) -> Callable[..., Any]:
-    """The task's body, or, once more of its holders died in it than ``max_crashes`` allows, a stand-in that raises
-    :class:`AttemptsExhausted`. A death is a start that ended in nothing: every other ending stores an outcome or
-    gives the operation back (a retry, a requeue, an outage waited out), which the record tells apart
-    (:func:`~idemtasks.stores.base.crashes`).
-
-    The stand-in takes the body's place rather than failing the operation here, so that the failure takes the
-    body's own path: a transactional task first adopts what an earlier holder may have committed before it died,
-    and seals the failure in its ledger, so that a holder still alive somewhere cannot commit after it.
-    """
-    limit, died = int(task.max_crashes), crashes(op)
-    if died <= limit:
-        return task.run  # type: ignore[no-any-return]
-
-    def exhausted(*_args: Any, **_kwargs: Any) -> NoReturn:
-        raise AttemptsExhausted(operation_id=op.id, crashes=died, limit=limit)
-
-    logger.error("idemtasks: operation %s: its body's holder died in it %d times (max_crashes %d): it fails instead "
-                 "of starting again", op.id, died, limit)
-    return exhausted
 
 
 def _dropped(task: Any, attempt: Attempt, exc: Ignore | Reject) -> None:
@@ -360,8 +331,7 @@ def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> Any:
     return _NOTHING
 
 
-def _run_transactional(task: Any, attempt: Attempt, body: Callable[..., Any], args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> tuple[Any, str]:
+def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
     from .effects import ledger_for
 
     ledger = attempt.ledger = ledger_for(_transaction_url(task))
@@ -374,7 +344,7 @@ def _run_transactional(task: Any, attempt: Attempt, body: Callable[..., Any], ar
     try:
         with ledger.transaction() as conn:
             attempt.request.idemtasks_connection = conn
-            result = body(*args, **kwargs)
+            result = task.run(*args, **kwargs)
             result_json = dump_json(result, what="result", limit=task.max_result_bytes)
             prior = ledger.record(conn, attempt.id, attempt.fencing_token, result_json)
             if prior is not None:

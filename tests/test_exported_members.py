@@ -12,8 +12,7 @@ EXPECTED = {
     "ClaimOutcome", "ClaimResult", "ErrorInfo", "Operation", "Status", "Submission",
     "Store", "open_store",
     "DEFAULT_LEASE", "DEFAULT_STORE_URL", "DEFAULT_TTL",
-    "AttemptsExhausted", "ConfigurationError", "IdempotencyKeyMismatch", "IdemtasksError", "InvalidKey", "LeaseLost",
-    "NotSerializable",
+    "ConfigurationError", "IdempotencyKeyMismatch", "IdemtasksError", "InvalidKey", "LeaseLost", "NotSerializable",
     "OperationFailed", "PublishFailed", "StoreError", "StoreUnavailable", "TooLarge",
 }
 

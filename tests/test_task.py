@@ -16,8 +16,6 @@ from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject
 
 from idemtasks import (
-    AttemptsExhausted,
-    ClaimOutcome,
     IdempotencyKeyMismatch,
     IdempotentTask,
     InvalidKey,
@@ -612,66 +610,17 @@ class TestLeases:
         assert h.runs[k] == 0
 
 
-class TestCrashCap:
-    """A holder that dies in the body (a hard time limit, the OOM killer) runs no hook: its operation is taken over
-    and the body started again, up to ``max_crashes`` (3) deaths. Starts that gave the operation back (a retry, a
-    requeue, an outage waited out) are not deaths, however many there were."""
-
-    @staticmethod
-    def history(h: Harness, k: str, *, deaths: int, give_backs: int = 0) -> tuple[Any, dict[str, Any]]:
-        """A submitted operation whose body was started ``give_backs`` times by holders that gave it back, then
-        ``deaths`` times by holders that died in it, the last one's operation requeued by recovery. Its record,
-        and the headers of its message."""
-        charge = h.tasks["charge"]
-        fp = _fp(charge.name, ("acct", 9))
-        sub = h.store.create("global", k, charge.name, fp, ttl=3600)
-        for n in range(give_backs):
-            held = h.store.claim("global", k, charge.name, fp, owner=f"gave-back-{n}", lease=5, ttl=3600).operation
-            h.store.release(held, held.fencing_token, ttl=3600)
-        for n in range(deaths):
-            while True:  # a lapsed lease is first marked suspected (busy), then taken over once the grace is out
-                claim = h.store.claim("global", k, charge.name, fp, owner=f"dead-{n}", lease=0.01, ttl=3600,
-                                      grace=0.0)
-                time.sleep(0.03)
-                if claim.outcome is ClaimOutcome.CLAIMED:
-                    break
-        if deaths:
-            dead = claim.operation
-            while h.store.requeue(dead, confirm_after=0.0) is not Takeover.REQUEUED:  # recovery's two phases
-                time.sleep(0.01)
-        return sub, {"idemtasks": {"scope": "global", "key": k}}
-
-    def test_the_body_starts_again_while_the_cap_allows_and_give_backs_never_count(self, h: Harness) -> None:
-        charge, k = h.tasks["charge"], key()
-        sub, headers = self.history(h, k, deaths=3, give_backs=10)
-        assert charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers).get(timeout=20)["amount"] == 9
-        op = h.wait_final(sub.operation.id)
-        assert op.status is Status.SUCCEEDED and op.attempts == 14 and h.runs[k] == 1
-
-    def test_past_the_cap_the_operation_fails_instead_of_starting_the_body_again(self, h: Harness) -> None:
-        charge, k = h.tasks["charge"], key()
-        sub, headers = self.history(h, k, deaths=4, give_backs=1)
-        with pytest.raises(AttemptsExhausted, match=r"died in it 4 times, more than max_crashes \(3\)"):
-            charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers).get(timeout=20)
-        op = h.wait_final(sub.operation.id)
-        assert op.status is Status.FAILED and op.error is not None and op.error.type == "AttemptsExhausted"
-        assert h.runs[k] == 0
-        # Final: a duplicate's claim replays the failure, and recovery has nothing left to publish.
-        again = h.store.claim("global", k, charge.name, _fp(charge.name, ("acct", 9)), owner="dup", lease=5, ttl=3600)
-        assert again.outcome is ClaimOutcome.DONE
-        assert sub.operation.id not in {op.id for op in h.store.stale(pending_after=0.0)}
-
-    def test_zero_never_starts_the_body_again_after_a_holder_died_in_it(self, h: Harness) -> None:
-        charge, k = h.tasks["charge"], key()
-        sub, headers = self.history(h, k, deaths=1)
-        charge.max_crashes = 0
-        try:
-            result = charge.apply_async(("acct", 9), task_id=sub.operation.id, headers=headers)
-            assert h.wait_final(sub.operation.id).status is Status.FAILED
-            result.get(timeout=20, propagate=False)
-        finally:
-            del charge.max_crashes  # back to the value bound from the app's configuration
-        assert h.runs[k] == 0
+def _requeued_after_a_death(h: Harness, k: str) -> Any:
+    """A submitted operation whose holder died in the body and whose lease recovery took over: pending again, under
+    the dead holder's token."""
+    charge = h.tasks["charge"]
+    fp = _fp(charge.name, ("acct", 9))
+    sub = h.store.create("global", k, charge.name, fp, ttl=3600)
+    dead = h.store.claim("global", k, charge.name, fp, owner="dead", lease=0.01, ttl=3600).operation
+    time.sleep(0.03)
+    while h.store.requeue(dead, confirm_after=0.0) is not Takeover.REQUEUED:  # recovery's two phases
+        time.sleep(0.01)
+    return sub
 
 
 class TestDiscardedMessages:
@@ -708,7 +657,7 @@ class TestDiscardedMessages:
         holder died, and recovery gave the operation back. That message expiring must store the outcome, never
         "will not run" for a payment that happened."""
         charge, k = h.tasks["charge"], key()
-        sub, _ = TestCrashCap.history(h, k, deaths=1)
+        sub = _requeued_after_a_death(h, k)
         held = h.store.get_by_id(sub.operation.id)
         assert held is not None and held.status is Status.PENDING
         carried = {"id": held.id, "token": held.fencing_token, "status": "succeeded", "result": '{"paid": 9}',

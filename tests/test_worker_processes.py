@@ -165,33 +165,6 @@ def test_sigkilled_child_is_taken_over_after_its_lease_and_effects_commit_once(c
 
 
 @pytest.mark.timeout(120)
-def test_a_body_killed_by_its_hard_time_limit_every_time_fails_once_max_crashes_is_passed(
-        tmp_path: Path) -> None:
-    """The pool kills the child at the hard time limit, in the body: no hook runs, the message is acked, and only
-    the lease frees the operation, which recovery takes over and publishes again. Without a cap this would go on for
-    ever, the body starting again on every sweep and the operation never ending."""
-    from idemtasks.recovery import Sweeper
-
-    rig = next(rigs := _rig("redis", tmp_path, concurrency=1, lease=1.0))
-    try:
-        key = f"doomed-{uuid.uuid4().hex}"
-        app = rig.tasks["doomed"].app
-        op_id = rig.tasks["doomed"].submit(key=key).operation.id
-
-        def swept_until_final() -> Any:
-            Sweeper(app, pending_after=0.3, confirm_after=0.2).sweep()
-            op = rig.store.get_by_id(op_id)
-            return op is not None and op.is_final and op
-
-        op = wait_until(swept_until_final, 90, "the doomed operation to end")
-        assert op.status is Status.FAILED and op.error.type == "AttemptsExhausted"
-        assert rig.runs(key) == 2 and op.attempts == 3  # two holders killed (max_crashes=1), the third refused
-        assert "TimeLimitExceeded" in rig.worker.log.read_text()
-    finally:
-        rigs.close()
-
-
-@pytest.mark.timeout(120)
 def test_a_transactional_body_whose_database_connection_is_killed_is_retried_not_failed(tmp_path: Path) -> None:
     services.require("postgres")
     # The worker's ledger connections carry a name of their own, so only they are terminated.

@@ -36,7 +36,7 @@ from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
 __all__ = ["DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store",
-           "confirm_after_for", "crashes", "decide_claim", "decide_create", "takeover_phase"]
+           "confirm_after_for", "decide_claim", "decide_create", "takeover_phase"]
 
 #: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
 #: record's key (``KEEP_MS`` in :mod:`.redis_scripts`). A claim that re-creates an expired record continues its
@@ -109,8 +109,6 @@ class FinishRequest:
     #: A release only: seconds until the retry's message is due. Recovery's clock for a pending record starts from
     #: its ``updated_at``, which is set that far ahead, so the sweeper does not publish a copy before the retry runs.
     delay: float = 0.0
-    #: A release only: whether it moves the token on (see :meth:`Store.release`).
-    moves_token: bool = True
 
 
 def takeover_phase(op: Operation, now: float, grace: float) -> str:
@@ -123,18 +121,6 @@ def takeover_phase(op: Operation, now: float, grace: float) -> str:
     if op.updated_at < lease:  # the mark is updated_at >= lease_expires_at; a renewal moves the lease past it
         return "mark"
     return "wait" if op.updated_at > now - grace else "take"
-
-
-def crashes(op: Operation) -> int:
-    """How many starts of ``op``'s body, before the one that claimed it last, ended in nothing: no outcome stored and
-    nothing given back. Their holders died in the body (a hard time limit, the OOM killer, a machine lost).
-
-    Every claim adds one to ``attempts`` and to ``fencing_token``, and every release (but an interrupted one) one
-    more to the token alone: the starts before the last number ``attempts - 1``, of which ``fencing_token -
-    attempts`` ended in a release. (A
-    record a claim re-created after it expired continues the old token from zero attempts: that only lowers the
-    count.)"""
-    return max(0, (op.attempts - 1) - (op.fencing_token - op.attempts))
 
 
 def decide_create(current: Operation | None, req: CreateRequest, now: float) -> tuple[Operation, bool]:
@@ -238,23 +224,17 @@ class Store(abc.ABC):
         """Store a terminal failure; raises :class:`LeaseLost` like :meth:`succeed`."""
         self.finish(op.scope, op.key, op.id, token, Status.FAILED, error=error, ttl=ttl)
 
-    def release(self, op: Operation, token: int, *, ttl: float, delay: float = 0.0, interrupted: bool = False) -> None:
+    def release(self, op: Operation, token: int, *, ttl: float, delay: float = 0.0) -> None:
         """Give the operation back (running → pending) so a retry can claim it; raises :class:`LeaseLost`.
 
         ``delay``: seconds until the retry's message is due (its countdown or ETA). The record's ``updated_at`` is
         set that far ahead, and recovery waits ``pending_after`` from then: a copy published sooner would run the
         body early, and start a second chain of retries beside the scheduled one. The record lives ``ttl`` beyond it.
-
-        The fencing token moves on, as a claim moves it: nothing the releasing holder still sends lands after it,
-        and ``fencing_token - attempts`` counts the starts that ended in a release, so the starts that ended in
-        nothing (their holders died in the body) can be told apart from them (see :func:`crashes`). Not when
-        ``interrupted``: the body was cut short (a shutdown, or the pool's hard time limit, which terminates the
-        child before it kills it), and that start counts as one its holder died in.
         """
         self._settle_own_writes()
         delay = max(0.0, delay)
         self._finish_or_raise(FinishRequest(key_digest(op.scope, op.key), op.id, token, Status.PENDING, None, None,
-                                            ttl + delay, delay, moves_token=not interrupted), again=False)
+                                            ttl + delay, delay), again=False)
 
     def finish(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                result_json: str | None = None, error: ErrorInfo | None = None, ttl: float, again: bool = False) -> None:

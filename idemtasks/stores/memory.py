@@ -72,7 +72,6 @@ class MemoryStore(Store):
                 op, status=req.status, result=None if req.result is None else load_json(req.result), error=req.error,
                 lease_owner=None, lease_expires_at=None, expires_at=now + req.ttl,
                 updated_at=now + req.delay if req.status is Status.PENDING else now,
-                fencing_token=op.fencing_token + (req.status is Status.PENDING and req.moves_token),
             )
             return True
 

@@ -124,8 +124,7 @@ def create_answer(reply: list[Any], req: CreateRequest) -> tuple[Operation, bool
 def finish_args(req: FinishRequest) -> list[str]:
     err = req.error
     return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
-            err.type if err else "", err.message if err else "", repr(req.ttl), repr(req.delay),
-            "1" if req.moves_token else "0"]
+            err.type if err else "", err.message if err else "", repr(req.ttl), repr(req.delay)]
 
 
 class RedisStore(Store):

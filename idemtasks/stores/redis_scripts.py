@@ -204,7 +204,6 @@ local x = now + math.floor(ARGV[7] * 1000000 + 0.5)
 local u = string.format('%d', now)
 if st == 'p' and ARGV[8] then u = string.format('%d', now + math.floor(ARGV[8] * 1000000 + 0.5)) end
 local w = {'st', st, 'u', u, 'x', string.format('%d', x)}
-if st == 'p' and ARGV[9] == '1' then w[7], w[8] = 'tok', string.format('%d', tonumber(rec[3]) + 1) end
 if st == 's' and ARGV[4] ~= '' then""" + _put_chunked("w", "r", "ARGV[4]") + """end
 if st == 'f' then
   w[7], w[8] = 'et', ARGV[5]

@@ -246,8 +246,7 @@ class SQLStore(Store):
     # ----------------------------------------------------------------- fenced transitions
 
     def _finish(self, req: FinishRequest) -> bool:
-        stmt = self.sql.interrupted_release if not req.moves_token else self.sql.finish[req.status]
-        return self._count(stmt, self._finish_params(req)) == 1
+        return self._count(self.sql.finish[req.status], self._finish_params(req)) == 1
 
     def _finish_params(self, req: FinishRequest) -> dict[str, Any]:
         params = self.sql.params(p_key_hash=req.digest, p_id=req.operation_id, p_fencing_token=req.token, p_ttl=req.ttl)

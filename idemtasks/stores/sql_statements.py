@@ -148,21 +148,12 @@ class Statements:
         stores: dict[Status, dict[str, Any]] = {
             Status.SUCCEEDED: {"result": self.p("result")},
             Status.FAILED: {"error_type": self.p("error_type"), "error_message": self.p("error_message")},
-            # A release: recovery counts from updated_at, set ahead to when the retry is due, and the token moves on
-            # (see Store.release).
-            Status.PENDING: {"updated_at": now + self._seconds("p_delay"), "fencing_token": t.c.fencing_token + 1},
+            # A release: recovery counts from updated_at, set ahead to when the retry is due (see Store.release).
+            Status.PENDING: {"updated_at": now + self._seconds("p_delay")},
         }
         return {status: t.update().where(self._held(now, given_back=True)).values(status=status.value,
                                                                                   **{**common, **extra})
                 for status, extra in stores.items()}
-
-    @cached_property
-    def interrupted_release(self) -> Any:
-        """A release that leaves the token where it is (see Store.release)."""
-        t, now = self.table, self.now()
-        return t.update().where(self._held(now, given_back=True)).values(
-            status=Status.PENDING.value, lease_owner=None, lease_expires_at=None,
-            updated_at=now + self._seconds("p_delay"), expires_at=now + self._seconds("p_ttl"))
 
     @cached_property
     def renew(self) -> Any:

@@ -83,13 +83,5 @@ def flaky(self: IdempotentTask, failures: int) -> str:
     return "ok"
 
 
-@app.task(base=IdempotentTask, bind=True, store_url=STORE, name="procapp.doomed", time_limit=1.5, max_crashes=1)
-def doomed(self: IdempotentTask) -> str:
-    """Always outlives its hard time limit: the pool kills the child in the body, and no hook runs."""
-    count(self.operation.key)
-    time.sleep(30)
-    return "never"
-
-
 if LEDGER_URL:
     create_tables(sa.create_engine(LEDGER_URL), list(metadata.tables.values()))
