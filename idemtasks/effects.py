@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import StoreError, StoreUnavailable
+from .models import ErrorInfo
 
 try:
     import sqlalchemy as sa
@@ -33,7 +34,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("transactional tasks need SQLAlchemy: pip install idemtasks[sql]") from exc
 
-__all__ = ["FAILURE_PREFIX", "EffectsLedger", "effects_table", "failure_of", "ledger_for"]
+__all__ = ["FAILURE_PREFIX", "EffectsLedger", "effects_table", "failure_of", "ledger_for", "sealed_outcome"]
 
 #: How a failure marker's ``result`` starts: JSON text never starts with ``!``.
 FAILURE_PREFIX = "!failed "
@@ -45,6 +46,15 @@ def failure_of(marker: str) -> tuple[str, str] | None:
         return None
     error_type, message = json.loads(marker[len(FAILURE_PREFIX):])
     return str(error_type), str(message)
+
+
+def sealed_outcome(ledger: EffectsLedger, operation_id: str, token: int, error: ErrorInfo) -> str | ErrorInfo:
+    """Seal ``error`` as the operation's failure (:meth:`EffectsLedger.seal_failure`) and say what stands: the
+    result marker another holder committed first (the outcome, to adopt), or the failure sealed, ``error`` or one an
+    earlier holder sealed before it died."""
+    marker = ledger.seal_failure(operation_id, token, error.type, error.message)
+    failed = failure_of(marker)
+    return marker if failed is None else ErrorInfo(*failed)
 
 
 def effects_table(metadata: sa.MetaData, name: str = "idemtasks_effects") -> sa.Table:

@@ -311,22 +311,21 @@ def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> Any:
     the outcome; once the failure is sealed, a later one collides and rolls back.
     """
     if attempt.ledger is not None:  # not opened (a misconfigured URL): no holder could have committed anything
-        from .effects import failure_of
+        from .effects import sealed_outcome
 
         try:
-            marker = attempt.ledger.seal_failure(attempt.id, attempt.fencing_token, error.type, error.message)
+            outcome = sealed_outcome(attempt.ledger, attempt.id, attempt.fencing_token, error)
         except StoreError as exc:
             # Whether effects committed cannot be told: never store the failure blind. The next attempt looks in
             # the ledger before it runs the body.
             attempt.release_quietly()
             _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
-        failed = failure_of(marker)
-        if failed is None:
+        if isinstance(outcome, str):
             logger.warning("idemtasks: operation %s failed (%s) but a previous holder had committed its effects; "
                            "its result is the outcome", attempt.id, error.type)
-            _finish(task, attempt, Status.SUCCEEDED, marker, None)
-            return load_json(marker)
-        error = ErrorInfo(*failed)  # ours, or the failure an earlier holder sealed before it died
+            _finish(task, attempt, Status.SUCCEEDED, outcome, None)
+            return load_json(outcome)
+        error = outcome  # ours, or the failure an earlier holder sealed before it died
     _finish(task, attempt, Status.FAILED, None, error)
     return _NOTHING
 

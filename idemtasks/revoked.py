@@ -33,12 +33,12 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
     True if it was."""
     from .execution import _transaction_url, store_carried  # the worker side, imported by the time a message arrives
-    from .task import HEADER
+    from .task import header_of
 
     scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
     store = task.store
     ttl = float(task.idempotency_ttl)
-    header = (request.headers or {}).get(HEADER) or getattr(request, HEADER, None) or {}
+    header = header_of(request)
     if header.get("finish") is not None:
         # The body ran: its completion, which the store could not take then, rides in this message. It is the
         # outcome, never "will not run".
@@ -55,14 +55,13 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     if task.transactional and op.attempts:
         # A holder that died after committing its effects left the operation pending for its copy: what it
         # committed is the outcome, and sealing the failure keeps a holder still alive from committing later.
-        from .effects import failure_of, ledger_for
+        from .effects import ledger_for, sealed_outcome
 
-        marker = ledger_for(_transaction_url(task)).seal_failure(op.id, op.fencing_token, error.type, error.message)
-        failed = failure_of(marker)
-        if failed is None:
-            store.finish(scope, key, op.id, op.fencing_token, Status.SUCCEEDED, result_json=marker, ttl=ttl)
+        outcome = sealed_outcome(ledger_for(_transaction_url(task)), op.id, op.fencing_token, error)
+        if isinstance(outcome, str):
+            store.finish(scope, key, op.id, op.fencing_token, Status.SUCCEEDED, result_json=outcome, ttl=ttl)
             return False
-        error = ErrorInfo(*failed)
+        error = outcome
     # A pending record under its token takes a completion until a claim moves the token on: a claim that came
     # first wins, and this raises LeaseLost.
     store.finish(scope, key, op.id, op.fencing_token, Status.FAILED, error=error, ttl=ttl)

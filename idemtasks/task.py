@@ -36,6 +36,12 @@ HEADER = "idemtasks"
 TASK_ID_SCOPE = "celery-task-id"
 
 
+def header_of(request: Any) -> dict[str, Any]:
+    """The idemtasks header of a delivery's context: among its message headers, or (as Celery sets some contexts
+    up) an attribute of its own; empty if it has none."""
+    return (request.headers or {}).get(HEADER) or getattr(request, HEADER, None) or {}
+
+
 def due_in(eta: Any, countdown: float | None, default: float | None = None) -> float:
     """Seconds until a message is due, as Celery schedules it: an ETA, a countdown, or (for ``retry``) the task's
     ``default_retry_delay``. A countdown given beside an ETA wins, as in Celery, which turns it into the ETA."""
@@ -148,7 +154,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         return run_attempt(self, request, scope, key, args, kwargs)
 
     def _key_of(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
-        header = (request.headers or {}).get(HEADER) or getattr(request, HEADER, None)
+        header = header_of(request)
         if header and "key" in header:  # a republished message may carry only bookkeeping (outage count)
             return header["scope"], header["key"]
         # Read through the class: a plain function given as ``key_func=`` would otherwise bind to the task.

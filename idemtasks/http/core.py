@@ -248,15 +248,14 @@ def request_fingerprint(method: str, path: str, query: str, body: bytes, headers
 
 
 def earlier_fingerprint(method: str, path: str, query: str, body: bytes, headers: Mapping[str, str],
-                        policy: HttpPolicy, stored: str) -> str | None:
-    """``stored`` if it is this request's fingerprint as an earlier version computed it (a JSON body hashed as its
-    bytes), else ``None``. An operation accepted before an upgrade (or by a node not yet upgraded, during a rolling
-    one) keeps that fingerprint for its TTL: the client's retry of the very same bytes must still be a replay, not
-    a 422 that could lead it to a fresh key and a second payment."""
+                        policy: HttpPolicy) -> str | None:
+    """This request's fingerprint as an earlier version computed it (a JSON body hashed as its bytes); ``None`` if
+    the body is not JSON, which no version hashed otherwise. An operation accepted before an upgrade (or by a node
+    not yet upgraded, during a rolling one) keeps that fingerprint for its TTL: the client's retry of the very same
+    bytes must still be a replay, not a 422 that could lead it to a fresh key and a second payment."""
     if not is_json(_header(headers, "Content-Type")):
         return None
-    raw = request_fingerprint(method, path, query, body, headers, policy, raw_json=True)
-    return stored if raw == stored else None
+    return request_fingerprint(method, path, query, body, headers, policy, raw_json=True)
 
 
 def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str]) -> Reply:

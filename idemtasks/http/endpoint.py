@@ -169,9 +169,8 @@ class Endpoint:
 def earlier(req: IncomingRequest, policy: HttpPolicy, exc: IdempotencyKeyMismatch) -> str:
     """The fingerprint an earlier version gave this request, if that is what the operation holds (a replay after
     all: see :func:`.core.earlier_fingerprint`); otherwise the mismatch stands and ``exc`` is raised again."""
-    stored = core.earlier_fingerprint(req.method, req.path, req.query, req.body, req.headers, policy,
-                                      exc.stored_fingerprint)
-    if stored is None:
+    stored = exc.stored_fingerprint
+    if core.earlier_fingerprint(req.method, req.path, req.query, req.body, req.headers, policy) != stored:
         raise exc
     return stored
 
