@@ -13,6 +13,7 @@
 ``idemtasks_max_args_bytes``    ``max_args_bytes``                      :data:`DEFAULT_MAX_ARGS_BYTES` (256 KiB)
 ``idemtasks_max_result_bytes``  ``max_result_bytes``                    :data:`DEFAULT_MAX_RESULT_BYTES` (1 MiB)
 ``idemtasks_pipeline``          ``pipeline_completions``                :data:`DEFAULT_PIPELINE` (``True``)
+``idemtasks_max_crashes``       ``max_crashes``                         :data:`DEFAULT_MAX_CRASHES` (3)
 ==============================  ======================================  ==========================================
 
 Task-only attributes: ``key_func`` (key for messages sent without :meth:`submit`), ``retry_on`` (exception types
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_BUSY_COUNTDOWN",
     "DEFAULT_LEASE",
     "DEFAULT_MAX_ARGS_BYTES",
+    "DEFAULT_MAX_CRASHES",
     "DEFAULT_MAX_RESULT_BYTES",
     "DEFAULT_ON_BUSY",
     "DEFAULT_PIPELINE",
@@ -65,6 +67,12 @@ DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
 #: trip per executed task instead of two. See :mod:`idemtasks.stores.redis_lane` and :mod:`idemtasks.stores.sql_lane`
 #: for what that defers and what it does not.
 DEFAULT_PIPELINE = True
+#: How many holders of one operation may die with its body running (killed by the OOM killer or the pool's hard time
+#: limit, or gone with a shutdown) before a worker stores it as failed (``TooManyCrashes``) instead of starting the
+#: body again. Without a cap, a body that kills its process every time would be taken over and started again after
+#: every lease, for ever, repeating whatever it did before it died. ``0`` never gives up. Retries, requeues and store
+#: outages waited out are not crashes.
+DEFAULT_MAX_CRASHES = 3
 
 #: How long a just-created operation counts as "still being accepted": its message is not yet confirmed published.
 #: A duplicate inside this window is told to come back (HTTP 409); after it, the first request is presumed dead and
@@ -83,6 +91,7 @@ SETTINGS: tuple[tuple[str, str, Any], ...] = (
     ("max_args_bytes", "idemtasks_max_args_bytes", DEFAULT_MAX_ARGS_BYTES),
     ("max_result_bytes", "idemtasks_max_result_bytes", DEFAULT_MAX_RESULT_BYTES),
     ("pipeline_completions", "idemtasks_pipeline", DEFAULT_PIPELINE),
+    ("max_crashes", "idemtasks_max_crashes", DEFAULT_MAX_CRASHES),
 )
 
 
@@ -94,5 +103,8 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
     # The record must outlive any lease on it, or a running operation could expire and its key start a second one.
     if ttl < 2 * lease:
         raise ConfigurationError(f"{task_name}: idempotency_ttl ({ttl}) must be at least twice lease_seconds ({lease})")
+    crashes = values.get("max_crashes", DEFAULT_MAX_CRASHES)
+    if isinstance(crashes, bool) or not isinstance(crashes, int) or crashes < 0:
+        raise ConfigurationError(f"{task_name}: max_crashes must be a whole number, 0 or more, not {crashes!r}")
     if values["on_busy"] not in ON_BUSY_POLICIES:
         raise ConfigurationError(f"{task_name}: on_busy must be one of {ON_BUSY_POLICIES}, not {values['on_busy']!r}")

@@ -122,14 +122,15 @@ class Attempt:
         """True once a renewal found that another worker took the operation over."""
         return self.hold is not None and self.hold.lost
 
-    def release(self, *, delay: float = 0.0) -> None:
-        """Give the operation back (running → pending) for a retry due in ``delay`` seconds."""
+    def release(self, *, delay: float = 0.0, crashed: bool = False) -> None:
+        """Give the operation back (running → pending) for a retry due in ``delay`` seconds; ``crashed``: because
+        this process is going away with the body unfinished (see :meth:`Store.release`)."""
         self.released = True
-        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay)
+        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed)
 
-    def release_quietly(self, *, delay: float = 0.0) -> None:
+    def release_quietly(self, *, delay: float = 0.0, crashed: bool = False) -> None:
         try:
-            self.release(delay=delay)
+            self.release(delay=delay, crashed=crashed)
         except IdemtasksError as exc:
             # The lease will run out and the operation be taken over; nothing is lost, only delayed.
             logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
@@ -159,9 +160,12 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
             _come_back_later(task, exc)
         op = claim.operation
         if claim.outcome is ClaimOutcome.CLAIMED:
+            attempt = Attempt(store, op, ttl, request=request)
+            if task.max_crashes and op.crashes >= task.max_crashes:
+                return _give_up(task, attempt)
             if op.payload is None and call is None:
                 _keep_call(task, store, op, args, kwargs)
-            return _execute(task, Attempt(store, op, ttl, request=request), args, kwargs)
+            return _execute(task, attempt, args, kwargs)
         if claim.outcome is ClaimOutcome.DONE:
             return _replay(op)
         if claim.outcome is ClaimOutcome.MISMATCH:
@@ -253,8 +257,11 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                     # Given back, but the retry message could not be published (Celery raised Reject): it stays given
                     # back for recovery to publish, rather than stored as failed for a passing error.
                     raise
-            if not isinstance(exc, Exception):  # SystemExit/KeyboardInterrupt: shutting down, not the body's fault
-                attempt.release_quietly()
+            if not isinstance(exc, Exception):
+                # SystemExit/KeyboardInterrupt: this process is going away with the body unfinished (a shutdown, or
+                # the pool's hard time limit, whose SIGTERM comes a moment before its SIGKILL). Given back at once
+                # rather than left to its lease, and counted as a crash, as a takeover of the lease would have been.
+                attempt.release_quietly(crashed=True)
                 raise
             if task.transactional and (isinstance(exc, StoreUnavailable) or _database_outage(exc)):
                 # The transaction's database dropped the connection (a restart, pg_terminate_backend, a failover)
@@ -262,9 +269,9 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                 # An outage to ride out like the store's, never a payment stored as failed.
                 attempt.release_quietly()
                 _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
-            committed = _fail(task, attempt, error_info(exc))
-            if committed is not _NOTHING:
-                return committed
+            stored = _fail(task, attempt, error_info(exc))
+            if isinstance(stored, _Committed):
+                return stored.result
             raise
         _finish(task, attempt, Status.SUCCEEDED, result_json, None)
         return result
@@ -302,8 +309,37 @@ def _dropped(task: Any, attempt: Attempt, exc: Ignore | Reject) -> None:
     _fail(task, attempt, ErrorInfo(kind, message[:MAX_ERROR_MESSAGE]))
 
 
-def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> Any:
-    """Store a terminal failure; return ``_NOTHING``, or the committed result that was stored instead.
+def _give_up(task: Any, attempt: Attempt) -> Any:
+    """The holders of this operation died ``max_crashes`` times with its body running: store it as failed rather
+    than start the body again (see :data:`~idemtasks.config.DEFAULT_MAX_CRASHES`). A transactional task first looks
+    in its ledger, where a holder that died after its commit left the outcome."""
+    op = attempt.operation
+    error = ErrorInfo("TooManyCrashes", f"{op.crashes} holders of this operation died before its body finished "
+                                        f"(killed, out of memory, past the hard time limit, or shut down); with "
+                                        f"max_crashes={task.max_crashes}, the body is not started again")
+    logger.error("idemtasks: operation %s of %s: %s", op.id, task.name, error.message)
+    if task.transactional:
+        from .effects import ledger_for
+
+        try:
+            attempt.ledger = ledger_for(_transaction_url(task))
+        except IdemtasksError as exc:  # not opened, as in the body's path: no holder could have committed anything
+            logger.warning("idemtasks: operation %s: no transaction database to look in: %s", op.id, exc)
+    stored = _fail(task, attempt, error)
+    if isinstance(stored, _Committed):
+        return stored.result
+    raise OperationFailed(operation_id=op.id, error_type=stored.type, error_message=stored.message)
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """What :func:`_fail` stored instead of the failure: the result a holder had committed."""
+
+    result: Any
+
+
+def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> ErrorInfo | _Committed:
+    """Store a terminal failure; return the failure stored, or the committed result that was stored instead.
 
     A transactional task seals the failure in its ledger first (:meth:`~idemtasks.effects.EffectsLedger.
     seal_failure`): a holder that lost its lease but kept running may commit its effects at any moment, and the
@@ -324,10 +360,10 @@ def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> Any:
             logger.warning("idemtasks: operation %s failed (%s) but a previous holder had committed its effects; "
                            "its result is the outcome", attempt.id, error.type)
             _finish(task, attempt, Status.SUCCEEDED, outcome, None)
-            return load_json(outcome)
+            return _Committed(load_json(outcome))
         error = outcome  # ours, or the failure an earlier holder sealed before it died
     _finish(task, attempt, Status.FAILED, None, error)
-    return _NOTHING
+    return error
 
 
 def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:

@@ -79,6 +79,10 @@ class Operation:
     needs_publish: bool = False
     #: The call as canonical JSON ``[task_name, args, kwargs]``, kept so recovery can publish the message again.
     payload: str | None = None
+    #: How many holders died with the body running: taken over once their lease lapsed (by a claim or by recovery),
+    #: or gone with a shutdown's ``SystemExit`` (the pool's hard time limit sends one). A worker fails the operation
+    #: instead of starting the body again once it reaches the task's ``max_crashes``.
+    crashes: int = 0
 
     @property
     def is_final(self) -> bool:

@@ -86,6 +86,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     max_args_bytes: ClassVar[int | None] = None
     max_result_bytes: ClassVar[int | None] = None
     pipeline_completions: ClassVar[bool | None] = None
+    max_crashes: ClassVar[int | None] = None
     #: ``key_func(*args, **kwargs) -> str``: the idempotency key of a message sent without :meth:`submit`.
     key_func: ClassVar[Callable[..., str] | None] = None
     #: Exceptions retried with back-off (bounded by ``max_retries``) instead of being stored as terminal failures.

@@ -432,6 +432,73 @@ class TestRequeue:
         assert store.requeue(newer, confirm_after=0.0) is Takeover.SUSPECTED
 
 
+class TestCrashes:
+    """``crashes`` counts the holders that died with the body running, so that a worker can stop starting a body that
+    kills its process every time. Only a death counts: a takeover of a lapsed lease (by a claim or by recovery) or a
+    release by a holder going away mid-body; a retry's release, a suspicion or a replay does not."""
+
+    def test_a_takeover_of_a_lapsed_lease_counts_one_crash_and_its_suspicion_none(self, store: Store,
+                                                                                 scope: str) -> None:
+        first = claim(store, scope, "k1", lease=0.3).operation
+        assert first.crashes == 0
+        time.sleep(0.4)
+        assert claim(store, scope, "k1", grace=0.0).outcome is ClaimOutcome.BUSY  # marks it: nobody is dead yet
+        assert store.get(scope, "k1").crashes == 0  # type: ignore[union-attr]
+        second = claim(store, scope, "k1", lease=0.3, grace=0.0)
+        assert second.outcome is ClaimOutcome.CLAIMED and second.operation.crashes == 1
+        assert store.get(scope, "k1") == second.operation
+        time.sleep(0.4)
+        third = take_over(store, scope, "k1").operation
+        assert third.crashes == 2 and third.attempts == 3
+        store.succeed(third, third.fencing_token, '"paid"', ttl=TTL)
+        done = claim(store, scope, "k1")
+        assert done.outcome is ClaimOutcome.DONE and done.operation.crashes == 2
+
+    def test_a_requeue_counts_one_crash_and_the_claim_after_it_none(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.4)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.SUSPECTED
+        assert store.get(scope, "k1").crashes == 0  # type: ignore[union-attr]
+        time.sleep(0.01)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.REQUEUED
+        assert store.get(scope, "k1").crashes == 1  # type: ignore[union-attr]
+        again = claim(store, scope, "k1")
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation.crashes == 1
+
+    def test_a_release_counts_a_crash_only_when_its_holder_is_going_away(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1").operation
+        store.release(held, held.fencing_token, ttl=TTL, delay=0.0)  # a retry: not a crash
+        held = claim(store, scope, "k1").operation
+        assert held.crashes == 0
+        store.release(held, held.fencing_token, ttl=TTL, crashed=True)  # SystemExit in the body
+        assert store.get(scope, "k1").crashes == 1  # type: ignore[union-attr]
+        again = claim(store, scope, "k1")
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation.crashes == 1
+        assert again.operation.fencing_token == held.fencing_token + 1
+
+    def test_a_holder_dying_after_recovery_took_its_operation_is_not_counted_twice(self, store: Store,
+                                                                                  scope: str) -> None:
+        held = claim(store, scope, "k1", lease=0.3).operation
+        time.sleep(0.4)
+        store.requeue(held, confirm_after=0.0)
+        time.sleep(0.01)
+        assert store.requeue(held, confirm_after=0.0) is Takeover.REQUEUED
+        store.release(held, held.fencing_token, ttl=TTL, crashed=True)  # its own token still holds the record
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.PENDING and op.crashes == 1
+
+    def test_a_record_recreated_after_expiry_starts_with_no_crashes(self, store: Store, scope: str) -> None:
+        claim(store, scope, "k1", lease=0.3, ttl=1.0)
+        time.sleep(0.4)
+        assert claim(store, scope, "k1", grace=0.0, ttl=1.0).outcome is ClaimOutcome.BUSY
+        taken = claim(store, scope, "k1", lease=0.3, grace=0.0, ttl=1.0).operation
+        assert taken.crashes == 1
+        time.sleep(1.3)
+        again = claim(store, scope, "k1", operation_id=taken.id)
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation.crashes == 0
+        assert again.operation.fencing_token > taken.fencing_token
+
+
 class TestLongValues:
     """Payloads, results and error messages of any length and script come back exactly as stored. (The Redis store
     keeps long values in 64-byte pieces: a piece must never end inside a character.)"""

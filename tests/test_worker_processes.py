@@ -156,12 +156,35 @@ def test_sigkilled_child_is_taken_over_after_its_lease_and_effects_commit_once(c
     op = rig.final(op_id, timeout=120)
     assert op.status is Status.SUCCEEDED
     assert op.attempts == 2 and op.fencing_token == running.fencing_token + 1
+    assert running.crashes == 0 and op.crashes == 1  # the takeover counted the killed holder
     assert op.result["token"] == op.fencing_token
     assert rig.runs(key) == 2  # the body ran again after the crash ...
     assert rig.ledger_rows(op_id) == 1  # ... but its database effects exist exactly once
     with pytest.raises(LeaseLost):  # the killed holder's late completion is fenced off
         rig.store.succeed(running, running.fencing_token, '{"zombie": true}', ttl=3600)
     assert rig.store.get_by_id(op_id) == op
+
+
+@pytest.mark.timeout(180)
+def test_a_body_killed_by_the_hard_time_limit_every_time_fails_after_max_crashes(crash_rig: Rig) -> None:
+    """The pool kills the process past ``time_limit`` (SIGTERM, then SIGKILL) and acknowledges the message; recovery
+    publishes the operation again. Without a cap the body would be started again after every kill, for ever."""
+    from idemtasks.recovery import Sweeper
+
+    rig = crash_rig
+    key = f"overrun-{uuid.uuid4().hex}"
+    op_id = rig.tasks["overruns"].submit((30.0,), key=key).operation.id
+    sweeper = Sweeper(rig.tasks["overruns"].app, pending_after=0.5, confirm_after=0.5)
+
+    def swept_final() -> Any:
+        sweeper.sweep()
+        op = rig.store.get_by_id(op_id)
+        return op is not None and op.is_final and op
+
+    op = wait_until(swept_final, 150, "the operation to be given up")
+    assert op.status is Status.FAILED and op.error is not None and op.error.type == "TooManyCrashes"
+    assert op.crashes == 3
+    assert rig.runs(key) == 3  # started three times, killed three times, never a fourth
 
 
 @pytest.mark.timeout(120)

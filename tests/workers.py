@@ -91,7 +91,7 @@ def client_app(broker: str, queue: str, store: Store) -> tuple[Celery, dict[str,
     app = Celery(f"client{uuid.uuid4().hex[:6]}", broker=broker, set_as_current=False)
     app.conf.update(task_default_queue=queue, task_ignore_result=True)
     tasks: dict[str, Any] = {}
-    for name in ("charge", "ledger_charge", "flaky"):
+    for name in ("charge", "ledger_charge", "flaky", "overruns"):
         tasks[name] = app.task(base=IdempotentTask, name=f"procapp.{name}", store_url=store, bind=True)(_never)
     return app, tasks
 

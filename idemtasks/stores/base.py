@@ -4,6 +4,7 @@ A backend implements only what must be atomic, each primitive in one round trip 
 
 * ``_create``  insert a pending operation unless a live one holds the key (submit);
 * ``_claim``   pending/absent/expired/dead-lease → running under a new lease and a higher fencing token (worker);
+  taking a dead lease over counts a crash (``crashes``), as recovery's ``_requeue`` and a ``crashed`` release do;
 * ``_finish``  running → succeeded/failed, or → pending for a retry, only while the caller's token is current (a
   record recovery gave back to pending keeps its token until a claim moves it on: the holder it was taken from may
   still complete it, and the copy that recovery published then replays instead of running the body again);
@@ -109,6 +110,9 @@ class FinishRequest:
     #: A release only: seconds until the retry's message is due. Recovery's clock for a pending record starts from
     #: its ``updated_at``, which is set that far ahead, so the sweeper does not publish a copy before the retry runs.
     delay: float = 0.0
+    #: A release only: the holder is going away with the body unfinished (``SystemExit``), which counts as a crash
+    #: (see :attr:`Operation.crashes <idemtasks.models.Operation.crashes>`) if the record is still running.
+    crashed: bool = False
 
 
 def takeover_phase(op: Operation, now: float, grace: float) -> str:
@@ -151,10 +155,11 @@ def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tu
         return ClaimOutcome.BUSY, current  # not due yet (see DUE_SLACK)
     elif current.status is Status.RUNNING and (phase := takeover_phase(current, now, req.grace)) != "take":
         return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now) if phase == "mark" else current
+    # Taking a running record over means its holder died (or stayed cut off through lease and grace): one crash.
     claimed = dataclasses.replace(
         current, status=Status.RUNNING, attempts=current.attempts + 1, fencing_token=current.fencing_token + 1,
         lease_owner=req.owner, lease_expires_at=now + req.lease, updated_at=now, expires_at=now + req.ttl,
-        needs_publish=False,
+        needs_publish=False, crashes=current.crashes + (current.status is Status.RUNNING),
     )
     return ClaimOutcome.CLAIMED, claimed
 
@@ -224,17 +229,21 @@ class Store(abc.ABC):
         """Store a terminal failure; raises :class:`LeaseLost` like :meth:`succeed`."""
         self.finish(op.scope, op.key, op.id, token, Status.FAILED, error=error, ttl=ttl)
 
-    def release(self, op: Operation, token: int, *, ttl: float, delay: float = 0.0) -> None:
+    def release(self, op: Operation, token: int, *, ttl: float, delay: float = 0.0, crashed: bool = False) -> None:
         """Give the operation back (running → pending) so a retry can claim it; raises :class:`LeaseLost`.
 
         ``delay``: seconds until the retry's message is due (its countdown or ETA). The record's ``updated_at`` is
         set that far ahead, and recovery waits ``pending_after`` from then: a copy published sooner would run the
         body early, and start a second chain of retries beside the scheduled one. The record lives ``ttl`` beyond it.
+
+        ``crashed``: the holder gives the operation back because its process is going away mid-body (a shutdown, or
+        the pool's hard time limit, which sends ``SystemExit`` before it kills): counted in ``crashes``, as a
+        takeover of its lapsed lease would have been. A retry, a requeue or an outage waited out is not a crash.
         """
         self._settle_own_writes()
         delay = max(0.0, delay)
         self._finish_or_raise(FinishRequest(key_digest(op.scope, op.key), op.id, token, Status.PENDING, None, None,
-                                            ttl + delay, delay), again=False)
+                                            ttl + delay, delay, crashed), again=False)
 
     def finish(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                result_json: str | None = None, error: ErrorInfo | None = None, ttl: float, again: bool = False) -> None:
@@ -397,7 +406,8 @@ class Store(abc.ABC):
     def _finish(self, req: FinishRequest) -> bool:
         """Atomically: if the record is ``req.operation_id`` with fencing token ``req.token``, running (or pending:
         given back by a requeue and not claimed since), move it to ``req.status`` with the result or error, clear the
-        lease and reset its expiry; report whether it did."""
+        lease and reset its expiry; report whether it did. A ``crashed`` release of a running record adds one to
+        ``crashes``."""
 
     @abc.abstractmethod
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
@@ -430,9 +440,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:
         """Atomically, if running with ``token`` under an expired lease: when marked (``updated_at >=
-        lease_expires_at``) at least ``confirm_after`` seconds ago, move to pending (token unchanged) and answer
-        ``REQUEUED``; when marked more recently, change nothing; when not marked, set ``updated_at`` to now. Both
-        answer ``SUSPECTED``. Otherwise change nothing and answer ``ALIVE``. See :meth:`Store.requeue`."""
+        lease_expires_at``) at least ``confirm_after`` seconds ago, move to pending (token unchanged, ``crashes``
+        plus one) and answer ``REQUEUED``; when marked more recently, change nothing; when not marked, set
+        ``updated_at`` to now. Both answer ``SUSPECTED``. Otherwise change nothing and answer ``ALIVE``. See
+        :meth:`Store.requeue`."""
 
     @abc.abstractmethod
     def purge_expired(self, *, grace: float = PURGE_GRACE) -> int:

@@ -72,6 +72,7 @@ class MemoryStore(Store):
                 op, status=req.status, result=None if req.result is None else load_json(req.result), error=req.error,
                 lease_owner=None, lease_expires_at=None, expires_at=now + req.ttl,
                 updated_at=now + req.delay if req.status is Status.PENDING else now,
+                crashes=op.crashes + (req.crashed and op.status is Status.RUNNING),
             )
             return True
 
@@ -133,7 +134,8 @@ class MemoryStore(Store):
             if phase != "take":
                 return Takeover.SUSPECTED
             self._records[digest] = dataclasses.replace(
-                op, status=Status.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
+                op, status=Status.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now,
+                crashes=op.crashes + 1)
             return Takeover.REQUEUED
 
     def _get(self, digest: str) -> Operation | None:

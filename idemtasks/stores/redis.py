@@ -91,7 +91,7 @@ def parse_record(flat: list[Any], digest: str | None = None) -> Operation:
         result=load_json(joined(h, "r")), error=ErrorInfo(h["et"], joined(h, "em") or "") if "et" in h else None,
         attempts=int(h["a"]), fencing_token=int(h["tok"]), lease_owner=h.get("lo"),
         lease_expires_at=None if le is None else _us(le), created_at=_us(h["c"]), updated_at=_us(h["u"]),
-        expires_at=_us(h["x"]), needs_publish="np" in h, payload=joined(h, "p"),
+        expires_at=_us(h["x"]), needs_publish="np" in h, payload=joined(h, "p"), crashes=int(h.get("cr", 0)),
     )
 
 
@@ -124,7 +124,8 @@ def create_answer(reply: list[Any], req: CreateRequest) -> tuple[Operation, bool
 def finish_args(req: FinishRequest) -> list[str]:
     err = req.error
     return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
-            err.type if err else "", err.message if err else "", repr(req.ttl), repr(req.delay)]
+            err.type if err else "", err.message if err else "", repr(req.ttl), repr(req.delay),
+            "1" if req.crashed else "0"]
 
 
 class RedisStore(Store):
@@ -244,7 +245,7 @@ class RedisStore(Store):
             id=req.digest + op_id, scope=req.scope, key=req.key, task_name=task, fingerprint=req.fingerprint,
             status=Status.RUNNING, result=None, error=None, attempts=int(attempts), fencing_token=int(token),
             lease_owner=req.owner, lease_expires_at=_us(lease), created_at=_us(created), updated_at=_us(updated),
-            expires_at=_us(expires), payload=None if payload is None else _text(payload),
+            expires_at=_us(expires), payload=None if payload is None else _text(payload), crashes=int(reply[10]),
         ))
 
     def _finish(self, req: FinishRequest) -> bool:

@@ -13,7 +13,7 @@ field       meaning             field       meaning
 ``f``       fingerprint         ``c/u/x``   created / updated / expires
 ``st``      status p/r/s/f      ``np``      present while the message awaits publishing
 ``r``       result JSON         ``et/em``   error type / message (``em`` absent when empty)
-``p``       the call (payload)
+``p``       the call (payload)  ``cr``      crashes (absent while none)
 ==========  ==================  ==========  ====================================
 
 Redis keeps a hash as a listpack (one small allocation) only while every value is at most
@@ -124,13 +124,14 @@ return {'N', c, xs, u}
 
 # KEYS: record, pending index, running index. ARGV: id, scope, key, task, fingerprint, owner, lease, ttl, payload,
 # grace (seconds)
-#   ->  {'c', id, task, created, attempts, token, lease expiry, updated, expires, payload}: claimed (the caller knows
-#       the rest)
+#   ->  {'c', id, task, created, attempts, token, lease expiry, updated, expires, payload, crashes}: claimed (the
+#       caller knows the rest)
 #   ->  {'b' | 'd' | 'm', record}: busy (held, suspected, or pending and not due yet), done, mismatch
 # A lapsed lease is taken in two phases with REQUEUE's mark (u >= le; see Store.claim): the first claim marks it and
-# answers busy, and only a mark at least ``grace`` old with no renewal since lets a claim win.
+# answers busy, and only a mark at least ``grace`` old with no renewal since lets a claim win; taking it over counts
+# its holder's death in 'cr'.
 CLAIM = _CLOCK + """
-local r = redis.call('HMGET', k, 'x', 'f', 'st', 'le', 'lo', 'id', 't', 'c', 'a', 'tok', 'u', 'np', 'p', 'p2')
+local r = redis.call('HMGET', k, 'x', 'f', 'st', 'le', 'lo', 'id', 't', 'c', 'a', 'tok', 'u', 'np', 'p', 'p2', 'cr')
 local w
 if (tonumber(r[1]) or 0) > now then
   if r[2] ~= ARGV[5] then return {'m', redis.call('HGETALL', k)} end
@@ -152,7 +153,7 @@ if (tonumber(r[1]) or 0) > now then
   if r[3] == 'r' then
     local le = tonumber(r[4]) or 0
     if le > now then
-      if r[5] == ARGV[6] then return {'c', r[6], r[7], r[8], r[9], r[10], r[4], r[11], r[1], r[13]} end
+      if r[5] == ARGV[6] then return {'c', r[6], r[7], r[8], r[9], r[10], r[4], r[11], r[1], r[13], r[15] or '0'} end
       return {'b', redis.call('HGETALL', k)}
     end
     local marked = tonumber(r[11]) or 0
@@ -166,11 +167,16 @@ if (tonumber(r[1]) or 0) > now then
   -- fencing token
   if r[12] then redis.call('HDEL', k, 'np') end
   w = {}
+  if r[3] == 'r' then
+    r[15] = string.format('%d', (tonumber(r[15]) or 0) + 1)
+    w[1], w[2] = 'cr', r[15]
+  end
 else
   -- absent or expired: a message whose record is gone, or a task sent without submit
   if r[1] then redis.call('DEL', k) end
   -- An expired record's token carries on: a holder of the old record can never share a token with the new one.
   r[6], r[7], r[8], r[9], r[10], r[13] = ARGV[1], ARGV[4], string.format('%d', now), 0, tonumber(r[10]) or 0, false
+  r[15] = false
   w = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'c', r[8]}
   if ARGV[9] ~= '' then
     r[13] = ARGV[9]""" + _put_chunked("w", "p", "ARGV[9]") + """  end
@@ -186,12 +192,13 @@ redis.call('HSET', k, unpack(w))
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[2] then redis.call('ZREM', KEYS[2], d) end
 if KEYS[3] then redis.call('ZADD', KEYS[3], le, d) end
-return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13]}
+return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13], r[15] or '0'}
 """
 
 # KEYS: record, pending index, running index.
 # ARGV: id, token, status (s/f/p), result ('' for none), error type, error message, ttl, delay (a release: seconds
-# until the retry is due, which ``u`` and the pending index's score are set ahead by)  ->  1 | 0
+# until the retry is due, which ``u`` and the pending index's score are set ahead by), crashed ('1': a release by a
+# holder going away mid-body, counted in 'cr' if the record is still running)  ->  1 | 0
 # Running under the token, or pending with it still (given back by REQUEUE, and not claimed since: its holder may
 # still complete it; see _finish in stores.base).
 FINISH = _CLOCK + """
@@ -211,6 +218,7 @@ if st == 'f' then
 end
 redis.call('HSET', k, unpack(w))
 redis.call('HDEL', k, 'lo', 'le')
+if st == 'p' and ARGV[9] == '1' and rec[2] == 'r' then redis.call('HINCRBY', k, 'cr', 1) end
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[3] then redis.call('ZREM', KEYS[3], d) end
 if st == 'p' and KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
@@ -297,6 +305,7 @@ if marked > now - math.floor(ARGV[3] * 1000000 + 0.5) then return 2 end
 local u = string.format('%d', now)
 redis.call('HSET', k, 'st', 'p', 'u', u)
 redis.call('HDEL', k, 'lo', 'le')
+redis.call('HINCRBY', k, 'cr', 1)  -- its holder died: one crash
 if KEYS[3] then redis.call('ZREM', KEYS[3], d) end
 if KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
 return 1

@@ -38,7 +38,7 @@ from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
 from .lanes import lanes_supported, published_answer, settle_own_writes
-from .sql_schema import create_tables, dispose_after_fork, is_outage, make_engine, operations_table
+from .sql_schema import add_missing_columns, create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ class SQLStore(Store):
     def _create_schema(self) -> None:
         try:
             create_tables(self.engine, [self.table])
+            add_missing_columns(self.engine, self.table)  # a table an earlier release created
         except SQLAlchemyError as exc:
             raise self._wrap(exc) from exc
 
@@ -153,7 +154,7 @@ class SQLStore(Store):
             attempts=int(row.attempts), fencing_token=int(row.fencing_token), lease_owner=row.lease_owner,
             lease_expires_at=None if row.lease_expires_at is None else float(row.lease_expires_at),
             created_at=float(row.created_at), updated_at=float(row.updated_at), expires_at=float(row.expires_at),
-            needs_publish=bool(row.needs_publish), payload=row.payload,
+            needs_publish=bool(row.needs_publish), payload=row.payload, crashes=int(row.crashes),
         )
 
     def _row_values(self, op: Operation, digest: str) -> dict[str, Any]:
@@ -164,7 +165,7 @@ class SQLStore(Store):
             "error_message": None, "attempts": op.attempts, "fencing_token": op.fencing_token,
             "lease_owner": op.lease_owner, "lease_expires_at": op.lease_expires_at, "created_at": op.created_at,
             "updated_at": op.updated_at, "expires_at": op.expires_at, "needs_publish": op.needs_publish,
-            "payload": op.payload,
+            "payload": op.payload, "crashes": op.crashes,
         }
 
     # ----------------------------------------------------------------- create and claim
@@ -256,7 +257,7 @@ class SQLStore(Store):
             error = req.error
             params.update(p_error_type=error and error.type[:255], p_error_message=error and error.message)
         if req.status is Status.PENDING:
-            params["p_delay"] = req.delay
+            params.update(p_delay=req.delay, p_crashed=int(req.crashed))
         return params
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,

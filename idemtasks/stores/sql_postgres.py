@@ -40,7 +40,7 @@ __all__ = ["claim", "create"]
 _NOW = "extract(epoch from statement_timestamp())::float8"  # fixed for the whole statement
 _COLUMNS = ("key_hash", "id", "scope", "idem_key", "task_name", "fingerprint", "status", "result", "error_type",
             "error_message", "attempts", "fencing_token", "lease_owner", "lease_expires_at", "created_at",
-            "updated_at", "expires_at", "needs_publish", "payload")
+            "updated_at", "expires_at", "needs_publish", "payload", "crashes")
 _NEW = {**{c: f":p_{c}" for c in ("key_hash", "id", "scope", "idem_key", "task_name", "fingerprint", "payload")},
         "result": "NULL", "error_type": "NULL", "error_message": "NULL", "created_at": _NOW, "updated_at": _NOW,
         "expires_at": f"{_NOW} + :p_ttl"}
@@ -64,8 +64,9 @@ def create(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
     """A new pending record, unless a live one holds the key: then it is returned as it is, without a write once it
     was published (the conflict branch, which keeps every column, is for the rest)."""
     # updated_at is when the message is due (a countdown or ETA): recovery counts pending_after from then.
-    values = {**_NEW, "status": "'pending'", "attempts": "0", "fencing_token": "0", "lease_owner": "NULL",
-              "lease_expires_at": "NULL", "needs_publish": "true", "updated_at": f"{_NOW} + :p_delay"}
+    values = {**_NEW, "status": "'pending'", "attempts": "0", "fencing_token": "0", "crashes": "0",
+              "lease_owner": "NULL", "lease_expires_at": "NULL", "needs_publish": "true",
+              "updated_at": f"{_NOW} + :p_delay"}
     return _upsert(table, values, {c: _FRESH.format(c=c) for c in _COLUMNS[1:]}, column_bind, seconds_bind,
                    answers=" AND NOT c.needs_publish")
 
@@ -74,7 +75,8 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
     """:func:`~idemtasks.stores.base.decide_claim` in one statement. A replay of a final record, or one for another
     payload, is answered by ``cur`` without a write; a busy one rewrites the row with its own values in the conflict
     branch, the price of learning the outcome of a completion in flight in the same round trip."""
-    values = {**_NEW, "status": "'running'", "attempts": "1", "fencing_token": "1", "lease_owner": ":p_lease_owner",
+    values = {**_NEW, "status": "'running'", "attempts": "1", "fencing_token": "1", "crashes": "0",
+              "lease_owner": ":p_lease_owner",
               "lease_expires_at": f"{_NOW} + :p_lease", "needs_publish": "false"}
     won = ", ".join(f"CASE WHEN w THEN excluded.{c} ELSE o.{c} END" for c in _WON)
     set_ = {
@@ -83,11 +85,13 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
         **{c: f"CASE WHEN {_EXPIRED} THEN NULL ELSE o.{c} END" for c in ("result", "error_type", "error_message")},
         # What a winning claim sets, from one test of "wins" in a sub-select rather than one per column. An expired
         # record's token carries on, so a holder of the old record never shares a token with the new one. A first
-        # claim of a lapsed lease sets only updated_at: the suspicion mark.
-        f"({', '.join(_WON)}, fencing_token, attempts, updated_at)":
+        # claim of a lapsed lease sets only updated_at: the suspicion mark. Taking a running record over counts
+        # its holder's death.
+        f"({', '.join(_WON)}, fencing_token, attempts, updated_at, crashes)":
             f"(SELECT {won}, CASE WHEN w THEN o.fencing_token + 1 ELSE o.fencing_token END, "
             "CASE WHEN e THEN 1 WHEN w THEN o.attempts + 1 ELSE o.attempts END, "
-            "CASE WHEN w OR s THEN excluded.updated_at ELSE o.updated_at END "
+            "CASE WHEN w OR s THEN excluded.updated_at ELSE o.updated_at END, "
+            "CASE WHEN e THEN 0 WHEN w AND o.status = 'running' THEN o.crashes + 1 ELSE o.crashes END "
             f"FROM (SELECT e, e OR {_CLAIMABLE} AS w, {_SUSPECT} AS s "
             f"FROM (SELECT {_EXPIRED} AS e) AS x) AS claim)",
     }

@@ -22,11 +22,16 @@ column                type                   note
 ``created_at`` …      DOUBLE                 ``created_at``, ``updated_at``, ``expires_at``: epoch seconds
 ``needs_publish``     BOOLEAN                default false; true until the message is confirmed published
 ``payload``           TEXT (LONGTEXT) NULL   ``[task, args, kwargs]``, then its routing/callbacks
+``crashes``           INTEGER                default 0; holders that died mid-body (``Operation.crashes``)
 ====================  =====================  ==============================================================
 
 Indexes: ``expires_at`` (purge) and ``(status, updated_at)`` (recovery looks for stale pending/running records).
 (LONGTEXT) is the type on MariaDB/MySQL, whose TEXT stops at 64 KiB; there the table is InnoDB, utf8mb4, and the
 hex columns are ASCII with a binary collation (smaller index entries, byte-wise comparison).
+
+Upgrading: ``crashes`` came after the first release. The store adds it to an existing table when it opens (``ALTER
+TABLE … ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0``, which PostgreSQL 11+, MariaDB 10.3+ and SQLite do without
+rewriting the table); with ``create_schema=False``, add that column in your own migration before deploying.
 
 Uniqueness is on the digest rather than on the raw key because MariaDB's default collations ignore case and
 trailing spaces, which would merge keys a client considers distinct. ``fingerprint`` is VARCHAR, not CHAR:
@@ -51,8 +56,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .sql_errors import driver_outage
 
-__all__ = ["IDLE_BEFORE_PING", "PG_KEEPALIVES", "create_tables", "is_outage", "make_engine", "operations_table",
-           "pg_connect_args", "ping_when_idle"]
+__all__ = ["IDLE_BEFORE_PING", "PG_KEEPALIVES", "add_missing_columns", "create_tables", "is_outage", "make_engine",
+           "operations_table", "pg_connect_args", "ping_when_idle"]
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
@@ -110,6 +115,8 @@ def operations_table(metadata: sa.MetaData, name: str = "idemtasks_operations") 
         sa.Column("expires_at", sa.Float(53), nullable=False, index=True),
         sa.Column("needs_publish", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
         sa.Column("payload", _LONG_TEXT),
+        # Added after the first release, hence last and with a server default: see "Upgrading" above.
+        sa.Column("crashes", sa.Integer, nullable=False, default=0, server_default="0"),
         sa.Index(f"ix_{name}_status_updated", "status", "updated_at"),
         # MyISAM would silently drop the transactions and row locks the MariaDB path depends on.
         mysql_engine="InnoDB", mysql_charset="utf8mb4",
@@ -229,3 +236,24 @@ def create_tables(engine: sa.Engine, tables: Sequence[sa.Table], *, attempts: in
             if attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
+
+
+def add_missing_columns(engine: sa.Engine, table: sa.Table, *, attempts: int = 5) -> list[str]:
+    """Add to an existing ``table`` the columns a later release defined (each has a server default, so rows already
+    there get it); return their names. Safe when several processes start at once: the ``ALTER`` of a process that
+    lost the race fails (the column exists), and the next look finds it there."""
+    for attempt in range(attempts):
+        try:
+            present = {c["name"].lower() for c in sa.inspect(engine).get_columns(table.name, schema=table.schema)}
+            missing = [c for c in table.c if c.name.lower() not in present]
+            with engine.begin() as conn:
+                for column in missing:
+                    spec = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
+                    quoted = engine.dialect.identifier_preparer.format_table(table)
+                    conn.execute(sa.text(f"ALTER TABLE {quoted} ADD COLUMN {spec}"))
+            return [c.name for c in missing]
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return []  # pragma: no cover - the loop returns or raises

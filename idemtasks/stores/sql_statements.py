@@ -77,7 +77,7 @@ class Statements:
         if self.dialect == "postgresql":
             return sql_postgres.create(self.table, self.p, self._seconds)
         t, now = self.table, self.now()
-        values = self._new_row(now, status="pending", attempts=0, fencing_token=0, lease_owner=None,
+        values = self._new_row(now, status="pending", attempts=0, fencing_token=0, crashes=0, lease_owner=None,
                                lease_expires_at=None, needs_publish=True, updated_at=now + self._seconds("p_delay"))
         stmt = self.upsert(t).values(**values)
         expired = t.c.expires_at <= now
@@ -105,7 +105,7 @@ class Statements:
             sa.and_(lapsed, t.c.updated_at >= lease, t.c.updated_at <= now - self._seconds("p_grace")),
         ))
         wins = sa.or_(expired, claimable)
-        values = self._new_row(now, status="running", attempts=1, fencing_token=1, lease_owner=owner,
+        values = self._new_row(now, status="running", attempts=1, fencing_token=1, crashes=0, lease_owner=owner,
                                lease_expires_at=lease_until, needs_publish=False)
         stmt = self.upsert(t).values(**values)
 
@@ -123,6 +123,9 @@ class Statements:
             "attempts": sa.case((expired, 1), (claimable, t.c.attempts + 1), else_=t.c.attempts),
             # An expired record's token carries on, so a holder of the old record never shares a token with the new.
             "fencing_token": sa.case((expired | claimable, t.c.fencing_token + 1), else_=t.c.fencing_token),
+            # Taking a running record over (its lease lapsed through the grace) counts its holder's death.
+            "crashes": sa.case((expired, 0), (claimable & (t.c.status == "running"), t.c.crashes + 1),
+                               else_=t.c.crashes),
             "status": won("status", "running"), "lease_owner": won("lease_owner", owner),
             "lease_expires_at": won("lease_expires_at", lease_until),
             "updated_at": sa.case((wins | suspect, now), else_=t.c.updated_at),
@@ -149,10 +152,19 @@ class Statements:
             Status.SUCCEEDED: {"result": self.p("result")},
             Status.FAILED: {"error_type": self.p("error_type"), "error_message": self.p("error_message")},
             # A release: recovery counts from updated_at, set ahead to when the retry is due (see Store.release).
-            Status.PENDING: {"updated_at": now + self._seconds("p_delay")},
+            # p_crashed (0 or 1) counts a holder going away mid-body, if the record is still running: crashes is
+            # set first, since MySQL assigns SET clauses left to right and would otherwise see status 'pending'.
+            Status.PENDING: {"crashes": t.c.crashes + sa.case((t.c.status == "running",
+                                                                sa.bindparam("p_crashed", type_=sa.Integer)),
+                                                               else_=0),
+                             "updated_at": now + self._seconds("p_delay")},
         }
-        return {status: t.update().where(self._held(now, given_back=True)).values(status=status.value,
-                                                                                  **{**common, **extra})
+
+        def assignments(status: Status, extra: dict[str, Any]) -> list[tuple[str, Any]]:
+            rest = {c: v for c, v in common.items() if c not in extra}
+            return [*extra.items(), ("status", status.value), *rest.items()]
+
+        return {status: t.update().where(self._held(now, given_back=True)).ordered_values(*assignments(status, extra))
                 for status, extra in stores.items()}
 
     @cached_property
@@ -182,7 +194,8 @@ class Statements:
         return t.update().where(
             self._lapsed(now), t.c.updated_at >= sa.func.coalesce(t.c.lease_expires_at, 0.0),
             t.c.updated_at <= now - self._seconds("p_confirm_after"),
-        ).values(status="pending", lease_owner=None, lease_expires_at=None, updated_at=now)
+        ).values(status="pending", lease_owner=None, lease_expires_at=None, updated_at=now,
+                 crashes=t.c.crashes + 1)  # its holder died: one crash
 
     @cached_property
     def suspect(self) -> Any:

@@ -70,6 +70,14 @@ def ledger_charge(self: IdempotentTask, account: str, amount: int, delay: float 
     return {"account": account, "amount": amount, "token": self.operation.fencing_token}
 
 
+@app.task(base=IdempotentTask, bind=True, store_url=STORE, name="procapp.overruns", time_limit=1.0)
+def overruns(self: IdempotentTask, seconds: float) -> str:
+    """Always past its hard time limit: the pool kills the process running it, every time."""
+    count(self.operation.key)
+    time.sleep(seconds)
+    return "finished"
+
+
 class Flaky(Exception):
     pass
 
