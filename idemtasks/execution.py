@@ -161,7 +161,7 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
         op = claim.operation
         if claim.outcome is ClaimOutcome.CLAIMED:
             attempt = Attempt(store, op, ttl, request=request)
-            if task.max_crashes and op.crashes >= task.max_crashes:
+            if task.max_crashes and _crashes(op) >= task.max_crashes:
                 return _give_up(task, attempt)
             if op.payload is None and call is None:
                 _keep_call(task, store, op, args, kwargs)
@@ -258,9 +258,10 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                     # back for recovery to publish, rather than stored as failed for a passing error.
                     raise
             if not isinstance(exc, Exception):
-                # SystemExit/KeyboardInterrupt: this process is going away with the body unfinished (a shutdown, or
-                # the pool's hard time limit, whose SIGTERM comes a moment before its SIGKILL). Given back at once
-                # rather than left to its lease, and counted as a crash, as a takeover of the lease would have been.
+                # SystemExit/KeyboardInterrupt (or a pool's own BaseException, as gevent's time limit): the body was
+                # cut short from outside, and this process is usually going away (a shutdown, or the prefork pool's
+                # hard time limit, whose SIGTERM comes a moment before its SIGKILL). Given back at once rather than
+                # left to its lease, and counted as a crash, as a takeover of the lease would have been.
                 attempt.release_quietly(crashed=True)
                 raise
             if task.transactional and (isinstance(exc, StoreUnavailable) or _database_outage(exc)):
@@ -309,25 +310,41 @@ def _dropped(task: Any, attempt: Attempt, exc: Ignore | Reject) -> None:
     _fail(task, attempt, ErrorInfo(kind, message[:MAX_ERROR_MESSAGE]))
 
 
+def _crashes(op: Operation) -> int:
+    """The deaths counted for ``op`` since it was created: at most one per earlier attempt.
+
+    The bound matters while workers of a release that predates the count run beside newer ones on a SQL store: an
+    older process that re-creates an expired record (a key reused after its TTL) keeps the column's value, which
+    belongs to the operation that expired, but resets ``attempts``."""
+    return min(op.crashes, op.attempts - 1)
+
+
 def _give_up(task: Any, attempt: Attempt) -> Any:
     """The holders of this operation died ``max_crashes`` times with its body running: store it as failed rather
     than start the body again (see :data:`~idemtasks.config.DEFAULT_MAX_CRASHES`). A transactional task first looks
-    in its ledger, where a holder that died after its commit left the outcome."""
+    in its ledger, where a holder that died after its commit left the outcome, and seals the failure there."""
     op = attempt.operation
-    error = ErrorInfo("TooManyCrashes", f"{op.crashes} holders of this operation died before its body finished "
+    error = ErrorInfo("TooManyCrashes", f"{_crashes(op)} holders of this operation died before its body finished "
                                         f"(killed, out of memory, past the hard time limit, or shut down); with "
                                         f"max_crashes={task.max_crashes}, the body is not started again")
-    logger.error("idemtasks: operation %s of %s: %s", op.id, task.name, error.message)
     if task.transactional:
         from .effects import ledger_for
 
         try:
             attempt.ledger = ledger_for(_transaction_url(task))
-        except IdemtasksError as exc:  # not opened, as in the body's path: no holder could have committed anything
+        except StoreError as exc:
+            # Whether a holder committed cannot be told, and the failure cannot be sealed against a late one: never
+            # store it blind. Given back (not a crash), and this message comes back to look again.
+            attempt.release_quietly()
+            _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
+        except IdemtasksError as exc:  # misconfigured, as in the body's path: no holder could have committed anything
             logger.warning("idemtasks: operation %s: no transaction database to look in: %s", op.id, exc)
     stored = _fail(task, attempt, error)
     if isinstance(stored, _Committed):
+        logger.warning("idemtasks: operation %s of %s: its holders kept dying, but one had committed its effects "
+                       "first; that result is the outcome", op.id, task.name)
         return stored.result
+    logger.error("idemtasks: operation %s of %s failed: %s", op.id, task.name, stored.message)
     raise OperationFailed(operation_id=op.id, error_type=stored.type, error_message=stored.message)
 
 

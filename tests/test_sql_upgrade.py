@@ -6,6 +6,8 @@ in place, the rows already there count no crash yet, and processes starting toge
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 import uuid
@@ -19,7 +21,7 @@ from idemtasks import StoreError, StoreUnavailable
 from idemtasks.identity import key_digest
 from idemtasks.models import ClaimOutcome, Status
 from idemtasks.stores.sql import SQLStore
-from idemtasks.stores.sql_schema import operations_table
+from idemtasks.stores.sql_schema import ALTER_LOCK_WAIT, add_missing_columns, operations_table
 from tests import services
 
 pytestmark = pytest.mark.timeout(90)
@@ -36,6 +38,10 @@ def old_table(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[
     else:
         services.require(request.param)
         url = services.POSTGRES_URL if request.param == "postgres" else services.MYSQL_URL
+    yield from _old(url)
+
+
+def _old(url: str) -> Iterator[tuple[str, str]]:
     name = f"old{uuid.uuid4().hex[:12]}"
     current = operations_table(sa.MetaData(), name)
     old = sa.Table(name, sa.MetaData(), *(c._copy() for c in current.c if c.name != "crashes"),
@@ -84,27 +90,37 @@ def test_opening_the_store_adds_the_column_and_old_rows_count_no_crash(old_table
     assert _columns(url, name).count("crashes") == 1
 
 
+class Opening:
+    """Four worker processes' stores opening one table together, each on its own thread."""
+
+    def __init__(self, url: str, name: str, *, barrier: bool = True) -> None:
+        self.stores: list[SQLStore] = []
+        self.errors: list[BaseException] = []
+        together = threading.Barrier(4) if barrier else None
+
+        def start() -> None:
+            if together is not None:
+                together.wait()
+            try:
+                self.stores.append(SQLStore(url, table=name))
+            except BaseException as exc:  # collected and asserted on by the test
+                self.errors.append(exc)
+
+        self.threads = [threading.Thread(target=start) for _ in range(4)]
+        for t in self.threads:
+            t.start()
+
+    def finish(self) -> None:
+        for t in self.threads:
+            t.join()
+        for store in self.stores:
+            store.close()
+        assert self.errors == [] and len(self.stores) == 4
+
+
 def test_workers_upgrading_one_table_together_all_start(old_table: tuple[str, str]) -> None:
     url, name = old_table
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
-    stores: list[SQLStore] = []
-
-    def start() -> None:
-        barrier.wait()
-        try:
-            stores.append(SQLStore(url, table=name))
-        except BaseException as exc:  # collected and asserted on below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for store in stores:
-        store.close()
-    assert errors == [] and len(stores) == 4
+    Opening(url, name).finish()
     assert _columns(url, name).count("crashes") == 1
 
 
@@ -120,3 +136,71 @@ def test_without_schema_creation_an_old_table_is_a_clear_store_error(old_table: 
     finally:
         store.close()
     assert "crashes" not in _columns(url, name)
+
+
+@pytest.fixture
+def old_postgres_table() -> Iterator[tuple[str, str]]:
+    services.require("postgres")
+    yield from _old(services.POSTGRES_URL)
+
+
+def test_workers_that_lose_the_race_to_add_the_column_all_start(tmp_path: Path) -> None:
+    """Forced on SQLite: a writer holds the database while four stores open. Reading the schema is not blocked (WAL),
+    so each of them finds the column missing and waits in its ALTER; one adds it, the other three fail (the column
+    exists by then) and must find it there rather than fail to open."""
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    url = f"sqlite:///{path}"
+    old = _old(url)
+    _, name = next(old)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the write lock, as a long write transaction holds it
+    opening = Opening(url, name, barrier=False)
+    time.sleep(1.5)  # all four have read the schema and wait for the write lock (a 30 s busy timeout)
+    writer.execute("COMMIT")
+    writer.close()
+    opening.finish()
+    assert _columns(url, name).count("crashes") == 1
+    old.close()
+
+
+def test_a_long_reader_makes_the_upgrade_wait_in_short_turns_not_stall_the_store(
+        old_postgres_table: tuple[str, str]) -> None:
+    """The ALTER needs the table to itself; queued behind a long reader, it would hold up every statement of every
+    worker behind it. Its wait is bounded (ALTER_LOCK_WAIT), so statements get through between its tries, and if the
+    table stays busy the upgrade gives up (the store opens again on next use) instead of hanging."""
+    url, name = old_postgres_table
+    reader = sa.create_engine(url)
+    other = sa.create_engine(url)
+    table = operations_table(sa.MetaData(), name)
+    with reader.begin() as long_read:
+        long_read.execute(sa.text(f'SELECT count(*) FROM "{name}"'))  # holds its share of the table
+        upgrade_errors: list[BaseException] = []
+
+        def upgrade() -> None:
+            upgrader = sa.create_engine(url)
+            try:
+                add_missing_columns(upgrader, table, attempts=2)
+            except BaseException as exc:  # collected and asserted on below
+                upgrade_errors.append(exc)
+            finally:
+                upgrader.dispose()
+
+        started = time.monotonic()
+        thread = threading.Thread(target=upgrade)
+        thread.start()
+        waits = []
+        while thread.is_alive():
+            t0 = time.monotonic()
+            with other.connect() as conn:  # a worker's statement, while the ALTER waits for its turn
+                conn.execute(sa.text(f'SELECT count(*) FROM "{name}"'))
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.1)
+        thread.join()
+    assert len(upgrade_errors) == 1 and "lock timeout" in str(upgrade_errors[0])
+    assert time.monotonic() - started < 4 * ALTER_LOCK_WAIT + 3
+    assert max(waits) < ALTER_LOCK_WAIT + 1.5
+    assert "crashes" not in _columns(url, name)
+    reader.dispose()
+    other.dispose()

@@ -488,9 +488,9 @@ class TestCrashes:
         assert op is not None and op.status is Status.PENDING and op.crashes == 1
 
     def test_a_record_recreated_after_expiry_starts_with_no_crashes(self, store: Store, scope: str) -> None:
-        claim(store, scope, "k1", lease=0.3, ttl=1.0)
+        claim(store, scope, "k1", lease=0.3, ttl=3.0)
         time.sleep(0.4)
-        assert claim(store, scope, "k1", grace=0.0, ttl=1.0).outcome is ClaimOutcome.BUSY
+        assert claim(store, scope, "k1", grace=0.0, ttl=3.0).outcome is ClaimOutcome.BUSY
         taken = claim(store, scope, "k1", lease=0.3, grace=0.0, ttl=1.0).operation
         assert taken.crashes == 1
         time.sleep(1.3)

@@ -184,7 +184,9 @@ def test_a_body_killed_by_the_hard_time_limit_every_time_fails_after_max_crashes
     op = wait_until(swept_final, 150, "the operation to be given up")
     assert op.status is Status.FAILED and op.error is not None and op.error.type == "TooManyCrashes"
     assert op.crashes == 3
-    assert rig.runs(key) == 3  # started three times, killed three times, never a fourth
+    # Started at most three times, never a fourth. (A kill can land between a fresh pool child's claim and the
+    # body's first line: that holder died too, without a run to count.)
+    assert 1 <= rig.runs(key) <= 3
 
 
 @pytest.mark.timeout(120)

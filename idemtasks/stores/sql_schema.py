@@ -56,8 +56,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .sql_errors import driver_outage
 
-__all__ = ["IDLE_BEFORE_PING", "PG_KEEPALIVES", "add_missing_columns", "create_tables", "is_outage", "make_engine",
-           "operations_table", "pg_connect_args", "ping_when_idle"]
+__all__ = ["ALTER_LOCK_WAIT", "IDLE_BEFORE_PING", "PG_KEEPALIVES", "add_missing_columns", "create_tables", "is_outage",
+           "make_engine", "operations_table", "pg_connect_args", "ping_when_idle"]
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
@@ -248,12 +248,29 @@ def add_missing_columns(engine: sa.Engine, table: sa.Table, *, attempts: int = 5
             missing = [c for c in table.c if c.name.lower() not in present]
             with engine.begin() as conn:
                 for column in missing:
-                    spec = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
-                    quoted = engine.dialect.identifier_preparer.format_table(table)
-                    conn.execute(sa.text(f"ALTER TABLE {quoted} ADD COLUMN {spec}"))
+                    for statement in _add_column(engine, table, column):
+                        conn.execute(sa.text(statement))
             return [c.name for c in missing]
         except SQLAlchemyError:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
     return []  # pragma: no cover - the loop returns or raises
+
+
+#: Seconds an ``ALTER TABLE`` waits for its table lock before it gives up (and is tried again).
+ALTER_LOCK_WAIT = 2
+
+
+def _add_column(engine: sa.Engine, table: sa.Table, column: sa.Column[Any]) -> list[str]:
+    """The statements adding ``column``. The ALTER needs the table to itself: while it waits for a long reader (a
+    report, a dump) to finish, every statement of the store queues behind it. So its wait is bounded; the caller
+    tries again, and if the table stays busy the store fails to open (and is opened again on next use) rather than
+    stall every worker."""
+    spec = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
+    alter = f"ALTER TABLE {engine.dialect.identifier_preparer.format_table(table)} ADD COLUMN {spec}"
+    if engine.dialect.name == "postgresql":
+        return [f"SET LOCAL lock_timeout = '{ALTER_LOCK_WAIT}s'", alter]  # this transaction only
+    if getattr(engine.dialect, "is_mariadb", False):
+        return [f"SET STATEMENT lock_wait_timeout = {ALTER_LOCK_WAIT} FOR {alter}"]
+    return [alter]
