@@ -30,6 +30,7 @@ from .errors import (
 from .identity import canonical_call, dump_json, fingerprint_of_call, load_json
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
+from .stores import public_url
 from .stores.base import Store, confirm_after_for
 from .stores.lanes import collector
 
@@ -100,6 +101,8 @@ class Attempt:
     request: Any = field(default=None, repr=False)
     #: A transactional task's effects ledger, once opened (a failure is sealed in it).
     ledger: Any = field(default=None, repr=False)
+    #: The task's lease, in seconds (how often the keeper tries a give-back the store could not take).
+    lease: float = field(default=60.0, repr=False)
 
     @property
     def id(self) -> str:
@@ -129,11 +132,22 @@ class Attempt:
         self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed)
 
     def release_quietly(self, *, delay: float = 0.0, crashed: bool = False) -> None:
+        """:meth:`release`, or if the store cannot take it now, have this process's lease keeper send it again until
+        it lands. Left to its lease instead, the operation would be taken over once that lapsed, and the takeover
+        counted as a crash: a retry or an outage waited out would then use up ``max_crashes``. Should this process
+        die first, the takeover happens anyway, and is rightly counted."""
         try:
             self.release(delay=delay, crashed=crashed)
-        except IdemtasksError as exc:
-            # The lease will run out and the operation be taken over; nothing is lost, only delayed.
+        except LeaseLost as exc:
             logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
+        except IdemtasksError as exc:
+            logger.warning("idemtasks: could not release operation %s yet: %s", self.id, exc)
+            due, op, token = time.monotonic() + delay, self.operation, self.fencing_token
+
+            def again() -> None:  # due when it was due, not delay seconds after the store came back
+                self.store.release(op, token, ttl=self.ttl, delay=max(0.0, due - time.monotonic()), crashed=crashed)
+
+            keeper.keep_finishing(self.store, op, token, again, lease=self.lease, ttl=self.ttl, what="give-back")
 
 
 def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -146,7 +160,12 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
     if fp is None:
         call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
         fp = fingerprint_of_call(call)
-    store: Store = task.store
+    try:
+        store: Store = task.store
+    except StoreError as exc:
+        # Opened on first use in this process (its table created, or upgraded): a database that is down or busy
+        # then must not cost the message, which Celery would otherwise ack as failed.
+        _come_back_later(task, exc)
     carried = header.get("finish")
     if carried is not None:
         done = _finish_carried(task, store, scope, key, carried, ttl)
@@ -160,7 +179,7 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
             _come_back_later(task, exc)
         op = claim.operation
         if claim.outcome is ClaimOutcome.CLAIMED:
-            attempt = Attempt(store, op, ttl, request=request)
+            attempt = Attempt(store, op, ttl, request=request, lease=lease)
             if task.max_crashes and _crashes(op) >= task.max_crashes:
                 return _give_up(task, attempt)
             if op.payload is None and call is None:
@@ -337,7 +356,7 @@ def _give_up(task: Any, attempt: Attempt) -> Any:
             # store it blind. Given back (not a crash), and this message comes back to look again.
             attempt.release_quietly()
             _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
-        except IdemtasksError as exc:  # misconfigured, as in the body's path: no holder could have committed anything
+        except Exception as exc:  # misconfigured (as in the body's path): no holder could have committed anything
             logger.warning("idemtasks: operation %s: no transaction database to look in: %s", op.id, exc)
     stored = _fail(task, attempt, error)
     if isinstance(stored, _Committed):
@@ -566,9 +585,15 @@ def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] |
     # A store that refuses (a missing table, a permission) is waited out like an outage: its message is never lost,
     # and the log says which of the two it was.
     logger.error("idemtasks: store %s %s for %s[%s] (%s); the body did not run%s, trying again in %.1fs",
-                 task.store.url, "unreachable" if isinstance(exc, StoreUnavailable) else "failed", task.name,
+                 _store_label(task), "unreachable" if isinstance(exc, StoreUnavailable) else "failed", task.name,
                  request.id, exc, "" if finish is None else " again", countdown)
     _republish(task, countdown, request=request, outages=outages, finish=finish)
+
+
+def _store_label(task: Any) -> str:
+    """The task's store for a log line, without opening it (it may be what failed to open)."""
+    url = task.store_url
+    return url.url if isinstance(url, Store) else public_url(str(url))
 
 
 def _republish(task: Any, countdown: float, *, request: Any = None, **extra: Any) -> NoReturn:

@@ -47,6 +47,8 @@ class Hold:
     finish: Callable[[], None] | None = field(default=None, repr=False)
     until: float = float("inf")
     warned: bool = field(default=False, repr=False)
+    #: What ``finish`` stores, for the log: the outcome, or a give-back (a release).
+    what: str = field(default="outcome", repr=False)
 
 
 class LeaseKeeper:
@@ -61,14 +63,14 @@ class LeaseKeeper:
         return self._add(Hold(store, op, token, lease, ttl, due=time.monotonic() + lease / 3))
 
     def keep_finishing(self, store: Store, op: Operation, token: int, finish: Callable[[], None], *, lease: float,
-                       ttl: float) -> Hold:
-        """Call ``finish`` (a completion sent ``again``) at most :data:`RENEW_RETRY_MAX` apart until it lands, is
-        refused (``LeaseLost``: taken over), or the record's ``ttl`` has passed. Used when a store outage outlasted
-        a completion's retries in place: a completion lands on a record still running under its token even after
-        its lease lapsed, and recovery waits a grace of more than that before taking a lapsed lease over."""
+                       ttl: float, what: str = "outcome") -> Hold:
+        """Call ``finish`` (a completion sent ``again``, or a release) at most :data:`RENEW_RETRY_MAX` apart until it
+        lands, is refused (``LeaseLost``: taken over), or the record's ``ttl`` has passed. Used when a store outage
+        outlasted a completion's retries in place: a completion lands on a record still running under its token even
+        after its lease lapsed, and recovery waits a grace of more than that before taking a lapsed lease over."""
         now = time.monotonic()
         return self._add(Hold(store, op, token, lease, ttl, due=now + _retry_interval(lease), finish=finish,
-                              until=now + ttl))
+                              until=now + ttl, what=what))
 
     def _add(self, h: Hold) -> Hold:
         with self._cond:
@@ -151,21 +153,25 @@ class LeaseKeeper:
         try:
             h.finish()
         except LeaseLost:
-            logger.error("idemtasks: operation %s was taken over before this attempt's outcome could be stored "
-                         "(fencing token %d is stale); the outcome was discarded", h.operation.id, h.token)
+            # For a give-back, also what a resend finds once the first try had landed and a retry claimed since.
+            (logger.info if h.what == "give-back" else logger.error)(
+                "idemtasks: operation %s was taken over before this attempt's %s could be stored "
+                "(fencing token %d is stale); it was discarded", h.operation.id, h.what, h.token)
         except Exception as exc:
             if time.monotonic() < h.until:
                 # Said once: the store is down, and this is tried every second until it is back.
                 if not h.warned:
-                    logger.warning("idemtasks: could not store the outcome of operation %s yet (%s); trying again "
-                                   "every %gs until the store is back", h.operation.id, exc, _retry_interval(h.lease))
+                    logger.warning("idemtasks: could not store the %s of operation %s yet (%s); trying again "
+                                   "every %gs until the store is back", h.what, h.operation.id, exc,
+                                   _retry_interval(h.lease))
                     h.warned = True
                 h.due = time.monotonic() + _retry_interval(h.lease)
                 return
-            logger.error("idemtasks: gave up storing the outcome of operation %s: its record has expired",
+            logger.error("idemtasks: gave up storing the %s of operation %s: its record has expired", h.what,
                          h.operation.id)
         else:
-            logger.info("idemtasks: the outcome of operation %s was stored after the store came back", h.operation.id)
+            logger.info("idemtasks: the %s of operation %s was stored after the store came back", h.what,
+                        h.operation.id)
         with self._cond:
             self._holds.discard(h)
 

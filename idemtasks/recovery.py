@@ -165,7 +165,7 @@ class Sweeper:
 def install(app: Any, *, beat_task: bool = True) -> None:
     """Run a sweeper thread in each worker of ``app`` (if ``idemtasks_sweep_interval`` is set) and, with
     ``beat_task``, register the ``idemtasks.sweep`` task for beat schedules."""
-    from celery import signals
+    from celery import bootsteps, signals
 
     if beat_task:
         @app.task(name="idemtasks.sweep", ignore_result=True)  # type: ignore[untyped-decorator]
@@ -181,8 +181,15 @@ def install(app: Any, *, beat_task: bool = True) -> None:
         sweeper = Sweeper(app)
         stop = threading.Event()
 
+        def stopped() -> bool:
+            # worker_shutdown comes with a warm shutdown only: a cold one (or an embedded worker stopped by its
+            # host) just stops the worker's blueprint, and a sweeper left running would keep its stores' connections
+            # open, sweeping for a worker that is gone.
+            state = getattr(getattr(sender, "blueprint", None), "state", None)
+            return stop.is_set() or state in (bootsteps.CLOSE, bootsteps.TERMINATE)
+
         def loop() -> None:
-            while not stop.wait(float(interval)):
+            while not stop.wait(float(interval)) and not stopped():
                 try:
                     sweeper.sweep()
                 except Exception:  # a sweep must never kill the worker's recovery loop

@@ -409,7 +409,7 @@ def paying_worker(store: Store) -> Iterator[tuple[Any, Counter[str]]]:
     app.conf.update(task_ignore_result=True, idemtasks_busy_countdown=0.2, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay")
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay")
     def task(self: IdempotentTask, account: str, amount: int) -> dict[str, Any]:
         return pay(runs, account, amount)
 

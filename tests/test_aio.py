@@ -50,7 +50,7 @@ def test_an_async_create_records_when_its_message_is_due(server_store: Store) ->
 def test_submit_async_keeps_the_queue_it_was_given_for_recovery(server_store: Store) -> None:
     app = Celery(f"aio{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
 
-    @app.task(base=IdempotentTask, store_url=server_store, name=f"{app.main}.charge")
+    @app.task(shared=False, base=IdempotentTask, store_url=server_store, name=f"{app.main}.charge")
     def charge(amount: int) -> int:
         return amount
 

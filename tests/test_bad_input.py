@@ -99,7 +99,7 @@ def test_task_key_function_returning_a_bad_key_fails_without_storing(tmp_path: P
     app = Celery("bad", set_as_current=False)
     app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
 
-    @app.task(base=IdempotentTask, key_func=lambda x: "", name="bad.keyed")
+    @app.task(shared=False, base=IdempotentTask, key_func=lambda x: "", name="bad.keyed")
     def keyed(x: int) -> int:
         return x
 
@@ -114,7 +114,7 @@ def test_worker_never_runs_the_body_while_the_store_is_down_and_resumes_after(pr
     app.conf.update(idemtasks_store_retry_max=0.5, task_ignore_result=True, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
               key_func=lambda order: f"order-{order}")
     def pay(self: IdempotentTask, order: int) -> int:
         runs[self.operation.key] += 1
@@ -147,7 +147,7 @@ def test_a_worker_whose_store_refuses_loses_nothing_and_runs_the_body_once_it_an
     handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("idemtasks.task").addHandler(handler)
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
               key_func=lambda order: f"order-{order}")
     def pay(self: IdempotentTask, order: int) -> int:
         runs[self.operation.key] += 1
@@ -170,6 +170,38 @@ def test_a_worker_whose_store_refuses_loses_nothing_and_runs_the_body_once_it_an
     finally:
         logging.getLogger("idemtasks.task").removeHandler(handler)
         drop(store)
+
+
+@pytest.mark.timeout(60)
+def test_a_store_that_cannot_be_opened_yet_loses_no_message(tmp_path: Path) -> None:
+    """The store is opened on first use in each worker process (its table created or upgraded). A database that
+    cannot be opened then is waited out like an outage: before, Celery acked the message as failed, and a message
+    sent without ``submit`` had no record for recovery to publish again."""
+    later = tmp_path / "later"  # a SQLite file in a directory that does not exist yet: it cannot be opened
+    url = f"sqlite:///{later / 'ops.sqlite3'}"
+    app = Celery(f"unopened{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
+    runs: Counter[str] = Counter()
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=url, name=f"{app.main}.pay",
+              key_func=lambda order: f"order-{order}")
+    def pay(self: IdempotentTask, order: int) -> int:
+        runs[self.operation.key] += 1
+        return order
+
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        pay.apply_async((7,))
+        time.sleep(1.5)  # every delivery fails to open the store, and republishes its message
+        assert runs["order-7"] == 0
+        later.mkdir()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and runs["order-7"] == 0:
+            time.sleep(0.1)
+    store = open_store(url)
+    op = store.get("global", "order-7")
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == 7
+    assert runs["order-7"] == 1
+    store.close()
 
 
 def _get(store: object) -> object:
@@ -195,7 +227,7 @@ def test_a_transactional_task_whose_database_is_down_never_stores_a_failure(tmp_
     runs: Counter[str] = Counter()
     nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/ledger?connect_timeout=1"
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
               transaction_url=nowhere)
     def pay(self: IdempotentTask, order: int) -> int:
         runs[self.operation.key] += 1
@@ -223,7 +255,7 @@ def test_a_transactional_body_that_finds_its_pool_exhausted_is_retried_not_faile
     store, app = _transactional_app(tmp_path, "pool")
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
               transaction_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     def pay(self: IdempotentTask, order: int) -> int:
         runs[self.operation.key] += 1

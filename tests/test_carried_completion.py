@@ -53,7 +53,7 @@ def test_an_outcome_carried_over_a_long_outage_is_stored_before_recovery_takes_o
                     task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", lease_seconds=0.6,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", lease_seconds=0.6,
               idempotency_ttl=120.0, store_retry_max_delay=10.0)
     def pay(self: IdempotentTask, key: str) -> str:
         runs[key] += 1

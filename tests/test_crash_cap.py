@@ -8,23 +8,26 @@ outages waited out are not crashes. The real-worker version (a hard time limit i
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import ConfigurationError, IdempotentTask, OperationFailed, Status
+from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, OperationFailed, Status
 from idemtasks.identity import DEFAULT_SCOPE, canonical_call, fingerprint_of_call
 from idemtasks.models import Operation
 from idemtasks.stores.base import Store
+from tests import services
 from tests.conftest import drop, make_store
-from tests.private_redis import free_port
+from tests.private_redis import PrivateRedis, free_port
 from tests.workers import wait_until
 
 TTL = 3600.0
@@ -51,23 +54,23 @@ def build(store: Store, ledger_url: str) -> Harness:
                     task_default_queue=app.main)
     h = Harness(app, store, ledger_url)
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge")
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge")
     def charge(self: IdempotentTask, amount: int) -> dict[str, int]:
         h.runs[self.operation.key] += 1
         return {"amount": amount}
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.stubborn", max_crashes=0)
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.stubborn", max_crashes=0)
     def stubborn(self: IdempotentTask, amount: int) -> dict[str, int]:
         h.runs[self.operation.key] += 1
         return {"amount": amount}
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.booked", transactional=True,
-              transaction_url=ledger_url)
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.booked",
+              transactional=True, transaction_url=ledger_url)
     def booked(self: IdempotentTask, amount: int) -> dict[str, int]:
         h.runs[self.operation.key] += 1
         return {"amount": amount}
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.exits")
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.exits")
     def exits(self: IdempotentTask, amount: int) -> dict[str, int]:
         h.runs[self.operation.key] += 1
         if h.exits[self.operation.key] > 0:
@@ -75,21 +78,22 @@ def build(store: Store, ledger_url: str) -> Harness:
             raise SystemExit(1)  # what the pool's SIGTERM handler raises in the body
         return {"amount": amount}
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.booked_nowhere", transactional=True,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.booked_nowhere",
+              transactional=True,
               transaction_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test")
     def booked_nowhere(self: IdempotentTask, amount: int) -> dict[str, int]:
         h.runs[self.operation.key] += 1
         return {"amount": amount}
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.retries_once", max_retries=1)
-    def retries_once(self: IdempotentTask, amount: int) -> dict[str, int]:
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.retrying", max_retries=5)
+    def retrying(self: IdempotentTask, amount: int, times: int) -> dict[str, int]:
         h.runs[self.operation.key] += 1
-        if h.runs[self.operation.key] == 1:
+        if h.runs[self.operation.key] <= times:
             self.retry(countdown=0.1)
         return {"amount": amount}
 
     h.tasks.update(charge=charge, stubborn=stubborn, booked=booked, exits=exits, booked_nowhere=booked_nowhere,
-                   retries_once=retries_once)
+                   retrying=retrying)
     return h
 
 
@@ -218,9 +222,9 @@ def test_a_body_interrupted_by_system_exit_gives_its_operation_back_as_a_crash(h
 
 
 def test_a_retry_is_not_a_crash(h: Harness) -> None:
-    retries_once = h.tasks["retries_once"]
-    op = died(h.store, retries_once, (46,), k := key(), times=1)
-    assert deliver(retries_once, (46,), op).get(timeout=20) == {"amount": 46}
+    retrying = h.tasks["retrying"]
+    op = died(h.store, retrying, (46, 1), k := key(), times=1)
+    assert deliver(retrying, (46, 1), op).get(timeout=20) == {"amount": 46}
     final = h.final(op.id)
     assert final.status is Status.SUCCEEDED and h.runs[k] == 2  # ran, gave itself back for retry(), ran again
     assert final.crashes == 1 and final.attempts == op.attempts + 2
@@ -230,11 +234,13 @@ def test_a_crash_count_an_older_release_left_on_a_reused_key_is_not_counted(h: H
     """Workers of a release without the count, beside newer ones on a SQL store, re-create an expired record (its
     key reused after the TTL) keeping the count of the operation that expired. The new operation has had no attempt
     yet, so none of those deaths are its own."""
-    charge = h.tasks["charge"]
-    op = died(h.store, charge, (47,), k := key(), times=3)
+    retrying = h.tasks["retrying"]
+    op = died(h.store, retrying, (47, 3), k := key(), times=3)
     recreated_by_an_older_release(h.store, op)
-    assert deliver(charge, (47,), op).get(timeout=20) == {"amount": 47}
-    assert h.final(op.id).status is Status.SUCCEEDED and h.runs[k] == 1
+    # Three retries, no death: none of them may count, whatever count the record started with.
+    assert deliver(retrying, (47, 3), op).get(timeout=30) == {"amount": 47}
+    final = h.final(op.id)
+    assert final.status is Status.SUCCEEDED and final.crashes == 0 and h.runs[k] == 4
 
 
 def recreated_by_an_older_release(store: Store, op: Operation) -> None:
@@ -276,9 +282,38 @@ def test_max_crashes_must_be_a_whole_number(bad: Any) -> None:
     app = Celery(f"bad{uuid.uuid4().hex[:6]}", set_as_current=False)
     app.conf.update(idemtasks_store_url="memory://", idemtasks_max_crashes=bad)
 
-    @app.task(base=IdempotentTask, bind=True, name=f"{app.main}.task")
+    @app.task(shared=False, base=IdempotentTask, bind=True, name=f"{app.main}.task")
     def task(self: IdempotentTask) -> None:
         raise AssertionError("never runs")
 
     with pytest.raises(ConfigurationError, match="max_crashes"):
         task.max_crashes  # noqa: B018 - binding reads and checks the settings
+
+
+@pytest.mark.timeout(60)
+def test_a_give_back_the_store_cannot_take_yet_is_sent_again_and_is_no_crash(tmp_path: Path) -> None:
+    """A retry, a requeue or an outage gives the operation back while the store is down. Left to its lease, the
+    operation would be taken over once that lapsed, and the takeover counted as a crash: the lease keeper sends the
+    give-back again until it lands instead."""
+    from idemtasks.execution import Attempt
+    from idemtasks.stores.redis import RedisStore
+
+    if shutil.which("redis-server") is None:
+        services.missing("redis-server is not installed")
+    server = PrivateRedis(tmp_path, durable=True)  # stopped and started again with every write kept
+    server.start()
+    store = RedisStore(server.url, socket_timeout=0.5)
+    try:
+        held = store.claim("global", "k", "tasks.pay", "fp", owner="w1", lease=1.0, ttl=TTL).operation
+        server.stop()
+        Attempt(store, held, TTL, lease=1.0).release_quietly(delay=0.0)  # refused: the store is down
+        time.sleep(1.5)  # the lease lapses meanwhile
+        server.start()
+        op = wait_until(lambda: (o := store.get("global", "k")) is not None and o.status is Status.PENDING and o,
+                        10.0, "the give-back to land")
+        assert op.crashes == 0 and op.fencing_token == held.fencing_token
+        again = store.claim("global", "k", "tasks.pay", "fp", owner="w2", lease=1.0, ttl=TTL, grace=0.0)
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation.crashes == 0
+    finally:
+        store.close()
+        server.stop()

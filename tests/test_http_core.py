@@ -357,7 +357,7 @@ class TestEndpointWiring:
 
         app = Celery("wiring", set_as_current=False)
 
-        @app.task(base=IdempotentTask, store_url=MemoryStore("memory://other"), name="wiring.t")
+        @app.task(shared=False, base=IdempotentTask, store_url=MemoryStore("memory://other"), name="wiring.t")
         def t() -> None:
             return None
 

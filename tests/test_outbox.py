@@ -34,7 +34,7 @@ def setup(store: SQLStore) -> tuple[Celery, Any, sa.Table, Counter[str]]:
     app.conf.update(task_ignore_result=True, idemtasks_pending_after=0.3, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, store_url=store, name=f"{app.main}.ship")
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.ship")
     def ship(order: str) -> str:
         runs[order] += 1
         return f"shipped {order}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -59,7 +60,8 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                     idemtasks_busy_countdown=0.2, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge", lease_seconds=0.5,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge",
+              lease_seconds=0.5,
               idempotency_ttl=3600.0)
     def charge(self: IdempotentTask, key: str, amount: int) -> int:
         runs[key] += 1
@@ -201,7 +203,7 @@ def test_a_copy_by_recovery_carries_the_callbacks_only_of_a_message_never_sent(r
     message may still be queued, or be redelivered, and would send them too."""
     receipts: list[int] = []
 
-    @rig.app.task(name=f"{rig.app.main}.receipt")
+    @rig.app.task(shared=False, name=f"{rig.app.main}.receipt")
     def receipt(amount: int) -> None:
         receipts.append(amount)
 
@@ -257,9 +259,21 @@ def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
 def test_a_worker_sweeps_by_itself_without_beat(rig: Rig) -> None:
     install(rig.app, beat_task=False)
     key, op_id = rig.lost_submit(40)
+    before = _sweepers()
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        assert len(_sweepers() - before) == 1
         op = rig.final(op_id)
     assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
+    # The sweeper goes with its worker, even one stopped without a warm shutdown (an embedded worker here): left
+    # running, it would keep sweeping the store, and its connections open, for a worker that is gone.
+    deadline = time.monotonic() + 5
+    while _sweepers() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sweepers() - before
+
+
+def _sweepers() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "idemtasks-sweeper"}
 
 
 def test_sweep_command_runs_once_and_reports() -> None:

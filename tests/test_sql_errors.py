@@ -138,7 +138,7 @@ def test_a_transactional_payment_that_breaks_a_check_rule_fails_once(mariadb: sa
     app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
               transaction_url=services.MYSQL_URL)
     def pay(self: IdempotentTask, amount: int) -> int:
         runs[self.operation.key] += 1

@@ -204,3 +204,14 @@ def test_a_long_reader_makes_the_upgrade_wait_in_short_turns_not_stall_the_store
     assert "crashes" not in _columns(url, name)
     reader.dispose()
     other.dispose()
+
+
+def test_the_upgrade_leaves_no_lock_setting_on_the_pooled_connection(old_postgres_table: tuple[str, str]) -> None:
+    url, name = old_postgres_table
+    store = SQLStore(url, table=name)
+    try:
+        assert store.engine.pool.checkedin() == 1  # the connection the upgrade used, back in the pool
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.text("SHOW lock_timeout")).scalar_one() == "0"
+    finally:
+        store.close()

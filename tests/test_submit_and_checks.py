@@ -20,7 +20,7 @@ def app_with(broker: str, store: Store) -> tuple[Celery, IdempotentTask]:
     app.conf.update(task_publish_retry=False, broker_connection_retry=False, broker_connection_timeout=1,
                     task_default_queue=f"q-{app.main}")
 
-    @app.task(base=IdempotentTask, store_url=store, name=f"{app.main}.charge")
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.charge")
     def charge(amount: int) -> int:
         return amount
 
@@ -64,7 +64,7 @@ def checked(**conf: object) -> list[str]:
     app = Celery(f"chk{uuid.uuid4().hex[:6]}", set_as_current=False)
     app.conf.update(idemtasks_store_url="memory://", **conf)
 
-    @app.task(base=IdempotentTask, name=f"{app.main}.task", time_limit=conf.pop("time_limit", None))  # type: ignore[misc]
+    @app.task(shared=False, base=IdempotentTask, name=f"{app.main}.task", time_limit=conf.pop("time_limit", None))  # type: ignore[misc]
     def task() -> None:
         return None
 
@@ -99,7 +99,7 @@ def test_warnings_are_logged_when_a_worker_starts(caplog: pytest.LogCaptureFixtu
     app = Celery(f"chk{uuid.uuid4().hex[:6]}", broker="amqp://localhost//", set_as_current=False)
     app.conf.update(idemtasks_store_url="memory://")
 
-    @app.task(base=IdempotentTask, name=f"{app.main}.logged")
+    @app.task(shared=False, base=IdempotentTask, name=f"{app.main}.logged")
     def task() -> None:
         return None
 

@@ -71,7 +71,7 @@ def build(store: Store) -> Harness:
                     task_default_queue=app.main)
     h = Harness(app, store)
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge")
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.charge")
     def charge(self: IdempotentTask, account: str, amount: int, delay: float = 0.0) -> dict[str, Any]:
         h.runs[self.operation.key] += 1
         time.sleep(delay)
@@ -79,7 +79,7 @@ def build(store: Store) -> Harness:
             raise Declined(f"amount {amount} declined")
         return {"account": account, "amount": amount, "token": self.operation.fencing_token}
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.flaky", max_retries=5,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.flaky", max_retries=5,
               autoretry_for=(Flaky,), retry_backoff=False, default_retry_delay=0.05)
     def flaky(self: IdempotentTask, failures: int) -> str:
         h.runs[self.operation.key] += 1
@@ -87,13 +87,13 @@ def build(store: Store) -> Harness:
             raise Flaky("not yet")
         return "ok"
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.retry_on", max_retries=1,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.retry_on", max_retries=1,
               retry_on=(Flaky,))
     def retry_on(self: IdempotentTask) -> str:
         h.runs[self.operation.key] += 1
         raise Flaky("always")
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.weird")
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.weird")
     def weird(self: IdempotentTask, kind: str) -> Any:
         h.runs[self.operation.key] += 1
         if kind == "nul":  # PostgreSQL refuses a NUL in text; libpq would cut the message short at it
@@ -103,13 +103,13 @@ def build(store: Store) -> Harness:
         return {"object": object(), "huge": "x" * 2_000_000,
                 "surrogate": "r\udcffport.txt"}[kind]  # os.listdir()'s name for an undecodable file
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed",
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed",
               key_func=lambda order_id: f"order-{order_id}")
     def keyed(self: IdempotentTask, order_id: int) -> int:
         h.runs[self.operation.key] += 1
         return order_id * 2
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.long", lease_seconds=0.6,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.long", lease_seconds=0.6,
               idempotency_ttl=60.0)
     def long(self: IdempotentTask, seconds: float) -> str:
         h.runs[self.operation.key] += 1
@@ -122,19 +122,20 @@ def build(store: Store) -> Harness:
             op = self.store.get_by_id(task_id)
             h.seen[task_id] = None if op is None else op.status
 
-    @app.task(base=Watched, bind=True, store_url=store, name=f"{app.main}.watched")
+    @app.task(shared=False, base=Watched, bind=True, store_url=store, name=f"{app.main}.watched")
     def watched(self: IdempotentTask, n: int) -> int:
         h.runs[self.operation.key] += 1
         return n
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.reargs", max_retries=3)
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.reargs", max_retries=3)
     def reargs(self: IdempotentTask, tag: str, step: int) -> int:
         h.runs[tag] += 1
         if step == 0:
             self.retry(args=(tag, 1), countdown=0.1)
         return step
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed_reargs", max_retries=3,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed_reargs",
+              max_retries=3,
               key_func=lambda tag, step: f"{tag}-{step}")
     def keyed_reargs(self: IdempotentTask, tag: str, step: int) -> int:
         h.runs[tag] += 1
@@ -142,7 +143,7 @@ def build(store: Store) -> Harness:
             self.retry(args=(tag, 1), countdown=0.1)
         return step
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.drops")
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.drops")
     def drops(self: IdempotentTask, tag: str, how: str) -> str:
         h.runs[tag] += 1
         if how == "ignore":
@@ -155,7 +156,7 @@ def build(store: Store) -> Harness:
             return self.replace(charge.s(tag, 1))  # type: ignore[no-any-return]
         return "done"
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.later", max_retries=1)
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.later", max_retries=1)
     def later(self: IdempotentTask, countdown: float = 1.2) -> str:
         h.runs[self.operation.key] += 1
         h.times.setdefault(self.operation.key, []).append(time.monotonic())
@@ -363,7 +364,7 @@ def test_a_retry_on_error_whose_retry_cannot_be_published_is_left_for_recovery()
     app.conf.update(task_ignore_result=True, task_default_queue=app.main, task_routes=(refuse_retries,))
     runs: Counter[str] = Counter()
 
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", max_retries=3,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", max_retries=3,
               retry_on=(Flaky,))
     def pay(self: IdempotentTask) -> str:
         runs[self.operation.key] += 1
@@ -457,7 +458,7 @@ class TestRetryCountdown:
         app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
         runs: Counter[str] = Counter()
 
-        @app.task(base=IdempotentTask, bind=True, name=f"{app.main}.later", max_retries=1)
+        @app.task(shared=False, base=IdempotentTask, bind=True, name=f"{app.main}.later", max_retries=1)
         def later(self: IdempotentTask) -> str:
             runs[self.operation.key] += 1
             if runs[self.operation.key] == 1:
@@ -476,7 +477,7 @@ class TestRetryCountdown:
         app = Celery(f"eager{uuid.uuid4().hex[:6]}", set_as_current=False)
         app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
 
-        @app.task(base=IdempotentTask, name=f"{app.main}.pay")
+        @app.task(shared=False, base=IdempotentTask, name=f"{app.main}.pay")
         def pay(amount: int) -> int:
             return amount
 

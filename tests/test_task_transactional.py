@@ -42,7 +42,7 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     meanwhile: dict[str, Any] = {}
 
     # A short lease: the takeover from a zombie waits for the grace after its lapsed lease, max(2 s, lease / 3).
-    @app.task(base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
               transaction_url=url, lease_seconds=1.0)
     def pay(self: IdempotentTask, order: int) -> int:
         runs[self.operation.key] += 1

@@ -92,7 +92,8 @@ def client_app(broker: str, queue: str, store: Store) -> tuple[Celery, dict[str,
     app.conf.update(task_default_queue=queue, task_ignore_result=True)
     tasks: dict[str, Any] = {}
     for name in ("charge", "ledger_charge", "flaky", "overruns"):
-        tasks[name] = app.task(base=IdempotentTask, name=f"procapp.{name}", store_url=store, bind=True)(_never)
+        tasks[name] = app.task(shared=False, base=IdempotentTask, name=f"procapp.{name}", store_url=store,
+                              bind=True)(_never)
     return app, tasks
 
 

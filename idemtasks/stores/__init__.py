@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import threading
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ConfigurationError
 from .base import Store
 
-__all__ = ["Store", "open_store", "shared_store"]
+__all__ = ["Store", "open_store", "public_url", "shared_store"]
 
 _SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
 
@@ -56,3 +57,15 @@ def shared_store(url: str) -> Store:
             if store is None:
                 store = _shared[cache_key] = open_store(url)
     return store
+
+
+def public_url(url: str) -> str:
+    """The URL without its password (in the user info or a ``password=`` query parameter), for logs."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    if "password=" in query.lower():
+        query = "&".join("password=***" if p.lower().startswith("password=") else p for p in query.split("&"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

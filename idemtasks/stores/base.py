@@ -155,11 +155,14 @@ def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tu
         return ClaimOutcome.BUSY, current  # not due yet (see DUE_SLACK)
     elif current.status is Status.RUNNING and (phase := takeover_phase(current, now, req.grace)) != "take":
         return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now) if phase == "mark" else current
-    # Taking a running record over means its holder died (or stayed cut off through lease and grace): one crash.
+    # Taking a running record over means its holder died (or stayed cut off through lease and grace): one crash. A
+    # record never claimed has none: a count there was left by a release that predates it, re-creating an expired
+    # record without knowing the column (see execution._crashes).
     claimed = dataclasses.replace(
         current, status=Status.RUNNING, attempts=current.attempts + 1, fencing_token=current.fencing_token + 1,
         lease_owner=req.owner, lease_expires_at=now + req.lease, updated_at=now, expires_at=now + req.ttl,
-        needs_publish=False, crashes=current.crashes + (current.status is Status.RUNNING),
+        needs_publish=False,
+        crashes=0 if current.attempts == 0 else current.crashes + (current.status is Status.RUNNING),
     )
     return ClaimOutcome.CLAIMED, claimed
 

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 try:
     import redis
@@ -27,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..errors import ConfigurationError, IdemtasksError, StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
+from . import public_url
 from . import redis_scripts as lua
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store
 from .lanes import published_answer, settle_own_writes
@@ -43,18 +43,6 @@ _TAKEOVER = {0: Takeover.ALIVE, 1: Takeover.REQUEUED, 2: Takeover.SUSPECTED}  # 
 # OOM included: a script refused for memory (maxmemory, noeviction) has written nothing, and passes again once keys
 # expire or the limit is raised.
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError, OutOfMemoryError)
-
-
-def public_url(url: str) -> str:
-    """The URL without its password (in the user info or a ``password=`` query parameter), for logs."""
-    parts = urlsplit(url)
-    netloc, query = parts.netloc, parts.query
-    if parts.password is not None:
-        userinfo, _, host = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
-    if "password=" in query.lower():
-        query = "&".join("password=***" if p.lower().startswith("password=") else p for p in query.split("&"))
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _text(value: Any) -> str:

@@ -170,6 +170,10 @@ if (tonumber(r[1]) or 0) > now then
   if r[3] == 'r' then
     r[15] = string.format('%d', (tonumber(r[15]) or 0) + 1)
     w[1], w[2] = 'cr', r[15]
+  elseif r[15] and r[9] == '0' then
+    -- never claimed, so no deaths: left by a release that predates the count (see decide_claim)
+    redis.call('HDEL', k, 'cr')
+    r[15] = false
   end
 else
   -- absent or expired: a message whose record is gone, or a task sent without submit

@@ -22,6 +22,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -91,6 +92,8 @@ class SQLStore(Store):
             threading.RLock() if isinstance(engine.pool, StaticPool) else contextlib.nullcontext())
         self._local = threading.local()
         self._lane_sql: LaneStatements | None = None
+        #: Every thread's lane, so that close() ends them all (a lane otherwise lives as long as its thread).
+        self._all_lanes: weakref.WeakSet[PGLane] = weakref.WeakSet()
         #: Whether threads create, claim and complete on lanes (PostgreSQL through psycopg, not under greenlets).
         self.pipelines_completions = self.dialect == "postgresql" and engine.dialect.driver == "psycopg" \
             and lanes_supported()
@@ -102,6 +105,8 @@ class SQLStore(Store):
             create_tables(self.engine, [self.table])
             add_missing_columns(self.engine, self.table)  # a table an earlier release created
         except SQLAlchemyError as exc:
+            if self._owns_engine:  # nobody will close a store that failed to open: its pool goes with it
+                self.engine.dispose()
             raise self._wrap(exc) from exc
 
     # ----------------------------------------------------------------- plumbing
@@ -320,6 +325,7 @@ class SQLStore(Store):
         except Exception as exc:  # the driver's own error, outside SQLAlchemy's translation
             raise StoreUnavailable(f"SQL store {self.url}: {type(exc).__name__}: {exc}") from exc
         lane = self._local.lane = PGLane(dbapi)
+        self._all_lanes.add(lane)
         return lane
 
     def _call_on_lane(self, lane: PGLane, stmt: Prepared, params: dict[str, Any]) -> Any:
@@ -415,10 +421,13 @@ class SQLStore(Store):
         return self._count(t.delete().where(older), self.sql.params(p_grace=grace))
 
     def close(self) -> None:
-        lane: PGLane | None = getattr(self._local, "lane", None)
-        if lane is not None and lane.pid == os.getpid():
-            self._local.lane = None
-            lane.close()
+        self._local.lane = None
+        # Other threads' lanes too: a thread that outlives the store (a pool's, the keeper's) would keep its
+        # connection open. Closed under the lane's lock, it is seen as broken by its thread, which would open a
+        # new one if it used the store again.
+        for lane in list(self._all_lanes):
+            if lane.pid == os.getpid():
+                lane.close()
         if self._owns_engine:  # an engine passed in belongs to the caller, who may still be using it
             self.engine.dispose()
 

@@ -86,12 +86,13 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
         # What a winning claim sets, from one test of "wins" in a sub-select rather than one per column. An expired
         # record's token carries on, so a holder of the old record never shares a token with the new one. A first
         # claim of a lapsed lease sets only updated_at: the suspicion mark. Taking a running record over counts
-        # its holder's death.
+        # its holder's death; a record never claimed has none (see decide_claim).
         f"({', '.join(_WON)}, fencing_token, attempts, updated_at, crashes)":
             f"(SELECT {won}, CASE WHEN w THEN o.fencing_token + 1 ELSE o.fencing_token END, "
             "CASE WHEN e THEN 1 WHEN w THEN o.attempts + 1 ELSE o.attempts END, "
             "CASE WHEN w OR s THEN excluded.updated_at ELSE o.updated_at END, "
-            "CASE WHEN e THEN 0 WHEN w AND o.status = 'running' THEN o.crashes + 1 ELSE o.crashes END "
+            "CASE WHEN e OR o.attempts = 0 THEN 0 WHEN w AND o.status = 'running' THEN o.crashes + 1 "
+            "ELSE o.crashes END "
             f"FROM (SELECT e, e OR {_CLAIMABLE} AS w, {_SUSPECT} AS s "
             f"FROM (SELECT {_EXPIRED} AS e) AS x) AS claim)",
     }

@@ -31,7 +31,8 @@ hex columns are ASCII with a binary collation (smaller index entries, byte-wise 
 
 Upgrading: ``crashes`` came after the first release. The store adds it to an existing table when it opens (``ALTER
 TABLE … ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0``, which PostgreSQL 11+, MariaDB 10.3+ and SQLite do without
-rewriting the table); with ``create_schema=False``, add that column in your own migration before deploying.
+rewriting the table, waiting at most :data:`ALTER_LOCK_WAIT` for the table at a time); with ``create_schema=False``,
+add that column in your own migration before deploying.
 
 Uniqueness is on the digest rather than on the raw key because MariaDB's default collations ignore case and
 trailing spaces, which would merge keys a client considers distinct. ``fingerprint`` is VARCHAR, not CHAR:
@@ -40,6 +41,7 @@ PostgreSQL pads CHAR values when it returns them, and the fingerprint is compare
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -248,8 +250,7 @@ def add_missing_columns(engine: sa.Engine, table: sa.Table, *, attempts: int = 5
             missing = [c for c in table.c if c.name.lower() not in present]
             with engine.begin() as conn:
                 for column in missing:
-                    for statement in _add_column(engine, table, column):
-                        conn.execute(sa.text(statement))
+                    _add_column(conn, table, column)
             return [c.name for c in missing]
         except SQLAlchemyError:
             if attempt == attempts - 1:
@@ -262,15 +263,28 @@ def add_missing_columns(engine: sa.Engine, table: sa.Table, *, attempts: int = 5
 ALTER_LOCK_WAIT = 2
 
 
-def _add_column(engine: sa.Engine, table: sa.Table, column: sa.Column[Any]) -> list[str]:
-    """The statements adding ``column``. The ALTER needs the table to itself: while it waits for a long reader (a
-    report, a dump) to finish, every statement of the store queues behind it. So its wait is bounded; the caller
-    tries again, and if the table stays busy the store fails to open (and is opened again on next use) rather than
-    stall every worker."""
-    spec = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
-    alter = f"ALTER TABLE {engine.dialect.identifier_preparer.format_table(table)} ADD COLUMN {spec}"
-    if engine.dialect.name == "postgresql":
-        return [f"SET LOCAL lock_timeout = '{ALTER_LOCK_WAIT}s'", alter]  # this transaction only
-    if getattr(engine.dialect, "is_mariadb", False):
-        return [f"SET STATEMENT lock_wait_timeout = {ALTER_LOCK_WAIT} FOR {alter}"]
-    return [alter]
+def _add_column(conn: sa.Connection, table: sa.Table, column: sa.Column[Any]) -> None:
+    """Add ``column``. The ALTER needs the table to itself: while it waits for a long reader (a report, a dump) to
+    finish, every statement of the store queues behind it. So its wait is bounded; the caller tries again, and if the
+    table stays busy the store fails to open (and is opened again on next use) rather than stall every worker.
+    (SQLite waits for its write lock as for any write: the busy timeout.)"""
+    dialect = conn.dialect
+    spec = sa.schema.CreateColumn(column).compile(dialect=dialect)
+    alter = f"ALTER TABLE {dialect.identifier_preparer.format_table(table)} ADD COLUMN {spec}"
+    if getattr(dialect, "is_mariadb", False):
+        conn.execute(sa.text(f"SET STATEMENT lock_wait_timeout = {ALTER_LOCK_WAIT} FOR {alter}"))
+        return
+    setting = {"postgresql": ("lock_timeout", f"'{ALTER_LOCK_WAIT}s'"),
+               "mysql": ("lock_wait_timeout", str(ALTER_LOCK_WAIT))}.get(dialect.name)
+    if setting is None:
+        conn.execute(sa.text(alter))
+        return
+    # A session setting, put back after: the connection returns to the pool. (Inside a transaction that fails,
+    # PostgreSQL refuses the reset, and undoes the setting with the rollback.)
+    name, value = setting
+    conn.execute(sa.text(f"SET SESSION {name} = {value}"))
+    try:
+        conn.execute(sa.text(alter))
+    finally:
+        with contextlib.suppress(SQLAlchemyError):
+            conn.execute(sa.text(f"SET SESSION {name} = DEFAULT"))

@@ -123,9 +123,10 @@ class Statements:
             "attempts": sa.case((expired, 1), (claimable, t.c.attempts + 1), else_=t.c.attempts),
             # An expired record's token carries on, so a holder of the old record never shares a token with the new.
             "fencing_token": sa.case((expired | claimable, t.c.fencing_token + 1), else_=t.c.fencing_token),
-            # Taking a running record over (its lease lapsed through the grace) counts its holder's death.
+            # Taking a running record over (its lease lapsed through the grace) counts its holder's death; a record
+            # never claimed has none (see decide_claim).
             "crashes": sa.case((expired, 0), (claimable & (t.c.status == "running"), t.c.crashes + 1),
-                               else_=t.c.crashes),
+                               (t.c.attempts == 0, 0), else_=t.c.crashes),
             "status": won("status", "running"), "lease_owner": won("lease_owner", owner),
             "lease_expires_at": won("lease_expires_at", lease_until),
             "updated_at": sa.case((wins | suspect, now), else_=t.c.updated_at),
