@@ -7,6 +7,7 @@ everything else through the pool; both must survive a connection the server clos
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -253,3 +254,40 @@ def test_keepalives_bound_a_silent_server_on_every_connection(override: str) -> 
             assert params["tcp_user_timeout"] == "60000"
     finally:
         store.close()
+
+
+def test_closing_the_store_ends_the_lanes_of_threads_that_outlive_it() -> None:
+    """A worker thread's lane otherwise lives as long as the thread (a pool's, the keeper's): closing the store
+    must end every connection it opened, not only the calling thread's."""
+    require("postgres")
+    name = f"lanes-{uuid.uuid4().hex[:8]}"
+    store = SQLStore(POSTGRES_URL, table=f"t{uuid.uuid4().hex[:12]}",
+                     engine_options={"connect_args": {"application_name": name}})
+    claimed, done = threading.Event(), threading.Event()
+
+    def worker() -> None:  # claims on its own lane, then stays alive past the store's close
+        store.claim("global", "k", "tasks.pay", "fp", owner="w", lease=30, ttl=3600)
+        claimed.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert claimed.wait(10)
+        assert _sessions(name) >= 1
+        store.table.drop(store.engine)
+        store.close()
+        assert _sessions(name) == 0
+    finally:
+        done.set()
+        thread.join()
+
+
+def _sessions(application_name: str) -> int:
+    engine = sa.create_engine(POSTGRES_URL, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
+                                    {"n": application_name}).scalar_one())
+    finally:
+        engine.dispose()
