@@ -248,8 +248,8 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
 def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     request = attempt.request
     request.idemtasks_attempt = attempt
-    attempt.hold = keeper.hold(attempt.store, attempt.operation, attempt.fencing_token,
-                               lease=float(task.lease_seconds), ttl=attempt.ttl)
+    attempt.hold = keeper.hold(attempt.store, attempt.operation, attempt.fencing_token, lease=attempt.lease,
+                               ttl=attempt.ttl)
     try:
         try:
             if task.transactional:
@@ -287,8 +287,7 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                 # The transaction's database dropped the connection (a restart, pg_terminate_backend, a failover)
                 # or broke a deadlock — in the body, at BEGIN or at COMMIT: the body's writes rolled back with it.
                 # An outage to ride out like the store's, never a payment stored as failed.
-                attempt.release_quietly()
-                _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
+                _wait_for_database(task, attempt, exc)
             stored = _fail(task, attempt, error_info(exc))
             if isinstance(stored, _Committed):
                 return stored.result
@@ -354,8 +353,7 @@ def _give_up(task: Any, attempt: Attempt) -> Any:
         except StoreError as exc:
             # Whether a holder committed cannot be told, and the failure cannot be sealed against a late one: never
             # store it blind. Given back (not a crash), and this message comes back to look again.
-            attempt.release_quietly()
-            _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
+            _wait_for_database(task, attempt, exc)
         except Exception as exc:  # misconfigured (as in the body's path): no holder could have committed anything
             logger.warning("idemtasks: operation %s: no transaction database to look in: %s", op.id, exc)
     stored = _fail(task, attempt, error)
@@ -390,8 +388,7 @@ def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> ErrorInfo | _Committ
         except StoreError as exc:
             # Whether effects committed cannot be told: never store the failure blind. The next attempt looks in
             # the ledger before it runs the body.
-            attempt.release_quietly()
-            _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
+            _wait_for_database(task, attempt, exc)
         if isinstance(outcome, str):
             logger.warning("idemtasks: operation %s failed (%s) but a previous holder had committed its effects; "
                            "its result is the outcome", attempt.id, error.type)
@@ -434,6 +431,13 @@ def _adopt(attempt: Attempt, marker: str) -> tuple[Any, str]:
     if failed is not None:
         raise OperationFailed(operation_id=attempt.id, error_type=failed[0], error_message=failed[1])
     return load_json(marker), marker
+
+
+def _wait_for_database(task: Any, attempt: Attempt, exc: BaseException) -> NoReturn:
+    """The transaction's database is out of reach: give the operation back (not a crash) and have this message come
+    back later, as for the store's own outages."""
+    attempt.release_quietly()
+    _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
 
 
 def _database_outage(exc: BaseException) -> bool:
@@ -482,13 +486,12 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
             raise
         except StoreError as exc:
             if delay is None:
-                _keep_finishing(task, attempt, status, result_json, error)
+                _keep_finishing(attempt, status, result_json, error)
                 _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error))
             time.sleep(delay)
 
 
-def _keep_finishing(task: Any, attempt: Attempt, status: Status, result_json: str | None,
-                    error: ErrorInfo | None) -> None:
+def _keep_finishing(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> None:
     """Have the lease keeper of this process try the completion again until it lands, while it is also carried over
     in a republished message.
 
@@ -506,7 +509,7 @@ def _keep_finishing(task: Any, attempt: Attempt, status: Status, result_json: st
         store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json, error=error,
                      ttl=attempt.ttl, again=True)
 
-    keeper.keep_finishing(store, op, attempt.fencing_token, again, lease=float(task.lease_seconds), ttl=attempt.ttl)
+    keeper.keep_finishing(store, op, attempt.fencing_token, again, lease=attempt.lease, ttl=attempt.ttl)
 
 
 def _carry(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> dict[str, Any]:
@@ -535,7 +538,7 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
                 return
             except IdemtasksError as again:
                 exc = again
-        _keep_finishing(task, attempt, status, result_json, error)
+        _keep_finishing(attempt, status, result_json, error)
         try:
             _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error), request=request)
         except Ignore:
