@@ -45,8 +45,8 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 try:
     import sqlalchemy as sa
@@ -68,6 +68,8 @@ IDLE_BEFORE_PING = 1.0
 #: 3 unanswered probes; and drop a connection whose sent data stays unacknowledged for 60 s.
 PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
                  "tcp_user_timeout": 60_000}
+
+_T = TypeVar("_T")
 
 # The connection is gone, or the pool has no connection to give: something to wait out, not the statement's fault.
 _OUTAGES = (sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
@@ -230,33 +232,36 @@ def create_tables(engine: sa.Engine, tables: Sequence[sa.Table], *, attempts: in
     one then fail (PostgreSQL with DuplicateTable, or a unique violation on ``pg_type`` when the two CREATEs overlap;
     MariaDB with "table exists"). The losers try again, and the check then finds the table made.
     """
+    _retrying(lambda: tables[0].metadata.create_all(engine, tables=list(tables), checkfirst=True), attempts)
+
+
+def _retrying(work: Callable[[], _T], attempts: int) -> _T:
+    """``work()``, tried again (after a short pause) when it fails: schema changes by processes starting together
+    collide, and the losers find the winner's work done on their next look."""
     for attempt in range(attempts):
         try:
-            tables[0].metadata.create_all(engine, tables=list(tables), checkfirst=True)
-            return
+            return work()
         except SQLAlchemyError:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
 
 def add_missing_columns(engine: sa.Engine, table: sa.Table, *, attempts: int = 5) -> list[str]:
     """Add to an existing ``table`` the columns a later release defined (each has a server default, so rows already
     there get it); return their names. Safe when several processes start at once: the ``ALTER`` of a process that
     lost the race fails (the column exists), and the next look finds it there."""
-    for attempt in range(attempts):
-        try:
-            present = {c["name"].lower() for c in sa.inspect(engine).get_columns(table.name, schema=table.schema)}
-            missing = [c for c in table.c if c.name.lower() not in present]
-            with engine.begin() as conn:
-                for column in missing:
-                    _add_column(conn, table, column)
-            return [c.name for c in missing]
-        except SQLAlchemyError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    return []  # pragma: no cover - the loop returns or raises
+
+    def add() -> list[str]:
+        present = {c["name"].lower() for c in sa.inspect(engine).get_columns(table.name, schema=table.schema)}
+        missing = [c for c in table.c if c.name.lower() not in present]
+        with engine.begin() as conn:
+            for column in missing:
+                _add_column(conn, table, column)
+        return [c.name for c in missing]
+
+    return _retrying(add, attempts)
 
 
 #: Seconds an ``ALTER TABLE`` waits for its table lock before it gives up (and is tried again).
