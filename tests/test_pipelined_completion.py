@@ -8,6 +8,7 @@ server ran the completion, and a server that is gone.
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import threading
@@ -152,6 +153,64 @@ def test_a_completion_sent_after_the_script_cache_was_flushed_is_sent_again(priv
         assert claim(store, "other") is ClaimOutcome.CLAIMED  # reads the NOSCRIPT answer, then sends it again
         done = store.get("s", "k")
         assert done is not None and done.status is Status.SUCCEEDED and done.result == "paid"
+        assert not settled.errors
+    finally:
+        admin.close()
+        store.close()
+
+
+def test_a_redis_completion_resent_by_the_client_after_its_reply_was_lost_is_its_own(tmp_path: Path) -> None:
+    """redis-py sends a call again, unseen, when its reply was lost: the second sending finds the completion stored
+    under its own token. That is success, not a lost lease; another result under the same token is still refused."""
+    store = make_store("redis", tmp_path)
+    try:
+        op = held(store, "k")
+        for _ in range(2):  # what the server sees when the first reply is lost
+            store.finish("s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"paid"', ttl=TTL)
+        with pytest.raises(LeaseLost):
+            store.finish("s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"other"', ttl=TTL)
+        done = store.get("s", "k")
+        assert done is not None and done.status is Status.SUCCEEDED and done.result == "paid"
+    finally:
+        drop(store)
+
+
+def test_a_published_flag_sent_after_the_script_cache_was_flushed_is_sent_again(private_redis: PrivateRedis) -> None:
+    """Only the scripts a lane calls reload themselves; the flag is only ever sent unanswered. Left unset, every
+    submit of the process after a restart would leave its operation looking unpublished to recovery."""
+    store = RedisStore(private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        op = store.create("s", "k", "t", "fp", ttl=TTL).operation
+        assert op.needs_publish
+        admin.script_flush()
+        store.mark_published(op)
+        assert wait_for(lambda: (o := store.get("s", "k")) is not None and not o.needs_publish, COLLECT_AFTER * 30)
+    finally:
+        admin.close()
+        store.close()
+
+
+def test_a_thread_that_ends_right_after_its_completion_leaves_its_answer_to_the_collector(
+        private_redis: PrivateRedis) -> None:
+    """A thread pool shutting down: the worker thread ends with its last completion's answer unread, and its lane
+    (its connection) goes with its thread's locals. The answer decides whether the completion is sent again."""
+    store = RedisStore(private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
+    settled = Settled()
+
+    def last_task() -> None:
+        op = held(store, "k")
+        admin.script_flush()  # so that the answer says: not run, send it again
+        finish_pipelined(store, op, settled)
+
+    try:
+        thread = threading.Thread(target=last_task)
+        thread.start()
+        thread.join()
+        del thread
+        gc.collect()
+        assert wait_for(lambda: (o := store.get("s", "k")) is not None and o.status is Status.SUCCEEDED, 5.0)
         assert not settled.errors
     finally:
         admin.close()

@@ -172,6 +172,10 @@ class _Collector:
 
     def __init__(self) -> None:
         self._lanes: weakref.WeakSet[BaseLane] = weakref.WeakSet()
+        # Held strongly while an answer may be owed: a lane lives in its thread's locals, and a thread that ends
+        # right after its last completion (a thread pool shutting down) would otherwise take the lane, and the
+        # answer that decides whether that completion is sent again, with it. Let go once the answer was read.
+        self._owed: set[BaseLane] = set()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -183,6 +187,7 @@ class _Collector:
         if lane.watched_by != self._pid:  # once per lane and process, not a weak reference per completion
             self._lanes.add(lane)
             lane.watched_by = self._pid
+        self._owed.add(lane)
         if not self._wake.is_set():  # set by the first completion after an idle spell only: cheap on the hot path
             self._wake.set()
 
@@ -204,6 +209,7 @@ class _Collector:
                 return
             self._pid = os.getpid()
             self._lanes = weakref.WeakSet()
+            self._owed = set()
             self._wake = threading.Event()
             self._thread = threading.Thread(target=self._run, name="idemtasks-collector", daemon=True)
             self._thread.start()
@@ -220,8 +226,19 @@ class _Collector:
                     waiting = lane.collect(COLLECT_AFTER) or waiting
                 except Exception:  # pragma: no cover - lanes resolve their own errors; never let the thread die
                     logger.exception("idemtasks: collecting a pipelined completion failed")
+                self._release_answered(lane)
             if waiting:
                 self._wake.set()
+
+    def _release_answered(self, lane: BaseLane) -> None:
+        # Under the lane's lock: its owner records a new pending answer under it before calling wake(), so a lane
+        # let go here was answered, and one written to since is added again. Busy (its owner mid-call): next time.
+        if lane in self._owed and lane.lock.acquire(blocking=False):
+            try:
+                if lane.pending is None and lane.settling is None:
+                    self._owed.discard(lane)
+            finally:
+                lane.lock.release()
 
 
 collector = _Collector()

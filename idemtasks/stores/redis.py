@@ -138,7 +138,7 @@ class RedisStore(Store):
         self._raw_url = url  # with its password: the asyncio twin of this store connects with it
         self._own_client = client is None
         # Retried as client_retry says. A create or claim resent after a lost reply answers as the first run did (see
-        # redis_scripts); a resent finish whose first run landed reports LeaseLost, as any backend.
+        # redis_scripts); a finish resent after its first run landed is recognised as its own (_finish_or_raise).
         factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
         self.client: Any = client or factory(
             url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
@@ -241,6 +241,13 @@ class RedisStore(Store):
             return bool(self._finish_script(keys=[self.record_key(req.digest), *self._indexes],
                                             args=finish_args(req)))
 
+    def _finish_or_raise(self, req: FinishRequest, *, again: bool) -> None:
+        # redis-py sends a call again, unseen, when its reply was lost (a timeout, a dropped connection): any
+        # completion here may be a resend whose first sending landed. Finding exactly it stored under its token is
+        # then success, as for a resend the caller knows of; refused, the holder would report a stored payment as a
+        # lost lease (and Celery would call its error callbacks).
+        super()._finish_or_raise(req, again=True)
+
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
                          settle: Callable[[IdemtasksError], None]) -> None:
@@ -252,8 +259,11 @@ class RedisStore(Store):
 
         # An error reply (NOSCRIPT after a restart) or a broken connection: the resolver sends it again.
         self.round_trips += 1
-        lane.send(self._finish_script.sha, [self.record_key(req.digest), *self._indexes], finish_args(req),
-                  self._answer_resolver(req, settle))
+        try:
+            lane.send(self._finish_script.sha, [self.record_key(req.digest), *self._indexes], finish_args(req),
+                      self._answer_resolver(req, settle))
+        except RedisError as exc:  # an error reply while the lane reconnected (its SELECT, say); settled as unknown
+            raise self._store_error(exc) from exc
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
         with self._call():
@@ -270,7 +280,25 @@ class RedisStore(Store):
         # Not waited for: the flag only makes a duplicate of a just-created operation wait for ACCEPT_WINDOW, and
         # the worker's claim clears it anyway. A submit then costs one synchronous round trip, the create.
         self.round_trips += 1
-        lane.send(self._published_script.sha, keys, args, published_answer)
+
+        def resolve(answer: Any) -> None:
+            if isinstance(answer, Exception):
+                # A NOSCRIPT (a restarted or failed-over server: only the scripts a lane calls reload themselves,
+                # and this one is only ever sent unanswered) or a broken connection: sent once more, synchronously,
+                # through the client, which loads the script. Left unset, the flag would make recovery send the
+                # callbacks of a message that is on the broker, every submit of this process after the restart.
+                try:
+                    with self._call():
+                        self._published_script(keys=keys, args=args)
+                    return
+                except StoreError as exc:
+                    answer = exc
+            published_answer(answer)
+
+        try:
+            lane.send(self._published_script.sha, keys, args, resolve)
+        except RedisError as exc:  # as in finish_pipelined
+            raise self._store_error(exc) from exc
 
     def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:
         with self._call():

@@ -302,6 +302,7 @@ class SQLStore(Store):
             return lane
         from .sql_lane import PGLane
 
+        dbapi: Any = None
         try:
             # A pool connection, so the engine's connect arguments and events apply, then detached: the lane keeps
             # it for as long as its thread lives, and the pool must not count it nor hand it to anyone else.
@@ -317,14 +318,18 @@ class SQLStore(Store):
                         raise
                     conn = self.engine.connect()
             conn.detach()
-            dbapi: Any = conn.connection.dbapi_connection
+            dbapi = conn.connection.dbapi_connection
             dbapi.rollback()  # the ping, or a checkout's, may have opened a transaction; autocommit needs none
             dbapi.autocommit = True
+            lane = PGLane(dbapi)  # sets the session up: a driver error there is the store's too
         except SQLAlchemyError as exc:
             raise self._wrap(exc) from exc
         except Exception as exc:  # the driver's own error, outside SQLAlchemy's translation
+            if dbapi is not None:
+                with contextlib.suppress(Exception):
+                    dbapi.close()  # detached: nobody else would ever close it
             raise StoreUnavailable(f"SQL store {self.url}: {type(exc).__name__}: {exc}") from exc
-        lane = self._local.lane = PGLane(dbapi)
+        self._local.lane = lane
         self._all_lanes.add(lane)
         return lane
 
