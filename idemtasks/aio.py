@@ -122,5 +122,5 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     op = sub.operation
     if sub.created or (op.status is Status.PENDING and op.needs_publish
                        and await astore.now() - op.created_at >= ACCEPT_WINDOW):
-        await asyncio.to_thread(task.publish, op, args, kwargs, abandon_on_failure=sub.created, **options)
+        await asyncio.to_thread(task.publish, op, args, kwargs, abandon_on_failure=sub.created, due=due, **options)
     return sub

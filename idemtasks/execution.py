@@ -27,14 +27,14 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
-from .identity import canonical_call, dump_json, fingerprint_of_call, load_json
+from .identity import canonical_call, delivery_route, dump_json, fingerprint_of_call, load_json, stored_call
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .stores import public_url
 from .stores.base import Store, confirm_after_for
 from .stores.lanes import collector
 
-__all__ = ["MAX_ERROR_MESSAGE", "Attempt", "error_info", "run_attempt", "store_carried"]
+__all__ = ["HEADER", "MAX_ERROR_MESSAGE", "Attempt", "error_info", "header_of", "run_attempt", "store_carried"]
 
 logger = logging.getLogger("idemtasks.task")
 
@@ -46,6 +46,18 @@ def _drain_lanes_at_exit(**_: Any) -> None:
 
 
 signals.worker_process_shutdown.connect(_drain_lanes_at_exit, weak=False)
+
+#: The message header that carries ``(scope, key)`` from :meth:`IdempotentTask.submit` to the worker.
+HEADER = "idemtasks"
+
+
+def header_of(request: Any) -> dict[str, Any]:
+    """The idemtasks header of a delivery's context: among its message headers, or (as Celery sets some contexts
+    up) an attribute of its own; empty if it has none. Every reader goes through here: a fingerprint read from one
+    place and the key from the other would turn a submitted HTTP request into a mismatch."""
+    header: dict[str, Any] = (request.headers or {}).get(HEADER) or getattr(request, HEADER, None) or {}
+    return header
+
 
 _HOST = socket.gethostname()
 _owners: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())
@@ -152,7 +164,7 @@ class Attempt:
 
 def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     ttl, lease = float(task.idempotency_ttl), float(task.lease_seconds)
-    header = (request.headers or {}).get("idemtasks") or {}
+    header = header_of(request)
     # A submitted message carries the fingerprint its operation was created with (which may be an HTTP request's
     # hash); other messages are identified by their arguments.
     call = None
@@ -160,6 +172,8 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
     if fp is None:
         call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
         fp = fingerprint_of_call(call)
+    # What a claim that creates the record stores, for recovery: the call, and where its message came from.
+    payload = None if call is None else stored_call(call, _route_of(task, request))
     try:
         store: Store = task.store
     except StoreError as exc:
@@ -173,8 +187,8 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
             return done
     while True:
         try:
-            claim = store.claim(scope, key, task.name, fp, owner=_new_owner(),
-                                lease=lease, ttl=ttl, operation_id=request.id, payload=call)
+            claim = store.claim(scope, key, task.name, fp, owner=_new_owner(), lease=lease, ttl=ttl,
+                                operation_id=request.id, payload=payload)
         except StoreError as exc:
             _come_back_later(task, exc)
         op = claim.operation
@@ -183,7 +197,7 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
             if task.max_crashes and _crashes(op) >= task.max_crashes:
                 return _give_up(task, attempt)
             if op.payload is None and call is None:
-                _keep_call(task, store, op, args, kwargs)
+                _keep_call(task, store, op, request, args, kwargs)
             return _execute(task, attempt, args, kwargs)
         if claim.outcome is ClaimOutcome.DONE:
             return _replay(op)
@@ -193,15 +207,31 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
         _wait_for_holder(task, request, claim)
 
 
-def _keep_call(task: Any, store: Store, op: Operation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> None:
     """The claim created the record of a submitted message whose record was gone (expired, purged, or lost by a
     store that restarted empty), and the message does not carry the call: store it, or recovery could never publish
     the operation again if this holder died (and on Redis it would stay at the head of the index, in every sweep's
     way). One more round trip, only in this case; the body runs whether or not it lands."""
     try:
-        store.attach_payload(op, op.fencing_token, canonical_call(task.name, args, kwargs, limit=task.max_args_bytes))
+        call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+        store.attach_payload(op, op.fencing_token, stored_call(call, _route_of(task, request)))
     except IdemtasksError as exc:  # arguments that cannot be stored as JSON, or the store gone for a moment
         logger.warning("idemtasks: operation %s has no stored call; recovery cannot publish it again: %s", op.id, exc)
+
+
+def _route_of(task: Any, request: Any) -> dict[str, Any]:
+    """Where this delivery came from, kept with a call the claim stores, unless it is the app's default queue: a copy
+    published without options goes there anyway, and the record stays as small as a submitted one."""
+    route = delivery_route(request.delivery_info)
+    conf = task.app.conf
+    default_queue = conf.task_default_queue
+    default_key = conf.task_default_routing_key or default_queue
+    default_exchange = conf.task_default_exchange or default_queue
+    if (route.get("queue") == default_queue
+            or (route.get("exchange"), route.get("routing_key")) == (default_exchange, default_key)):
+        route = {name: value for name, value in route.items() if name == "priority"}
+    return route
 
 
 def _replay(op: Operation) -> Any:
@@ -234,7 +264,14 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
         raise Ignore()
 
     def until_end() -> float:  # a store round trip: only where it is needed (not for a live lease's "retry")
-        return max(0.01, lease_end - float(task.store.now()) + 0.01)
+        try:
+            now = float(task.store.now())
+        except StoreError:
+            # The store went away since the claim answered. This message may be the operation's only copy and
+            # must not fail (Celery would ack it): this host's clock only decides when it comes back, and a copy
+            # that comes early is busy again. The next claim meets the outage, if it lasts, and waits it out.
+            now = time.time()
+        return max(0.01, lease_end - now + 0.01)
 
     if keep:
         policy, countdown = "retry", until_end()
@@ -477,18 +514,31 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
         store.finish_pipelined(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
                                error=error, ttl=attempt.ttl, settle=_settler(task, attempt, status, result_json, error))
         return
-    for n, delay in enumerate((*_FINISH_DELAYS, None)):
-        try:
-            attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
-                                 error=error, ttl=attempt.ttl, again=n > 0)
-            return
-        except LeaseLost:
-            raise
-        except StoreError as exc:
-            if delay is None:
-                _keep_finishing(attempt, status, result_json, error)
-                _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error))
-            time.sleep(delay)
+    kept = False
+    try:
+        for n, delay in enumerate((*_FINISH_DELAYS, None)):
+            try:
+                attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
+                                     error=error, ttl=attempt.ttl, again=n > 0)
+                return
+            except LeaseLost:
+                raise
+            except StoreError as exc:
+                if delay is None:
+                    kept = True
+                    _keep_finishing(attempt, status, result_json, error)
+                    _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error))
+                time.sleep(delay)
+    except (LeaseLost, Ignore):
+        raise
+    except BaseException:
+        # Interrupted while storing the outcome: a soft time limit, raised by a signal handler at any bytecode (in
+        # the statement, or in a back-off sleep), or a shutdown. The body ran, and Celery acks this message: the
+        # keeper sends the outcome until it lands (a resend that finds it landed says so), or the lease would lapse
+        # and recovery would run the body again. (The pipelined path settles an interrupted write itself.)
+        if not kept:
+            _keep_finishing(attempt, status, result_json, error)
+        raise
 
 
 def _keep_finishing(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> None:
@@ -583,7 +633,7 @@ def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] |
     request = request or task.request
     if request.is_eager:
         raise exc
-    outages = int(((request.headers or {}).get("idemtasks") or {}).get("outages", 0)) + 1
+    outages = int(header_of(request).get("outages", 0)) + 1
     countdown = min(float(task.store_retry_max_delay), 0.5 * 2.0 ** outages)
     # A store that refuses (a missing table, a permission) is waited out like an outage: its message is never lost,
     # and the log says which of the two it was.
@@ -603,9 +653,13 @@ def _republish(task: Any, countdown: float, *, request: Any = None, **extra: Any
     """Send this same message (same task id, same retry count) again later, and drop this delivery."""
     request = request or task.request
     headers = dict(request.headers or {})
-    header = dict(headers.get("idemtasks") or {})
+    header = dict(header_of(request))
     header.update({k: v for k, v in extra.items() if v is not None})
-    headers["idemtasks"] = header
-    sig = task.signature_from_request(request, countdown=countdown, retries=request.retries, headers=headers)
+    headers[HEADER] = header
+    # A copy carrying a completion has no deadline: the body ran in time, and a copy discarded as expired while the
+    # store is still down would leave the outcome to this process alone (recovery would then run the body again).
+    deadline = {"expires": None} if header.get("finish") is not None else {}
+    sig = task.signature_from_request(request, countdown=countdown, retries=request.retries, headers=headers,
+                                      **deadline)
     sig.apply_async()
     raise Ignore()

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 from kombu.utils.json import JSONEncoder
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "MAX_SCOPE_LENGTH",
     "canonical_call",
+    "delivery_route",
     "digest_from_id",
     "dump_json",
     "fingerprint",
@@ -178,6 +180,22 @@ def stored_call(call: str, options: dict[str, Any]) -> str:
         return call
     # ``call`` is a canonical JSON array: one more element goes before its closing bracket.
     return f"{call[:-1]},{dump_json(kept, what='publish options', canonical=True)}]"
+
+
+def delivery_route(delivery_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Where a delivered message came from, as publish options, read as Celery's own ``retry`` reads it: through the
+    default exchange its routing key is its queue; otherwise its exchange and routing key. A record that a claim
+    creates (a message sent by ``send_task``, beat or a plain ``apply_async``) stores them with its call, so that a
+    copy recovery publishes goes where the first message went, not to the task's default route, which the workers of
+    a routed deployment may not consume."""
+    info = delivery_info or {}
+    route: dict[str, Any] = {}
+    exchange, routing_key = info.get("exchange"), info.get("routing_key")
+    if routing_key:
+        route.update({"queue": routing_key} if not exchange else {"exchange": exchange, "routing_key": routing_key})
+    if info.get("priority"):  # 0 is what a message sent without one has (the virtual transports' default)
+        route["priority"] = info["priority"]
+    return route
 
 
 def parse_stored_call(payload: str) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:

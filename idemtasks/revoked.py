@@ -32,8 +32,7 @@ logger = logging.getLogger("idemtasks.task")
 def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
     True if it was."""
-    from .execution import _transaction_url, store_carried  # the worker side, imported by the time a message arrives
-    from .task import header_of
+    from .execution import _transaction_url, header_of, store_carried  # the worker side, imported by then
 
     scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
     store = task.store

@@ -15,11 +15,12 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from celery import Task
+from celery.utils.time import maybe_iso8601
 
 from . import checks, config, revoked  # noqa: F401 - revoked connects the handler of discarded messages
 from .config import ACCEPT_WINDOW
 from .errors import IdemtasksError, PublishFailed
-from .execution import Attempt, run_attempt
+from .execution import HEADER, Attempt, header_of, run_attempt
 from .identity import canonical_call, fingerprint_of_call, stored_call, validate_key, validate_scope
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
@@ -29,17 +30,9 @@ __all__ = ["IdempotentTask"]
 logger = logging.getLogger("idemtasks.task")
 _configure_lock = threading.RLock()
 
-#: The message header that carries ``(scope, key)`` from :meth:`IdempotentTask.submit` to the worker.
-HEADER = "idemtasks"
 #: Scope of tasks sent without ``submit`` and without ``key_func``: the Celery task id is the key, which still
 #: turns broker redeliveries of one message into replays.
 TASK_ID_SCOPE = "celery-task-id"
-
-
-def header_of(request: Any) -> dict[str, Any]:
-    """The idemtasks header of a delivery's context: among its message headers, or (as Celery sets some contexts
-    up) an attribute of its own; empty if it has none."""
-    return (request.headers or {}).get(HEADER) or getattr(request, HEADER, None) or {}
 
 
 def due_in(eta: Any, countdown: float | None, default: float | None = None) -> float:
@@ -48,6 +41,8 @@ def due_in(eta: Any, countdown: float | None, default: float | None = None) -> f
     if countdown:
         return max(0.0, float(countdown))
     if eta is not None:
+        if isinstance(eta, str):  # Celery passes an ISO 8601 ETA on as it is, and its worker parses it
+            eta = maybe_iso8601(eta)
         if isinstance(eta, datetime):
             now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now(timezone.utc).replace(tzinfo=None)
             return max(0.0, (eta - now).total_seconds())
@@ -241,18 +236,20 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         if sub.created or (op.status is Status.PENDING and op.needs_publish
                            and store.now() - op.created_at >= ACCEPT_WINDOW):
             # New, or created by a request that died before publishing: the claim makes a second copy harmless.
-            self.publish(op, args, kwargs, abandon_on_failure=sub.created, **options)
+            self.publish(op, args, kwargs, abandon_on_failure=sub.created, due=due, **options)
         return sub
 
     def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,
-                **options: Any) -> None:
-        """Publish the message of a recorded operation (used by :meth:`submit` and by recovery)."""
-        due = message_due(self, options)
+                due: float | None = None, **options: Any) -> None:
+        """Publish the message of a recorded operation (used by :meth:`submit` and by recovery). ``due``: seconds
+        until the message is due, if the caller has already read it from ``options``."""
         headers = {**options.pop("headers", {}), HEADER: {"scope": op.scope, "key": op.key, "fp": op.fingerprint}}
         if self.app.conf.task_always_eager:
             # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.
             self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)
             return
+        if due is None:
+            due = due_in(options.get("eta"), options.get("countdown"))
         try:
             self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)
         except Exception as exc:

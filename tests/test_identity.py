@@ -14,6 +14,7 @@ from kombu import Exchange, Queue
 from idemtasks import InvalidKey, NotSerializable, TooLarge
 from idemtasks.identity import (
     canonical_call,
+    delivery_route,
     digest_from_id,
     dump_json,
     fingerprint,
@@ -94,6 +95,20 @@ def test_a_stored_call_keeps_the_routing_and_not_the_rest_of_the_options() -> No
     assert parse_stored_call(payload) == ("tasks.charge", [1, "a"], {"b": 2}, routing)
     # Neither a name nor a number (a flag by mistake, an object with no name): left to the task's own route.
     assert stored_call(call, {"priority": True, "queue": object()}) == call
+
+
+@pytest.mark.parametrize(("delivery_info", "route"), [
+    ({"exchange": "", "routing_key": "payments", "redelivered": False}, {"queue": "payments"}),  # default exchange
+    ({"exchange": "tasks", "routing_key": "pay.eu", "priority": 3}, {"exchange": "tasks", "routing_key": "pay.eu",
+                                                                      "priority": 3}),
+    ({"exchange": "", "routing_key": "payments", "priority": 0}, {"queue": "payments"}),  # no priority given
+    ({"is_eager": True}, {}),  # eager mode: nothing was delivered
+    (None, {}),
+])
+def test_a_delivery_is_routed_as_celerys_retry_routes_it(delivery_info: dict[str, Any] | None,
+                                                          route: dict[str, Any]) -> None:
+    """What a claim-created record keeps of where its message came from, for the copy recovery may publish."""
+    assert delivery_route(delivery_info) == route
 
 
 def test_a_payload_stored_without_routing_parses() -> None:

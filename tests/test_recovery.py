@@ -17,10 +17,11 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from idemtasks import IdempotentTask, LeaseLost, Status
-from idemtasks.identity import canonical_call, fingerprint_of_call, stored_call
+from idemtasks.identity import canonical_call, fingerprint_of_call, parse_stored_call, stored_call
 from idemtasks.lease import RENEW_RETRY_MAX
 from idemtasks.recovery import MIN_CONFIRM_AFTER, Sweeper, confirm_after_for, install
 from idemtasks.stores.base import Store
+from idemtasks.task import TASK_ID_SCOPE
 from tests.conftest import BACKENDS, drop, make_store
 from tests.workers import ROOT
 
@@ -41,6 +42,14 @@ class Rig:
         call = canonical_call(self.task.name, (key, amount), {})
         op = self.store.create("global", key, self.task.name, fingerprint_of_call(call), ttl=3600, payload=call)
         return key, op.operation.id
+
+    def final_of_message(self, task_id: str, timeout: float = 20) -> Any:
+        """The finished operation of a message sent without ``submit`` (its key is the task id)."""
+        deadline = time.monotonic() + timeout
+        while (op := self.store.get(TASK_ID_SCOPE, task_id)) is None or not op.is_final:
+            assert time.monotonic() < deadline, f"{task_id} never finished: {op}"
+            time.sleep(0.05)
+        return op
 
     def final(self, op_id: str, timeout: float = 20) -> Any:
         deadline = time.monotonic() + timeout
@@ -193,6 +202,41 @@ def test_a_copy_published_by_recovery_goes_to_the_queue_the_submit_named(rig: Ri
     with start_worker(rig.app, pool="solo", perform_ping_check=False, queues=[special]):
         op = rig.final(sub.operation.id)
     assert op.status is Status.SUCCEEDED and op.result == 70 and rig.runs[key] == 1
+
+
+def test_a_message_sent_without_submit_is_recovered_to_the_queue_it_came_from(rig: Rig) -> None:
+    """A payment sent by ``send_task`` (or beat, or a plain ``apply_async``) to a queue only some workers consume: the
+    record its claim creates keeps where the message came from, and a copy recovery publishes goes there too."""
+    special = f"{rig.app.main}.special"
+    key = f"plain-{uuid.uuid4().hex}"
+    sent = rig.task.apply_async((key, 90), queue=special)
+    with start_worker(rig.app, pool="solo", perform_ping_check=False, queues=[special]):
+        op = rig.final_of_message(sent.id)
+    assert op.status is Status.SUCCEEDED and rig.runs[key] == 1 and op.payload is not None
+    name, args, kwargs, route = parse_stored_call(op.payload)
+    assert (name, args, kwargs) == (rig.task.name, [key, 90], {})
+    assert route == {"queue": special}  # delivered through the default exchange, as Celery sends to a named queue
+    # Its holder died with its message (early acks): recovery finds such a record, with that route, pending.
+    lost_key = f"lost-{uuid.uuid4().hex}"
+    call = canonical_call(rig.task.name, (lost_key, 91), {})
+    lost = rig.store.create("global", lost_key, rig.task.name, fingerprint_of_call(call), ttl=3600,
+                            payload=stored_call(call, route)).operation
+    time.sleep(0.4)  # pending_after
+    assert Sweeper(rig.app).sweep().republished == [lost.id]
+    with rig.app.connection_for_write() as conn:  # nothing went to the default queue
+        assert conn.default_channel.queue_purge(rig.app.conf.task_default_queue) == 0
+    with start_worker(rig.app, pool="solo", perform_ping_check=False, queues=[special]):
+        done = rig.final(lost.id)
+    assert done.status is Status.SUCCEEDED and done.result == 91 and rig.runs[lost_key] == 1
+
+
+def test_a_message_on_the_default_queue_stores_no_route(rig: Rig) -> None:
+    """Without a route, a copy goes to the task's own: the default queue needs no bytes in every record."""
+    key = f"plain-{uuid.uuid4().hex}"
+    sent = rig.task.apply_async((key, 95))
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final_of_message(sent.id)
+    assert op.payload == canonical_call(rig.task.name, (key, 95), {})
 
 
 @pytest.mark.parametrize("reached_the_broker", [False, True])

@@ -116,8 +116,10 @@ def test_warnings_are_logged_when_a_worker_starts(caplog: pytest.LogCaptureFixtu
     assert any("acks_late is off" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("as_text", [False, True])
 @pytest.mark.parametrize(("eta_in", "countdown"), [(600.0, 5.0), (600.0, None), (None, 5.0), (600.0, 0), (None, None)])
-def test_a_message_is_due_when_celery_schedules_it(eta_in: float | None, countdown: float | None) -> None:
+def test_a_message_is_due_when_celery_schedules_it(eta_in: float | None, countdown: float | None,
+                                                    as_text: bool) -> None:
     """The due time recorded for a retry or a submit is the one Celery gives the message: a countdown given beside
     an ETA replaces it. Recorded later, a copy would be held back; earlier, one could run the body before its time."""
     from datetime import datetime, timedelta, timezone
@@ -125,7 +127,9 @@ def test_a_message_is_due_when_celery_schedules_it(eta_in: float | None, countdo
     from idemtasks.task import due_in
 
     app = Celery(f"due{uuid.uuid4().hex[:6]}", set_as_current=False)
-    eta = None if eta_in is None else datetime.now(timezone.utc) + timedelta(seconds=eta_in)
+    eta: datetime | str | None = None if eta_in is None else datetime.now(timezone.utc) + timedelta(seconds=eta_in)
+    if as_text and isinstance(eta, datetime):  # an ISO 8601 string, which Celery takes too
+        eta = eta.isoformat()
     message = app.amqp.as_task_v2("id", "name", countdown=countdown, eta=eta)
     scheduled = message.headers["eta"]
     now = datetime.now(timezone.utc)

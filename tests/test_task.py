@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from idemtasks import (
     IdempotencyKeyMismatch,
@@ -22,11 +22,13 @@ from idemtasks import (
     NotSerializable,
     OperationFailed,
     Status,
+    StoreUnavailable,
     TooLarge,
     open_store,
 )
 from idemtasks.models import Takeover
-from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, Store
+from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, FinishRequest, Store
+from idemtasks.stores.memory import MemoryStore
 from tests.conftest import SERVER_BACKENDS, drop, make_store
 
 
@@ -485,6 +487,105 @@ class TestRetryCountdown:
         op = pay.submit((3,), key=key(), countdown=600).operation
         assert pay.store.get_by_id(op.id).result == 3  # type: ignore[union-attr]
         assert time.monotonic() - started < 5
+
+
+class ClockOutage(MemoryStore):
+    """A store whose clock cannot be read while its claims still answer: an outage that began between a busy claim
+    and the next step of the message that made it."""
+
+    def now(self) -> float:
+        raise StoreUnavailable("the store went away")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("on_busy", ["wait", "ignore"])  # "retry" comes back after busy_countdown, clock or not
+def test_a_busy_message_that_cannot_read_the_stores_clock_is_kept(on_busy: str) -> None:
+    """A message that finds a lapsed lease may be the operation's only copy: it is never dropped, whatever on_busy
+    says. Failing it there would have Celery ack it, and the dead holder's operation would never run."""
+    store = ClockOutage()
+    app = Celery(f"clock{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_ignore_result=True, task_default_queue=app.main, idemtasks_busy_countdown=0.2)
+    runs: list[int] = []
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.pay", lease_seconds=1.0,
+              on_busy=on_busy)
+    def pay(amount: int) -> int:
+        runs.append(amount)
+        return amount
+
+    k = key()
+    dead = store.claim("global", k, pay.name, _fp(pay.name, (8,)), owner="dead", lease=1.0, ttl=3600).operation
+    time.sleep(1.1)  # the holder died: its lease lapsed
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        pay.apply_async((8,), task_id=dead.id, headers={"idemtasks": {"scope": "global", "key": k}})
+        deadline = time.monotonic() + 20
+        while (op := store.get_by_id(dead.id)) is None or not op.is_final:
+            assert time.monotonic() < deadline, f"the message was dropped: {op}"
+            time.sleep(0.05)
+    assert op.status is Status.SUCCEEDED and op.result == 8 and runs == [8]
+
+
+class InterruptedCompletion(MemoryStore):
+    """A store the first completion never reaches: what a soft time limit raised inside the statement (or inside a
+    back-off sleep) looks like to the task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def _finish(self, req: FinishRequest) -> bool:
+        if not self.interrupted:
+            self.interrupted = True
+            raise SoftTimeLimitExceeded()
+        return super()._finish(req)
+
+
+@pytest.mark.timeout(20)
+def test_an_outcome_whose_completion_was_interrupted_is_still_stored() -> None:
+    """The body ran, and Celery acks the message whatever the interruption: the outcome must still land, or the
+    lease would lapse and recovery would run the body a second time."""
+    store = InterruptedCompletion()
+    app = Celery(f"intr{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(task_always_eager=True)
+    runs: list[int] = []
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.pay", lease_seconds=30.0)
+    def pay(amount: int) -> int:
+        runs.append(amount)
+        return amount
+
+    op = pay.submit((4,), key=key()).operation  # eager: the body runs here, and its completion is interrupted
+    assert store.interrupted and runs == [4]
+    deadline = time.monotonic() + 10
+    while (done := store.get_by_id(op.id)) is None or not done.is_final:
+        assert time.monotonic() < deadline, f"the outcome was dropped: {done}"
+        time.sleep(0.05)
+    assert done.status is Status.SUCCEEDED and done.result == 4 and done.attempts == 1
+
+
+@pytest.mark.timeout(20)
+def test_a_context_carrying_the_header_as_its_own_attribute_reads_its_fingerprint_there_too() -> None:
+    """Celery folds custom message headers into a context's attributes, and into ``headers`` only when the message
+    brought none: the key and the fingerprint must be read from the same place, or a request the HTTP layer hashed
+    (its fingerprint is not the arguments') would meet its own operation as a mismatch."""
+    app = Celery(f"hdr{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue=app.main, idemtasks_store_url="memory://")
+    runs: list[int] = []
+
+    @app.task(shared=False, base=IdempotentTask, name=f"{app.main}.pay")
+    def pay(amount: int) -> int:
+        runs.append(amount)
+        return amount
+
+    op = pay.submit((7,), key=key(), fingerprint="http:" + "0" * 27).operation  # queued; no worker consumes it
+    header = {"scope": op.scope, "key": op.key, "fp": op.fingerprint}
+    pay.push_request(id=op.id, called_directly=False, is_eager=True, headers={"x-trace": "t1"}, idemtasks=header)
+    try:
+        assert pay(7) == 7
+    finally:
+        pay.pop_request()
+    done = pay.store.get_by_id(op.id)
+    assert done is not None and done.status is Status.SUCCEEDED and done.result == 7 and runs == [7]
 
 
 class TestDroppedDeliveries:
