@@ -221,10 +221,13 @@ def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple
 
 
 def _route_of(task: Any, request: Any) -> dict[str, Any]:
-    """Where this delivery came from, kept with a call the claim stores, unless it is the app's default queue: a copy
-    published without options goes there anyway, and the record stays as small as a submitted one."""
+    """Where this delivery came from, kept with a call the claim stores, unless it is the app's default queue and the
+    task has no route of its own: a copy published without options goes there anyway, and the record stays as small
+    as a submitted one."""
     route = delivery_route(request.delivery_info)
     conf = task.app.conf
+    if conf.task_routes or getattr(task, "queue", None):  # a copy without options may go elsewhere: keep it all
+        return route
     default_queue = conf.task_default_queue
     default_key = conf.task_default_routing_key or default_queue
     default_exchange = conf.task_default_exchange or default_queue
@@ -525,20 +528,31 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
                 raise
             except StoreError as exc:
                 if delay is None:
-                    kept = True
                     _keep_finishing(attempt, status, result_json, error)
+                    kept = True
                     _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error))
                 time.sleep(delay)
     except (LeaseLost, Ignore):
         raise
-    except BaseException:
+    except BaseException as exc:
         # Interrupted while storing the outcome: a soft time limit, raised by a signal handler at any bytecode (in
         # the statement, or in a back-off sleep), or a shutdown. The body ran, and Celery acks this message: the
         # keeper sends the outcome until it lands (a resend that finds it landed says so), or the lease would lapse
-        # and recovery would run the body again. (The pipelined path settles an interrupted write itself.)
-        if not kept:
+        # and recovery would run the body again. A process going away (SystemExit, KeyboardInterrupt) takes the
+        # keeper's thread with it: one more try here first. (The pipelined path settles an interrupted write itself.)
+        if not kept and (isinstance(exc, Exception) or not _finished_at_once(attempt, status, result_json, error)):
             _keep_finishing(attempt, status, result_json, error)
         raise
+
+
+def _finished_at_once(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> bool:
+    op = attempt.operation
+    try:
+        attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
+                             error=error, ttl=attempt.ttl, again=True)
+    except IdemtasksError:  # refused (taken over: nothing to keep), or the store still away: the keeper tries on
+        return False
+    return True
 
 
 def _keep_finishing(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> None:
@@ -656,10 +670,6 @@ def _republish(task: Any, countdown: float, *, request: Any = None, **extra: Any
     header = dict(header_of(request))
     header.update({k: v for k, v in extra.items() if v is not None})
     headers[HEADER] = header
-    # A copy carrying a completion has no deadline: the body ran in time, and a copy discarded as expired while the
-    # store is still down would leave the outcome to this process alone (recovery would then run the body again).
-    deadline = {"expires": None} if header.get("finish") is not None else {}
-    sig = task.signature_from_request(request, countdown=countdown, retries=request.retries, headers=headers,
-                                      **deadline)
+    sig = task.signature_from_request(request, countdown=countdown, retries=request.retries, headers=headers)
     sig.apply_async()
     raise Ignore()

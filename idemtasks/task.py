@@ -248,7 +248,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.
             self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)
             return
-        if due is None:
+        if due is None or options.get("eta") is not None:  # an ETA is counted from now, after the create
             due = due_in(options.get("eta"), options.get("countdown"))
         try:
             self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)

@@ -159,22 +159,6 @@ def test_a_completion_sent_after_the_script_cache_was_flushed_is_sent_again(priv
         store.close()
 
 
-def test_a_redis_completion_resent_by_the_client_after_its_reply_was_lost_is_its_own(tmp_path: Path) -> None:
-    """redis-py sends a call again, unseen, when its reply was lost: the second sending finds the completion stored
-    under its own token. That is success, not a lost lease; another result under the same token is still refused."""
-    store = make_store("redis", tmp_path)
-    try:
-        op = held(store, "k")
-        for _ in range(2):  # what the server sees when the first reply is lost
-            store.finish("s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"paid"', ttl=TTL)
-        with pytest.raises(LeaseLost):
-            store.finish("s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"other"', ttl=TTL)
-        done = store.get("s", "k")
-        assert done is not None and done.status is Status.SUCCEEDED and done.result == "paid"
-    finally:
-        drop(store)
-
-
 def test_a_published_flag_sent_after_the_script_cache_was_flushed_is_sent_again(private_redis: PrivateRedis) -> None:
     """Only the scripts a lane calls reload themselves; the flag is only ever sent unanswered. Left unset, every
     submit of the process after a restart would leave its operation looking unpublished to recovery."""

@@ -239,6 +239,27 @@ def test_a_message_on_the_default_queue_stores_no_route(rig: Rig) -> None:
     assert op.payload == canonical_call(rig.task.name, (key, 95), {})
 
 
+def test_a_claim_keeps_the_default_queue_only_for_a_task_routed_elsewhere() -> None:
+    """A copy published without options goes to the task's own route: the default queue, unless routes send the task
+    elsewhere, and then a message that came through the default queue keeps that queue too."""
+    from celery.app.task import Context
+
+    from idemtasks.execution import _route_of
+
+    app = Celery(f"route{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+    @app.task(shared=False, base=IdempotentTask, store_url="memory://", name=f"{app.main}.pay")
+    def pay() -> None:
+        pass
+
+    through_default = [Context(delivery_info={"exchange": "", "routing_key": "celery"}),
+                       Context(delivery_info={"exchange": "celery", "routing_key": "celery"})]
+    assert [_route_of(pay, ctx) for ctx in through_default] == [{}, {}]
+    app.conf.task_routes = {pay.name: {"queue": "payments"}}
+    assert [_route_of(pay, ctx) for ctx in through_default] == [{"queue": "celery"},
+                                                                 {"exchange": "celery", "routing_key": "celery"}]
+
+
 @pytest.mark.parametrize("reached_the_broker", [False, True])
 def test_a_copy_by_recovery_carries_the_callbacks_only_of_a_message_never_sent(rig: Rig,
                                                                                reached_the_broker: bool) -> None:

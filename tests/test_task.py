@@ -526,17 +526,17 @@ def test_a_busy_message_that_cannot_read_the_stores_clock_is_kept(on_busy: str) 
 
 
 class InterruptedCompletion(MemoryStore):
-    """A store the first completion never reaches: what a soft time limit raised inside the statement (or inside a
-    back-off sleep) looks like to the task."""
+    """A store the first completion never reaches: what a soft time limit (or a shutdown) raised inside the statement,
+    or inside a back-off sleep, looks like to the task."""
 
-    def __init__(self) -> None:
+    def __init__(self, interruption: BaseException) -> None:
         super().__init__()
-        self.interrupted = False
+        self.interruption: BaseException | None = interruption
 
     def _finish(self, req: FinishRequest) -> bool:
-        if not self.interrupted:
-            self.interrupted = True
-            raise SoftTimeLimitExceeded()
+        if self.interruption is not None:
+            interruption, self.interruption = self.interruption, None
+            raise interruption
         return super()._finish(req)
 
 
@@ -544,7 +544,7 @@ class InterruptedCompletion(MemoryStore):
 def test_an_outcome_whose_completion_was_interrupted_is_still_stored() -> None:
     """The body ran, and Celery acks the message whatever the interruption: the outcome must still land, or the
     lease would lapse and recovery would run the body a second time."""
-    store = InterruptedCompletion()
+    store = InterruptedCompletion(SoftTimeLimitExceeded())
     app = Celery(f"intr{uuid.uuid4().hex[:6]}", set_as_current=False)
     app.conf.update(task_always_eager=True)
     runs: list[int] = []
@@ -555,12 +555,30 @@ def test_an_outcome_whose_completion_was_interrupted_is_still_stored() -> None:
         return amount
 
     op = pay.submit((4,), key=key()).operation  # eager: the body runs here, and its completion is interrupted
-    assert store.interrupted and runs == [4]
+    assert store.interruption is None and runs == [4]
     deadline = time.monotonic() + 10
     while (done := store.get_by_id(op.id)) is None or not done.is_final:
         assert time.monotonic() < deadline, f"the outcome was dropped: {done}"
         time.sleep(0.05)
     assert done.status is Status.SUCCEEDED and done.result == 4 and done.attempts == 1
+
+
+@pytest.mark.timeout(20)
+def test_an_outcome_whose_completion_a_shutdown_interrupted_is_stored_before_the_process_goes() -> None:
+    """A process going away (SystemExit: a warm shutdown's end, the hard time limit's SIGTERM) takes the lease
+    keeper's thread with it: the outcome is sent once more, at once, before the exit goes on."""
+    store = InterruptedCompletion(SystemExit(1))
+    app = Celery(f"exit{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True)
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.pay", lease_seconds=30.0)
+    def pay(amount: int) -> int:
+        return amount
+
+    with pytest.raises(SystemExit):
+        pay.submit((5,), key=(k := key()))
+    done = store.get(pay.idempotency_scope, k)  # at once: not a second later, by the keeper
+    assert done is not None and done.status is Status.SUCCEEDED and done.result == 5
 
 
 @pytest.mark.timeout(20)

@@ -220,25 +220,36 @@ class _Collector:
             time.sleep(COLLECT_AFTER)
             # Clear before looking, so a completion written while we look sets it again: none is ever stranded.
             self._wake.clear()
-            waiting = False
-            for lane in list(self._lanes):
-                try:
-                    waiting = lane.collect(COLLECT_AFTER) or waiting
-                except Exception:  # pragma: no cover - lanes resolve their own errors; never let the thread die
-                    logger.exception("idemtasks: collecting a pipelined completion failed")
-                self._release_answered(lane)
-            if waiting:
+            if self._pass():
                 self._wake.set()
 
-    def _release_answered(self, lane: BaseLane) -> None:
-        # Under the lane's lock: its owner records a new pending answer under it before calling wake(), so a lane
-        # let go here was answered, and one written to since is added again. Busy (its owner mid-call): next time.
-        if lane in self._owed and lane.lock.acquire(blocking=False):
+    def _pass(self) -> bool:
+        """Collect what every lane is owed; True if some answer is still to come. (A frame of its own, so that no
+        lane is kept alive by a loop variable while the thread sleeps.)"""
+        waiting = False
+        for lane in list(self._lanes):
             try:
-                if lane.pending is None and lane.settling is None:
-                    self._owed.discard(lane)
-            finally:
-                lane.lock.release()
+                waiting = lane.collect(COLLECT_AFTER) or waiting
+            except Exception:  # pragma: no cover - lanes resolve their own errors; never let the thread die
+                logger.exception("idemtasks: collecting a pipelined completion failed")
+            waiting = self._release_answered(lane) or waiting
+        return waiting
+
+    def _release_answered(self, lane: BaseLane) -> bool:
+        """Let go of a lane whose answer was read; True if it is still held (looked at again on the next pass)."""
+        if lane not in self._owed:
+            return False
+        # Under the lane's lock: its owner records a new pending answer under it before calling wake(), so a lane
+        # let go here was answered, and one written to since is added again. Busy (its owner mid-call): next pass.
+        if not lane.lock.acquire(blocking=False):
+            return True
+        try:
+            if lane.pending is None and lane.settling is None:
+                self._owed.discard(lane)
+                return False
+            return True
+        finally:
+            lane.lock.release()
 
 
 collector = _Collector()

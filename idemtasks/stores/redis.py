@@ -8,6 +8,7 @@ the one thing outside that slot. The record layout and the scripts are in :mod:`
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from .redis_lane import Lane, client_retry, lanes_supported
 
 __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
 
+logger = logging.getLogger("idemtasks.store")
 
 _STATUS = {"p": Status.PENDING, "r": Status.RUNNING, "s": Status.SUCCEEDED, "f": Status.FAILED}
 _STATUS_CODE = {v: k for k, v in _STATUS.items()}
@@ -138,7 +140,7 @@ class RedisStore(Store):
         self._raw_url = url  # with its password: the asyncio twin of this store connects with it
         self._own_client = client is None
         # Retried as client_retry says. A create or claim resent after a lost reply answers as the first run did (see
-        # redis_scripts); a finish resent after its first run landed is recognised as its own (_finish_or_raise).
+        # redis_scripts); a resent finish whose first run landed reports LeaseLost, as any backend.
         factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
         self.client: Any = client or factory(
             url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
@@ -241,13 +243,6 @@ class RedisStore(Store):
             return bool(self._finish_script(keys=[self.record_key(req.digest), *self._indexes],
                                             args=finish_args(req)))
 
-    def _finish_or_raise(self, req: FinishRequest, *, again: bool) -> None:
-        # redis-py sends a call again, unseen, when its reply was lost (a timeout, a dropped connection): any
-        # completion here may be a resend whose first sending landed. Finding exactly it stored under its token is
-        # then success, as for a resend the caller knows of; refused, the holder would report a stored payment as a
-        # lost lease (and Celery would call its error callbacks).
-        super()._finish_or_raise(req, again=True)
-
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
                          settle: Callable[[IdemtasksError], None]) -> None:
@@ -262,8 +257,12 @@ class RedisStore(Store):
         try:
             lane.send(self._finish_script.sha, [self.record_key(req.digest), *self._indexes], finish_args(req),
                       self._answer_resolver(req, settle))
-        except RedisError as exc:  # an error reply while the lane reconnected (its SELECT, say); settled as unknown
-            raise self._store_error(exc) from exc
+        except RedisError as exc:
+            # An error reply while the lane reconnected (its SELECT, say): the lane has already handed the completion
+            # to its resolver as unknown, which sent it again or settled it. Raising now would have Celery report a
+            # body whose outcome is handled as failed.
+            logger.warning("idemtasks: the lane of %s failed while sending a completion (%s); it was sent again "
+                           "or carried over", self.url, self._store_error(exc))
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
         with self._call():
