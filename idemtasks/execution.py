@@ -34,7 +34,8 @@ from .stores import public_url
 from .stores.base import Store, confirm_after_for
 from .stores.lanes import collector
 
-__all__ = ["HEADER", "MAX_ERROR_MESSAGE", "Attempt", "error_info", "header_of", "run_attempt", "store_carried"]
+__all__ = ["HEADER", "MAX_ERROR_MESSAGE", "REQUEUE_PAUSE", "Attempt", "error_info", "header_of", "run_attempt",
+           "store_carried"]
 
 logger = logging.getLogger("idemtasks.task")
 
@@ -58,6 +59,9 @@ def header_of(request: Any) -> dict[str, Any]:
     header: dict[str, Any] = (request.headers or {}).get(HEADER) or getattr(request, HEADER, None) or {}
     return header
 
+
+#: Longest pause (seconds) before a message whose copy could not be published goes back to its queue.
+REQUEUE_PAUSE = 1.0
 
 _HOST = socket.gethostname()
 _owners: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())
@@ -671,5 +675,15 @@ def _republish(task: Any, countdown: float, *, request: Any = None, **extra: Any
     header.update({k: v for k, v in extra.items() if v is not None})
     headers[HEADER] = header
     sig = task.signature_from_request(request, countdown=countdown, retries=request.retries, headers=headers)
-    sig.apply_async()
+    try:
+        sig.apply_async()
+    except Exception as exc:
+        # The broker refused the copy too (store and broker away together). Failing here would have Celery ack this
+        # message as failed, and a message sent without submit whose claim never landed has no record for recovery
+        # to find: it is handed back to the broker instead (with acks_late; a message acked early is gone either
+        # way), after a pause, so that a worker does not spin on it while both are away.
+        logger.error("idemtasks: could not publish %s[%s] again (%s); it goes back to its queue", task.name,
+                     request.id, exc)
+        time.sleep(min(countdown, REQUEUE_PAUSE))
+        raise Reject(exc, requeue=True) from exc
     raise Ignore()

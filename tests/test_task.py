@@ -26,9 +26,10 @@ from idemtasks import (
     TooLarge,
     open_store,
 )
-from idemtasks.models import Takeover
-from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, FinishRequest, Store
+from idemtasks.models import ClaimResult, Takeover
+from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, ClaimRequest, FinishRequest, Store
 from idemtasks.stores.memory import MemoryStore
+from idemtasks.task import TASK_ID_SCOPE
 from tests.conftest import SERVER_BACKENDS, drop, make_store
 
 
@@ -525,6 +526,56 @@ def test_a_busy_message_that_cannot_read_the_stores_clock_is_kept(on_busy: str) 
     assert op.status is Status.SUCCEEDED and op.result == 8 and runs == [8]
 
 
+class Unreachable(MemoryStore):
+    """A store whose claims fail as unreachable while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    def _claim(self, req: ClaimRequest) -> ClaimResult:
+        if self.down:
+            raise StoreUnavailable("the store is down")
+        return super()._claim(req)
+
+
+@pytest.mark.timeout(30)
+def test_a_message_whose_copy_the_broker_refuses_during_a_store_outage_goes_back_to_its_queue() -> None:
+    """Store and broker away together: the copy that would bring the message back later cannot be published. Failing
+    would have Celery ack it, and a message sent without submit, whose claim never landed, has no record for recovery
+    to find. It goes back to its queue instead, and runs once both are back."""
+    store = Unreachable()
+    broker_down = threading.Event()
+
+    def refuse_copies(name: str, args: Any, kwargs: Any, options: dict[str, Any], **_: Any) -> Any:
+        if broker_down.is_set():
+            raise ConnectionError("the broker refused the copy")
+        return None
+
+    app = Celery(f"both{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_ignore_result=True, task_default_queue=app.main, task_acks_late=True,
+                    task_routes=(refuse_copies,))
+    runs: list[int] = []
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.pay", store_retry_max_delay=0.2)
+    def pay(amount: int) -> int:
+        runs.append(amount)
+        return amount
+
+    sent = pay.apply_async((9,))  # a plain message: no record until a claim lands
+    broker_down.set()
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        time.sleep(1.0)  # it comes and goes back a few times
+        assert store.get(TASK_ID_SCOPE, sent.id) is None and runs == []
+        store.down = False
+        broker_down.clear()
+        deadline = time.monotonic() + 15
+        while (op := store.get(TASK_ID_SCOPE, sent.id)) is None or not op.is_final:
+            assert time.monotonic() < deadline, f"the message was lost: {op}"
+            time.sleep(0.05)
+    assert op.status is Status.SUCCEEDED and runs == [9]
+
+
 class InterruptedCompletion(MemoryStore):
     """A store the first completion never reaches: what a soft time limit (or a shutdown) raised inside the statement,
     or inside a back-off sleep, looks like to the task."""
@@ -771,6 +822,25 @@ class TestDiscardedMessages:
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "Revoked"
         assert h.runs[k] == 0
         assert sub.operation.id not in {o.id for o in h.store.stale(pending_after=0.0)}
+
+    def test_a_revoked_retry_of_a_message_sent_without_submit_fails_its_operation(self, h: Harness) -> None:
+        """A plain apply_async (or beat, or send_task) keeps its task id through its retries, while its claim gave
+        the operation an id of the store's: revoking that task id once the first attempt gave the operation back
+        for a retry must still stop it, not leave it for recovery to publish under another id."""
+        from celery.worker import state
+
+        sent = h.tasks["later"].apply_async((1.5,))
+        deadline = time.monotonic() + 10
+        while (op := h.store.get(TASK_ID_SCOPE, sent.id)) is None or op.status is not Status.PENDING:
+            assert time.monotonic() < deadline, op  # released for its retry, due 1.5 s later
+            time.sleep(0.02)
+        state.revoked.add(sent.id)
+        try:
+            op = h.wait_final(op.id)
+        finally:
+            state.revoked.discard(sent.id)
+        assert op.status is Status.FAILED and op.error is not None and op.error.type == "Revoked"
+        assert h.runs[sent.id] == 1
 
     def test_a_discarded_message_carrying_a_completion_stores_it(self, h: Harness) -> None:
         """The body ran, the store could not take its outcome then, so it rides in a republished message; its
