@@ -60,7 +60,7 @@ def header_of(request: Any) -> dict[str, Any]:
     return header
 
 
-#: Longest pause (seconds) before a message whose copy could not be published goes back to its queue.
+#: Pause (seconds) before a message whose copy the broker refused goes back to its queue (with acks_late).
 REQUEUE_PAUSE = 1.0
 
 _HOST = socket.gethostname()
@@ -608,7 +608,8 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
                 exc = again
         _keep_finishing(attempt, status, result_json, error)
         try:
-            _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error), request=request)
+            _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error), request=request,
+                             in_delivery=False)
         except Ignore:
             pass
         except Exception as publish_exc:
@@ -646,7 +647,7 @@ def _finish_carried(task: Any, store: Store, scope: str, key: str, carried: dict
 
 
 def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] | None = None,
-                     request: Any = None) -> NoReturn:
+                     request: Any = None, in_delivery: bool = True) -> NoReturn:
     """The store is unreachable or failed: never run the body unclaimed; publish this message again with back-off."""
     request = request or task.request
     if request.is_eager:
@@ -658,7 +659,7 @@ def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] |
     logger.error("idemtasks: store %s %s for %s[%s] (%s); the body did not run%s, trying again in %.1fs",
                  _store_label(task), "unreachable" if isinstance(exc, StoreUnavailable) else "failed", task.name,
                  request.id, exc, "" if finish is None else " again", countdown)
-    _republish(task, countdown, request=request, outages=outages, finish=finish)
+    _republish(task, countdown, request=request, in_delivery=in_delivery, outages=outages, finish=finish)
 
 
 def _store_label(task: Any) -> str:
@@ -667,8 +668,10 @@ def _store_label(task: Any) -> str:
     return url.url if isinstance(url, Store) else public_url(str(url))
 
 
-def _republish(task: Any, countdown: float, *, request: Any = None, **extra: Any) -> NoReturn:
-    """Send this same message (same task id, same retry count) again later, and drop this delivery."""
+def _republish(task: Any, countdown: float, *, request: Any = None, in_delivery: bool = True,
+               **extra: Any) -> NoReturn:
+    """Send this same message (same task id, same retry count) again later, and drop this delivery. ``in_delivery``:
+    called while the delivery runs (not later, from the collector thread, once it was acknowledged)."""
     request = request or task.request
     headers = dict(request.headers or {})
     header = dict(header_of(request))
@@ -678,12 +681,14 @@ def _republish(task: Any, countdown: float, *, request: Any = None, **extra: Any
     try:
         sig.apply_async()
     except Exception as exc:
+        if not (in_delivery and task.acks_late):
+            raise  # acknowledged already (early acks, or a completion settled later): nothing to hand back
         # The broker refused the copy too (store and broker away together). Failing here would have Celery ack this
         # message as failed, and a message sent without submit whose claim never landed has no record for recovery
-        # to find: it is handed back to the broker instead (with acks_late; a message acked early is gone either
-        # way), after a pause, so that a worker does not spin on it while both are away.
+        # to find: it is handed back to the broker instead, after a pause, so that a worker does not spin on it
+        # while both are away. (A broker's redelivery limit, as on quorum queues, then counts these returns.)
         logger.error("idemtasks: could not publish %s[%s] again (%s); it goes back to its queue", task.name,
                      request.id, exc)
-        time.sleep(min(countdown, REQUEUE_PAUSE))
+        time.sleep(REQUEUE_PAUSE)
         raise Reject(exc, requeue=True) from exc
     raise Ignore()

@@ -7,9 +7,9 @@ at once for an expired message, whose copy carries no ``expires``. A task that w
 after its deadline, would run after all. So the operation of a discarded message is stored as failed
 (``Revoked`` or ``Expired``), which clients see and duplicates replay.
 
-Only an operation still pending under the discarded message's id (or the id a retry's header names) is touched:
-one that runs, or was created by another message (a duplicate under ``key_func``), belongs to a delivery that was
-not revoked. A message revoked with
+Only an operation still pending under the discarded message's id, or keyed by it (a message sent without
+``submit``), is touched: one that runs, or was created by another message (a duplicate under ``key_func``), belongs
+to a delivery that was not revoked. A message revoked with
 ``terminate=True`` while its body runs is not handled here: its holder dies, and the operation is taken over like
 any dead holder's.
 """
@@ -34,6 +34,7 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
     True if it was."""
     from .execution import _transaction_url, header_of, store_carried  # the worker side, imported by then
+    from .task import TASK_ID_SCOPE
 
     scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
     store = task.store
@@ -46,10 +47,11 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
             store_carried(store, scope, key, header["finish"], ttl)
         return False
     op = store.get(scope, key)
-    # This message's own: submitted under its id, or named by the header of a retry this message's operation sent
-    # (a message sent without submit keeps its task id through retries, while its claim gave the operation an id of
-    # the store's).
-    if op is None or op.status is not Status.PENDING or op.id not in (request.id, header.get("id")):
+    # This message's own: submitted under its id, or keyed by it. A message sent without submit (and without
+    # key_func) is keyed by its task id, which its retries keep, while its claim gave the operation an id of the
+    # store's. An operation a key_func duplicate shares belongs to other deliveries too, and is left alone.
+    keyed_by_it = (scope, key) == (TASK_ID_SCOPE, request.id)
+    if op is None or op.status is not Status.PENDING or not (op.id == request.id or keyed_by_it):
         return False
     what = "expired (expires=)" if expired else "was revoked"
     ran = " (its body had started before, without an outcome)" if op.attempts else ""

@@ -178,9 +178,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # Only the identity is carried: bookkeeping of this delivery (outage count, carried completion) is not.
             op = attempt.operation
             headers = dict(options.pop("headers", None) or request.headers or {})
-            # The operation's id too: a retry of a message sent without submit runs under that message's task id,
-            # and revoking it must find the operation the claim created under an id of the store's (see revoked).
-            headers[HEADER] = {"scope": op.scope, "key": op.key, "fp": op.fingerprint, "id": op.id}
+            headers[HEADER] = {"scope": op.scope, "key": op.key, "fp": op.fingerprint}
             options["headers"] = headers
         if attempt is not None and not attempt.released and (limit is None or request.retries + 1 <= limit):
             # Released as due when the retry is: recovery must not publish a copy of a released operation before
