@@ -14,6 +14,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.signals import task_failure
 
 from idemtasks import (
     IdempotencyKeyMismatch,
@@ -539,13 +540,19 @@ class Unreachable(MemoryStore):
         return super()._claim(req)
 
 
-@pytest.mark.timeout(30)
-def test_a_message_whose_copy_the_broker_refuses_during_a_store_outage_goes_back_to_its_queue() -> None:
-    """Store and broker away together: the copy that would bring the message back later cannot be published. Failing
-    would have Celery ack it, and a message sent without submit, whose claim never landed, has no record for recovery
-    to find. It goes back to its queue instead, and runs once both are back."""
-    store = Unreachable()
-    broker_down = threading.Event()
+@dataclass
+class BothAway:
+    """An app whose store cannot be reached and whose broker refuses publishes while their flags say so."""
+
+    app: Celery
+    pay: Any
+    store: Unreachable
+    broker_down: threading.Event
+    runs: list[int]
+
+
+def both_away(*, acks_late: bool) -> BothAway:
+    store, broker_down, runs = Unreachable(), threading.Event(), []
 
     def refuse_copies(name: str, args: Any, kwargs: Any, options: dict[str, Any], **_: Any) -> Any:
         if broker_down.is_set():
@@ -553,27 +560,61 @@ def test_a_message_whose_copy_the_broker_refuses_during_a_store_outage_goes_back
         return None
 
     app = Celery(f"both{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(task_ignore_result=True, task_default_queue=app.main, task_acks_late=True,
+    app.conf.update(task_ignore_result=True, task_default_queue=app.main, task_acks_late=acks_late,
                     task_routes=(refuse_copies,))
-    runs: list[int] = []
 
     @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.pay", store_retry_max_delay=0.2)
     def pay(amount: int) -> int:
         runs.append(amount)
         return amount
 
-    sent = pay.apply_async((9,))  # a plain message: no record until a claim lands
-    broker_down.set()
-    with start_worker(app, pool="solo", perform_ping_check=False):
+    return BothAway(app, pay, store, broker_down, runs)
+
+
+@pytest.mark.timeout(30)
+def test_a_message_whose_copy_the_broker_refuses_during_a_store_outage_goes_back_to_its_queue() -> None:
+    """Store and broker away together: the copy that would bring the message back later cannot be published. Failing
+    would have Celery ack it, and a message sent without submit, whose claim never landed, has no record for recovery
+    to find. It goes back to its queue instead, and runs once both are back."""
+    rig = both_away(acks_late=True)
+    sent = rig.pay.apply_async((9,))  # a plain message: no record until a claim lands
+    rig.broker_down.set()
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
         time.sleep(1.0)  # it comes and goes back a few times
-        assert store.get(TASK_ID_SCOPE, sent.id) is None and runs == []
-        store.down = False
-        broker_down.clear()
+        assert rig.store.get(TASK_ID_SCOPE, sent.id) is None and rig.runs == []
+        rig.store.down = False
+        rig.broker_down.clear()
         deadline = time.monotonic() + 15
-        while (op := store.get(TASK_ID_SCOPE, sent.id)) is None or not op.is_final:
+        while (op := rig.store.get(TASK_ID_SCOPE, sent.id)) is None or not op.is_final:
             assert time.monotonic() < deadline, f"the message was lost: {op}"
             time.sleep(0.05)
-    assert op.status is Status.SUCCEEDED and runs == [9]
+    assert op.status is Status.SUCCEEDED and rig.runs == [9]
+
+
+@pytest.mark.timeout(30)
+def test_without_acks_late_a_refused_copy_is_the_tasks_failure() -> None:
+    """A message delivered without acks_late was acknowledged before it ran: there is nothing to hand back (the
+    worker's start-up check warns about that setting), and the publish error is the task's failure, reported as
+    Celery reports any, not a rejection that would say the message went back."""
+    rig = both_away(acks_late=False)
+    failures: list[BaseException] = []
+
+    def failed(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+        if getattr(sender, "name", None) == rig.pay.name and exception is not None:
+            failures.append(exception)
+
+    task_failure.connect(failed, weak=False)
+    try:
+        rig.pay.apply_async((9,))
+        rig.broker_down.set()
+        with start_worker(rig.app, pool="solo", perform_ping_check=False):
+            deadline = time.monotonic() + 10
+            while not failures:
+                assert time.monotonic() < deadline, "the refused copy was not reported"
+                time.sleep(0.05)
+    finally:
+        task_failure.disconnect(failed)
+    assert isinstance(failures[0], ConnectionError) and rig.runs == []
 
 
 class InterruptedCompletion(MemoryStore):
