@@ -141,6 +141,12 @@ class Attempt:
         """True once a renewal found that another worker took the operation over."""
         return self.hold is not None and self.hold.lost
 
+    def finish(self, status: Status, result_json: str | None, error: ErrorInfo | None, *, again: bool = False) -> None:
+        """Store the outcome, fenced on this attempt's token (see :meth:`Store.finish`)."""
+        op = self.operation
+        self.store.finish(op.scope, op.key, op.id, self.fencing_token, status, result_json=result_json, error=error,
+                          ttl=self.ttl, again=again)
+
     def release(self, *, delay: float = 0.0, crashed: bool = False) -> None:
         """Give the operation back (running → pending) for a retry due in ``delay`` seconds; ``crashed``: because
         this process is going away with the body unfinished (see :meth:`Store.release`)."""
@@ -525,8 +531,7 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
     try:
         for n, delay in enumerate((*_FINISH_DELAYS, None)):
             try:
-                attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
-                                     error=error, ttl=attempt.ttl, again=n > 0)
+                attempt.finish(status, result_json, error, again=n > 0)
                 return
             except LeaseLost:
                 raise
@@ -550,10 +555,8 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
 
 
 def _finished_at_once(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> bool:
-    op = attempt.operation
     try:
-        attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
-                             error=error, ttl=attempt.ttl, again=True)
+        attempt.finish(status, result_json, error, again=True)
     except IdemtasksError:  # refused (taken over: nothing to keep), or the store still away: the keeper tries on
         return False
     return True
@@ -571,13 +574,11 @@ def _keep_finishing(attempt: Attempt, status: Status, result_json: str | None, e
     a claim moves the token on). Should this process die meanwhile, the carried message still completes the
     operation, unless the copy that recovery published claimed it first.
     """
-    op, store = attempt.operation, attempt.store
-
     def again() -> None:
-        store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json, error=error,
-                     ttl=attempt.ttl, again=True)
+        attempt.finish(status, result_json, error, again=True)
 
-    keeper.keep_finishing(store, op, attempt.fencing_token, again, lease=attempt.lease, ttl=attempt.ttl)
+    keeper.keep_finishing(attempt.store, attempt.operation, attempt.fencing_token, again, lease=attempt.lease,
+                          ttl=attempt.ttl)
 
 
 def _carry(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> dict[str, Any]:
@@ -601,8 +602,7 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
                 break
             time.sleep(delay)
             try:
-                attempt.store.finish(op.scope, op.key, op.id, attempt.fencing_token, status, result_json=result_json,
-                                     error=error, ttl=attempt.ttl, again=True)
+                attempt.finish(status, result_json, error, again=True)
                 return
             except IdemtasksError as again:
                 exc = again
