@@ -235,14 +235,9 @@ def _route_of(task: Any, request: Any) -> dict[str, Any]:
     task has no route of its own: a copy published without options goes there anyway, and the record stays as small
     as a submitted one."""
     route = delivery_route(request.delivery_info)
-    conf = task.app.conf
-    if conf.task_routes or getattr(task, "queue", None):  # a copy without options may go elsewhere: keep it all
-        return route
-    default_queue = conf.task_default_queue
-    default_key = conf.task_default_routing_key or default_queue
-    default_exchange = conf.task_default_exchange or default_queue
-    if (route.get("queue") == default_queue
-            or (route.get("exchange"), route.get("routing_key")) == (default_exchange, default_key)):
+    default = task._default_route  # None: a copy without options may go elsewhere, so all of it is kept
+    if default is not None and (route.get("queue") == default[0]
+                                or (route.get("exchange"), route.get("routing_key")) == default[1:]):
         route = {name: value for name, value in route.items() if name == "priority"}
     return route
 

@@ -91,6 +91,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     #: Database of that transaction (defaults to the store URL when the store is SQL).
     transaction_url: ClassVar[str | None] = None
     _idemtasks_configured: ClassVar[bool] = False
+    #: Where a copy published without routing options goes: the app's default queue, as (queue, exchange, routing
+    #: key), or ``None`` when routes of the app or the task's ``queue`` send it elsewhere. Read at bind time, like
+    #: the settings: a claim reads it for every message sent without ``submit`` (see ``execution._route_of``).
+    _default_route: ClassVar[tuple[str, str, str] | None] = None
 
     @classmethod
     def bind(cls, app: Any) -> Any:
@@ -109,6 +113,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                     setattr(cls, attr, app.conf.get(conf_key, default))
             if getattr(cls, "name", None):
                 config.validate(cls.name, {attr: getattr(cls, attr) for attr, _, _ in config.SETTINGS})
+            conf = app.conf
+            queue = conf.task_default_queue
+            cls._default_route = None if conf.task_routes or getattr(cls, "queue", None) else (
+                queue, conf.task_default_exchange or queue, conf.task_default_routing_key or queue)
             cls._idemtasks_configured = True
 
     def _settled(self) -> None:

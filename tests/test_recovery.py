@@ -246,16 +246,21 @@ def test_a_claim_keeps_the_default_queue_only_for_a_task_routed_elsewhere() -> N
 
     from idemtasks.execution import _route_of
 
-    app = Celery(f"route{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    def pay_task(**conf: Any) -> Any:  # the routes are read when the task is bound, as the settings are
+        app = Celery(f"route{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+        app.conf.update(conf)
 
-    @app.task(shared=False, base=IdempotentTask, store_url="memory://", name=f"{app.main}.pay")
-    def pay() -> None:
-        pass
+        @app.task(shared=False, base=IdempotentTask, store_url="memory://", name="tasks.pay")
+        def pay() -> None:
+            pass
+
+        return pay
 
     through_default = [Context(delivery_info={"exchange": "", "routing_key": "celery"}),
                        Context(delivery_info={"exchange": "celery", "routing_key": "celery"})]
+    pay = pay_task()
     assert [_route_of(pay, ctx) for ctx in through_default] == [{}, {}]
-    app.conf.task_routes = {pay.name: {"queue": "payments"}}
+    pay = pay_task(task_routes={"tasks.pay": {"queue": "payments"}})
     assert [_route_of(pay, ctx) for ctx in through_default] == [{"queue": "celery"},
                                                                  {"exchange": "celery", "routing_key": "celery"}]
 
