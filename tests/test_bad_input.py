@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -107,18 +108,25 @@ def test_task_key_function_returning_a_bad_key_fails_without_storing(tmp_path: P
     assert isinstance(result.result, InvalidKey)
 
 
-@pytest.mark.timeout(60)
-def test_worker_never_runs_the_body_while_the_store_is_down_and_resumes_after(private_redis: PrivateRedis) -> None:
-    store = open_store(f"redis://127.0.0.1:{private_redis.port}/0", socket_timeout=0.5)
-    app = Celery(f"outage{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(idemtasks_store_retry_max=0.5, task_ignore_result=True, task_default_queue=app.main)
+def keyed_pay(store_url: Store | str, *, retry_max: float) -> tuple[Celery, Any, Counter[str]]:
+    """An app whose ``pay(order)`` is keyed ``order-<order>``, sent without submit, and the count of its runs."""
+    app = Celery(f"pay{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(idemtasks_store_retry_max=retry_max, task_ignore_result=True, task_default_queue=app.main)
     runs: Counter[str] = Counter()
 
-    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store_url, name=f"{app.main}.pay",
               key_func=lambda order: f"order-{order}")
     def pay(self: IdempotentTask, order: int) -> int:
         runs[self.operation.key] += 1
         return order
+
+    return app, pay, runs
+
+
+@pytest.mark.timeout(60)
+def test_worker_never_runs_the_body_while_the_store_is_down_and_resumes_after(private_redis: PrivateRedis) -> None:
+    store = open_store(f"redis://127.0.0.1:{private_redis.port}/0", socket_timeout=0.5)
+    app, pay, runs = keyed_pay(store, retry_max=0.5)
 
     with start_worker(app, pool="solo", perform_ping_check=False):
         private_redis.stop()
@@ -139,19 +147,11 @@ def test_a_worker_whose_store_refuses_loses_nothing_and_runs_the_body_once_it_an
     """Not an outage (the table does not exist yet), yet waited out like one, and logged as a failure."""
     services.require("postgres")
     store = SQLStore(services.POSTGRES_URL, table=f"t{uuid.uuid4().hex[:12]}", create_schema=False)
-    app = Celery(f"refuse{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
-    runs: Counter[str] = Counter()
+    app, pay, runs = keyed_pay(store, retry_max=0.3)
     logged: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("idemtasks.task").addHandler(handler)
-
-    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay",
-              key_func=lambda order: f"order-{order}")
-    def pay(self: IdempotentTask, order: int) -> int:
-        runs[self.operation.key] += 1
-        return order
 
     try:
         with start_worker(app, pool="solo", perform_ping_check=False):
@@ -179,15 +179,7 @@ def test_a_store_that_cannot_be_opened_yet_loses_no_message(tmp_path: Path) -> N
     sent without ``submit`` had no record for recovery to publish again."""
     later = tmp_path / "later"  # a SQLite file in a directory that does not exist yet: it cannot be opened
     url = f"sqlite:///{later / 'ops.sqlite3'}"
-    app = Celery(f"unopened{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(idemtasks_store_retry_max=0.3, task_ignore_result=True, task_default_queue=app.main)
-    runs: Counter[str] = Counter()
-
-    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=url, name=f"{app.main}.pay",
-              key_func=lambda order: f"order-{order}")
-    def pay(self: IdempotentTask, order: int) -> int:
-        runs[self.operation.key] += 1
-        return order
+    app, pay, runs = keyed_pay(url, retry_max=0.3)
 
     with start_worker(app, pool="solo", perform_ping_check=False):
         pay.apply_async((7,))
