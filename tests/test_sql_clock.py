@@ -1,10 +1,14 @@
-"""The SQL store's clock on MariaDB/MySQL: the server's, in epoch seconds, whatever the session's time zone."""
+"""The SQL store's clock: on MariaDB/MySQL the server's, in epoch seconds, whatever the session's time zone; on SQLite
+the moment a write got the database's lock."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -61,3 +65,36 @@ def test_the_clock_keeps_microseconds(stores: list[SQLStore]) -> None:
     store = _store("SET time_zone = '+05:00', timestamp = 1698539400.123456")  # NOW() and UTC_TIMESTAMP() fixed
     stores.append(store)
     assert store.now() == 1698539400.123456
+
+
+def test_a_sqlite_claim_that_waited_for_the_write_lock_starts_its_lease_when_it_got_it(tmp_path: Path) -> None:
+    """SQLite has one writer at a time, and a claim may wait up to the busy timeout (30 s) for the lock. Its lease
+    runs from the moment it wrote, not from the moment it asked: read before the wait, a 10 s lease that waited 10 s
+    would be over as soon as it was granted, and another worker could take the operation at once."""
+    path = tmp_path / "store.sqlite3"
+    store = SQLStore(f"sqlite:///{path}", table="ops")
+    try:
+        store.get("s", "k")  # the table exists before another connection takes the write lock
+        writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        writer.execute("BEGIN IMMEDIATE")
+        released: list[float] = []
+
+        def release() -> None:
+            time.sleep(1.5)
+            released.append(time.time())
+            writer.execute("COMMIT")
+
+        thread = threading.Thread(target=release)
+        thread.start()
+        held = store.claim("s", "k", "tasks.charge", "fp", owner="w1", lease=10.0, ttl=60.0)
+        thread.join()
+        writer.close()
+
+        op = held.operation
+        assert held.outcome is ClaimOutcome.CLAIMED and released
+        assert op.created_at >= released[0] - 0.01
+        assert op.lease_expires_at is not None and op.lease_expires_at >= released[0] + 10.0 - 0.01
+        assert op.lease_expires_at <= time.time() + 10.0
+    finally:
+        store.close()
+        store.engine.dispose()

@@ -9,7 +9,7 @@ already-updated row), so there a creation or a claim is a locking read, a decisi
 functions of :mod:`.base`, and a write, in one transaction.
 
 Clocks: PostgreSQL and MariaDB use the server's clock, so workers with skewed clocks still agree on leases;
-SQLite, being in-process, uses the local one.
+SQLite, being in-process, uses the local one, read once a write holds the database's lock.
 
 The statements themselves are in :mod:`.sql_statements`, built once per store. On PostgreSQL through psycopg, a
 thread creates, claims and completes on a connection of its own, and does not wait for the answer to a completion

@@ -48,7 +48,13 @@ class Statements:
             # 1000000, whose DECIMAL quotient keeps only div_precision_increment (4) decimals.
             return sa.literal_column("(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)",
                                      _EPOCH)
-        return sa.bindparam("p_now", type_=_EPOCH)  # SQLite runs in-process: the local clock, sent by params()
+        # SQLite runs in-process, on the local clock, but a write may wait for the database's one write lock for up to
+        # the busy timeout (30 s) inside the statement: a time read before the statement would start a lease that
+        # waited that long already lapsed. SQLite's own 'now' is read after the lock (it is fixed per step, so every
+        # CASE sees one instant) but has only milliseconds; the larger of it and params()'s reading keeps the
+        # microseconds when nothing waited, so a record's times never fall behind a reading of store.now().
+        return sa.func.max(sa.bindparam("p_now", type_=_EPOCH),
+                           sa.cast(sa.literal_column("(julianday('now') - 2440587.5) * 86400.0"), _EPOCH))
 
     def params(self, **values: Any) -> dict[str, Any]:
         """The parameters of one execution (plus the clock, on SQLite)."""
