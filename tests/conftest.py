@@ -13,6 +13,7 @@ from kombu.transport import memory as memory_transport
 from idemtasks.lease import keeper
 from idemtasks.stores.base import Store
 from tests import services
+from tests.blackhole import blackhole  # noqa: F401  (a fixture)
 from tests.private_redis import private_redis  # noqa: F401  (a fixture)
 
 # IDEMTASKS_TEST_BACKENDS=redis,sqlite narrows a local run; CI runs them all.

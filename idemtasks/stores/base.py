@@ -36,8 +36,8 @@ from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
 from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
-__all__ = ["DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "ClaimRequest", "CreateRequest", "FinishRequest", "Store",
-           "confirm_after_for", "decide_claim", "decide_create", "takeover_phase"]
+__all__ = ["DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "RENEW_TIMEOUT", "ClaimRequest", "CreateRequest",
+           "FinishRequest", "Store", "confirm_after_for", "decide_claim", "decide_create", "takeover_phase"]
 
 #: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
 #: record's key (``KEEP_MS`` in :mod:`.redis_scripts`). A claim that re-creates an expired record continues its
@@ -50,6 +50,13 @@ PURGE_GRACE = 600.0
 #: the keeper's longest wait between renewal retries (:data:`idemtasks.lease.RENEW_RETRY_MAX`), so a holder that lost
 #: the store only for a while renews within the grace, with a retry and a round trip to spare.
 MIN_CONFIRM_AFTER = 2.0
+
+#: Longest wait (seconds) for the answer to a lease renewal, where the store can bound it (Redis: the renewals'
+#: socket timeout), before the keeper gives it up and sends it again on a new connection. A renewal sent while the
+#: network dropped packets waits for an answer that never comes; waiting the store's usual timeout (5 s on Redis,
+#: times redis-py's retries) could outlast the grace of :data:`MIN_CONFIRM_AFTER` after the network is back, and a
+#: live holder would be taken over. This, plus the keeper's longest pause between retries, is under that grace.
+RENEW_TIMEOUT = 0.5
 
 #: Seconds before its due time (``updated_at``) a pending operation may already be claimed. An operation given back
 #: for a retry, or submitted with a countdown, is due later: a copy of its message that arrives sooner (a duplicate

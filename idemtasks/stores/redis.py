@@ -17,6 +17,7 @@ from typing import Any
 
 try:
     import redis
+    from redis.backoff import NoBackoff
     from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, RedisError, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -29,7 +30,7 @@ from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from . import public_url
 from . import redis_scripts as lua
-from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store
+from .base import PURGE_GRACE, RENEW_TIMEOUT, ClaimRequest, CreateRequest, FinishRequest, Store
 from .lanes import published_answer, settle_own_writes
 from .redis_lane import Lane, client_retry, lanes_supported
 
@@ -145,6 +146,14 @@ class RedisStore(Store):
         self.client: Any = client or factory(
             url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
             health_check_interval=30, **client_retry(Retry),
+        )
+        # The lease keeper's renewals wait RENEW_TIMEOUT at most, and are not retried here: the keeper sends them
+        # again on a new connection, soon enough to renew within a suspected lease's grace (see RENEW_TIMEOUT).
+        # Built on first renewal (most tasks end before their first). An application's own client is used as is.
+        self._renewals: Any = None if client is None else client
+        self._renewals_factory: Callable[[], Any] = lambda: factory(
+            url, decode_responses=True, socket_timeout=min(socket_timeout, RENEW_TIMEOUT),
+            socket_connect_timeout=min(socket_timeout, RENEW_TIMEOUT), retry=Retry(NoBackoff(), 0),
         )
         self._create_script = self.client.register_script(lua.CREATE)
         self._claim_script = self.client.register_script(lua.CLAIM)
@@ -266,7 +275,9 @@ class RedisStore(Store):
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
         with self._call():
-            return bool(self._renew_script(keys=[self.record_key(digest)],
+            if self._renewals is None:
+                self._renewals = self._renewals_factory()
+            return bool(self._renew_script(keys=[self.record_key(digest)], client=self._renewals,
                                            args=[tail(digest, operation_id), str(token), repr(lease), repr(ttl)]))
 
     def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
@@ -360,3 +371,5 @@ class RedisStore(Store):
             lane.close()
         if self._own_client:
             self.client.close()
+            if self._renewals is not None:
+                self._renewals.close()

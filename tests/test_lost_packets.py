@@ -1,0 +1,58 @@
+"""A network that drops packets, between a holder and its store: what was sent is lost, and the connection stays
+open, so its sender waits for an answer until its socket timeout (seconds) or the kernel gives up (minutes).
+
+A holder's lease that lapsed while its packets were lost is only suspected by the next claim, and taken over once a
+grace of MIN_CONFIRM_AFTER (2 s) passed with no renewal. The keeper must renew within that grace once the network is
+back, even though the renewal it sent during the loss is still waiting for its answer."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from idemtasks.lease import LeaseKeeper
+from idemtasks.models import ClaimOutcome
+from idemtasks.stores.base import MIN_CONFIRM_AFTER, Store
+from idemtasks.stores.redis import RedisStore
+
+from . import services
+from .blackhole import Blackhole
+
+pytestmark = pytest.mark.timeout(60)
+
+LEASE = 0.9  # its grace is MIN_CONFIRM_AFTER; the keeper renews every 0.3 s
+
+
+def _redis_pair(relay_to: Callable[[str], tuple[Blackhole, str]]) -> tuple[Blackhole, Store, Store]:
+    services.require("redis")
+    relay, url = relay_to(services.REDIS_URL)
+    namespace = f"idemtasks-test:{uuid.uuid4().hex[:12]}"
+    # The holder keeps the default socket timeout (5 s, longer than the grace); the other worker reaches the store.
+    return relay, RedisStore(url, namespace=namespace), RedisStore(services.REDIS_URL, namespace=namespace)
+
+
+def test_a_holder_whose_renewal_was_lost_renews_within_the_grace_once_packets_flow_again(
+        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
+    relay, holder, other = _redis_pair(blackhole)
+    keeper = LeaseKeeper()
+    try:
+        op = holder.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=LEASE, ttl=60.0).operation
+        hold = keeper.hold(holder, op, op.fencing_token, lease=LEASE, ttl=60.0)
+        relay.cut = True
+        time.sleep(LEASE + 0.3)  # the renewals sent meanwhile are lost, and the lease lapses
+        relay.cut = False
+
+        suspected = other.claim("s", "k", "tasks.charge", "fp", owner="other", lease=LEASE, ttl=60.0)
+        assert suspected.outcome is ClaimOutcome.BUSY  # the lapsed lease is marked, not taken yet
+        time.sleep(MIN_CONFIRM_AFTER + 0.3)
+        after_grace = other.claim("s", "k", "tasks.charge", "fp", owner="other", lease=LEASE, ttl=60.0)
+
+        assert after_grace.outcome is ClaimOutcome.BUSY, "a live holder was taken over"
+        assert after_grace.operation.lease_owner == "holder" and not hold.lost
+        keeper.release(hold)
+    finally:
+        holder.close()
+        other.close()
