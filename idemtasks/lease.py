@@ -151,7 +151,8 @@ class LeaseKeeper:
     def _finish(self, h: Hold) -> None:
         assert h.finish is not None
         try:
-            h.finish()
+            with h.store.promptly():  # sent again within a suspected lease's grace, as renewals are (RENEW_TIMEOUT)
+                h.finish()
         except LeaseLost:
             # For a give-back, also what a resend finds once the first try had landed and a retry claimed since.
             (logger.info if h.what == "give-back" else logger.error)(

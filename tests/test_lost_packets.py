@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from idemtasks.lease import LeaseKeeper
-from idemtasks.models import ClaimOutcome
+from idemtasks.models import ClaimOutcome, Status
 from idemtasks.stores.base import MIN_CONFIRM_AFTER, Store
 from idemtasks.stores.redis import RedisStore
 
@@ -53,6 +53,33 @@ def test_a_holder_whose_renewal_was_lost_renews_within_the_grace_once_packets_fl
         assert after_grace.outcome is ClaimOutcome.BUSY, "a live holder was taken over"
         assert after_grace.operation.lease_owner == "holder" and not hold.lost
         keeper.release(hold)
+    finally:
+        holder.close()
+        other.close()
+
+
+def test_a_completion_the_keeper_holds_lands_within_the_grace_once_packets_flow_again(
+        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
+    """The body ended while packets were lost, so its outcome went to the keeper, which sends it again until it
+    lands. It must land before the lapsed lease is taken over, or the body would run a second time."""
+    relay, holder, other = _redis_pair(blackhole)
+    keeper = LeaseKeeper()
+    try:
+        op = holder.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=LEASE, ttl=60.0).operation
+        relay.cut = True
+        keeper.keep_finishing(holder, op, op.fencing_token, lambda: holder.finish(
+            "s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"paid"', ttl=60.0, again=True),
+            lease=LEASE, ttl=60.0)
+        time.sleep(LEASE + 0.3)  # the sends meanwhile are lost, and the lease lapses
+        relay.cut = False
+
+        first = other.claim("s", "k", "tasks.charge", "fp", owner="other", lease=LEASE, ttl=60.0)
+        assert first.outcome in (ClaimOutcome.BUSY, ClaimOutcome.DONE)  # marked, unless the outcome landed first
+        time.sleep(MIN_CONFIRM_AFTER + 0.3)
+        after_grace = other.claim("s", "k", "tasks.charge", "fp", owner="other", lease=LEASE, ttl=60.0)
+
+        assert after_grace.outcome is ClaimOutcome.DONE, "the body's outcome was lost to a takeover"
+        assert after_grace.operation.result == "paid" and after_grace.operation.fencing_token == op.fencing_token
     finally:
         holder.close()
         other.close()

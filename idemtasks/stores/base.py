@@ -26,6 +26,7 @@ still renewing its lease; an expired record is treated as absent everywhere.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -394,6 +395,13 @@ class Store(abc.ABC):
         """Wait for the answers this thread's pipelined writes still owe. Those writes went out on the thread's
         lane, the calls above go through other connections: without this, a thread could read its own completion
         as still running (PostgreSQL commits it a moment later) or act on a state it had already changed."""
+
+    def promptly(self) -> contextlib.AbstractContextManager[None]:
+        """Within this context, this thread's renewals and completions wait at most :data:`RENEW_TIMEOUT` for the
+        store's answer where the backend can bound the wait (Redis), and fail as :class:`StoreUnavailable` after it.
+        The lease keeper's calls run so: it sends them again itself, on a new connection, within a suspected lease's
+        grace. Renewals run so always."""
+        return contextlib.nullcontext()
 
     def now(self) -> float:
         """The clock leases are measured with; backends with a server clock override this."""

@@ -147,11 +147,12 @@ class RedisStore(Store):
             url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
             health_check_interval=30, **client_retry(Retry),
         )
-        # The lease keeper's renewals wait RENEW_TIMEOUT at most, and are not retried here: the keeper sends them
-        # again on a new connection, soon enough to renew within a suspected lease's grace (see RENEW_TIMEOUT).
-        # Built on first renewal (most tasks end before their first). An application's own client is used as is.
-        self._renewals: Any = None if client is None else client
-        self._renewals_factory: Callable[[], Any] = lambda: factory(
+        # The lease keeper's renewals and completions wait RENEW_TIMEOUT at most, and are not retried here: the
+        # keeper sends them again on a new connection, soon enough to land within a suspected lease's grace (see
+        # RENEW_TIMEOUT). Built on first use (most tasks end before their first renewal). An application's own
+        # client is used as is.
+        self._prompt: Any = None if client is None else client
+        self._prompt_factory: Callable[[], Any] = lambda: factory(
             url, decode_responses=True, socket_timeout=min(socket_timeout, RENEW_TIMEOUT),
             socket_connect_timeout=min(socket_timeout, RENEW_TIMEOUT), retry=Retry(NoBackoff(), 0),
         )
@@ -250,7 +251,7 @@ class RedisStore(Store):
     def _finish(self, req: FinishRequest) -> bool:
         with self._call():
             return bool(self._finish_script(keys=[self.record_key(req.digest), *self._indexes],
-                                            args=finish_args(req)))
+                                            args=finish_args(req), client=self._prompt_client()))
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
@@ -274,11 +275,26 @@ class RedisStore(Store):
                            "or carried over", self.url, self._store_error(exc))
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
-        with self._call():
-            if self._renewals is None:
-                self._renewals = self._renewals_factory()
-            return bool(self._renew_script(keys=[self.record_key(digest)], client=self._renewals,
+        with self.promptly(), self._call():
+            return bool(self._renew_script(keys=[self.record_key(digest)], client=self._prompt_client(),
                                            args=[tail(digest, operation_id), str(token), repr(lease), repr(ttl)]))
+
+    @contextmanager
+    def promptly(self) -> Iterator[None]:
+        outer = getattr(self._local, "prompt", False)
+        self._local.prompt = True
+        try:
+            yield
+        finally:
+            self._local.prompt = outer
+
+    def _prompt_client(self) -> Any:
+        """The client of a call made :meth:`promptly`, or ``None`` (a script's own client) for any other."""
+        if not getattr(self._local, "prompt", False):
+            return None
+        if self._prompt is None:
+            self._prompt = self._prompt_factory()
+        return self._prompt
 
     def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
         keys, args = [self.record_key(digest)], [tail(digest, operation_id), str(token), repr(delay)]
@@ -353,7 +369,7 @@ class RedisStore(Store):
 
     def _get(self, digest: str) -> Operation | None:
         with self._call():
-            flat = self._get_script(keys=[self.record_key(digest)])
+            flat = self._get_script(keys=[self.record_key(digest)], client=self._prompt_client())
         return parse_record(flat, digest) if flat else None
 
     def now(self) -> float:
@@ -371,5 +387,5 @@ class RedisStore(Store):
             lane.close()
         if self._own_client:
             self.client.close()
-            if self._renewals is not None:
-                self._renewals.close()
+            if self._prompt is not None:
+                self._prompt.close()
