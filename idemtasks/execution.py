@@ -544,9 +544,16 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
         # keeper sends the outcome until it lands (a resend that finds it landed says so), or the lease would lapse
         # and recovery would run the body again. A process going away (SystemExit, KeyboardInterrupt) takes the
         # keeper's thread with it: one more try here first. (The pipelined path settles an interrupted write itself.)
-        if not kept and (isinstance(exc, Exception) or not _finished_at_once(attempt, status, result_json, error)):
-            _keep_finishing(attempt, status, result_json, error)
+        if not kept:
+            _keep_interrupted(exc, attempt, status, result_json, error)
         raise
+
+
+def _keep_interrupted(exc: BaseException, attempt: Attempt, status: Status, result_json: str | None,
+                      error: ErrorInfo | None) -> None:
+    """The keeper takes over an outcome whose storing was interrupted; a process going away gets one try first."""
+    if isinstance(exc, Exception) or not _finished_at_once(attempt, status, result_json, error):
+        _keep_finishing(attempt, status, result_json, error)
 
 
 def _finished_at_once(attempt: Attempt, status: Status, result_json: str | None, error: ErrorInfo | None) -> bool:
@@ -582,25 +589,36 @@ def _carry(attempt: Attempt, status: Status, result_json: str | None, error: Err
 
 
 def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | None,
-             error: ErrorInfo | None) -> Callable[[IdemtasksError], None]:
-    """What to do, later and from another thread, with a pipelined completion that did not land."""
+             error: ErrorInfo | None) -> Callable[[BaseException], None]:
+    """What to do, later and from another thread, with a pipelined completion that did not land (``exc`` says why:
+    a refusal, the store away, or an interruption of the thread that was sending it again)."""
     request = attempt.request  # this delivery's context: it outlives the call, for a republish
 
-    def settle(exc: IdemtasksError) -> None:
+    def settle(exc: BaseException) -> None:
         op = attempt.operation
-        for delay in (*_FINISH_DELAYS, None):
-            if isinstance(exc, LeaseLost):
-                logger.error("idemtasks: operation %s was taken over before this attempt's outcome was stored "
-                             "(fencing token %d is stale); the outcome was discarded", op.id, attempt.fencing_token)
-                return
-            if delay is None:
-                break
-            time.sleep(delay)
-            try:
-                attempt.finish(status, result_json, error, again=True)
-                return
-            except IdemtasksError as again:
-                exc = again
+        if not isinstance(exc, IdemtasksError):
+            _keep_interrupted(exc, attempt, status, result_json, error)
+            return
+        try:
+            for delay in (*_FINISH_DELAYS, None):
+                if isinstance(exc, LeaseLost):
+                    logger.error("idemtasks: operation %s was taken over before this attempt's outcome was stored "
+                                 "(fencing token %d is stale); the outcome was discarded", op.id,
+                                 attempt.fencing_token)
+                    return
+                if delay is None:
+                    break
+                time.sleep(delay)
+                try:
+                    attempt.finish(status, result_json, error, again=True)
+                    return
+                except IdemtasksError as again:
+                    exc = again
+        except BaseException as stop:
+            # Settled in the thread of a later task (its claim read this answer), whose soft time limit or shutdown
+            # may land in these sleeps and resends: the keeper takes the outcome over before that goes on.
+            _keep_interrupted(stop, attempt, status, result_json, error)
+            raise
         _keep_finishing(attempt, status, result_json, error)
         try:
             _come_back_later(task, exc, finish=_carry(attempt, status, result_json, error), request=request,

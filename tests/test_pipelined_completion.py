@@ -23,7 +23,6 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from idemtasks import ClaimOutcome, LeaseLost, Status, StoreUnavailable
-from idemtasks.errors import IdemtasksError
 from idemtasks.stores.base import Store
 from idemtasks.stores.lanes import COLLECT_AFTER
 from idemtasks.stores.redis import RedisStore
@@ -39,10 +38,10 @@ class Settled:
     """The ``settle`` callback of one completion: what it was handed, if anything."""
 
     def __init__(self) -> None:
-        self.errors: list[IdemtasksError] = []
+        self.errors: list[BaseException] = []
         self.called = threading.Event()
 
-    def __call__(self, exc: IdemtasksError) -> None:
+    def __call__(self, exc: BaseException) -> None:
         self.errors.append(exc)
         self.called.set()
 

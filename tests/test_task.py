@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
@@ -27,11 +28,14 @@ from idemtasks import (
     TooLarge,
     open_store,
 )
-from idemtasks.models import ClaimResult, Takeover
+from idemtasks.models import ClaimResult, Operation, Takeover
+from idemtasks.stores import lanes
 from idemtasks.stores.base import DUE_SLACK, MIN_CONFIRM_AFTER, ClaimRequest, FinishRequest, Store
 from idemtasks.stores.memory import MemoryStore
+from idemtasks.stores.redis import RedisStore
 from idemtasks.task import TASK_ID_SCOPE
 from tests.conftest import SERVER_BACKENDS, drop, make_store
+from tests.private_redis import PrivateRedis
 
 
 class Flaky(Exception):
@@ -671,6 +675,62 @@ def test_an_outcome_whose_completion_a_shutdown_interrupted_is_stored_before_the
         pay.submit((5,), key=(k := key()))
     done = store.get(pay.idempotency_scope, k)  # at once: not a second later, by the keeper
     assert done is not None and done.status is Status.SUCCEEDED and done.result == 5
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("store_away", [False, True], ids=["in_the_resend", "in_the_retries_after_it"])
+def test_a_pipelined_outcome_whose_resend_the_next_tasks_soft_time_limit_interrupted_is_still_stored(
+        private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch, store_away: bool) -> None:
+    """A completion goes out without waiting for its answer, which the thread's next call reads: here, the next
+    task's claim. The answer says it did not run (a restarted server's empty script cache), so that claim sends it
+    again (and, if the store does not answer, again after short pauses), and the next task's soft time limit lands
+    there. The earlier task's message is acked already: the keeper must take its outcome over, and the interruption
+    must still reach the task it was meant for."""
+    app = Celery(f"pipe{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue=app.main, idemtasks_store_url=private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
+    runs: list[int] = []
+
+    @app.task(shared=False, base=IdempotentTask, name=f"{app.main}.pay", lease_seconds=30.0)
+    def pay(amount: int) -> int:
+        runs.append(amount)
+        if amount == 1:
+            admin.script_flush()  # the completion about to go out will be answered NOSCRIPT: it did not run
+        return amount
+
+    def deliver(op: Operation, amount: int) -> None:
+        header = {"scope": op.scope, "key": op.key, "fp": op.fingerprint}
+        pay.push_request(id=op.id, args=[amount], kwargs={}, called_directly=False, is_eager=False, delivery_info={},
+                         idemtasks=header)
+        try:
+            pay(amount)
+        finally:
+            pay.pop_request()
+
+    store = pay.store
+    assert isinstance(store, RedisStore) and store.pipelines_completions
+    # Queued, and delivered by hand below; the collector thread is kept from reading the answer first.
+    first, second = (pay.submit((n,), key=key()).operation for n in (1, 2))
+    monkeypatch.setattr(lanes, "COLLECT_AFTER", 30.0)
+    deliver(first, 1)
+    admin.close()
+    resend = RedisStore._finish
+    failures: list[BaseException] = [StoreUnavailable("away")] * store_away + [SoftTimeLimitExceeded()]
+
+    def interrupted(self: RedisStore, req: FinishRequest) -> bool:
+        if len(failures) == 1:
+            monkeypatch.setattr(RedisStore, "_finish", resend)
+        raise failures.pop(0)
+
+    monkeypatch.setattr(RedisStore, "_finish", interrupted)
+    with pytest.raises(SoftTimeLimitExceeded):
+        deliver(second, 2)  # its claim reads the first answer, and sends that completion again
+    assert runs == [1]
+    deadline = time.monotonic() + 10
+    while (done := store.get_by_id(first.id)) is None or not done.is_final:
+        assert time.monotonic() < deadline, f"the first outcome was dropped: {done}"
+        time.sleep(0.05)
+    assert done.status is Status.SUCCEEDED and done.result == 1 and done.attempts == 1
 
 
 @pytest.mark.timeout(20)

@@ -273,16 +273,17 @@ class Store(abc.ABC):
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
-                         settle: Callable[[IdemtasksError], None]) -> None:
+                         settle: Callable[[BaseException], None]) -> None:
         """:meth:`finish`, without waiting for the answer where the backend can (see ``pipelines_completions``).
 
         What cannot be settled by sending the completion again — :class:`LeaseLost`, or a
         :class:`~idemtasks.errors.StoreError` that outlasts a resend — is passed to ``settle`` later, from another
-        thread. A backend that cannot pipeline finishes synchronously and raises, like :meth:`finish`.
+        thread. So is an interruption of that resend (anything else it raised): the outcome is then still unknown.
+        A backend that cannot pipeline finishes synchronously and raises, like :meth:`finish`.
         """
         self.finish(scope, key, operation_id, token, status, result_json=result_json, error=error, ttl=ttl)
 
-    def _answer_resolver(self, req: FinishRequest, settle: Callable[[IdemtasksError], None]) -> Callable[[Any], None]:
+    def _answer_resolver(self, req: FinishRequest, settle: Callable[[BaseException], None]) -> Callable[[Any], None]:
         """What a pipelining backend does with a completion's late answer: ``1`` (one record changed) is done; any
         other count is a refusal, and ``settle`` hears why; anything else (a broken connection, an error reply)
         left the outcome unknown, so the completion is sent again on the ordinary path."""
@@ -299,6 +300,13 @@ class Store(abc.ABC):
                     self._finish_or_raise(req, again=True)
             except IdemtasksError as exc:
                 settle(exc)
+            except BaseException as exc:
+                # The answer is read by whichever thread next uses the lane: often the next task's claim, whose soft
+                # time limit or shutdown may land in this resend. The outcome is still unknown, and nothing else
+                # holds it (the earlier task's message is acked): settle hears so first, then the interruption goes
+                # on to the task it was meant for.
+                settle(exc)
+                raise
 
         return resolve
 

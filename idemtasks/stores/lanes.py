@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
+
 __all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "published_answer", "resolve_all",
            "settle_own_writes"]
 
@@ -61,12 +63,21 @@ def published_answer(answer: Any) -> None:
 
 
 def resolve_all(done: list[tuple[Pending, Any]]) -> None:
-    # Outside the lane's lock: resolving may send the completion again or sleep through an outage.
+    """Hand each answer to its resolver. Outside the lane's lock: resolving may send the completion again or sleep
+    through an outage. An interruption (a soft time limit, a shutdown) of the thread's own task is raised once
+    every answer has been handed over; a resolver's bug is logged, not raised into an unrelated call."""
+    interrupted: BaseException | None = None
     for pending, answer in done:
         try:
             pending.resolve(answer)
+        except SoftTimeLimitExceeded as exc:
+            interrupted = interrupted or exc
         except Exception:  # a callback's bug must not take a claim or the collector down with it
             logger.exception("idemtasks: settling a pipelined completion failed")
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 class BaseLane:

@@ -25,7 +25,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the Redis store needs redis-py: pip install idemtasks[redis]") from exc
 
-from ..errors import ConfigurationError, IdemtasksError, StoreError, StoreUnavailable
+from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from . import public_url
@@ -255,7 +255,7 @@ class RedisStore(Store):
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
-                         settle: Callable[[IdemtasksError], None]) -> None:
+                         settle: Callable[[BaseException], None]) -> None:
         lane = self._lane()
         req = FinishRequest(key_digest(scope, key), operation_id, token, status, result_json, error, ttl)
         if lane is None:

@@ -34,7 +34,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
-from ..errors import IdemtasksError, StoreError, StoreUnavailable
+from ..errors import StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
@@ -267,7 +267,7 @@ class SQLStore(Store):
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
-                         settle: Callable[[IdemtasksError], None]) -> None:
+                         settle: Callable[[BaseException], None]) -> None:
         req = FinishRequest(key_digest(scope, key), operation_id, token, status, result_json, error, ttl)
         resolve = self._answer_resolver(req, settle)
         try:
