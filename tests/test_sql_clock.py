@@ -98,3 +98,36 @@ def test_a_sqlite_claim_that_waited_for_the_write_lock_starts_its_lease_when_it_
     finally:
         store.close()
         store.engine.dispose()
+
+
+def test_a_mariadb_claim_that_waited_for_the_records_lock_starts_its_lease_when_it_got_it(
+        stores: list[SQLStore]) -> None:
+    """MariaDB's clock is fixed when a statement starts, before the locking read waits for the record's lock (held,
+    here, by another transaction: up to innodb_lock_wait_timeout, 50 s by default). A claim that waited must not
+    start its lease that far in the past, nor judge the record's lease by that old time."""
+    store = _store("SET time_zone = '+00:00'")
+    stores.append(store)
+    first = store.claim("s", "k", "tasks.charge", "fp", owner="w1", lease=0.5, ttl=60.0).operation
+    store.release(first, first.fencing_token, ttl=60.0)  # pending again: the next claim wins it
+    released: list[float] = []
+    locker = sa.create_engine(MYSQL_URL)
+    try:
+        with locker.connect() as conn:
+            conn.execute(sa.text(f"SELECT id FROM {store.table.name} WHERE scope = 's' FOR UPDATE"))
+
+            def release() -> None:
+                time.sleep(1.5)
+                released.append(time.time())
+                conn.rollback()
+
+            thread = threading.Thread(target=release)
+            thread.start()
+            held = store.claim("s", "k", "tasks.charge", "fp", owner="w2", lease=10.0, ttl=60.0)
+            thread.join()
+    finally:
+        locker.dispose()
+
+    op = held.operation
+    assert held.outcome is ClaimOutcome.CLAIMED and op.lease_owner == "w2" and released
+    assert op.lease_expires_at is not None and op.lease_expires_at >= released[0] + 10.0 - 0.05
+    assert op.lease_expires_at <= time.time() + 10.0

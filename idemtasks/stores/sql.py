@@ -53,6 +53,9 @@ _R = TypeVar("_R")
 # took innodb_lock_wait_timeout already, and leaves as StoreUnavailable.)
 _MYSQL_RETRY_CODES = (1062, 1213)
 _MYSQL_ATTEMPTS = 8
+#: Seconds a MariaDB locking read may take before the clock it read (at its start) is read again: a wait for the
+#: record's lock, not a round trip; beyond it, one more round trip, only then.
+_MYSQL_LOCK_WAITED = 0.05
 # PostgreSQL: the upsert resolves conflicts on key_hash only. Two claims of an absent key with the same operation id
 # (one message delivered twice at once) both insert, and the loser collides on the primary key instead, which ends
 # the statement with a unique violation once the winner commits. Sent again, it finds the winner's row and answers
@@ -236,9 +239,16 @@ class SQLStore(Store):
         for _ in range(_MYSQL_ATTEMPTS):
             try:
                 with self._tx(retry=True, single=False) as conn:
+                    asked = time.monotonic()
                     row = self._run(conn, self.sql.locked_read, {"p_key_hash": digest}).one()
+                    now = float(row.server_now)
+                    if time.monotonic() - asked > _MYSQL_LOCK_WAITED:
+                        # The statement's clock was read when it started, before it waited for the record's lock
+                        # (another claim's transaction, or any other holding it): a lease granted on that time would
+                        # start in the past by the wait. Read the clock again, now that the lock is held.
+                        now = float(self._run(conn, *self.clock_statement()).scalar_one())
                     current = None if row.id is None else self._op(row)
-                    result, write = decide(current, float(row.server_now))
+                    result, write = decide(current, now)
                     if write is not None:
                         if current is None:
                             self._run(conn, self.sql.insert, self._row_values(write, digest))
