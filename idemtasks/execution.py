@@ -102,6 +102,10 @@ def _storable(text: str) -> str:
 
 #: In-process tries of a completion before it is carried over to a republished message (store outage).
 _FINISH_DELAYS = (0.1, 0.5, 2.0)
+#: The same for a pipelined completion that did not land. Its lease is no longer renewed (the task has moved on),
+#: so it may lapse meanwhile and be suspected as soon as the store is back: like the keeper's retries, these are at
+#: most RENEW_RETRY_MAX apart, so the outcome lands within the grace before a takeover.
+_SETTLE_DELAYS = (0.1, 0.5, 1.0, 1.0)
 
 
 @dataclass(eq=False)
@@ -600,7 +604,7 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
             _keep_interrupted(exc, attempt, status, result_json, error)
             return
         try:
-            for delay in (*_FINISH_DELAYS, None):
+            for delay in (*_SETTLE_DELAYS, None):
                 if isinstance(exc, LeaseLost):
                     logger.error("idemtasks: operation %s was taken over before this attempt's outcome was stored "
                                  "(fencing token %d is stale); the outcome was discarded", op.id,

@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import pytest
 
-from idemtasks.lease import LeaseKeeper
+from idemtasks.execution import _SETTLE_DELAYS
+from idemtasks.lease import RENEW_RETRY_MAX, LeaseKeeper
 from idemtasks.models import ClaimOutcome, Status
-from idemtasks.stores.base import MIN_CONFIRM_AFTER, Store
+from idemtasks.stores.base import MIN_CONFIRM_AFTER, RENEW_TIMEOUT, Store
 from idemtasks.stores.redis import RedisStore
 
 from . import services
@@ -83,3 +84,11 @@ def test_a_completion_the_keeper_holds_lands_within_the_grace_once_packets_flow_
     finally:
         holder.close()
         other.close()
+
+
+def test_whatever_sends_an_unrenewed_outcome_again_does_so_within_the_grace() -> None:
+    """The pauses between resends of an outcome whose lease nobody renews any more (a pipelined completion that did
+    not land, the keeper's held completions) and the longest wait for one answer fit in the grace, with a round trip
+    to spare: the outcome lands before a lapsed lease that was suspected when the store came back is taken over."""
+    assert max(_SETTLE_DELAYS) <= RENEW_RETRY_MAX
+    assert RENEW_TIMEOUT + RENEW_RETRY_MAX < MIN_CONFIRM_AFTER - 0.25
