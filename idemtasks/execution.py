@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from celery import signals
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from .errors import (
     IdempotencyKeyMismatch,
@@ -614,7 +614,8 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
                     break
                 time.sleep(delay)
                 try:
-                    attempt.finish(status, result_json, error, again=True)
+                    with attempt.store.promptly():  # a resend lost in flight gives way to the next (_SETTLE_DELAYS)
+                        attempt.finish(status, result_json, error, again=True)
                     return
                 except IdemtasksError as again:
                     exc = again
@@ -629,6 +630,8 @@ def _settler(task: Any, attempt: Attempt, status: Status, result_json: str | Non
                              in_delivery=False)
         except Ignore:
             pass
+        except SoftTimeLimitExceeded:
+            raise  # meant for the task whose thread settles this; the keeper holds the outcome already
         except Exception as publish_exc:
             # Neither the store nor the broker: only this process's keeper still holds the outcome.
             logger.error("idemtasks: the outcome of operation %s could not be stored (%s) nor carried over (%s); "

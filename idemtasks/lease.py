@@ -181,7 +181,8 @@ def _finished_by(h: Hold) -> bool:
     """Whether the record is final under the hold's token: only its holder can have completed it (the completion is
     fenced on the token). A record put back to pending keeps its token too, but recovery may have done that."""
     try:
-        op = h.store.get_by_id(h.operation.id)
+        with h.store.promptly():
+            op = h.store.get_by_id(h.operation.id)
     except Exception:  # the store went away: say what the refusal said
         return False
     return op is not None and op.is_final and op.fencing_token == h.token

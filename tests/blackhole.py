@@ -30,9 +30,13 @@ class Blackhole:
         while True:
             try:
                 client, _ = self._server.accept()
-                upstream = socket.create_connection(self.target)
             except OSError:
                 return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
             with self._lock:
                 self._sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
@@ -50,6 +54,9 @@ class Blackhole:
     def close(self) -> None:
         with self._lock:
             for s in self._sockets:
+                # Closing alone wakes neither a blocked accept() nor a blocked recv() on Linux.
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 s.close()
 
 

@@ -12,32 +12,39 @@ import uuid
 from collections.abc import Callable
 
 import pytest
+import redis
 
+from idemtasks.errors import StoreUnavailable
 from idemtasks.execution import _SETTLE_DELAYS
 from idemtasks.lease import RENEW_RETRY_MAX, LeaseKeeper
 from idemtasks.models import ClaimOutcome, Status
-from idemtasks.stores.base import MIN_CONFIRM_AFTER, RENEW_TIMEOUT, Store
+from idemtasks.stores.base import MIN_CONFIRM_AFTER, RENEW_TIMEOUT
 from idemtasks.stores.redis import RedisStore
 
 from . import services
 from .blackhole import Blackhole
+from .private_redis import PrivateRedis
+from .test_pipelined_completion import Settled
 
 pytestmark = pytest.mark.timeout(60)
 
 LEASE = 0.9  # its grace is MIN_CONFIRM_AFTER; the keeper renews every 0.3 s
 
 
-def _redis_pair(relay_to: Callable[[str], tuple[Blackhole, str]]) -> tuple[Blackhole, Store, Store]:
+def _redis_pair(relay_to: Callable[[str], tuple[Blackhole, str]], server: str = services.REDIS_URL,
+                query: str = "") -> tuple[Blackhole, RedisStore, RedisStore]:
     services.require("redis")
-    relay, url = relay_to(services.REDIS_URL)
+    relay, url = relay_to(server)
     namespace = f"idemtasks-test:{uuid.uuid4().hex[:12]}"
     # The holder keeps the default socket timeout (5 s, longer than the grace); the other worker reaches the store.
-    return relay, RedisStore(url, namespace=namespace), RedisStore(services.REDIS_URL, namespace=namespace)
+    return relay, RedisStore(url + query, namespace=namespace), RedisStore(server, namespace=namespace)
 
 
+@pytest.mark.parametrize("query", ["", "?socket_timeout=5&socket_connect_timeout=5"], ids=["url", "url_timeouts"])
 def test_a_holder_whose_renewal_was_lost_renews_within_the_grace_once_packets_flow_again(
-        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
-    relay, holder, other = _redis_pair(blackhole)
+        blackhole: Callable[[str], tuple[Blackhole, str]], query: str) -> None:
+    """Also when the store's URL sets socket timeouts of its own, which redis-py lets override its arguments."""
+    relay, holder, other = _redis_pair(blackhole, query=query)
     keeper = LeaseKeeper()
     try:
         op = holder.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=LEASE, ttl=60.0).operation
@@ -92,3 +99,29 @@ def test_whatever_sends_an_unrenewed_outcome_again_does_so_within_the_grace() ->
     to spare: the outcome lands before a lapsed lease that was suspected when the store came back is taken over."""
     assert max(_SETTLE_DELAYS) <= RENEW_RETRY_MAX
     assert RENEW_TIMEOUT + RENEW_RETRY_MAX < MIN_CONFIRM_AFTER - 0.25
+
+
+def test_a_pipelined_completion_sent_again_gives_way_to_the_settler_within_the_grace(
+        blackhole: Callable[[str], tuple[Blackhole, str]], private_redis: PrivateRedis) -> None:
+    """A pipelined completion's answer says it did not run (a restarted server's empty script cache), and its resend
+    is lost in flight. Nothing renews that lease any more: the resend must give up soon enough for the settler to
+    try again (and the keeper after it) before a suspected lease's grace is over, not wait out the socket timeout."""
+    relay, holder, _other = _redis_pair(blackhole, private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
+    settled = Settled()
+    try:
+        op = holder.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=LEASE, ttl=60.0).operation
+        admin.script_flush()
+        holder.finish_pipelined("s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"paid"', ttl=60.0,
+                                settle=settled)
+        time.sleep(0.05)  # the answer (NOSCRIPT) is back; the collector reads it a moment later
+        relay.cut = True
+        cut = time.monotonic()
+        assert settled.called.wait(MIN_CONFIRM_AFTER), "the resend waited out the socket timeout"
+        assert time.monotonic() - cut < RENEW_TIMEOUT + 0.5
+        assert isinstance(settled.errors[0], StoreUnavailable)
+    finally:
+        relay.cut = False
+        admin.close()
+        holder.close()
+        _other.close()

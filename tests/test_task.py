@@ -678,14 +678,14 @@ def test_an_outcome_whose_completion_a_shutdown_interrupted_is_stored_before_the
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("store_away", [False, True], ids=["in_the_resend", "in_the_retries_after_it"])
+@pytest.mark.parametrize("away", [0, 1, 5], ids=["in_the_resend", "in_the_retries_after_it", "in_the_carry_over"])
 def test_a_pipelined_outcome_whose_resend_the_next_tasks_soft_time_limit_interrupted_is_still_stored(
-        private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch, store_away: bool) -> None:
+        private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch, away: int) -> None:
     """A completion goes out without waiting for its answer, which the thread's next call reads: here, the next
     task's claim. The answer says it did not run (a restarted server's empty script cache), so that claim sends it
-    again (and, if the store does not answer, again after short pauses), and the next task's soft time limit lands
-    there. The earlier task's message is acked already: the keeper must take its outcome over, and the interruption
-    must still reach the task it was meant for."""
+    again (and, if the store does not answer, again after short pauses, then carries it over in a republished
+    copy), and the next task's soft time limit lands there. The earlier task's message is acked already: the keeper
+    must take its outcome over, and the interruption must still reach the task it was meant for."""
     app = Celery(f"pipe{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
     app.conf.update(task_default_queue=app.main, idemtasks_store_url=private_redis.url)
     admin = redis.Redis.from_url(private_redis.url)
@@ -711,11 +711,19 @@ def test_a_pipelined_outcome_whose_resend_the_next_tasks_soft_time_limit_interru
     assert isinstance(store, RedisStore) and store.pipelines_completions
     # Queued, and delivered by hand below; the collector thread is kept from reading the answer first.
     first, second = (pay.submit((n,), key=key()).operation for n in (1, 2))
-    monkeypatch.setattr(lanes, "COLLECT_AFTER", 30.0)
+    monkeypatch.setattr(lanes.BaseLane, "collect", lambda lane, older_than: True)  # "not yet": left to the owner
     deliver(first, 1)
     admin.close()
     resend = RedisStore._finish
-    failures: list[BaseException] = [StoreUnavailable("away")] * store_away + [SoftTimeLimitExceeded()]
+    failures: list[BaseException] = [StoreUnavailable("away")] * away
+    if away < 5:  # the resend and the settler's four tries
+        failures.append(SoftTimeLimitExceeded())
+    else:
+
+        def carry_over(*args: Any, **kwargs: Any) -> None:
+            raise SoftTimeLimitExceeded()
+
+        monkeypatch.setattr(pay, "apply_async", carry_over)
 
     def interrupted(self: RedisStore, req: FinishRequest) -> bool:
         if len(failures) == 1:

@@ -292,12 +292,15 @@ class Store(abc.ABC):
             if answer == 1:
                 return
             try:
-                if isinstance(answer, int):
-                    lost = self._refusal(req, again=False)
-                    if lost is not None:
-                        settle(lost)
-                else:
-                    self._finish_or_raise(req, again=True)
+                # Promptly: nothing renews this lease any more (its task has moved on), so a resend lost in flight
+                # must give way to the settler's next try before a lapsed lease's grace is over (see RENEW_TIMEOUT).
+                with self.promptly():
+                    if isinstance(answer, int):
+                        lost = self._refusal(req, again=False)
+                        if lost is not None:
+                            settle(lost)
+                    else:
+                        self._finish_or_raise(req, again=True)
             except IdemtasksError as exc:
                 settle(exc)
             except BaseException as exc:

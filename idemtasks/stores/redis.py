@@ -14,11 +14,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     import redis
     from redis.backoff import NoBackoff
-    from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, RedisError, TryAgainError
+    from redis.exceptions import (
+        ClusterDownError,
+        OutOfMemoryError,
+        ReadOnlyError,
+        RedisClusterException,
+        RedisError,
+        TryAgainError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -112,6 +120,12 @@ def create_answer(reply: list[Any], req: CreateRequest) -> tuple[Operation, bool
     ), True
 
 
+def _without_query(url: str, *names: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def finish_args(req: FinishRequest) -> list[str]:
     err = req.error
     return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
@@ -152,9 +166,12 @@ class RedisStore(Store):
         # RENEW_TIMEOUT). Built on first use (most tasks end before their first renewal). An application's own
         # client is used as is.
         self._prompt: Any = None if client is None else client
+        self._prompt_lock = threading.Lock()
+        # Without the URL's own timeouts, which redis-py would let override these.
+        prompt = min(socket_timeout, RENEW_TIMEOUT)
         self._prompt_factory: Callable[[], Any] = lambda: factory(
-            url, decode_responses=True, socket_timeout=min(socket_timeout, RENEW_TIMEOUT),
-            socket_connect_timeout=min(socket_timeout, RENEW_TIMEOUT), retry=Retry(NoBackoff(), 0),
+            _without_query(url, "socket_timeout", "socket_connect_timeout"), decode_responses=True,
+            socket_timeout=prompt, socket_connect_timeout=prompt, retry=Retry(NoBackoff(), 0),
         )
         self._create_script = self.client.register_script(lua.CREATE)
         self._claim_script = self.client.register_script(lua.CLAIM)
@@ -292,9 +309,13 @@ class RedisStore(Store):
         """The client of a call made :meth:`promptly`, or ``None`` (a script's own client) for any other."""
         if not getattr(self._local, "prompt", False):
             return None
-        if self._prompt is None:
-            self._prompt = self._prompt_factory()
-        return self._prompt
+        with self._prompt_lock:
+            if self._prompt is None:
+                try:
+                    self._prompt = self._prompt_factory()
+                except RedisClusterException as exc:  # a cluster client connects when built: no node answered
+                    raise RedisConnectionError(str(exc)) from exc
+            return self._prompt
 
     def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
         keys, args = [self.record_key(digest)], [tail(digest, operation_id), str(token), repr(delay)]
@@ -387,5 +408,6 @@ class RedisStore(Store):
             lane.close()
         if self._own_client:
             self.client.close()
-            if self._prompt is not None:
-                self._prompt.close()
+            with self._prompt_lock:
+                if self._prompt is not None:
+                    self._prompt.close()
