@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -66,6 +67,14 @@ def test_submit_async_keeps_the_queue_it_was_given_for_recovery(server_store: St
         received.ack()
 
 
+async def _creates_through_the_store_itself(store: Any) -> None:
+    """The async half of ``store`` is its threaded wrapper, and what it creates the store itself reads back."""
+    astore = async_store_for(store)
+    assert type(astore).__name__ == "ThreadedAsyncStore"
+    sub = await astore.create("s", "k", "t", "fp", ttl=60)
+    assert sub.created and store.get_by_id(sub.operation.id) == sub.operation
+
+
 def test_a_redis_store_on_the_applications_own_client_is_used_as_it_is() -> None:
     """An application's own client (Sentinel, TLS, a proxy) cannot be copied onto redis.asyncio, and the URL beside
     it need not name the server it talks to: the async half goes through that very client, off the event loop."""
@@ -79,15 +88,34 @@ def test_a_redis_store_on_the_applications_own_client_is_used_as_it_is() -> None
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", client=client, namespace=f"own{uuid.uuid4().hex[:6]}")
 
-    async def scenario() -> None:
-        astore = async_store_for(store)
-        assert type(astore).__name__ == "ThreadedAsyncStore"
-        sub = await astore.create("s", "k", "t", "fp", ttl=60)
-        assert sub.created and store.get_by_id(sub.operation.id) == sub.operation
-
     try:
-        asyncio.run(scenario())
+        asyncio.run(_creates_through_the_store_itself(store))
     finally:
         for key in client.scan_iter(match=f"{store.namespace}:*"):
             client.delete(key)
         client.close()
+
+
+def test_a_store_on_an_applications_own_engine_is_used_through_that_engine() -> None:
+    """An engine the application built carries connection settings (a schema search path, TLS client certificates)
+    that no URL repeats: an asyncio twin built from its URL would connect elsewhere, and the web side would write
+    where the workers never read. The async half goes through that very engine, off the event loop."""
+    import sqlalchemy as sa
+
+    from idemtasks.stores.sql import SQLStore
+    from tests.services import POSTGRES_URL, require
+
+    require("postgres")
+    schema = f"own{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"})
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    store = SQLStore(POSTGRES_URL, engine=engine, table="ops")
+
+    try:
+        asyncio.run(_creates_through_the_store_itself(store))
+    finally:
+        store.close()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        engine.dispose()

@@ -75,7 +75,8 @@ class SQLStore(Store):
     def __init__(self, url: str, *, table: str = "idemtasks_operations", engine: sa.Engine | None = None,
                  create_schema: bool = True, engine_options: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self._owns_engine = engine is None
+        #: Whether the store built its engine (and disposes of it on close), rather than the application.
+        self.owns_engine = engine is None
         if engine is None:
             engine = make_engine(url, **(engine_options or {}))
         else:
@@ -108,7 +109,7 @@ class SQLStore(Store):
             create_tables(self.engine, [self.table])
             add_missing_columns(self.engine, self.table)  # a table an earlier release created
         except SQLAlchemyError as exc:
-            if self._owns_engine:  # nobody will close a store that failed to open: its pool goes with it
+            if self.owns_engine:  # nobody will close a store that failed to open: its pool goes with it
                 self.engine.dispose()
             raise self._wrap(exc) from exc
 
@@ -443,7 +444,7 @@ class SQLStore(Store):
         for lane in list(self._all_lanes):
             if lane.pid == os.getpid():
                 lane.close()
-        if self._owns_engine:  # an engine passed in belongs to the caller, who may still be using it
+        if self.owns_engine:  # an engine passed in belongs to the caller, who may still be using it
             self.engine.dispose()
 
 

@@ -24,7 +24,9 @@ _ASYNC_DRIVERS = {"postgresql": "postgresql+psycopg", "sqlite": "sqlite+aiosqlit
 
 
 def supports(store: SQLStore) -> bool:
-    return store.dialect in _ASYNC_DRIVERS
+    # An application's own engine carries settings no URL repeats (a search path, TLS files, a creator function):
+    # a twin built from its URL could connect elsewhere, so that store gets the threaded wrapper instead.
+    return store.dialect in _ASYNC_DRIVERS and store.owns_engine
 
 
 class AsyncSQLStore(AsyncStore):
