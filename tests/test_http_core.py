@@ -236,12 +236,15 @@ class TestRequestHeaders:
         """A caller written against a plain dict of the framework's headers (``dict(headers)``, a loop over
         ``items()``) keeps working; one that asks in another case than the framework spells finds the header too."""
         headers = RequestHeaders([("X-Tenant", "acme"), ("Content-Type", "application/json"), ("X-Tenant", "globex")])
-        assert headers.get("x-tenant") == headers["X-TENANT"] == "globex" and "x-TeNaNt" in headers
-        assert dict(headers) == {"X-Tenant": "globex", "Content-Type": "application/json"}
+        # A repeated header keeps its first value: Starlette's headers.get reads that one, and so does the
+        # application's own authentication, which must agree with the caller function on who calls.
+        assert headers.get("x-tenant") == headers["X-TENANT"] == "acme" and "x-TeNaNt" in headers
+        assert headers.repeated == {"x-tenant"}
+        assert dict(headers) == {"X-Tenant": "acme", "Content-Type": "application/json"}
         assert [name for name, _ in headers.items() if name == "Content-Type"] == ["Content-Type"]
         headers["x-request-id"] = "r1"
         del headers["CONTENT-TYPE"]
-        assert dict(headers) == {"X-Tenant": "globex", "x-request-id": "r1"} and len(headers) == 2
+        assert dict(headers) == {"X-Tenant": "acme", "x-request-id": "r1"} and len(headers) == 2
 
 
 class TestErrors:
@@ -332,6 +335,19 @@ class TestDefaultCaller:
         with pytest.raises(InvalidCredentials):
             bearer_caller({"Authorization": header})
         assert error_reply(InvalidCredentials("x"), POLICY).status == 400
+
+    @pytest.mark.parametrize("header", ["Bearer t1, Bearer t2", "Bearer t1,t2", "Bearer t1 t2"])
+    def test_two_bearer_tokens_joined_into_one_header_are_refused(self, header: str) -> None:
+        """A WSGI server joins a repeated header with ", ": read as one token, that would be a third caller beside
+        the two the client named. A token (RFC 6750) has neither spaces nor commas."""
+        with pytest.raises(InvalidCredentials):
+            bearer_caller({"Authorization": header})
+
+    def test_a_repeated_authorization_header_is_refused(self) -> None:
+        headers = RequestHeaders([("authorization", "Bearer t1"), ("authorization", "Bearer t2")])
+        assert headers["Authorization"] == "Bearer t1"  # what Starlette's headers.get reads too
+        with pytest.raises(InvalidCredentials, match="repeats"):
+            bearer_caller(headers)
 
     @pytest.mark.parametrize("header", ['Digest username="alice"', "HMAC alice:sig", "Token t", "t"])
     def test_another_scheme_needs_a_caller_function(self, header: str) -> None:

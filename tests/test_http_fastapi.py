@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.testclient import TestClient
 from starlette.responses import Response
 
@@ -24,6 +25,7 @@ from tests.http_rules import (
     HttpRules,
     Resp,
     acct,
+    basic,
     lower,
     pay_body,
     paying_worker,
@@ -158,3 +160,34 @@ def test_a_body_declared_over_the_limit_is_refused_without_being_read(policy: Ht
                         headers={"Idempotency-Key": "k", "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
     assert sum(received) == 0
+
+
+@pytest.mark.parametrize("name", ["Authorization", "Idempotency-Key"])
+def test_a_request_that_repeats_its_credentials_or_its_key_is_refused(name: str) -> None:
+    """Starlette keeps every copy of a repeated header, and FastAPI's own security (HTTPBasic, HTTPBearer) reads the
+    first. Had idemtasks read another copy, a request authenticated as one tenant would act in another's scope:
+    replay its results, learn its operation ids from a mismatch, read their status. Neither header may be repeated."""
+    store = MemoryStore()
+    app = FastAPI()
+    idem = Idempotency(store=store)
+    app.include_router(idem.router)
+    checked: list[str] = []
+    authenticated = Depends(HTTPBasic())
+
+    @app.post("/payments")
+    async def payments(request: Request, who: HTTPBasicCredentials = authenticated) -> Response:
+        checked.append(who.username)
+        return await idem.submit(request, object(), ("acct", 5))
+
+    copies = {"Authorization": [basic("mallory", "pw"), basic("alice")], "Idempotency-Key": ["k1", "k2"]}[name]
+    headers = [("Authorization", basic("mallory", "pw")), ("Idempotency-Key", "k1"),
+               ("Content-Type", "application/json")]
+    headers = [(k, v) for k, v in headers if k != name] + [(name, value) for value in copies]
+    with TestClient(app) as client:
+        r = client.post("/payments", content=b'{"account": "acct", "amount": 5}', headers=headers)
+    assert checked == ["mallory"]  # what the application authenticated
+    assert r.status_code == 400, r.text
+    codes = {"Authorization": "credentials_invalid", "Idempotency-Key": "idempotency_key_invalid"}
+    assert r.json()["code"] == codes[name]
+    assert name in r.json()["detail"]
+    assert not store._records  # nothing recorded, under anyone's scope

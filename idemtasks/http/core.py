@@ -56,6 +56,7 @@ __all__ = [
     "ACCEPT_WINDOW",
     "HttpPolicy",
     "InvalidCredentials",
+    "RepeatedHeader",
     "Reply",
     "RequestHeaders",
     "accepted",
@@ -77,6 +78,14 @@ logger = logging.getLogger("idemtasks.http")
 class InvalidCredentials(IdemtasksError, ValueError):
     """Raised by a caller function when the request's credentials cannot be read: the request cannot be told apart
     from another caller's, so it is refused (400) rather than counted as anonymous."""
+
+
+class RepeatedHeader(InvalidCredentials):
+    """Raised when a request repeats a header that must come once (``Authorization``, the idempotency key)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the request repeats its {name} header")
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -149,15 +158,25 @@ class RequestHeaders(MutableMapping[str, str]):
     plain dict of them would make ``headers.get("X-Tenant")`` find nothing under one framework: every tenant would
     then share the anonymous scope, where one tenant's key replays another's operation. Iteration (``dict()``,
     ``items()``) gives the names as the framework spelled them, so a caller written against the plain dict adapters
-    used to give keeps working. A repeated header keeps its last value, as that dict did.
+    used to give keeps working.
+
+    A repeated header (Starlette keeps every copy; WSGI servers join them) keeps its first value, which is what
+    Starlette's ``headers.get`` and FastAPI's security classes read: a caller function then sees the credentials the
+    application authenticated, not a second copy that names another tenant. ``repeated`` holds the lower-cased names
+    that came more than once; ``Authorization`` and the idempotency key may not (see :func:`single`).
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "repeated")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: dict[str, tuple[str, str]] = {}
+        self.repeated: set[str] = set()
         for name, value in items:
-            self[name] = value
+            lowered = name.lower()
+            if lowered in self._items:
+                self.repeated.add(lowered)
+            else:
+                self._items[lowered] = (name, value)
 
     def __getitem__(self, name: str) -> str:
         return self._items[name.lower()][1]
@@ -191,6 +210,14 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def single(headers: Mapping[str, str], name: str) -> str | None:
+    """The header ``name``, which the request must not repeat: raises :class:`RepeatedHeader` if it does. For the
+    headers that say who calls and which operation this is: a request carrying two has no one meaning."""
+    if isinstance(headers, RequestHeaders) and name.lower() in headers.repeated:
+        raise RepeatedHeader(name)
+    return _header(headers, name)
+
+
 def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
     """The request's idempotency key, ``None`` if absent; raises :class:`InvalidKey` if present but unusable.
 
@@ -198,7 +225,10 @@ def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
     read differently by different servers and proxies.
     """
     for name in policy.header_names:
-        value = _header(headers, name)
+        try:
+            value = single(headers, name)
+        except RepeatedHeader as exc:
+            raise InvalidKey(f"the request repeats its {name} header", value=None) from exc
         if value is None:
             continue
         value = value.strip()

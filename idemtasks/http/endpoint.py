@@ -70,7 +70,7 @@ def bearer_caller(headers: Mapping[str, str]) -> str | None:
     Basic credentials that cannot be read raise :class:`~.core.InvalidCredentials` (answered 400) rather than fall
     back to anonymous, for the same reason.
     """
-    value = core._header(headers, "Authorization")
+    value = core.single(headers, "Authorization")  # repeated: RepeatedHeader, answered 400
     if value is None or not value.strip():
         return None
     scheme, _, credentials = value.strip().partition(" ")
@@ -78,6 +78,10 @@ def bearer_caller(headers: Mapping[str, str]) -> str | None:
     if scheme.lower() == "bearer":
         if not credentials:
             raise InvalidCredentials("the Bearer token is empty")
+        if any(ch.isspace() or ch == "," for ch in credentials):
+            # No token has these (RFC 6750): two headers a WSGI server joined ("Bearer a, Bearer b") would otherwise
+            # read as a third caller beside the two the client named.
+            raise InvalidCredentials("the Bearer token has a space or a comma: two tokens, or none")
         return credentials
     if scheme.lower() == "basic":
         # Tagged: a Bearer token has no ":" (RFC 6750), so no token can pass for a Basic user of the same name.
