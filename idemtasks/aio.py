@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import os
 from typing import Any
 
@@ -120,7 +121,11 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),
                               payload=stored_call(call, options), delay=due)
     op = sub.operation
-    if sub.created or (op.status is Status.PENDING and op.needs_publish
-                       and await astore.now() - op.created_at >= ACCEPT_WINDOW):
-        await asyncio.to_thread(task.publish, op, args, kwargs, abandon_on_failure=sub.created, due=due, **options)
+    if sub.created:
+        await asyncio.to_thread(task.publish, op, args, kwargs, abandon_on_failure=True, due=due, **options)
+    elif op.status is Status.PENDING and op.needs_publish:  # see IdempotentTask.submit
+        checked_at = await astore.now()
+        sub = dataclasses.replace(sub, checked_at=checked_at)
+        if checked_at - op.created_at >= ACCEPT_WINDOW:
+            await asyncio.to_thread(task.publish, op, args, kwargs, due=due, **options)
     return sub

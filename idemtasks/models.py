@@ -121,7 +121,12 @@ class ClaimResult:
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """What ``submit`` returns: the operation, and whether this call created it (``False`` on a replay)."""
+    """What ``submit`` returns: the operation, and whether this call created it (``False`` on a replay).
+
+    ``checked_at``: the store's time that ``submit`` read to decide whether a replay of an operation not yet
+    published should publish it (``None`` when it did not need to), so that an HTTP answer is decided on that same
+    reading."""
 
     operation: Operation
     created: bool
+    checked_at: float | None = None

@@ -8,6 +8,7 @@ here depends on ``after_return`` or ``on_failure``: those hooks do not run when 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -241,10 +242,15 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=stored_call(call, options),
                            delay=due)
         op = sub.operation
-        if sub.created or (op.status is Status.PENDING and op.needs_publish
-                           and store.now() - op.created_at >= ACCEPT_WINDOW):
-            # New, or created by a request that died before publishing: the claim makes a second copy harmless.
-            self.publish(op, args, kwargs, abandon_on_failure=sub.created, due=due, **options)
+        if sub.created:
+            self.publish(op, args, kwargs, abandon_on_failure=True, due=due, **options)
+        elif op.status is Status.PENDING and op.needs_publish:
+            # Created by a request that died before publishing, once it had ACCEPT_WINDOW to do so: the claim makes
+            # a second copy harmless. The reading goes with the answer (an HTTP 409 or a replay is decided on it).
+            checked_at = store.now()
+            sub = dataclasses.replace(sub, checked_at=checked_at)
+            if checked_at - op.created_at >= ACCEPT_WINDOW:
+                self.publish(op, args, kwargs, due=due, **options)
         return sub
 
     def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,

@@ -24,6 +24,7 @@ from idemtasks.errors import (
     TooLarge,
 )
 from idemtasks.http.core import (
+    ACCEPT_WINDOW,
     HttpPolicy,
     InvalidCredentials,
     Reply,
@@ -40,6 +41,7 @@ from idemtasks.http.core import (
 from idemtasks.http.endpoint import bearer_caller
 from idemtasks.identity import dump_json, load_json
 from idemtasks.models import ErrorInfo, Operation, Status, Submission
+from idemtasks.stores.memory import MemoryStore
 
 POLICY = HttpPolicy()
 
@@ -380,3 +382,55 @@ class TestEndpointWiring:
         req = IncomingRequest("POST", "/p", "/p", "", b"", {"Idempotency-Key": "k"}, "alice")
         with pytest.raises(ConfigurationError):
             Endpoint(MemoryStore("memory://mine")).submit(req, t)
+
+
+
+class EdgeClock(MemoryStore):
+    """A memory store whose clock crosses ACCEPT_WINDOW between two readings of one request."""
+
+    def __init__(self) -> None:
+        super().__init__("memory://edge")
+        self.readings: list[float] = []
+
+    def now(self) -> float:
+        created = min(op.created_at for op in self._records.values())
+        self.readings.append(created + ACCEPT_WINDOW + (-0.01 if not self.readings else 1.0))
+        return self.readings[-1]
+
+
+def test_a_retry_at_the_end_of_the_accept_window_is_answered_as_submit_decided() -> None:
+    """The first request recorded its operation and died before publishing. A retry just before ACCEPT_WINDOW ran
+    out is not published again (the first may still be at it): it must hear 409 "in use", decided on the same
+    reading of the clock. Read again a moment later, past the window, it would hear a 202 replay, and no message
+    would be on its way."""
+    from celery import Celery
+
+    from idemtasks import IdempotentTask
+    from idemtasks.http.endpoint import Endpoint, IncomingRequest
+
+    store = EdgeClock()
+    app = Celery("edge", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue="edge")
+    published: list[str] = []
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name="edge.t")
+    def t(amount: int) -> int:
+        return amount
+
+    def dies_before_publishing(op: Operation, *args: object, **kwargs: object) -> None:
+        return None
+
+    def publishes(op: Operation, *args: object, **kwargs: object) -> None:
+        published.append(op.id)
+
+    endpoint = Endpoint(store)
+    req = IncomingRequest("POST", "/p", "/p", "", b'{"amount": 1}',
+                          {"Idempotency-Key": "k", "Content-Type": "application/json"}, "alice")
+    t.publish = dies_before_publishing
+    assert endpoint.submit(req, t, (1,)).status == 202
+    t.publish = publishes
+
+    reply = endpoint.submit(req, t, (1,))
+
+    assert (reply.status, published) == (409, []), (reply.status, reply.body, store.readings)
+    assert len(store.readings) == 1

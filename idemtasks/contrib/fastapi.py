@@ -128,9 +128,9 @@ class Idempotency:
             except IdempotencyKeyMismatch as exc:  # perhaps a fingerprint of an earlier version (see Endpoint)
                 sub = await submit_async(task, args, kwargs, key=key, scope=scope,
                                          fingerprint=earlier(req, policy, exc), store=astore, **options)
-            now = sub.operation.updated_at
-            if not sub.created and sub.operation.needs_publish:  # only then does the answer depend on the clock
-                now = await astore.now()
+            now = sub.operation.updated_at if sub.checked_at is None else sub.checked_at  # see accept_clock
+            if sub.checked_at is None and not sub.created and sub.operation.needs_publish:
+                now = await astore.now()  # only then does the answer depend on the clock
         except ConfigurationError:
             raise  # a programming error: the framework's 500, with its traceback (see Endpoint.submit)
         except IdemtasksError as exc:
