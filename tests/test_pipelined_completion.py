@@ -205,8 +205,10 @@ def test_a_completion_whose_connection_is_killed_before_it_ran_is_sent_again(pri
     admin = redis.Redis.from_url(private_redis.url)
     try:
         op, settled = held(store, "k"), Settled()
-        # Hold every write, so the completion sits unrun in the server while its connection is killed under it.
-        admin.execute_command("CLIENT", "PAUSE", "800", "WRITE")
+        # Hold every write, so the completion sits unrun in the server while its connection is killed under it. The
+        # resend waits out the rest of the pause: under RENEW_TIMEOUT, after which a resend gives way to the
+        # settler's next try (the settler here only records what reaches it).
+        admin.execute_command("CLIENT", "PAUSE", "450", "WRITE")
         finish_pipelined(store, op, settled)
         time.sleep(0.05)
         admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
@@ -330,7 +332,9 @@ def test_a_read_waits_for_the_completion_the_collector_is_sending_again(private_
     lane = store._lane()
     assert lane is not None
     port = lane.connection._sock.getsockname()[1]
-    admin.execute_command("CLIENT", "PAUSE", "800", "WRITE")  # scripts that write wait; reads go on
+    # Scripts that write wait, reads go on: the resend still waits when the read comes, and lands before
+    # RENEW_TIMEOUT, after which it would give way to the settler's next try (which this one only records).
+    admin.execute_command("CLIENT", "PAUSE", "450", "WRITE")
     settled = Settled()
     finish_pipelined(store, op, settled)
     time.sleep(0.05)
