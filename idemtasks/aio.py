@@ -11,7 +11,8 @@ import abc
 import asyncio
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .config import ACCEPT_WINDOW
 from .errors import IdempotencyKeyMismatch
@@ -27,7 +28,10 @@ from .identity import (
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 from .stores.base import CreateRequest
+from .stores.lanes import pooled_only
 from .task import message_due, record_ttl
+
+_T = TypeVar("_T")
 
 __all__ = ["AsyncStore", "ThreadedAsyncStore", "async_store_for", "submit_async"]
 
@@ -65,19 +69,25 @@ class AsyncStore(abc.ABC):
 
 
 class ThreadedAsyncStore(AsyncStore):
-    """Any synchronous store, its calls moved off the event loop onto worker threads."""
+    """Any synchronous store, its calls moved off the event loop onto worker threads. Those threads open no lanes
+    (see :func:`~idemtasks.stores.lanes.pooled_only`): every executor thread would otherwise keep a connection."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     async def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
-        return await asyncio.to_thread(self.store._create, req)
+        return await asyncio.to_thread(_pooled, self.store._create, req)
 
     async def _get(self, digest: str) -> Operation | None:
-        return await asyncio.to_thread(self.store._get, digest)
+        return await asyncio.to_thread(_pooled, self.store._get, digest)
 
     async def now(self) -> float:
-        return await asyncio.to_thread(self.store.now)
+        return await asyncio.to_thread(_pooled, self.store.now)
+
+
+def _pooled(call: Callable[..., _T], *args: Any) -> _T:
+    with pooled_only():
+        return call(*args)
 
 
 _async_stores: dict[tuple[int, int, str], AsyncStore] = {}

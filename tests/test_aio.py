@@ -73,6 +73,8 @@ async def _creates_through_the_store_itself(store: Any) -> None:
     assert type(astore).__name__ == "ThreadedAsyncStore"
     sub = await astore.create("s", "k", "t", "fp", ttl=60)
     assert sub.created and store.get_by_id(sub.operation.id) == sub.operation
+    # Nor does an executor thread keep a connection of its own (a lane) outside the pool, for as long as it lives.
+    assert not getattr(store, "_all_lanes", ())
 
 
 def test_a_redis_store_on_the_applications_own_client_is_used_as_it_is() -> None:

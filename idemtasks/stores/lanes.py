@@ -20,19 +20,41 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
-__all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "published_answer", "resolve_all",
-           "settle_own_writes"]
+__all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "opens_lanes", "pooled_only",
+           "published_answer", "resolve_all", "settle_own_writes"]
 
 logger = logging.getLogger("idemtasks.store")
 
 #: How long an unanswered completion may wait for the next claim before the collector thread reads its answer.
 COLLECT_AFTER = 0.1
+
+
+_pooled = threading.local()
+
+
+@contextmanager
+def pooled_only() -> Iterator[None]:
+    """Within this context, this thread opens no lane: its calls take a pooled connection and give it back. For
+    threads that run a few calls for many requests (an event loop's executor, see ``ThreadedAsyncStore``), where a
+    lane would hold a connection of its own per thread for the thread's whole life, outside the pool's limits."""
+    outer = getattr(_pooled, "on", False)
+    _pooled.on = True
+    try:
+        yield
+    finally:
+        _pooled.on = outer
+
+
+def opens_lanes() -> bool:
+    """Whether this thread may open a lane (see :func:`pooled_only`)."""
+    return not getattr(_pooled, "on", False)
 
 
 def lanes_supported() -> bool:

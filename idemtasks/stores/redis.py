@@ -39,7 +39,7 @@ from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Ta
 from . import public_url
 from . import redis_scripts as lua
 from .base import PURGE_GRACE, RENEW_TIMEOUT, ClaimRequest, CreateRequest, FinishRequest, Store
-from .lanes import published_answer, settle_own_writes
+from .lanes import opens_lanes, published_answer, settle_own_writes
 from .redis_lane import Lane, client_retry, lanes_supported
 
 __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
@@ -231,7 +231,7 @@ class RedisStore(Store):
         lane: Lane | None = getattr(self._local, "lane", None)
         if lane is not None and lane.pid == os.getpid():  # a forked child never touches its parent's socket
             return lane
-        if not self._lanes:
+        if not self._lanes or not opens_lanes():
             return None
         pool = self.client.connection_pool
         # No health-check PING: it would read a pipelined completion's answer as its PONG.

@@ -38,7 +38,7 @@ from ..errors import StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
-from .lanes import lanes_supported, published_answer, settle_own_writes
+from .lanes import lanes_supported, opens_lanes, published_answer, settle_own_writes
 from .sql_schema import add_missing_columns, create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
@@ -311,6 +311,8 @@ class SQLStore(Store):
         lane: PGLane | None = getattr(self._local, "lane", None)
         if lane is not None and lane.pid == os.getpid() and not lane.broken:
             return lane
+        if not opens_lanes():
+            return None
         from .sql_lane import PGLane
 
         dbapi: Any = None
