@@ -67,9 +67,16 @@ class Outbox:
         op, _ = decide_create(None, req, now)
         values = {**store._row_values(op, digest), "payload": call}
         try:
-            # A savepoint: a duplicate key must not abort the caller's whole transaction (PostgreSQL would).
-            with conn.begin_nested():
+            if conn.dialect.name == "sqlite":
+                # No savepoint: a failed statement leaves SQLite's transaction as it was. And an application's own
+                # engine may leave transactions to Python's sqlite3, which begins one only at a write: a savepoint
+                # taken first would start one of its own and commit the operation on release, whatever the
+                # handler's transaction does next.
                 conn.execute(t.insert().values(**values))
+            else:
+                # A savepoint: a duplicate key must not abort the caller's whole transaction (PostgreSQL would).
+                with conn.begin_nested():
+                    conn.execute(t.insert().values(**values))
             return Staged(op, True, task, args, kwargs)
         except IntegrityError:
             pass

@@ -104,3 +104,23 @@ def test_repeat_in_a_later_transaction_replays_and_mismatch_is_refused(sql_store
         assert not again.created and again.operation.id == first.operation.id
         with pytest.raises(IdempotencyKeyMismatch):
             outbox.stage(conn, ship, ("o5",), key="order-o4")
+
+
+@pytest.mark.parametrize("own_engine", [False, True], ids=["stores_engine", "applications_engine"])
+def test_staged_before_the_handlers_first_write_a_rollback_leaves_neither(sql_store: SQLStore,
+                                                                           own_engine: bool) -> None:
+    """Python's sqlite3 driver begins a transaction only at the first write: a savepoint taken before it would start
+    one of its own, and its release would commit the operation whatever the handler's transaction does next. Also
+    on an engine the application built itself, which idemtasks does not configure."""
+    _, ship, orders, _ = setup(sql_store)
+    engine = sa.create_engine(sql_store.engine.url) if own_engine else sql_store.engine
+    try:
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            staged = Outbox(sql_store).stage(conn, ship, ("o6",), key="order-o6")
+            conn.execute(orders.insert().values(id="o6"))
+            raise RuntimeError("the handler failed after staging")
+    finally:
+        if own_engine:
+            engine.dispose()
+    assert count(sql_store, orders) == 0
+    assert sql_store.get_by_id(staged.operation.id) is None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 
 from idemtasks import IdempotentTask, OperationFailed, Status
@@ -113,3 +114,22 @@ def test_a_takeover_after_a_sealed_failure_stores_that_failure_without_running(r
     assert op is not None and op.status is Status.FAILED
     assert op.error is not None and (op.error.type, op.error.message) == ("Declined", "card declined")
     assert rig.runs[key] == 0
+
+
+def test_on_sqlite_a_savepoint_before_the_bodys_first_write_is_part_of_its_transaction(tmp_path: Path) -> None:
+    """Python's sqlite3 driver begins a transaction only at the first write, so a savepoint taken before it (a body
+    catching a duplicate key around its first insert) would start one of its own, and its release would commit it:
+    the body's failure, or a takeover's rollback, would leave that write behind, and a second attempt would make it
+    twice. Every statement of the body is in the one transaction that commits with its marker, or rolls back."""
+    ledger = EffectsLedger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    accounts.create(ledger.engine)
+    try:
+        with pytest.raises(RuntimeError), ledger.transaction() as conn:
+            with conn.begin_nested():
+                conn.execute(accounts.insert().values(id=1))
+            raise RuntimeError("declined after the first write")
+        with ledger.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(accounts)).scalar_one() == 0
+    finally:
+        ledger.engine.dispose()

@@ -154,6 +154,7 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
     engine = sa.create_engine(u, **kwargs)
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine, "begin", _sqlite_begin)
     elif not kwargs.get("pool_pre_ping"):
         ping_when_idle(engine)
     dispose_after_fork(engine)
@@ -198,10 +199,21 @@ def ping_when_idle(engine: sa.Engine) -> None:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Python's sqlite3 begins a transaction only before a write, on its own: a SAVEPOINT before the first write
+    # would start one of its own, and its RELEASE commit it (a body's first insert, taken under a savepoint, would
+    # outlive the body's rollback), and reads before the first write would be outside the transaction. The driver
+    # is told to leave transactions alone, and each one begins when SQLAlchemy's does (see _sqlite_begin).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer; several processes share the file
     cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints, not every commit: WAL's usual trade
     cur.close()
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    # Deferred, as the driver's own: the write lock is taken by the first write, and waited for there (the busy
+    # timeout), which is where the store's statements read the clock (see Statements.now).
+    conn.exec_driver_sql("BEGIN")
 
 
 _forked_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
