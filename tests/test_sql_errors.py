@@ -59,6 +59,14 @@ def test_postgresql_a_statement_timeout_is_an_outage(postgres: sa.Engine) -> Non
     assert is_outage(exc)
 
 
+def test_postgresql_a_read_only_server_is_an_outage_though_psycopg_files_it_as_internal(postgres: sa.Engine) -> None:
+    """A standby during a failover refuses writes with 25006, which psycopg raises as an InternalError: the class
+    alone would make the store answer 500 (and a transactional body's payment fail) instead of waiting it out."""
+    exc = _error(postgres, "SET TRANSACTION READ ONLY", "CREATE TABLE ro_probe (i int)")
+    assert isinstance(exc, sa.exc.InternalError)
+    assert is_outage(exc)
+
+
 def test_postgresql_an_unreachable_server_is_an_outage() -> None:
     from tests.private_redis import free_port
 

@@ -79,11 +79,15 @@ def is_outage(exc: BaseException) -> bool:
     """Whether a SQLAlchemy error means "the database is unreachable for now" (a restart, a killed connection, an
     exhausted pool, a deadlock broken by the server) rather than a fault of the statement. The store, the effects
     ledger and a transactional body's failures all go by this one rule. An ``OperationalError`` is judged by its
-    driver's error code (see :mod:`.sql_errors`): a CHECK violation is one too, on MariaDB."""
+    driver's error code (see :mod:`.sql_errors`): a CHECK violation is one too, on MariaDB. So is an ``InternalError``,
+    where psycopg files a read-only server's refusal."""
     if isinstance(exc, _OUTAGES) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated):
         return True
     if isinstance(exc, sa.exc.OperationalError):
         return driver_outage(exc.orig) is not False
+    if isinstance(exc, sa.exc.InternalError):
+        # psycopg files a read-only transaction (25006, a standby during a failover) here; only a known code counts.
+        return driver_outage(exc.orig) is True
     return False
 
 
