@@ -53,15 +53,8 @@ class Outbox:
 
     def stage(self, conn: sa.Connection, task: Any, args: Any = None, kwargs: Any = None, *, key: str,
               scope: str | None = None) -> Staged:
-        """Record the operation in ``conn``'s transaction; a repeat of a live key returns it (``created=False``).
-
-        Raises :class:`ConfigurationError` if ``task`` uses another store: its workers would claim (and recovery
-        look for) the operation there, so one staged here and not published before a crash would be lost."""
+        """Record the operation in ``conn``'s transaction; a repeat of a live key returns it (``created=False``)."""
         task._settled()
-        if not _same_store(task.store, self.store):
-            raise ConfigurationError(f"task {task.name} uses another store than this outbox's ({self.store.url}, table "
-                                     f"{self.store.table.name}): its workers and recovery would never see what is "
-                                     f"staged here")
         key = validate_key(key)
         scope = validate_scope(scope if scope is not None else task.idempotency_scope)
         call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
@@ -96,8 +89,3 @@ class Outbox:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
                                          stored_fingerprint=existing.fingerprint, fingerprint=fp)
         return Staged(existing, False, task, args, kwargs)
-
-
-def _same_store(store: Any, outbox: SQLStore) -> bool:
-    return store is outbox or (isinstance(store, SQLStore) and store.table.name == outbox.table.name
-                               and store.engine.url == outbox.engine.url)
