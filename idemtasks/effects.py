@@ -90,8 +90,12 @@ class EffectsLedger:
 
         Only the database's own failures are wrapped; what the body raises passes through unchanged.
         """
+        from .stores.sql_schema import SQLITE_IMMEDIATE
+
         with _wrapped():
-            conn = self.engine.connect()
+            # On SQLite the body takes the write lock as it begins: a body that reads, then writes, would otherwise
+            # fail at once whenever another writer held the lock when it came to write (see SQLITE_IMMEDIATE).
+            conn = self.engine.connect().execution_options(**{SQLITE_IMMEDIATE: True})
             tx = conn.begin()
         try:
             yield conn

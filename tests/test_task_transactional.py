@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 import uuid
 from collections import Counter
@@ -77,7 +79,10 @@ def _run(rig: Rig, zombie: Operation, order: int) -> Any:
     return rig.task.apply((order,), task_id=zombie.id, headers=headers)
 
 
+@pytest.mark.parametrize("rig", ["postgres"], indirect=True)
 def test_a_zombie_commit_during_a_failing_takeover_is_adopted(rig: Rig) -> None:
+    """(Not on SQLite: there the body's transaction holds the database's write lock from its start, so a zombie's
+    commit waits until the body's transaction has ended, and cannot land in the middle of it.)"""
     zombie = _zombie(rig, key := f"order-{uuid.uuid4().hex}", 1)
     # While the new holder's body runs (and finds nothing in the ledger), the zombie commits; then the body fails.
     rig.meanwhile[key] = lambda: _zombie_commits(rig, zombie, '"A"')
@@ -133,3 +138,46 @@ def test_on_sqlite_a_savepoint_before_the_bodys_first_write_is_part_of_its_trans
             assert conn.execute(sa.select(sa.func.count()).select_from(accounts)).scalar_one() == 0
     finally:
         ledger.engine.dispose()
+
+
+def test_on_sqlite_a_body_that_reads_then_writes_waits_for_another_writer(tmp_path: Path) -> None:
+    """Its reads are in its transaction now; a deferred transaction that has read cannot wait for the write lock when
+    it comes to write, and would fail at once whenever a worker's claim or completion held it for a moment. The
+    body takes the lock as it begins, waiting its turn as any writer does."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = EffectsLedger(f"sqlite:///{path}")
+    accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    accounts.create(ledger.engine)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # a worker's write, under way
+    commit = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    commit.start()
+    try:
+        with ledger.transaction() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(accounts)).scalar_one() == 0
+            conn.execute(accounts.insert().values(id=1))
+        with ledger.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(accounts)).scalar_one() == 1
+    finally:
+        commit.join()
+        other.close()
+        ledger.engine.dispose()
+
+
+def test_on_sqlite_the_ledger_table_is_created_while_another_writer_holds_the_database(tmp_path: Path) -> None:
+    """Creating a missing table is a read, then CREATE: it waits for the write lock like any write, rather than
+    fail at once and run out of its few quick retries."""
+    path = tmp_path / "ledger.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA journal_mode=WAL")  # as the store leaves a database it opened
+    other.execute("CREATE TABLE app (i INTEGER)")
+    other.execute("BEGIN IMMEDIATE")
+    commit = threading.Timer(1.5, lambda: other.execute("COMMIT"))
+    commit.start()
+    try:
+        ledger = EffectsLedger(f"sqlite:///{path}")
+        assert sa.inspect(ledger.engine).has_table(ledger.table.name)
+        ledger.engine.dispose()
+    finally:
+        commit.join()
+        other.close()

@@ -58,8 +58,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .sql_errors import driver_outage
 
-__all__ = ["ALTER_LOCK_WAIT", "IDLE_BEFORE_PING", "PG_KEEPALIVES", "add_missing_columns", "create_tables", "is_outage",
-           "make_engine", "operations_table", "pg_connect_args", "ping_when_idle"]
+__all__ = ["ALTER_LOCK_WAIT", "IDLE_BEFORE_PING", "PG_KEEPALIVES", "SQLITE_IMMEDIATE", "add_missing_columns",
+           "create_tables", "is_outage", "make_engine", "operations_table", "pg_connect_args", "ping_when_idle"]
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
@@ -214,10 +214,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: Execution option: on SQLite, begin with ``BEGIN IMMEDIATE``, which waits (the busy timeout) for the database's
+#: write lock and holds it to the end. For a transaction that reads before it writes: a deferred one that has read
+#: cannot wait for the lock when it comes to write (another writer may have changed what it read), and fails at once.
+SQLITE_IMMEDIATE = "idemtasks_sqlite_immediate"
+
+
 def _sqlite_begin(conn: sa.Connection) -> None:
-    # Deferred, as the driver's own: the write lock is taken by the first write, and waited for there (the busy
-    # timeout), which is where the store's statements read the clock (see Statements.now).
-    conn.exec_driver_sql("BEGIN")
+    # Otherwise deferred, as the driver's own: a single-statement write takes the lock with that statement, and
+    # waits for it there, which is where the store's statements read the clock (see Statements.now).
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(SQLITE_IMMEDIATE) else "BEGIN")
 
 
 _forked_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
@@ -248,7 +254,8 @@ def create_tables(engine: sa.Engine, tables: Sequence[sa.Table], *, attempts: in
     one then fail (PostgreSQL with DuplicateTable, or a unique violation on ``pg_type`` when the two CREATEs overlap;
     MariaDB with "table exists"). The losers try again, and the check then finds the table made.
     """
-    _retrying(lambda: tables[0].metadata.create_all(engine, tables=list(tables), checkfirst=True), attempts)
+    writer = engine.execution_options(**{SQLITE_IMMEDIATE: True})  # a read, then CREATE (see SQLITE_IMMEDIATE)
+    _retrying(lambda: tables[0].metadata.create_all(writer, tables=list(tables), checkfirst=True), attempts)
 
 
 def _retrying(work: Callable[[], _T], attempts: int) -> _T:
