@@ -69,6 +69,13 @@ class TestKeys:
         with pytest.raises(InvalidKey):
             read_key({"Idempotency-Key": bad}, POLICY)
 
+    def test_two_headers_that_name_different_keys_are_refused(self) -> None:
+        """Which one would the client retry with? Neither can be chosen without guessing, as with a repeated header.
+        Both naming the same key is one key."""
+        with pytest.raises(InvalidKey, match="different idempotency keys"):
+            read_key({"Idempotency-Key": "k1", "X-Idempotency-Key": "k2"}, POLICY)
+        assert read_key({"Idempotency-Key": "k1", "X-Idempotency-Key": " k1 "}, POLICY) == "k1"
+
     def test_header_names_are_configurable(self) -> None:
         policy = HttpPolicy(header_names=("Request-Id",))
         assert read_key({"Request-Id": "r1", "Idempotency-Key": "ignored"}, policy) == "r1"

@@ -222,24 +222,30 @@ def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
     """The request's idempotency key, ``None`` if absent; raises :class:`InvalidKey` if present but unusable.
 
     HTTP keys are stricter than the core's: printable ASCII only, since header values in other encodings are
-    read differently by different servers and proxies.
+    read differently by different servers and proxies. A request that names two different keys (``Idempotency-Key``
+    and ``X-Idempotency-Key``, say) has no single one, and is refused like one that repeats a header.
     """
+    found: list[tuple[str, str]] = []
     for name in policy.header_names:
         try:
             value = single(headers, name)
         except RepeatedHeader as exc:
             raise InvalidKey(f"the request repeats its {name} header", value=None) from exc
-        if value is None:
-            continue
-        value = value.strip()
-        if not value:
-            raise InvalidKey("the idempotency key is empty", value=value)
-        if len(value) > MAX_KEY_LENGTH:
-            raise InvalidKey(f"the idempotency key is longer than {MAX_KEY_LENGTH} characters", value=value)
-        if not all(" " <= ch <= "~" for ch in value):
-            raise InvalidKey("the idempotency key must be printable ASCII", value=value)
-        return value
-    return None
+        if value is not None:
+            found.append((name, value.strip()))
+    if not found:
+        return None
+    (_, value), *others = found
+    if any(other != value for _, other in others):
+        raise InvalidKey(f"the request names different idempotency keys in {', '.join(n for n, _ in found)}",
+                         value=None)
+    if not value:
+        raise InvalidKey("the idempotency key is empty", value=value)
+    if len(value) > MAX_KEY_LENGTH:
+        raise InvalidKey(f"the idempotency key is longer than {MAX_KEY_LENGTH} characters", value=value)
+    if not all(" " <= ch <= "~" for ch in value):
+        raise InvalidKey("the idempotency key must be printable ASCII", value=value)
+    return value
 
 
 def _caller_id(caller: str | None) -> str:
