@@ -27,7 +27,7 @@ from ..aio import AsyncStore, async_store_for, submit_async
 from ..errors import ConfigurationError, IdempotencyKeyMismatch, IdemtasksError
 from ..http import core
 from ..http.core import HttpPolicy, InvalidCredentials, Reply, RequestHeaders
-from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length, earlier
+from ..http.endpoint import Caller, Endpoint, IncomingRequest, bearer_caller, declared_length, earlier, known_clock
 from ..http.forms import FORM_BODY, Upload, body_consumed, is_form, parsed_form_body, upload_digest
 from ..stores import Store
 
@@ -128,9 +128,9 @@ class Idempotency:
             except IdempotencyKeyMismatch as exc:  # perhaps a fingerprint of an earlier version (see Endpoint)
                 sub = await submit_async(task, args, kwargs, key=key, scope=scope,
                                          fingerprint=earlier(req, policy, exc), store=astore, **options)
-            now = sub.operation.updated_at if sub.checked_at is None else sub.checked_at  # see accept_clock
-            if sub.checked_at is None and not sub.created and sub.operation.needs_publish:
-                now = await astore.now()  # only then does the answer depend on the clock
+            now = known_clock(sub)
+            if now is None:  # only then does the answer depend on a reading of the clock
+                now = await astore.now()
         except ConfigurationError:
             raise  # a programming error: the framework's 500, with its traceback (see Endpoint.submit)
         except IdemtasksError as exc:

@@ -180,10 +180,15 @@ def earlier(req: IncomingRequest, policy: HttpPolicy, exc: IdempotencyKeyMismatc
 
 
 def accept_clock(sub: Submission, now: Callable[[], float]) -> float:
-    """The store's time, read only when the answer depends on it: a replay of an operation still being accepted.
-    The reading ``submit`` decided on, where it read one: read again a moment later, past ACCEPT_WINDOW, the answer
-    would be a replay of an operation that ``submit`` decided not to publish yet."""
-    op = sub.operation
+    """The store's time, read only when the answer depends on it: a replay of an operation still being accepted."""
+    known = known_clock(sub)
+    return now() if known is None else known
+
+
+def known_clock(sub: Submission) -> float | None:
+    """The time the answer to ``sub`` is decided on, if no reading of the store's clock is needed (``None``: read
+    it). The reading ``submit`` decided on, where it read one: read again a moment later, past ACCEPT_WINDOW, the
+    answer would be a replay of an operation that ``submit`` decided not to publish yet."""
     if sub.checked_at is not None:
         return sub.checked_at
-    return now() if not sub.created and op.needs_publish else op.updated_at
+    return None if not sub.created and sub.operation.needs_publish else sub.operation.updated_at

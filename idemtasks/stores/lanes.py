@@ -21,14 +21,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
 __all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "opens_lanes", "pooled_only",
-           "published_answer", "resolve_all", "settle_own_writes"]
+           "published_answer", "resolve_all", "settle_own_writes", "thread_flag"]
 
 logger = logging.getLogger("idemtasks.store")
 
@@ -40,16 +40,22 @@ _pooled = threading.local()
 
 
 @contextmanager
-def pooled_only() -> Iterator[None]:
-    """Within this context, this thread opens no lane: its calls take a pooled connection and give it back. For
-    threads that run a few calls for many requests (an event loop's executor, see ``ThreadedAsyncStore``), where a
-    lane would hold a connection of its own per thread for the thread's whole life, outside the pool's limits."""
-    outer = getattr(_pooled, "on", False)
-    _pooled.on = True
+def thread_flag(local: threading.local, name: str) -> Iterator[None]:
+    """Set this thread's flag ``name`` (an attribute of ``local``) for the context, then put back what it was, so
+    that such contexts nest."""
+    outer = getattr(local, name, False)
+    setattr(local, name, True)
     try:
         yield
     finally:
-        _pooled.on = outer
+        setattr(local, name, outer)
+
+
+def pooled_only() -> AbstractContextManager[None]:
+    """Within this context, this thread opens no lane: its calls take a pooled connection and give it back. For
+    threads that run a few calls for many requests (an event loop's executor, see ``ThreadedAsyncStore``), where a
+    lane would hold a connection of its own per thread for the thread's whole life, outside the pool's limits."""
+    return thread_flag(_pooled, "on")
 
 
 def opens_lanes() -> bool:

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -39,7 +39,7 @@ from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Ta
 from . import public_url
 from . import redis_scripts as lua
 from .base import PURGE_GRACE, RENEW_TIMEOUT, ClaimRequest, CreateRequest, FinishRequest, Store
-from .lanes import opens_lanes, published_answer, settle_own_writes
+from .lanes import opens_lanes, published_answer, settle_own_writes, thread_flag
 from .redis_lane import Lane, client_retry, lanes_supported
 
 __all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
@@ -268,7 +268,7 @@ class RedisStore(Store):
     def _finish(self, req: FinishRequest) -> bool:
         with self._call():
             return bool(self._finish_script(keys=[self.record_key(req.digest), *self._indexes],
-                                            args=finish_args(req), client=self._prompt_client()))
+                                            args=finish_args(req), client=self._client_of_call()))
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,
@@ -292,23 +292,19 @@ class RedisStore(Store):
                            "or carried over", self.url, self._store_error(exc))
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
-        with self.promptly(), self._call():
+        with self._call():  # always promptly (see Store.promptly)
             return bool(self._renew_script(keys=[self.record_key(digest)], client=self._prompt_client(),
                                            args=[tail(digest, operation_id), str(token), repr(lease), repr(ttl)]))
 
-    @contextmanager
-    def promptly(self) -> Iterator[None]:
-        outer = getattr(self._local, "prompt", False)
-        self._local.prompt = True
-        try:
-            yield
-        finally:
-            self._local.prompt = outer
+    def promptly(self) -> AbstractContextManager[None]:
+        return thread_flag(self._local, "prompt")
+
+    def _client_of_call(self) -> Any:
+        """The short-timeout client for a call made :meth:`promptly`, or ``None`` (a script's own client)."""
+        return self._prompt_client() if getattr(self._local, "prompt", False) else None
 
     def _prompt_client(self) -> Any:
-        """The client of a call made :meth:`promptly`, or ``None`` (a script's own client) for any other."""
-        if not getattr(self._local, "prompt", False):
-            return None
+        """The client whose calls wait at most RENEW_TIMEOUT, built on first use."""
         with self._prompt_lock:
             if self._prompt is None:
                 try:
@@ -390,7 +386,7 @@ class RedisStore(Store):
 
     def _get(self, digest: str) -> Operation | None:
         with self._call():
-            flat = self._get_script(keys=[self.record_key(digest)], client=self._prompt_client())
+            flat = self._get_script(keys=[self.record_key(digest)], client=self._client_of_call())
         return parse_record(flat, digest) if flat else None
 
     def now(self) -> float:
