@@ -18,8 +18,9 @@ from idemtasks.errors import StoreUnavailable
 from idemtasks.execution import _SETTLE_DELAYS
 from idemtasks.lease import RENEW_RETRY_MAX, LeaseKeeper
 from idemtasks.models import ClaimOutcome, Status
-from idemtasks.stores.base import MIN_CONFIRM_AFTER, RENEW_TIMEOUT
+from idemtasks.stores.base import MIN_CONFIRM_AFTER, RENEW_TIMEOUT, Store
 from idemtasks.stores.redis import RedisStore
+from idemtasks.stores.sql import SQLStore
 
 from . import services
 from .blackhole import Blackhole
@@ -40,12 +41,43 @@ def _redis_pair(relay_to: Callable[[str], tuple[Blackhole, str]], server: str = 
     return relay, RedisStore(url + query, namespace=namespace), RedisStore(server, namespace=namespace)
 
 
+def _store_pair(relay_to: Callable[[str], tuple[Blackhole, str]], backend: str) -> tuple[Blackhole, Store, Store]:
+    if backend == "redis":
+        return _redis_pair(relay_to)
+    service, server = {"postgres": ("postgres", services.POSTGRES_URL), "mysql": ("mysql", services.MYSQL_URL)}[backend]
+    services.require(service)
+    relay, url = relay_to(server)
+    table = f"lost_{uuid.uuid4().hex[:12]}"
+    other = SQLStore(server, table=table)
+    return relay, SQLStore(url, table=table, create_schema=False), other
+
+
+def _drop(store: Store) -> None:
+    if isinstance(store, SQLStore):
+        store.table.drop(store.engine)
+    store.close()
+
+
+BACKENDS = ["redis", "postgres", "mysql"]
+
+
 @pytest.mark.parametrize("query", ["", "?socket_timeout=5&socket_connect_timeout=5"], ids=["url", "url_timeouts"])
 def test_a_holder_whose_renewal_was_lost_renews_within_the_grace_once_packets_flow_again(
         blackhole: Callable[[str], tuple[Blackhole, str]], query: str) -> None:
     """Also when the store's URL sets socket timeouts of its own, which redis-py lets override its arguments."""
-    relay, holder, other = _redis_pair(blackhole, query=query)
-    keeper = LeaseKeeper()
+    _renews_within_the_grace(*_redis_pair(blackhole, query=query))
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_a_sql_holder_whose_renewal_was_lost_renews_within_the_grace_once_packets_flow_again(
+        blackhole: Callable[[str], tuple[Blackhole, str]], backend: str) -> None:
+    """Neither libpq nor PyMySQL bounds the wait for an answer: the renewal lost in flight would wait until the
+    kernel gave its connection up, long after the grace."""
+    _renews_within_the_grace(*_store_pair(blackhole, backend))
+
+
+def _renews_within_the_grace(relay: Blackhole, holder: Store, other: Store) -> None:
+    keeper, hold = LeaseKeeper(), None
     try:
         op = holder.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=LEASE, ttl=60.0).operation
         hold = keeper.hold(holder, op, op.fencing_token, lease=LEASE, ttl=60.0)
@@ -60,17 +92,19 @@ def test_a_holder_whose_renewal_was_lost_renews_within_the_grace_once_packets_fl
 
         assert after_grace.outcome is ClaimOutcome.BUSY, "a live holder was taken over"
         assert after_grace.operation.lease_owner == "holder" and not hold.lost
-        keeper.release(hold)
     finally:
+        if hold is not None:
+            keeper.release(hold)
         holder.close()
-        other.close()
+        _drop(other)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_completion_the_keeper_holds_lands_within_the_grace_once_packets_flow_again(
-        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
+        blackhole: Callable[[str], tuple[Blackhole, str]], backend: str) -> None:
     """The body ended while packets were lost, so its outcome went to the keeper, which sends it again until it
     lands. It must land before the lapsed lease is taken over, or the body would run a second time."""
-    relay, holder, other = _redis_pair(blackhole)
+    relay, holder, other = _store_pair(blackhole, backend)
     keeper = LeaseKeeper()
     try:
         op = holder.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=LEASE, ttl=60.0).operation
@@ -90,7 +124,7 @@ def test_a_completion_the_keeper_holds_lands_within_the_grace_once_packets_flow_
         assert after_grace.operation.result == "paid" and after_grace.operation.fencing_token == op.fencing_token
     finally:
         holder.close()
-        other.close()
+        _drop(other)
 
 
 def test_whatever_sends_an_unrenewed_outcome_again_does_so_within_the_grace() -> None:

@@ -52,11 +52,12 @@ PURGE_GRACE = 600.0
 #: the store only for a while renews within the grace, with a retry and a round trip to spare.
 MIN_CONFIRM_AFTER = 2.0
 
-#: Longest wait (seconds) for the answer to a lease renewal, where the store can bound it (Redis: the renewals'
-#: socket timeout), before the keeper gives it up and sends it again on a new connection. A renewal sent while the
-#: network dropped packets waits for an answer that never comes; waiting the store's usual timeout (5 s on Redis,
-#: times redis-py's retries) could outlast the grace of :data:`MIN_CONFIRM_AFTER` after the network is back, and a
-#: live holder would be taken over. This, plus the keeper's longest pause between retries, is under that grace.
+#: Longest wait (seconds) for the answer to a lease renewal, where the store can bound it (Redis: the renewals' socket
+#: timeout; PostgreSQL and MariaDB: see :mod:`.sql_bounded`), before the keeper gives it up and sends it again on a new
+#: connection. A renewal sent while the network dropped packets waits for an answer that never comes; waiting the
+#: store's usual timeout (5 s on Redis, times redis-py's retries) could outlast the grace of :data:`MIN_CONFIRM_AFTER`
+#: after the network is back, and a live holder would be taken over. This, plus the keeper's longest pause between
+#: retries, is under that grace.
 RENEW_TIMEOUT = 0.5
 
 #: Seconds before its due time (``updated_at``) a pending operation may already be claimed. An operation given back
@@ -409,9 +410,9 @@ class Store(abc.ABC):
 
     def promptly(self) -> contextlib.AbstractContextManager[None]:
         """Within this context, this thread's renewals and completions wait at most :data:`RENEW_TIMEOUT` for the
-        store's answer where the backend can bound the wait (Redis), and fail as :class:`StoreUnavailable` after it.
-        The lease keeper's calls run so: it sends them again itself, on a new connection, within a suspected lease's
-        grace. Renewals run so always."""
+        store's answer where the backend can bound the wait (Redis, PostgreSQL, MariaDB), and fail as
+        :class:`StoreUnavailable` after it. The lease keeper's calls run so: it sends them again itself, on a new
+        connection, within a suspected lease's grace. Renewals run so always."""
         return contextlib.nullcontext()
 
     def now(self) -> float:

@@ -37,8 +37,18 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..errors import StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
-from .base import PURGE_GRACE, ClaimRequest, CreateRequest, FinishRequest, Store, decide_claim, decide_create
-from .lanes import lanes_supported, opens_lanes, published_answer, settle_own_writes
+from .base import (
+    PURGE_GRACE,
+    RENEW_TIMEOUT,
+    ClaimRequest,
+    CreateRequest,
+    FinishRequest,
+    Store,
+    decide_claim,
+    decide_create,
+)
+from .lanes import lanes_supported, opens_lanes, published_answer, settle_own_writes, thread_flag
+from .sql_bounded import BoundedCall, run_bounded
 from .sql_schema import add_missing_columns, create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
@@ -139,7 +149,12 @@ class SQLStore(Store):
         atomic on its own, and skipping BEGIN and COMMIT saves two network round trips per state change."""
         engine = self._autocommit if single else self.engine
         with self._guarded(retry=retry), self._serial, engine.begin() as conn:
-            yield conn
+            call: BoundedCall | None = getattr(self._local, "bounded", None)
+            if call is None:
+                yield conn
+            else:
+                with call.watching(conn):  # a bounded call given up cuts this connection (see sql_bounded)
+                    yield conn
 
     def _run(self, conn: sa.Connection, stmt: sa.Executable, params: dict[str, Any]) -> sa.CursorResult[Any]:
         self.round_trips += 1
@@ -375,7 +390,21 @@ class SQLStore(Store):
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
         params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_lease=lease,
                                  p_ttl=ttl)
-        return self._count(self.sql.renew, params) == 1
+        with self.promptly():  # always (see Store.promptly)
+            return self._count(self.sql.renew, params) == 1
+
+    def promptly(self) -> contextlib.AbstractContextManager[None]:
+        # Not on SQLite: a file, whose only wait is for the write lock. A call given up there could not be cut, and
+        # one more would pile up behind it every time the keeper sent it again.
+        return contextlib.nullcontext() if self.dialect == "sqlite" else thread_flag(self._local, "prompt")
+
+    def _bounded(self, fn: Callable[..., _R], *args: Any) -> _R:
+        """``fn(*args)`` on a thread of its own, waited for at most RENEW_TIMEOUT (see :mod:`.sql_bounded`)."""
+        def on_its_thread(call: BoundedCall) -> _R:
+            self._local.bounded = call  # a thread of its own: its _tx watches the connection it checks out
+            return fn(*args)
+
+        return run_bounded(on_its_thread, timeout=RENEW_TIMEOUT, name=f"SQL store {self.url}")
 
     def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
         params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_delay=delay)
@@ -406,6 +435,8 @@ class SQLStore(Store):
         return Takeover.SUSPECTED if self._count(self.sql.suspect, params) == 1 else Takeover.ALIVE
 
     def _count(self, stmt: sa.Executable, params: dict[str, Any]) -> int:
+        if getattr(self._local, "prompt", False):  # the new thread's flag is unset: there it runs as below
+            return self._bounded(self._count, stmt, params)
         # rowcount is the number of rows matched (SQLAlchemy asks MySQL drivers for FOUND_ROWS), and it is reliable
         # for plain UPDATE/DELETE on every driver here, unlike for INSERT … ON CONFLICT DO NOTHING on psycopg.
         with self._tx() as conn:
@@ -414,6 +445,8 @@ class SQLStore(Store):
     # ----------------------------------------------------------------- reads
 
     def _get(self, digest: str) -> Operation | None:
+        if getattr(self._local, "prompt", False):  # as in _count
+            return self._bounded(self._get, digest)
         with self._tx() as conn:
             row = self._run(conn, *self.get_statement(digest)).first()
         return None if row is None else self._op(row)
