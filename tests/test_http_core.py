@@ -69,6 +69,13 @@ class TestKeys:
         with pytest.raises(InvalidKey):
             read_key({"Idempotency-Key": bad}, POLICY)
 
+    @pytest.mark.parametrize("joined", ["k1, k2", "k1,k2", "k1,"])
+    def test_a_key_with_a_comma_is_refused_since_it_may_be_two_keys_joined(self, joined: str) -> None:
+        """WSGI servers (and any proxy, RFC 9110 5.3) join a repeated header into one, with commas: read as one key,
+        a request that sent two would be an operation of its own, a replay of neither."""
+        with pytest.raises(InvalidKey, match="comma"):
+            read_key({"Idempotency-Key": joined}, POLICY)
+
     def test_two_headers_that_name_different_keys_are_refused(self) -> None:
         """Which one would the client retry with? Neither can be chosen without guessing, as with a repeated header.
         Both naming the same key is one key."""

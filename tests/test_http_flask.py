@@ -140,6 +140,16 @@ class TestFlask(HttpRules):
         assert served.v1.send("GET", f"/operations/{r.json()['id']}", b"", {"X-Tenant": "acme"}).status_code == 404
 
 
+    def test_a_repeated_key_header_is_refused_not_read_as_one_joined_key(self, served: Served) -> None:
+        """Werkzeug, like a WSGI server, joins the two headers into "k1, k2"."""
+        a = acct()
+        r = served.app.test_client().post(
+            "/payments", data=json.dumps({"account": a, "amount": 5}),
+            headers=[("Authorization", "Bearer alice"), ("Idempotency-Key", "k1-" + a), ("Idempotency-Key", "k2-" + a),
+                     ("Content-Type", "application/json")])
+        assert r.status_code == 400 and r.get_json()["code"] == "idempotency_key_invalid"
+        assert served.api.runs[a] == 0
+
     def test_under_a_script_name_the_location_leads_to_the_status_route(self, served: Served) -> None:
         """A WSGI server mounting the application at /api hands it SCRIPT_NAME=/api: Location must start with it."""
         client = Client(DispatcherMiddleware(NotFound(), {"/api": served.app.wsgi_app}))

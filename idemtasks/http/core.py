@@ -10,7 +10,7 @@ first request                                          202         (body: the op
 replay, operation pending or running                   202         ``Idempotent-Replayed: true``
 replay, operation succeeded / failed                   200 / 200   ``Idempotent-Replayed: true``
 key missing on an endpoint that requires one           400         ``idempotency_key_required``
-key invalid (empty, > 255, not printable ASCII)        400         ``idempotency_key_invalid``
+key invalid (empty, > 255, not printable ASCII, ",")   400         ``idempotency_key_invalid``
 Authorization unreadable (bad Basic, empty Bearer)     400         ``credentials_invalid``
 same key, different request                            422 (409)   ``idempotency_key_mismatch``
 same key, first request still being accepted           409         ``idempotency_key_in_use``
@@ -222,8 +222,9 @@ def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
     """The request's idempotency key, ``None`` if absent; raises :class:`InvalidKey` if present but unusable.
 
     HTTP keys are stricter than the core's: printable ASCII only, since header values in other encodings are
-    read differently by different servers and proxies. A request that names two different keys (``Idempotency-Key``
-    and ``X-Idempotency-Key``, say) has no single one, and is refused like one that repeats a header.
+    read differently by different servers and proxies, and no comma. A request that names two different keys
+    (``Idempotency-Key`` and ``X-Idempotency-Key``, say) has no single one, and is refused like one that repeats a
+    header.
     """
     found: list[tuple[str, str]] = []
     for name in policy.header_names:
@@ -245,6 +246,11 @@ def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
         raise InvalidKey(f"the idempotency key is longer than {MAX_KEY_LENGTH} characters", value=value)
     if not all(" " <= ch <= "~" for ch in value):
         raise InvalidKey("the idempotency key must be printable ASCII", value=value)
+    if "," in value:
+        # HTTP lets a server or a proxy join a repeated header into one, separated by commas (RFC 9110, 5.3), and
+        # WSGI servers do: "k1, k2" may be a request that sent two keys, which has no single one.
+        raise InvalidKey("the idempotency key contains a comma, which cannot be told from two keys joined into one "
+                         "header", value=value)
     return value
 
 
