@@ -295,13 +295,14 @@ class Store(abc.ABC):
             try:
                 # Promptly: nothing renews this lease any more (its task has moved on), so a resend lost in flight
                 # must give way to the settler's next try before a lapsed lease's grace is over (see RENEW_TIMEOUT).
+                lost = None
                 with self.promptly():
                     if isinstance(answer, int):
                         lost = self._refusal(req, again=False)
-                        if lost is not None:
-                            settle(lost)
                     else:
                         self._finish_or_raise(req, again=True)
+                if lost is not None:
+                    settle(lost)
             except IdemtasksError as exc:
                 settle(exc)
             except BaseException as exc:

@@ -48,7 +48,7 @@ from .base import (
     decide_create,
 )
 from .lanes import lanes_supported, opens_lanes, published_answer, settle_own_writes, thread_flag
-from .sql_bounded import BoundedCall, run_bounded
+from .sql_bounded import Bounds, watch_engine
 from .sql_schema import add_missing_columns, create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
@@ -105,6 +105,9 @@ class SQLStore(Store):
         self._serial: contextlib.AbstractContextManager[Any] = (
             threading.RLock() if isinstance(engine.pool, StaticPool) else contextlib.nullcontext())
         self._local = threading.local()
+        self._bounds = Bounds(f"SQL store {self.url}")
+        if self.dialect != "sqlite":
+            watch_engine(engine)  # lets a bounded call cut the connection it holds (see promptly)
         self._lane_sql: LaneStatements | None = None
         #: Every thread's lane, so that close() ends them all (a lane otherwise lives as long as its thread).
         self._all_lanes: weakref.WeakSet[PGLane] = weakref.WeakSet()
@@ -149,12 +152,7 @@ class SQLStore(Store):
         atomic on its own, and skipping BEGIN and COMMIT saves two network round trips per state change."""
         engine = self._autocommit if single else self.engine
         with self._guarded(retry=retry), self._serial, engine.begin() as conn:
-            call: BoundedCall | None = getattr(self._local, "bounded", None)
-            if call is None:
-                yield conn
-            else:
-                with call.watching(conn):  # a bounded call given up cuts this connection (see sql_bounded)
-                    yield conn
+            yield conn
 
     def _run(self, conn: sa.Connection, stmt: sa.Executable, params: dict[str, Any]) -> sa.CursorResult[Any]:
         self.round_trips += 1
@@ -400,11 +398,7 @@ class SQLStore(Store):
 
     def _bounded(self, fn: Callable[..., _R], *args: Any) -> _R:
         """``fn(*args)`` on a thread of its own, waited for at most RENEW_TIMEOUT (see :mod:`.sql_bounded`)."""
-        def on_its_thread(call: BoundedCall) -> _R:
-            self._local.bounded = call  # a thread of its own: its _tx watches the connection it checks out
-            return fn(*args)
-
-        return run_bounded(on_its_thread, timeout=RENEW_TIMEOUT, name=f"SQL store {self.url}")
+        return self._bounds.run(lambda: fn(*args), timeout=RENEW_TIMEOUT)
 
     def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
         params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_delay=delay)

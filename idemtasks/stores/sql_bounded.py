@@ -3,15 +3,18 @@ outcome nobody renews any more (see :meth:`Store.promptly <idemtasks.stores.base
 :data:`~idemtasks.stores.base.RENEW_TIMEOUT`).
 
 Neither libpq nor PyMySQL bounds the wait for an answer. A statement sent while the network dropped packets waits
-until the kernel gives the connection up (about a minute with the store's TCP settings, see ``PG_KEEPALIVES``), far
-past the grace after which a suspected lease is taken over, so a live holder whose renewal was lost would lose its
-operation, and its body would run a second time.
+until the kernel gives the connection up (about a minute on PostgreSQL with the store's TCP settings, see
+``PG_KEEPALIVES``; longer on MariaDB), far past the grace after which a suspected lease is taken over, so a live
+holder whose renewal was lost would lose its operation, and its body would run a second time.
 
-Such a call runs on a thread of its own and its caller waits for it at most the bound. After that the caller gets
-``StoreUnavailable`` and sends the call again itself, on another connection (the keeper and the settler do). The
-socket of the connection the given-up call is using is shut down, so that its thread ends at once and the connection
-is dropped rather than handed back to the pool. A given-up call that still lands is harmless: each of these calls
-is fenced on its token, and it is sent again anyway.
+Such a call runs on a thread of its own, and its caller waits for it at most the bound. After that the caller gets
+``StoreUnavailable`` and sends the call again itself (the keeper and the settler do). The connection the given-up
+call holds, from its checkout (and the ping an idle one gets then) to its return to the pool (after the COMMIT, on
+MariaDB), has its socket shut down, so that the call's thread ends at once; that connection alone is dropped, not
+every other one in the pool. A call given up while it connects, or while it waits for a free connection, cannot be
+cut: it ends with its connect timeout, and at most :data:`MAX_GIVEN_UP` such calls per store may still be running
+before the next one fails at once. A given-up call that lands after all is harmless: each of these calls is fenced on
+its token, and it is sent again anyway.
 """
 
 from __future__ import annotations
@@ -20,92 +23,176 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from ..errors import StoreUnavailable
 
-__all__ = ["BoundedCall", "run_bounded"]
+__all__ = ["MAX_GIVEN_UP", "BoundedCall", "Bounds", "watch_engine"]
 
 _T = TypeVar("_T")
 
+#: Given-up calls of one store that may still be running (waiting to connect) before the next call fails at once.
+MAX_GIVEN_UP = 16
+
+#: Pool record flag: a bounded call was cut while it held this connection, which may have gone back to the pool.
+_CUT = "idemtasks_cut"
+
+_current = threading.local()  # the bounded call the current thread runs, if any
+_watched: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_watched_lock = threading.Lock()
+
 
 class BoundedCall:
-    """One bounded call, as its own thread sees it: which connection it is using, and whether it was given up."""
+    """One bounded call: the connection it holds, and whether its caller gave it up."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._fd: int | None = None
+        self._sock: socket.socket | None = None
+        self._record: Any = None
         self._given_up = False
-        self._cut = False
+        self._finished = False
+        self.cut = False
 
-    @contextlib.contextmanager
-    def watching(self, conn: sa.Connection) -> Iterator[None]:
-        """Within this context, giving the call up shuts ``conn``'s socket down."""
-        fd = _socket_fd(conn.connection.dbapi_connection)
+    def checked_out(self, dbapi_conn: Any, record: Any) -> None:
         with self._lock:
-            if self._given_up:  # its caller stopped waiting while it checked out a connection: nothing to send
+            if self._given_up:  # its caller stopped waiting while it found a connection: nothing more to send
                 raise StoreUnavailable("a bounded call given up before its statement")
-            self._fd = fd
-        answered = False
-        try:
-            yield
-            answered = True
-        finally:
-            with self._lock:
-                self._fd = None
-                cut = self._cut
-            if cut:
-                # Cut just as its answer came (else the driver saw the socket die and the connection is invalid
-                # already): its socket is dead all the same, so the connection must not go back to the pool.
-                conn.invalidate()
-                if answered:
-                    raise StoreUnavailable("a bounded call given up as it was answered")  # the caller has moved on
+            self._drop_socket()  # the connection it held before, if the pool turned that one down
+            fd = _socket_fd(dbapi_conn)
+            # A duplicate of the descriptor, kept until the connection is checked in: the driver may close its own
+            # at any moment (on a disconnect), and a number closed there may be reused by any other socket.
+            self._sock = None if fd is None else socket.socket(fileno=os.dup(fd))
+            self._record = record
 
-    def give_up(self) -> None:
+    def checked_in(self) -> None:
         with self._lock:
+            self._drop_socket()
+
+    def finished(self) -> None:
+        with self._lock:
+            self._finished = True
+            self._drop_socket()
+
+    def give_up(self) -> bool:
+        """Stop waiting for the call, and cut the connection it holds; ``False`` if it had finished meanwhile."""
+        with self._lock:
+            if self._finished:
+                return False
             self._given_up = True
-            if self._fd is None:
-                return  # still checking a connection out or connecting: the connect timeout ends that
-            with contextlib.suppress(OSError):
-                # Through a duplicate of the descriptor, which the driver may close at any moment after this lock;
-                # a shutdown acts on the socket both share, and wakes the driver's wait with end of stream.
-                with socket.socket(fileno=os.dup(self._fd)) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-                self._cut = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)  # the driver's wait wakes up with end of stream
+                self.cut = True
+                # It may have got its answer just now and go back to the pool with a dead socket: the next checkout
+                # of this record drops it (see _on_checkout).
+                self._record.info[_CUT] = True
+            return True
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock, self._record = None, None
 
 
-def run_bounded(fn: Callable[[BoundedCall], _T], *, timeout: float, name: str) -> _T:
-    """``fn(call)`` on a thread of its own; its answer, or ``StoreUnavailable`` once ``timeout`` seconds passed."""
-    call = BoundedCall()
-    outcome: list[tuple[bool, Any]] = []
-    done = threading.Event()
+class Bounds:
+    """A store's bounded calls: runs them, and counts those given up that are still running."""
 
-    def run() -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._given_up_running = 0
+
+    def run(self, fn: Callable[[], _T], *, timeout: float) -> _T:
+        """``fn()`` on a thread of its own; its answer, or ``StoreUnavailable`` once ``timeout`` seconds passed."""
+        with self._lock:
+            if self._given_up_running >= MAX_GIVEN_UP:
+                raise StoreUnavailable(f"{self.name}: {MAX_GIVEN_UP} earlier calls are still waiting to connect")
+        call = BoundedCall()
+        outcome: list[tuple[bool, Any]] = []
+        done = threading.Event()
+
+        def run() -> None:
+            _current.call = call
+            try:
+                outcome.append((True, fn()))
+            except BaseException as exc:  # handed to the caller, or dropped with the call once it was given up
+                outcome.append((False, exc))
+            finally:
+                call.finished()
+                done.set()
+                if call._given_up:
+                    with self._lock:
+                        self._given_up_running -= 1
+
         try:
-            outcome.append((True, fn(call)))
-        except BaseException as exc:  # handed to the caller, or dropped with the call once it was given up
-            outcome.append((False, exc))
-        finally:
-            done.set()
+            threading.Thread(target=run, name="idemtasks-bounded-call", daemon=True).start()
+        except RuntimeError:
+            # No new thread: the interpreter is exiting (the lanes' last answers are read from atexit, where
+            # Python 3.12 refuses new threads) or out of threads. Sent here, unbounded, as it always was.
+            return fn()
+        try:
+            answered = done.wait(timeout)
+        except BaseException:  # interrupted (a soft time limit): the call is given up all the same
+            self._give_up(call)
+            raise
+        if not answered and self._give_up(call):
+            raise StoreUnavailable(f"{self.name}: no answer within {timeout} s; sent again on another connection")
+        done.wait()  # it finished as it was given up: its answer stands
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
 
-    # A thread per call: these calls are rare (a renewal every third of a lease, resends after a failure), and one
-    # given up may still be waiting to connect, which must not hold up the next.
-    threading.Thread(target=run, name="idemtasks-bounded-call", daemon=True).start()
-    if not done.wait(timeout):
-        call.give_up()
-        raise StoreUnavailable(f"{name}: no answer within {timeout} s; sent again on another connection")
-    ok, value = outcome[0]
-    if ok:
-        return value  # type: ignore[no-any-return]
-    raise value
+    def _give_up(self, call: BoundedCall) -> bool:
+        with self._lock:
+            if call.give_up():
+                self._given_up_running += 1
+                return True
+            return False
+
+
+def watch_engine(engine: sa.Engine) -> None:
+    """Let bounded calls through ``engine`` cut the connection they hold (once per engine: the listeners follow
+    its pool when it is recreated, after a fork)."""
+    with _watched_lock:
+        if engine in _watched:
+            return
+        _watched.add(engine)
+    # First among the checkout listeners: the call holds the connection before an idle one's ping is sent.
+    sa.event.listen(engine.pool, "checkout", _on_checkout, insert=True)
+    sa.event.listen(engine.pool, "checkin", _on_checkin)
+    sa.event.listen(engine, "handle_error", _on_error)
+
+
+def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    if record.info.pop(_CUT, False):
+        # The pool takes another connection, and drops this one alone (not every connection older than it).
+        raise sa.exc.DisconnectionError("the connection was cut by a bounded call that was given up")
+    call: BoundedCall | None = getattr(_current, "call", None)
+    if call is not None:
+        call.checked_out(dbapi_conn, record)
+
+
+def _on_checkin(_dbapi_conn: Any, _record: Any) -> None:
+    call: BoundedCall | None = getattr(_current, "call", None)
+    if call is not None:
+        call.checked_in()
+
+
+def _on_error(ctx: sa.engine.ExceptionContext) -> None:
+    call: BoundedCall | None = getattr(_current, "call", None)
+    if call is not None and call.cut and ctx.is_disconnect:
+        # Cut on purpose, which says nothing of the other connections: SQLAlchemy would drop them all.
+        ctx.invalidate_pool_on_disconnect = False
 
 
 def _socket_fd(dbapi_conn: Any) -> int | None:
-    """The socket of a driver's connection: psycopg's (and psycopg2's) ``fileno()``, PyMySQL's ``_sock``; none for
-    SQLite, a file."""
+    """The socket of a driver's connection: psycopg's (and psycopg2's) ``fileno()``, PyMySQL's ``_sock``. None for
+    SQLite (a file), and for drivers that do not show theirs: there a given-up call runs on until its driver ends it."""
     with contextlib.suppress(Exception):  # a connection the driver already closed has none
         fileno = getattr(dbapi_conn, "fileno", None)
         if fileno is not None:
