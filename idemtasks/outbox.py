@@ -24,8 +24,9 @@ from .config import DEFAULT_TTL
 from .errors import ConfigurationError, IdempotencyKeyMismatch
 from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
 from .models import Operation
+from .stores import SQL_SCHEMES, public_url
 from .stores.base import CreateRequest, decide_create
-from .stores.sql import SQLStore
+from .stores.sql import DEFAULT_TABLE, SQLStore
 
 __all__ = ["Outbox", "Staged"]
 
@@ -53,8 +54,17 @@ class Outbox:
 
     def stage(self, conn: sa.Connection, task: Any, args: Any = None, kwargs: Any = None, *, key: str,
               scope: str | None = None) -> Staged:
-        """Record the operation in ``conn``'s transaction; a repeat of a live key returns it (``created=False``)."""
+        """Record the operation in ``conn``'s transaction; a repeat of a live key returns it (``created=False``).
+
+        Raises :class:`ConfigurationError` when ``task`` certainly uses another store (Redis, or another table): its
+        workers claim, and recovery looks, in the task's own store, so an operation staged here and not published
+        before a crash would be lost. Another database behind the same table name is not caught (see the README)."""
         task._settled()
+        other = _other_store(task.store_url, self.store)
+        if other is not None:
+            raise ConfigurationError(f"task {task.name} uses {other}, not this outbox's table "
+                                     f"{self.store.table.name!r} in {self.store.url}: its workers and recovery would "
+                                     f"never see what is staged here")
         key = validate_key(key)
         scope = validate_scope(scope if scope is not None else task.idempotency_scope)
         call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
@@ -89,3 +99,20 @@ class Outbox:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
                                          stored_fingerprint=existing.fingerprint, fingerprint=fp)
         return Staged(existing, False, task, args, kwargs)
+
+
+def _other_store(task_store: Any, outbox: SQLStore) -> str | None:
+    """What the task's store is, when it is certainly not the outbox's; ``None`` when it may be.
+
+    Decided on the configuration alone: opening the task's store here could create its table, a write that on SQLite
+    would wait for the lock the caller's transaction holds. And databases are not compared: the same one is reached
+    through URLs spelled in many ways (driver names, credentials in connect arguments, relative paths)."""
+    if task_store is outbox:
+        return None
+    if isinstance(task_store, SQLStore):
+        table = task_store.table.name
+    elif isinstance(task_store, str) and task_store.split("://", 1)[0].split("+", 1)[0].lower() in SQL_SCHEMES:
+        table = DEFAULT_TABLE  # a store opened from a URL uses the default table
+    else:
+        return f"a store that is not SQL ({public_url(task_store) if isinstance(task_store, str) else task_store!r})"
+    return None if table == outbox.table.name else f"the table {table!r}"

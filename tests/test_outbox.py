@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import IdempotencyKeyMismatch, IdempotentTask, Status
+from idemtasks import ConfigurationError, IdempotencyKeyMismatch, IdempotentTask, Status
 from idemtasks.outbox import Outbox
 from idemtasks.recovery import Sweeper
 from idemtasks.stores.sql import SQLStore
@@ -124,3 +124,37 @@ def test_staged_before_the_handlers_first_write_a_rollback_leaves_neither(sql_st
             engine.dispose()
     assert count(sql_store, orders) == 0
     assert sql_store.get_by_id(staged.operation.id) is None
+
+
+class TestTheTasksStore:
+    """Workers claim, and recovery looks, in the task's own store: an operation staged in another one and not published
+    before a crash would never be seen. Decided on the configuration, without opening the task's store."""
+
+    def _task(self, store_url: Any) -> Any:
+        app = Celery(f"ob{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+        @app.task(shared=False, base=IdempotentTask, store_url=store_url, name=f"{app.main}.ship")
+        def ship(order: str) -> str:
+            return order
+
+        return ship
+
+    @pytest.mark.parametrize("store_url", ["redis://127.0.0.1:1/0", "memory://"])
+    def test_a_task_on_a_store_that_is_not_sql_is_refused(self, tmp_path: Path, store_url: str) -> None:
+        outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))
+        with outbox.store.engine.begin() as conn, pytest.raises(ConfigurationError, match="not SQL"):
+            outbox.stage(conn, self._task(store_url), ("o1",), key="order-o1")
+        assert outbox.store.get("default", "order-o1") is None
+
+    def test_a_task_on_another_table_is_refused(self, tmp_path: Path) -> None:
+        outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))
+        other = SQLStore(f"sqlite:///{tmp_path}/app.db", table="other_operations")
+        with outbox.store.engine.begin() as conn, pytest.raises(ConfigurationError, match="other_operations"):
+            outbox.stage(conn, self._task(other), ("o1",), key="order-o1")
+
+    def test_the_same_table_named_by_a_url_spelled_otherwise_is_accepted(self, tmp_path: Path) -> None:
+        outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))
+        task = self._task(f"sqlite+pysqlite:///{tmp_path}/app.db")
+        with outbox.store.engine.begin() as conn:
+            staged = outbox.stage(conn, task, ("o1",), key="order-o1")
+        assert staged.created and outbox.store.get_by_id(staged.operation.id) is not None

@@ -16,9 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import ConfigurationError
 from .base import Store
 
-__all__ = ["Store", "open_store", "public_url", "shared_store"]
+__all__ = ["SQL_SCHEMES", "Store", "open_store", "public_url", "shared_store"]
 
-_SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
+#: URL schemes (before any "+driver") that open a SQL store.
+SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
 
 
 def open_store(url: str, **options: Any) -> Store:
@@ -31,7 +32,7 @@ def open_store(url: str, **options: Any) -> Store:
         from .redis import RedisStore
 
         return RedisStore(url, **options)
-    if scheme in _SQL_SCHEMES:
+    if scheme in SQL_SCHEMES:
         from .sql import SQLStore
 
         return SQLStore(url, **options)

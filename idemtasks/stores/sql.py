@@ -55,7 +55,10 @@ from .sql_statements import Statements
 if TYPE_CHECKING:
     from .sql_lane import LaneError, LaneStatements, PGLane, Prepared
 
-__all__ = ["PURGE_GRACE", "SQLStore", "make_engine", "operations_table"]
+__all__ = ["DEFAULT_TABLE", "PURGE_GRACE", "SQLStore", "make_engine", "operations_table"]
+
+#: The table of a store opened from a URL alone.
+DEFAULT_TABLE = "idemtasks_operations"
 
 _R = TypeVar("_R")
 # MariaDB: a racing INSERT of the same key won (duplicate key), or a deadlock among such racers. Both roll the
@@ -82,7 +85,7 @@ class _Retry(Exception):
 class SQLStore(Store):
     """Operations in one SQL table (``table``), created on first use unless ``create_schema=False``."""
 
-    def __init__(self, url: str, *, table: str = "idemtasks_operations", engine: sa.Engine | None = None,
+    def __init__(self, url: str, *, table: str = DEFAULT_TABLE, engine: sa.Engine | None = None,
                  create_schema: bool = True, engine_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         #: Whether the store built its engine (and disposes of it on close), rather than the application.
