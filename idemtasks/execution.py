@@ -528,9 +528,12 @@ def _finish(task: Any, attempt: Attempt, status: Status, result_json: str | None
         return
     kept = False
     try:
-        for n, delay in enumerate((*_FINISH_DELAYS, None)):
+        for delay in (*_FINISH_DELAYS, None):
             try:
-                attempt.finish(status, result_json, error, again=n > 0)
+                # Sent "again" from the first try: a driver may have sent it twice already (redis-py resends a
+                # command whose reply was lost). Finding exactly this outcome under this token is then success:
+                # only this holder can finish under it.
+                attempt.finish(status, result_json, error, again=True)
                 return
             except LeaseLost:
                 raise

@@ -21,6 +21,9 @@ class Blackhole:
         self.target = target
         self.port = free_port()
         self.cut = False
+        #: Answers (reads from the server) still to throw away while requests pass: a reply lost after the server
+        #: ran the request.
+        self.drop_replies = 0
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._sockets: list[socket.socket] = [self._server]
         self._lock = threading.Lock()
@@ -39,13 +42,15 @@ class Blackhole:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, replies), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if not self.cut:
+                if replies and self.drop_replies > 0:
+                    self.drop_replies -= 1
+                elif not self.cut:
                     dst.sendall(data)
         for s in (src, dst):
             with contextlib.suppress(OSError):

@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import pytest
 import redis
+from celery import Celery
 
+from idemtasks import IdempotentTask
 from idemtasks.errors import StoreUnavailable
 from idemtasks.execution import _SETTLE_DELAYS
 from idemtasks.lease import RENEW_RETRY_MAX, LeaseKeeper
@@ -21,6 +23,7 @@ from idemtasks.models import ClaimOutcome, Status
 from idemtasks.stores.base import MIN_CONFIRM_AFTER, RENEW_TIMEOUT, Store
 from idemtasks.stores.redis import RedisStore
 from idemtasks.stores.sql import SQLStore
+from idemtasks.task import TASK_ID_SCOPE
 
 from . import services
 from .blackhole import Blackhole
@@ -160,3 +163,30 @@ def test_a_pipelined_completion_sent_again_gives_way_to_the_settler_within_the_g
         admin.close()
         holder.close()
         _other.close()
+
+
+def test_a_completion_whose_reply_was_lost_and_that_the_client_sent_again_is_not_reported_lost(
+        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
+    """The server ran the completion and its reply was lost; redis-py sent it again on a new connection, which found
+    the operation finished already. Finished by this very completion (only the holder of the token can): the task
+    succeeded, it was not taken over."""
+    services.require("redis")
+    relay, url = blackhole(services.REDIS_URL)
+    store = RedisStore(url, namespace=f"idemtasks-test:{uuid.uuid4().hex[:12]}", socket_timeout=0.3)
+    app = Celery(f"r{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    runs: list[str] = []
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.pay", pipeline_completions=False)
+    def pay(key: str) -> str:
+        runs.append(key)
+        relay.drop_replies = 1  # the next reply is the completion's
+        return "paid"
+
+    try:
+        result = pay.apply(("k",))
+        assert result.successful(), result.result
+        assert result.result == "paid" and runs == ["k"]
+        op = store.get(TASK_ID_SCOPE, result.id)  # sent without submit: keyed by its task id
+        assert op is not None and op.status is Status.SUCCEEDED and op.result == "paid"
+    finally:
+        store.close()

@@ -155,7 +155,8 @@ class RedisStore(Store):
         self._raw_url = url  # with its password: the asyncio twin of this store connects with it
         self._own_client = client is None
         # Retried as client_retry says. A create or claim resent after a lost reply answers as the first run did (see
-        # redis_scripts); a resent finish whose first run landed reports LeaseLost, as any backend.
+        # redis_scripts); a resent finish whose first run landed is refused, and the worker, which always finishes
+        # with again=True, finds its own outcome stored.
         factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
         self.client: Any = client or factory(
             url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
