@@ -112,6 +112,7 @@ def test_a_completion_the_keeper_holds_lands_within_the_grace_once_packets_flow_
     keeper = LeaseKeeper()
     try:
         op = holder.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=LEASE, ttl=60.0).operation
+        holder.get("s", "k")  # a pooled connection open (a PostgreSQL claim goes through the thread's own)
         relay.cut = True
         keeper.keep_finishing(holder, op, op.fencing_token, lambda: holder.finish(
             "s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"paid"', ttl=60.0, again=True),

@@ -17,7 +17,7 @@ from idemtasks.errors import StoreUnavailable
 from idemtasks.stores import sql_bounded
 from idemtasks.stores.base import RENEW_TIMEOUT
 from idemtasks.stores.sql import SQLStore
-from idemtasks.stores.sql_bounded import MAX_GIVEN_UP, Bounds
+from idemtasks.stores.sql_bounded import MAX_GIVEN_UP, BoundedCall, Bounds
 
 from . import services
 
@@ -41,8 +41,12 @@ class _Driver:
         return self.sock.fileno()
 
 
-def _bounded_threads() -> int:
-    return sum(t.name == "idemtasks-bounded-call" for t in threading.enumerate())
+def _drained(bounds: Bounds, within: float = 2.0) -> None:
+    """Wait until no call ``bounds`` gave up still runs."""
+    deadline = time.monotonic() + within
+    while bounds.given_up_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not bounds.given_up_running, "a given-up call still runs"
 
 
 class TestWithoutAServer:
@@ -72,25 +76,23 @@ class TestWithoutAServer:
         """The driver may close its socket during the call (on a disconnect), and the next socket opened, by any
         thread, gets its number: the cut acts on a duplicate taken at checkout, not on the number."""
         ours, server = socket.socketpair()
-        opened: list[socket.socket] = []
-        release = threading.Event()
-
-        def statement() -> None:
+        call = BoundedCall()
+        sql_bounded._current.call = call
+        try:
             sql_bounded._on_checkout(_Driver(ours), _Record(), None)
             number = ours.fileno()
             ours.close()
-            opened.extend(socket.socketpair())
-            assert number in (opened[0].fileno(), opened[1].fileno())  # the number was reused
-            release.wait(2)
-
-        with pytest.raises(StoreUnavailable):
-            Bounds("store").run(statement, timeout=0.2)
-        release.set()
-        opened[0].sendall(b"x")
-        assert opened[1].recv(1) == b"x"
-        opened[1].sendall(b"y")
-        assert opened[0].recv(1) == b"y"
-        for s in (server, *opened):
+            a, b = socket.socketpair()
+            assert number in (a.fileno(), b.fileno())  # the number was reused
+            assert call.give_up()
+            a.sendall(b"x")
+            assert b.recv(1) == b"x"
+            b.sendall(b"y")
+            assert a.recv(1) == b"y"
+        finally:
+            call.finished()
+            del sql_bounded._current.call
+        for s in (server, a, b):
             s.close()
 
     def test_an_answer_that_comes_in_time_is_returned_and_an_error_raised(self) -> None:
@@ -115,9 +117,7 @@ class TestWithoutAServer:
             bounds.run(lambda: 1, timeout=1)
         assert time.monotonic() - started < 0.1
         release.set()
-        deadline = time.monotonic() + 2
-        while _bounded_threads() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _drained(bounds)
         assert bounds.run(lambda: 1, timeout=1) == 1
 
     def test_without_a_new_thread_the_call_is_made_on_the_callers(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,29 +135,58 @@ class TestWithoutAServer:
 def store(request: pytest.FixtureRequest) -> Iterator[SQLStore]:
     services.require(request.param)
     url = services.POSTGRES_URL if request.param == "postgres" else services.MYSQL_URL
-    store = SQLStore(url, table=f"bounded_{uuid.uuid4().hex[:12]}")
+    store = SQLStore(url, table=f"bounded_{uuid.uuid4().hex[:12]}",
+                     engine_options={"pool_size": 2, "max_overflow": 0, "pool_timeout": 5})
     yield store
     store.table.drop(store.engine)
     store.close()
 
 
+def _backend_id(store: SQLStore, conn: sa.Connection) -> int:
+    query = "SELECT pg_backend_pid()" if store.dialect == "postgresql" else "SELECT CONNECTION_ID()"
+    return int(conn.exec_driver_sql(query).scalar_one())
+
+
+def _pooled_ids(store: SQLStore) -> set[int]:
+    with store.engine.connect() as a, store.engine.connect() as b:  # both of the pool's connections
+        return {_backend_id(store, a), _backend_id(store, b)}
+
+
 def test_a_slow_statement_made_promptly_is_given_up_and_only_its_connection_dropped(store: SQLStore) -> None:
-    sleep, backend_id = (("SELECT pg_sleep(3)", "SELECT pg_backend_pid()") if store.dialect == "postgresql"
-                         else ("SELECT SLEEP(3)", "SELECT CONNECTION_ID()"))
+    sleep = "SELECT pg_sleep(3)" if store.dialect == "postgresql" else "SELECT SLEEP(3)"
+    _pooled_ids(store)  # both open: the bounded call takes a pooled connection, it does not connect
     with store.engine.connect() as conn:
-        other = conn.exec_driver_sql(backend_id).scalar_one()  # checked out across the cut, then given back
+        other = _backend_id(store, conn)  # checked out across the cut, then given back
 
         started = time.monotonic()
         with store.promptly(), pytest.raises(StoreUnavailable, match="no answer within"):
             store._count(sa.text(sleep), {})
         assert time.monotonic() - started < RENEW_TIMEOUT + 0.3
-        deadline = time.monotonic() + 1
-        while _bounded_threads() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not _bounded_threads(), "the given-up statement was not cut"
+        _drained(store._bounds, within=1.0)  # the statement was cut: its thread ended long before the sleep
 
     # SQLAlchemy drops every connection older than a disconnect it sees; this one was cut on purpose. The pool holds
-    # two records now: the cut one (connecting again) and the other one, still the same connection.
-    with store.engine.connect() as a, store.engine.connect() as b:
-        assert other in {a.exec_driver_sql(backend_id).scalar_one(), b.exec_driver_sql(backend_id).scalar_one()}
+    # the cut record (connecting again) and the other one, still the same connection.
+    assert other in _pooled_ids(store)
     assert store.get("s", "k") is None  # and the store goes on
+
+
+def test_a_call_given_up_while_it_waited_for_a_connection_hands_it_back_unused(store: SQLStore) -> None:
+    """It cannot be cut while it waits; once it has the connection it sends nothing, and the connection stays."""
+    with store.engine.connect() as a, store.engine.connect() as b:  # the whole pool
+        ids = {_backend_id(store, a), _backend_id(store, b)}
+        with store.promptly(), pytest.raises(StoreUnavailable, match="no answer within"):
+            store.get("s", "k")
+        assert store._bounds.given_up_running == 1
+    _drained(store._bounds)  # it got a connection and gave it back
+    assert _pooled_ids(store) == ids
+    assert store.engine.pool.checkedout() == 0
+
+
+def test_where_no_thread_can_be_started_the_call_is_made_in_place(store: SQLStore,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    op = store.claim("s", "k", "t", "f" * 32, owner="me", lease=30, ttl=60).operation
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert store.renew(op, op.fencing_token, lease=30, ttl=60)  # renewals are always bounded

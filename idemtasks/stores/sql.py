@@ -48,7 +48,7 @@ from .base import (
     decide_create,
 )
 from .lanes import lanes_supported, opens_lanes, published_answer, settle_own_writes, thread_flag
-from .sql_bounded import Bounds, watch_engine
+from .sql_bounded import Bounds, given_up_here, watch_engine
 from .sql_schema import add_missing_columns, create_tables, dispose_after_fork, is_outage, make_engine, operations_table
 from .sql_statements import Statements
 
@@ -155,6 +155,8 @@ class SQLStore(Store):
         atomic on its own, and skipping BEGIN and COMMIT saves two network round trips per state change."""
         engine = self._autocommit if single else self.engine
         with self._guarded(retry=retry), self._serial, engine.begin() as conn:
+            if given_up_here():  # a bounded call given up while it found this connection: it goes back unused
+                raise StoreUnavailable(f"SQL store {self.url}: a call given up before its statement")
             yield conn
 
     def _run(self, conn: sa.Connection, stmt: sa.Executable, params: dict[str, Any]) -> sa.CursorResult[Any]:
@@ -432,8 +434,11 @@ class SQLStore(Store):
         return Takeover.SUSPECTED if self._count(self.sql.suspect, params) == 1 else Takeover.ALIVE
 
     def _count(self, stmt: sa.Executable, params: dict[str, Any]) -> int:
-        if getattr(self._local, "prompt", False):  # the new thread's flag is unset: there it runs as below
-            return self._bounded(self._count, stmt, params)
+        if getattr(self._local, "prompt", False):
+            return self._bounded(self._count_now, stmt, params)
+        return self._count_now(stmt, params)
+
+    def _count_now(self, stmt: sa.Executable, params: dict[str, Any]) -> int:
         # rowcount is the number of rows matched (SQLAlchemy asks MySQL drivers for FOUND_ROWS), and it is reliable
         # for plain UPDATE/DELETE on every driver here, unlike for INSERT … ON CONFLICT DO NOTHING on psycopg.
         with self._tx() as conn:
@@ -442,8 +447,11 @@ class SQLStore(Store):
     # ----------------------------------------------------------------- reads
 
     def _get(self, digest: str) -> Operation | None:
-        if getattr(self._local, "prompt", False):  # as in _count
-            return self._bounded(self._get, digest)
+        if getattr(self._local, "prompt", False):
+            return self._bounded(self._get_now, digest)
+        return self._get_now(digest)
+
+    def _get_now(self, digest: str) -> Operation | None:
         with self._tx() as conn:
             row = self._run(conn, *self.get_statement(digest)).first()
         return None if row is None else self._op(row)

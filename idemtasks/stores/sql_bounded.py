@@ -9,12 +9,13 @@ holder whose renewal was lost would lose its operation, and its body would run a
 
 Such a call runs on a thread of its own, and its caller waits for it at most the bound. After that the caller gets
 ``StoreUnavailable`` and sends the call again itself (the keeper and the settler do). The connection the given-up
-call holds, from its checkout (and the ping an idle one gets then) to its return to the pool (after the COMMIT, on
-MariaDB), has its socket shut down, so that the call's thread ends at once; that connection alone is dropped, not
-every other one in the pool. A call given up while it connects, or while it waits for a free connection, cannot be
-cut: it ends with its connect timeout, and at most :data:`MAX_GIVEN_UP` such calls per store may still be running
-before the next one fails at once. A given-up call that lands after all is harmless: each of these calls is fenced on
-its token, and it is sent again anyway.
+call holds, from its checkout (and the ping the store's own engines give an idle one then; SQLAlchemy's
+``pool_pre_ping`` comes before and is not covered) to its return to the pool (after the COMMIT, on MariaDB), has its
+socket shut down, so that the call's thread ends at once; that connection alone is dropped, not every other one in
+the pool. A call given up while it connects, or while it waits for a free connection, cannot be cut: once it has its
+connection it sends nothing and hands it back to the pool unused. At most :data:`MAX_GIVEN_UP` such calls per store
+may still be running before the next one fails at once. A given-up call that lands after all is harmless: each of
+these calls is fenced on its token, and it is sent again anyway.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sqlalchemy as sa
 
 from ..errors import StoreUnavailable
 
-__all__ = ["MAX_GIVEN_UP", "BoundedCall", "Bounds", "watch_engine"]
+__all__ = ["MAX_GIVEN_UP", "BoundedCall", "Bounds", "given_up_here", "watch_engine"]
 
 _T = TypeVar("_T")
 
@@ -43,6 +44,7 @@ _CUT = "idemtasks_cut"
 
 _current = threading.local()  # the bounded call the current thread runs, if any
 _watched: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_all_bounds: weakref.WeakSet[Bounds] = weakref.WeakSet()
 _watched_lock = threading.Lock()
 
 
@@ -57,20 +59,24 @@ class BoundedCall:
         self._finished = False
         self.cut = False
 
+    @property
+    def given_up(self) -> bool:
+        return self._given_up
+
     def checked_out(self, dbapi_conn: Any, record: Any) -> None:
         with self._lock:
-            if self._given_up:  # its caller stopped waiting while it found a connection: nothing more to send
-                raise StoreUnavailable("a bounded call given up before its statement")
             self._drop_socket()  # the connection it held before, if the pool turned that one down
-            fd = _socket_fd(dbapi_conn)
+            if self._given_up:
+                return  # it will send nothing (see SQLStore._tx) and hand the connection back as it got it
             # A duplicate of the descriptor, kept until the connection is checked in: the driver may close its own
             # at any moment (on a disconnect), and a number closed there may be reused by any other socket.
-            self._sock = None if fd is None else socket.socket(fileno=os.dup(fd))
+            self._sock = _duplicate(_socket_fd(dbapi_conn))
             self._record = record
 
-    def checked_in(self) -> None:
+    def checked_in(self, record: Any) -> None:
         with self._lock:
-            self._drop_socket()
+            if record is self._record:  # not some other connection the garbage collector checked in here
+                self._drop_socket()
 
     def finished(self) -> None:
         with self._lock:
@@ -84,12 +90,13 @@ class BoundedCall:
                 return False
             self._given_up = True
             if self._sock is not None:
+                # Marked before the cut: the woken thread's error handler reads it (_on_error). And the call may have
+                # got its answer just now and go back to the pool with a dead socket: the next checkout of this
+                # record drops it (see _on_checkout).
+                self.cut = True
+                self._record.info[_CUT] = True
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)  # the driver's wait wakes up with end of stream
-                self.cut = True
-                # It may have got its answer just now and go back to the pool with a dead socket: the next checkout
-                # of this record drops it (see _on_checkout).
-                self._record.info[_CUT] = True
             return True
 
     def _drop_socket(self) -> None:
@@ -103,8 +110,18 @@ class Bounds:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._reset()
+        _all_bounds.add(self)
+
+    def _reset(self) -> None:
+        # Also in a forked child: the calls its parent gave up do not run there, and a lock may have been held.
         self._lock = threading.Lock()
         self._given_up_running = 0
+
+    @property
+    def given_up_running(self) -> int:
+        """Calls given up that still run (waiting to connect, or cut and ending)."""
+        return self._given_up_running
 
     def run(self, fn: Callable[[], _T], *, timeout: float) -> _T:
         """``fn()`` on a thread of its own; its answer, or ``StoreUnavailable`` once ``timeout`` seconds passed."""
@@ -168,6 +185,12 @@ def watch_engine(engine: sa.Engine) -> None:
     sa.event.listen(engine, "handle_error", _on_error)
 
 
+def given_up_here() -> bool:
+    """Whether this thread runs a bounded call that was given up: it must send nothing more."""
+    call: BoundedCall | None = getattr(_current, "call", None)
+    return call is not None and call.given_up
+
+
 def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
     if record.info.pop(_CUT, False):
         # The pool takes another connection, and drops this one alone (not every connection older than it).
@@ -177,10 +200,10 @@ def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         call.checked_out(dbapi_conn, record)
 
 
-def _on_checkin(_dbapi_conn: Any, _record: Any) -> None:
+def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
     call: BoundedCall | None = getattr(_current, "call", None)
     if call is not None:
-        call.checked_in()
+        call.checked_in(record)
 
 
 def _on_error(ctx: sa.engine.ExceptionContext) -> None:
@@ -188,6 +211,30 @@ def _on_error(ctx: sa.engine.ExceptionContext) -> None:
     if call is not None and call.cut and ctx.is_disconnect:
         # Cut on purpose, which says nothing of the other connections: SQLAlchemy would drop them all.
         ctx.invalidate_pool_on_disconnect = False
+
+
+def _duplicate(fd: int | None) -> socket.socket | None:
+    """A socket object of our own for ``fd``; ``None`` if there is none to have (the call cannot be cut then)."""
+    if fd is None:
+        return None
+    try:
+        copy = os.dup(fd)
+    except OSError:  # out of descriptors
+        return None
+    try:
+        return socket.socket(fileno=copy)
+    except OSError:  # not a socket
+        os.close(copy)
+        return None
+
+
+def _after_fork() -> None:
+    for bounds in list(_all_bounds):
+        bounds._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _socket_fd(dbapi_conn: Any) -> int | None:
