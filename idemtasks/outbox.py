@@ -24,7 +24,7 @@ from .config import DEFAULT_TTL
 from .errors import ConfigurationError, IdempotencyKeyMismatch
 from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
 from .models import Operation
-from .stores import SQL_SCHEMES, public_url
+from .stores import SQL_SCHEMES, Store, public_url
 from .stores.base import CreateRequest, decide_create
 from .stores.sql import DEFAULT_TABLE, SQLStore
 
@@ -106,13 +106,27 @@ def _other_store(task_store: Any, outbox: SQLStore) -> str | None:
 
     Decided on the configuration alone: opening the task's store here could create its table, a write that on SQLite
     would wait for the lock the caller's transaction holds. And databases are not compared: the same one is reached
-    through URLs spelled in many ways (driver names, credentials in connect arguments, relative paths)."""
+    through URLs spelled in many ways (driver names, credentials in connect arguments, relative paths). A store this
+    does not know (a wrapper, another URL type) may be the outbox's, and passes."""
     if task_store is outbox:
         return None
-    if isinstance(task_store, SQLStore):
-        table = task_store.table.name
-    elif isinstance(task_store, str) and task_store.split("://", 1)[0].split("+", 1)[0].lower() in SQL_SCHEMES:
-        table = DEFAULT_TABLE  # a store opened from a URL uses the default table
-    else:
-        return f"a store that is not SQL ({public_url(task_store) if isinstance(task_store, str) else task_store!r})"
-    return None if table == outbox.table.name else f"the table {table!r}"
+    if isinstance(task_store, Store):
+        table = getattr(task_store, "table", None)
+        if isinstance(table, sa.Table):
+            return None if table.name == outbox.table.name else f"the table {table.name!r} ({task_store.url})"
+        if type(task_store).__module__ in _NOT_SQL_MODULES:
+            return f"a {type(task_store).__name__} ({task_store.url}), not SQL"
+        return None
+    if not isinstance(task_store, str):
+        return None
+    scheme = task_store.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme in _NOT_SQL_SCHEMES:
+        return f"a store that is not SQL ({public_url(task_store)})"
+    if scheme in SQL_SCHEMES and outbox.table.name != DEFAULT_TABLE:
+        return (f"the table {DEFAULT_TABLE!r} ({public_url(task_store)}; a store given by URL uses that table: give "
+                f"the task this outbox's store as store_url)")
+    return None
+
+
+_NOT_SQL_MODULES = ("idemtasks.stores.redis", "idemtasks.stores.memory")
+_NOT_SQL_SCHEMES = ("redis", "rediss", "unix", "memory")

@@ -21,9 +21,10 @@ class Blackhole:
         self.target = target
         self.port = free_port()
         self.cut = False
-        #: Answers (reads from the server) still to throw away while requests pass: a reply lost after the server
-        #: ran the request.
+        #: Reads from the server still to throw away while requests pass (a reply lost after the server ran its
+        #: request), and those thrown away, for a test to check that they were the reply it meant.
         self.drop_replies = 0
+        self.dropped: list[bytes] = []
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._sockets: list[socket.socket] = [self._server]
         self._lock = threading.Lock()
@@ -48,13 +49,21 @@ class Blackhole:
     def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if replies and self.drop_replies > 0:
-                    self.drop_replies -= 1
-                elif not self.cut:
+                if replies and self._dropping(data):
+                    continue
+                if not self.cut:
                     dst.sendall(data)
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+    def _dropping(self, data: bytes) -> bool:
+        with self._lock:  # one pump per direction and connection: several may read at once
+            if self.drop_replies <= 0:
+                return False
+            self.drop_replies -= 1
+            self.dropped.append(data)
+            return True
 
     def close(self) -> None:
         with self._lock:

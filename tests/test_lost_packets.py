@@ -21,6 +21,7 @@ from idemtasks.execution import _SETTLE_DELAYS
 from idemtasks.lease import RENEW_RETRY_MAX, LeaseKeeper
 from idemtasks.models import ClaimOutcome, Status
 from idemtasks.stores.base import MIN_CONFIRM_AFTER, RENEW_TIMEOUT, Store
+from idemtasks.stores.lanes import pooled_only
 from idemtasks.stores.redis import RedisStore
 from idemtasks.stores.sql import SQLStore
 from idemtasks.task import TASK_ID_SCOPE
@@ -187,7 +188,28 @@ def test_a_completion_whose_reply_was_lost_and_that_the_client_sent_again_is_not
         result = pay.apply(("k",))
         assert result.successful(), result.result
         assert result.result == "paid" and runs == ["k"]
+        assert relay.dropped == [b":1\r\n"], "the reply dropped was not the completion's (one record changed)"
         op = store.get(TASK_ID_SCOPE, result.id)  # sent without submit: keyed by its task id
         assert op is not None and op.status is Status.SUCCEEDED and op.result == "paid"
+    finally:
+        store.close()
+
+
+def test_the_same_completion_from_a_thread_without_a_lane_is_not_reported_lost(
+        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
+    """A thread that opens no lane (an event loop's executor) completes in place, through the retrying client."""
+    services.require("redis")
+    relay, url = blackhole(services.REDIS_URL)
+    store = RedisStore(url, namespace=f"idemtasks-test:{uuid.uuid4().hex[:12]}", socket_timeout=0.3)
+    settled = Settled()
+    try:
+        with pooled_only():
+            op = store.claim("s", "k", "tasks.charge", "fp", owner="holder", lease=30.0, ttl=60.0).operation
+            relay.drop_replies = 1
+            store.finish_pipelined("s", "k", op.id, op.fencing_token, Status.SUCCEEDED, result_json='"paid"',
+                                   ttl=60.0, settle=settled)
+        assert relay.dropped == [b":1\r\n"]
+        done = store.get("s", "k")
+        assert done is not None and done.status is Status.SUCCEEDED and not settled.errors
     finally:
         store.close()

@@ -17,6 +17,7 @@ from celery.contrib.testing.worker import start_worker
 from idemtasks import ConfigurationError, IdempotencyKeyMismatch, IdempotentTask, Status
 from idemtasks.outbox import Outbox
 from idemtasks.recovery import Sweeper
+from idemtasks.stores.memory import MemoryStore
 from idemtasks.stores.sql import SQLStore
 from tests.conftest import drop, make_store
 
@@ -139,12 +140,32 @@ class TestTheTasksStore:
 
         return ship
 
-    @pytest.mark.parametrize("store_url", ["redis://127.0.0.1:1/0", "memory://"])
-    def test_a_task_on_a_store_that_is_not_sql_is_refused(self, tmp_path: Path, store_url: str) -> None:
+    @pytest.mark.parametrize("store_url", ["redis://127.0.0.1:1/0", "memory://", MemoryStore()],
+                             ids=["redis_url", "memory_url", "memory_store"])
+    def test_a_task_on_a_store_that_is_not_sql_is_refused(self, tmp_path: Path, store_url: Any) -> None:
         outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))
+        task = self._task(store_url)
         with outbox.store.engine.begin() as conn, pytest.raises(ConfigurationError, match="not SQL"):
-            outbox.stage(conn, self._task(store_url), ("o1",), key="order-o1")
-        assert outbox.store.get("default", "order-o1") is None
+            outbox.stage(conn, task, ("o1",), key="order-o1")
+        assert outbox.store.get(task.idempotency_scope, "order-o1") is None
+
+    def test_a_task_given_a_url_uses_the_default_table_so_another_outbox_table_is_refused(
+            self, tmp_path: Path) -> None:
+        outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db", table="orders_outbox"))
+        with outbox.store.engine.begin() as conn, \
+                pytest.raises(ConfigurationError, match="give the task this outbox's store"):
+            outbox.stage(conn, self._task(f"sqlite:///{tmp_path}/app.db"), ("o1",), key="order-o1")
+
+    def test_a_store_it_does_not_know_may_be_the_outboxs_and_passes(self, tmp_path: Path) -> None:
+        """A wrapper (for metrics, say) that delegates to the outbox's store."""
+        outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))
+
+        class Wrapper(MemoryStore):
+            pass
+
+        Wrapper.__module__ = "myapp.metrics"
+        with outbox.store.engine.begin() as conn:
+            assert outbox.stage(conn, self._task(Wrapper()), ("o1",), key="order-o1").created
 
     def test_a_task_on_another_table_is_refused(self, tmp_path: Path) -> None:
         outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))

@@ -277,7 +277,7 @@ class RedisStore(Store):
         lane = self._lane()
         req = FinishRequest(key_digest(scope, key), operation_id, token, status, result_json, error, ttl)
         if lane is None:
-            self._finish_or_raise(req, again=False)
+            self._finish_or_raise(req, again=True)  # as the worker's in-place completion (a lost reply resent)
             return
 
         # An error reply (NOSCRIPT after a restart) or a broken connection: the resolver sends it again.

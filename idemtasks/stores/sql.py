@@ -49,16 +49,21 @@ from .base import (
 )
 from .lanes import lanes_supported, opens_lanes, published_answer, settle_own_writes, thread_flag
 from .sql_bounded import Bounds, given_up_here, watch_engine
-from .sql_schema import add_missing_columns, create_tables, dispose_after_fork, is_outage, make_engine, operations_table
+from .sql_schema import (
+    DEFAULT_TABLE,
+    add_missing_columns,
+    create_tables,
+    dispose_after_fork,
+    is_outage,
+    make_engine,
+    operations_table,
+)
 from .sql_statements import Statements
 
 if TYPE_CHECKING:
     from .sql_lane import LaneError, LaneStatements, PGLane, Prepared
 
 __all__ = ["DEFAULT_TABLE", "PURGE_GRACE", "SQLStore", "make_engine", "operations_table"]
-
-#: The table of a store opened from a URL alone.
-DEFAULT_TABLE = "idemtasks_operations"
 
 _R = TypeVar("_R")
 # MariaDB: a racing INSERT of the same key won (duplicate key), or a deadlock among such racers. Both roll the
@@ -305,7 +310,7 @@ class SQLStore(Store):
             resolve(exc)
             return
         if lane is None:
-            self._finish_or_raise(req, again=False)
+            self._finish_or_raise(req, again=True)  # as the worker's in-place completion (a lost reply resent)
             return
         self.round_trips += 1
         lane.send(self._lanes().finish[status], self._finish_params(req), resolve)

@@ -58,8 +58,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .sql_errors import driver_outage
 
-__all__ = ["ALTER_LOCK_WAIT", "IDLE_BEFORE_PING", "PG_KEEPALIVES", "SQLITE_IMMEDIATE", "add_missing_columns",
-           "create_tables", "is_outage", "make_engine", "operations_table", "pg_connect_args", "ping_when_idle"]
+__all__ = ["ALTER_LOCK_WAIT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PG_KEEPALIVES", "SQLITE_IMMEDIATE",
+           "add_missing_columns", "create_tables", "is_outage", "make_engine", "operations_table", "pg_connect_args",
+           "ping_when_idle"]
+
+#: The table of a store opened from a URL alone.
+DEFAULT_TABLE = "idemtasks_operations"
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
@@ -100,7 +104,7 @@ def _hex(length: int, *, fixed: bool = False) -> sa.types.TypeEngine[str]:
     return base.with_variant(variant, "mysql", "mariadb")
 
 
-def operations_table(metadata: sa.MetaData, name: str = "idemtasks_operations") -> sa.Table:
+def operations_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE) -> sa.Table:
     """The operations table, added to ``metadata`` (for users who manage their schema with migrations)."""
     return sa.Table(
         name, metadata,
