@@ -106,27 +106,24 @@ def _other_store(task_store: Any, outbox: SQLStore) -> str | None:
 
     Decided on the configuration alone: opening the task's store here could create its table, a write that on SQLite
     would wait for the lock the caller's transaction holds. And databases are not compared: the same one is reached
-    through URLs spelled in many ways (driver names, credentials in connect arguments, relative paths). A store this
-    does not know (a wrapper, another URL type) may be the outbox's, and passes."""
+    through URLs spelled in many ways (driver names, credentials in connect arguments, relative paths). A store
+    object this does not know (a wrapper) may be the outbox's, and passes."""
     if task_store is outbox:
         return None
     if isinstance(task_store, Store):
         table = getattr(task_store, "table", None)
         if isinstance(table, sa.Table):
             return None if table.name == outbox.table.name else f"the table {table.name!r} ({task_store.url})"
-        if type(task_store).__module__ in _NOT_SQL_MODULES:
+        if any(cls.__module__ in _NOT_SQL_MODULES for cls in type(task_store).__mro__):
             return f"a {type(task_store).__name__} ({task_store.url}), not SQL"
         return None
-    if not isinstance(task_store, str):
-        return None
-    scheme = task_store.split("://", 1)[0].split("+", 1)[0].lower()
-    if scheme in _NOT_SQL_SCHEMES:
-        return f"a store that is not SQL ({public_url(task_store)})"
-    if scheme in SQL_SCHEMES and outbox.table.name != DEFAULT_TABLE:
-        return (f"the table {DEFAULT_TABLE!r} ({public_url(task_store)}; a store given by URL uses that table: give "
-                f"the task this outbox's store as store_url)")
+    url = str(task_store)  # what the worker opens (see IdempotentTask.store)
+    if url.split("://", 1)[0].split("+", 1)[0].lower() not in SQL_SCHEMES:
+        return f"a store that is not SQL ({public_url(url)})"
+    if outbox.table.name != DEFAULT_TABLE:
+        return (f"the table {DEFAULT_TABLE!r} ({public_url(url)}; a store given by URL uses that table: give the "
+                f"task this outbox's store as store_url)")
     return None
 
 
 _NOT_SQL_MODULES = ("idemtasks.stores.redis", "idemtasks.stores.memory")
-_NOT_SQL_SCHEMES = ("redis", "rediss", "unix", "memory")

@@ -17,6 +17,7 @@ from celery.contrib.testing.worker import start_worker
 from idemtasks import ConfigurationError, IdempotencyKeyMismatch, IdempotentTask, Status
 from idemtasks.outbox import Outbox
 from idemtasks.recovery import Sweeper
+from idemtasks.stores.base import Store
 from idemtasks.stores.memory import MemoryStore
 from idemtasks.stores.sql import SQLStore
 from tests.conftest import drop, make_store
@@ -127,6 +128,10 @@ def test_staged_before_the_handlers_first_write_a_rollback_leaves_neither(sql_st
     assert sql_store.get_by_id(staged.operation.id) is None
 
 
+class _TracedMemory(MemoryStore):
+    """A subclass an application might make: still not SQL."""
+
+
 class TestTheTasksStore:
     """Workers claim, and recovery looks, in the task's own store: an operation staged in another one and not published
     before a crash would never be seen. Decided on the configuration, without opening the task's store."""
@@ -140,8 +145,9 @@ class TestTheTasksStore:
 
         return ship
 
-    @pytest.mark.parametrize("store_url", ["redis://127.0.0.1:1/0", "memory://", MemoryStore()],
-                             ids=["redis_url", "memory_url", "memory_store"])
+    @pytest.mark.parametrize("store_url", ["redis://127.0.0.1:1/0", "memory://", MemoryStore(), _TracedMemory(),
+                                           "idemtasks.sqlite3"],
+                             ids=["redis_url", "memory_url", "memory_store", "memory_subclass", "no_scheme"])
     def test_a_task_on_a_store_that_is_not_sql_is_refused(self, tmp_path: Path, store_url: Any) -> None:
         outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))
         task = self._task(store_url)
@@ -159,13 +165,11 @@ class TestTheTasksStore:
     def test_a_store_it_does_not_know_may_be_the_outboxs_and_passes(self, tmp_path: Path) -> None:
         """A wrapper (for metrics, say) that delegates to the outbox's store."""
         outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))
-
-        class Wrapper(MemoryStore):
-            pass
-
-        Wrapper.__module__ = "myapp.metrics"
+        wrapper_class = type("Wrapper", (Store,), {"url": outbox.store.url})
+        wrapper_class.__abstractmethods__ = frozenset()  # its calls would go to the outbox's store: none made here
+        wrapper = wrapper_class()
         with outbox.store.engine.begin() as conn:
-            assert outbox.stage(conn, self._task(Wrapper()), ("o1",), key="order-o1").created
+            assert outbox.stage(conn, self._task(wrapper), ("o1",), key="order-o1").created
 
     def test_a_task_on_another_table_is_refused(self, tmp_path: Path) -> None:
         outbox = Outbox(SQLStore(f"sqlite:///{tmp_path}/app.db"))

@@ -64,6 +64,8 @@ def public_url(url: str) -> str:
     """The URL without its password (in the user info or a ``password=`` query parameter), for logs."""
     parts = urlsplit(url)
     netloc, query = parts.netloc, parts.query
+    if parts.password is None and "password=" not in query.lower():
+        return url  # as given: rebuilt, sqlite:////abs.db would read sqlite://abs.db, a host "abs"
     if parts.password is not None:
         userinfo, _, host = netloc.rpartition("@")
         netloc = f"{userinfo.partition(':')[0]}:***@{host}"

@@ -13,9 +13,9 @@ call holds, from its checkout (and the ping the store's own engines give an idle
 ``pool_pre_ping`` comes before and is not covered) to its return to the pool (after the COMMIT, on MariaDB), has its
 socket shut down, so that the call's thread ends at once; that connection alone is dropped, not every other one in
 the pool. A call given up while it connects, or while it waits for a free connection, cannot be cut: once it has its
-connection it sends nothing and hands it back to the pool unused. At most :data:`MAX_GIVEN_UP` such calls per store
-may still be running before the next one fails at once. A given-up call that lands after all is harmless: each of
-these calls is fenced on its token, and it is sent again anyway.
+connection it sends no statement (MariaDB's driver still ends the empty transaction) and hands it back to the pool.
+At most :data:`MAX_GIVEN_UP` such calls per store may still be running before the next one fails at once. A given-up
+call that lands after all is harmless: each of these calls is fenced on its token, and it is sent again anyway.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Bounds:
         """``fn()`` on a thread of its own; its answer, or ``StoreUnavailable`` once ``timeout`` seconds passed."""
         with self._lock:
             if self._given_up_running >= MAX_GIVEN_UP:
-                raise StoreUnavailable(f"{self.name}: {MAX_GIVEN_UP} earlier calls are still waiting to connect")
+                raise StoreUnavailable(f"{self.name}: {MAX_GIVEN_UP} calls given up earlier still run")
         call = BoundedCall()
         outcome: list[tuple[bool, Any]] = []
         done = threading.Event()
@@ -229,6 +229,8 @@ def _duplicate(fd: int | None) -> socket.socket | None:
 
 
 def _after_fork() -> None:
+    global _watched_lock
+    _watched_lock = threading.Lock()  # another thread may have held it at the fork
     for bounds in list(_all_bounds):
         bounds._reset()
 
