@@ -21,6 +21,7 @@ from celery.contrib.testing.worker import start_worker
 from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, InvalidKey, Status, StoreUnavailable, open_store
 from idemtasks.aio import async_store_for
 from idemtasks.config import validate
+from idemtasks.stores import public_url
 from idemtasks.stores.base import Store
 from idemtasks.stores.sql import SQLStore
 from idemtasks.stores.sql_schema import create_tables
@@ -33,6 +34,17 @@ from tests.private_redis import PrivateRedis, free_port
 def test_unknown_store_url_is_a_configuration_error(url: str) -> None:
     with pytest.raises(ConfigurationError):
         open_store(url)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("postgresql://app:s3cret@h/db", "postgresql://app:***@h/db"),
+    ("mysql+pymysql://app@h/db?password=s3cret&charset=utf8mb4", "mysql+pymysql://app@h/db?password=***&charset=utf8mb4"),
+    ("sqlite:////var/lib/app.db", "sqlite:////var/lib/app.db"),  # no password: as given, not rebuilt
+    ("memory://", "memory://"),
+])
+def test_a_store_url_in_messages_and_logs_hides_its_password_and_nothing_else(url: str, shown: str) -> None:
+    assert public_url(url) == shown
 
 
 @pytest.mark.parametrize(("module", "extra", "url"), [("redis", "redis", "redis://127.0.0.1:1/0"),
