@@ -24,7 +24,7 @@ from .config import DEFAULT_TTL
 from .errors import ConfigurationError, IdempotencyKeyMismatch
 from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
 from .models import Operation
-from .stores import SQL_SCHEMES, Store, public_url
+from .stores import SQL_SCHEMES, Store, public_url, url_scheme
 from .stores.base import CreateRequest, decide_create
 from .stores.sql import DEFAULT_TABLE, SQLStore
 
@@ -118,7 +118,7 @@ def _other_store(task_store: Any, outbox: SQLStore) -> str | None:
             return f"a {type(task_store).__name__} ({task_store.url}), not SQL"
         return None
     url = str(task_store)  # what the worker opens (see IdempotentTask.store)
-    if url.split("://", 1)[0].split("+", 1)[0].lower() not in SQL_SCHEMES:
+    if url_scheme(url) not in SQL_SCHEMES:
         return f"a store that is not SQL ({public_url(url)})"
     if outbox.table.name != DEFAULT_TABLE:
         return (f"the table {DEFAULT_TABLE!r} ({public_url(url)}; a store given by URL uses that table: give the "

@@ -16,10 +16,15 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import ConfigurationError
 from .base import Store
 
-__all__ = ["SQL_SCHEMES", "Store", "open_store", "public_url", "shared_store"]
+__all__ = ["SQL_SCHEMES", "Store", "open_store", "public_url", "shared_store", "url_scheme"]
 
 #: URL schemes (before any "+driver") that open a SQL store.
 SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of a store URL, without its "+driver", in lower case."""
+    return url.split("://", 1)[0].split("+", 1)[0].lower()
 
 
 def open_store(url: str, **options: Any) -> Store:
@@ -27,7 +32,7 @@ def open_store(url: str, **options: Any) -> Store:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(f"store URL {url!r} is not a URL (expected e.g. redis://, postgresql+psycopg://, "
                                  "sqlite:///, mysql+pymysql://, memory://)")
-    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
+    scheme = url_scheme(url)
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 

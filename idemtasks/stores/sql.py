@@ -407,7 +407,10 @@ class SQLStore(Store):
         return contextlib.nullcontext() if self.dialect == "sqlite" else thread_flag(self._local, "prompt")
 
     def _bounded(self, fn: Callable[..., _R], *args: Any) -> _R:
-        """``fn(*args)`` on a thread of its own, waited for at most RENEW_TIMEOUT (see :mod:`.sql_bounded`)."""
+        """``fn(*args)``; for a thread that calls :meth:`promptly`, on a thread of its own, waited for at most
+        RENEW_TIMEOUT (see :mod:`.sql_bounded`)."""
+        if not getattr(self._local, "prompt", False):
+            return fn(*args)
         return self._bounds.run(lambda: fn(*args), timeout=RENEW_TIMEOUT)
 
     def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
@@ -439,9 +442,7 @@ class SQLStore(Store):
         return Takeover.SUSPECTED if self._count(self.sql.suspect, params) == 1 else Takeover.ALIVE
 
     def _count(self, stmt: sa.Executable, params: dict[str, Any]) -> int:
-        if getattr(self._local, "prompt", False):
-            return self._bounded(self._count_now, stmt, params)
-        return self._count_now(stmt, params)
+        return self._bounded(self._count_now, stmt, params)
 
     def _count_now(self, stmt: sa.Executable, params: dict[str, Any]) -> int:
         # rowcount is the number of rows matched (SQLAlchemy asks MySQL drivers for FOUND_ROWS), and it is reliable
@@ -452,9 +453,7 @@ class SQLStore(Store):
     # ----------------------------------------------------------------- reads
 
     def _get(self, digest: str) -> Operation | None:
-        if getattr(self._local, "prompt", False):
-            return self._bounded(self._get_now, digest)
-        return self._get_now(digest)
+        return self._bounded(self._get_now, digest)
 
     def _get_now(self, digest: str) -> Operation | None:
         with self._tx() as conn:

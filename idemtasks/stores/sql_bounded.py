@@ -43,9 +43,7 @@ MAX_GIVEN_UP = 16
 _CUT = "idemtasks_cut"
 
 _current = threading.local()  # the bounded call the current thread runs, if any
-_watched: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 _all_bounds: weakref.WeakSet[Bounds] = weakref.WeakSet()
-_watched_lock = threading.Lock()
 
 
 class BoundedCall:
@@ -141,7 +139,7 @@ class Bounds:
             finally:
                 call.finished()
                 done.set()
-                if call._given_up:
+                if call.given_up:
                     with self._lock:
                         self._given_up_running -= 1
 
@@ -173,21 +171,22 @@ class Bounds:
 
 
 def watch_engine(engine: sa.Engine) -> None:
-    """Let bounded calls through ``engine`` cut the connection they hold (once per engine: the listeners follow
-    its pool when it is recreated, after a fork)."""
-    with _watched_lock:
-        if engine in _watched:
-            return
-        _watched.add(engine)
+    """Let bounded calls through ``engine`` cut the connection they hold. SQLAlchemy keeps one registration of a
+    listener per target however often it is made, and carries the pool's over when a fork recreates the pool."""
     # First among the checkout listeners: the call holds the connection before an idle one's ping is sent.
     sa.event.listen(engine.pool, "checkout", _on_checkout, insert=True)
     sa.event.listen(engine.pool, "checkin", _on_checkin)
     sa.event.listen(engine, "handle_error", _on_error)
 
 
+def _call_here() -> BoundedCall | None:
+    """The bounded call this thread runs, if any."""
+    return getattr(_current, "call", None)
+
+
 def given_up_here() -> bool:
     """Whether this thread runs a bounded call that was given up: it must send nothing more."""
-    call: BoundedCall | None = getattr(_current, "call", None)
+    call = _call_here()
     return call is not None and call.given_up
 
 
@@ -195,19 +194,19 @@ def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
     if record.info.pop(_CUT, False):
         # The pool takes another connection, and drops this one alone (not every connection older than it).
         raise sa.exc.DisconnectionError("the connection was cut by a bounded call that was given up")
-    call: BoundedCall | None = getattr(_current, "call", None)
+    call = _call_here()
     if call is not None:
         call.checked_out(dbapi_conn, record)
 
 
 def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
-    call: BoundedCall | None = getattr(_current, "call", None)
+    call = _call_here()
     if call is not None:
         call.checked_in(record)
 
 
 def _on_error(ctx: sa.engine.ExceptionContext) -> None:
-    call: BoundedCall | None = getattr(_current, "call", None)
+    call = _call_here()
     if call is not None and call.cut and ctx.is_disconnect:
         # Cut on purpose, which says nothing of the other connections: SQLAlchemy would drop them all.
         ctx.invalidate_pool_on_disconnect = False
@@ -229,8 +228,6 @@ def _duplicate(fd: int | None) -> socket.socket | None:
 
 
 def _after_fork() -> None:
-    global _watched_lock
-    _watched_lock = threading.Lock()  # another thread may have held it at the fork
     for bounds in list(_all_bounds):
         bounds._reset()
 
