@@ -48,21 +48,30 @@ class IdemtasksError(Exception):
         if init is not None:
             cls.__init__ = _from_message_too(init)  # type: ignore[method-assign]
 
+    def __str__(self) -> str:
+        # args may carry the fields after the message (see _from_message_too); the message alone is the text.
+        return str(self.args[0]) if self.args else ""
+
     def __reduce__(self) -> tuple[object, ...]:
         # Celery pickles exceptions (result backends, eager mode) and replaces any it cannot round-trip with a
         # base class; keyword-only constructors need this to survive as themselves, fields included.
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
-def _from_message_too(init: Callable[..., None]) -> Callable[..., None]:
-    """``init``, which also accepts the exception's message alone.
+_PLAIN = (str, int, float, bool, type(None))
 
-    A result backend that stores JSON (Celery's default) keeps a failure's class and message only, and rebuilds it
-    as ``cls(*args)``: a constructor with required keyword fields would refuse, and the caller of
-    ``AsyncResult.get()`` would get a bare ``Exception`` instead of the ``OperationFailed`` it catches. Rebuilt so,
-    the fields it had are ``None``.
+
+def _from_message_too(init: Callable[..., None]) -> Callable[..., None]:
+    """``init``, whose exception also survives a result backend that stores JSON (Celery's default).
+
+    Such a backend keeps a failure's class, module and ``args`` only, and rebuilds it as ``cls(*args)``: a
+    constructor with required keyword fields would refuse, and the caller of ``AsyncResult.get()`` would get a bare
+    ``Exception`` instead of the ``OperationFailed`` it catches. So ``args`` is ``(message, {field: value})``, with
+    the fields that JSON carries as they are, and ``cls(message, fields)`` rebuilds the exception, fields included.
+    ``cls(message)`` alone (an older record, or a field JSON cannot carry) rebuilds it with those fields ``None``.
     """
     signature = inspect.signature(init)
+    fields = tuple(name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
     @functools.wraps(init)
     def __init__(self: IdemtasksError, *args: Any, **kwargs: Any) -> None:
@@ -70,12 +79,14 @@ def _from_message_too(init: Callable[..., None]) -> Callable[..., None]:
             try:
                 signature.bind(self, *args)
             except TypeError:
+                carried = args[1] if len(args) == 2 and isinstance(args[1], dict) else {}
                 Exception.__init__(self, *args)
-                for name, param in signature.parameters.items():
-                    if param.kind is inspect.Parameter.KEYWORD_ONLY:
-                        setattr(self, name, None)
+                for name in fields:
+                    setattr(self, name, carried.get(name))
                 return
         init(self, *args, **kwargs)
+        carried = {name: getattr(self, name) for name in fields if isinstance(getattr(self, name), _PLAIN)}
+        self.args = (*self.args[:1], carried)
 
     return __init__
 

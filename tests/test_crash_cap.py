@@ -141,8 +141,10 @@ def test_an_operation_whose_holders_died_max_crashes_times_is_failed_without_run
     charge = h.tasks["charge"]
     op = died(h.store, charge, (40,), k := key(), times=3)  # the default max_crashes
     result = deliver(charge, (40,), op)
-    with pytest.raises(OperationFailed, match=r"^TooManyCrashes: "):  # a JSON result backend keeps the message only
+    with pytest.raises(OperationFailed, match=r"^TooManyCrashes: ") as raised:
         result.get(timeout=20)
+    # Through the JSON result backend, with the fields a caller branches on.
+    assert (raised.value.operation_id, raised.value.error_type) == (op.id, "TooManyCrashes")
     final = h.final(op.id)
     assert final.status is Status.FAILED and final.error is not None and final.error.type == "TooManyCrashes"
     assert "3 holders" in final.error.message and "max_crashes=3" in final.error.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -58,3 +59,37 @@ def test_every_error_survives_a_json_result_backend() -> None:
         stored = {"exc_type": cls.__name__, "exc_module": cls.__module__, "exc_message": ["what happened"]}
         rebuilt = backend.exception_to_python(stored)
         assert type(rebuilt) is cls and str(rebuilt) == "what happened", name
+
+
+def test_an_errors_fields_survive_a_json_result_backend() -> None:
+    """What a task raised comes back from ``AsyncResult.get()`` with its fields, not only its class and message:
+    a caller that catches ``OperationFailed`` can read which error the operation stored."""
+    from celery import Celery
+
+    backend = Celery("errors", backend="cache+memory://", set_as_current=False).backend
+    raised = [
+        idemtasks.OperationFailed(operation_id="op-1", error_type="CardDeclined", error_message="insufficient funds"),
+        idemtasks.LeaseLost(operation_id="op-2", fencing_token=7, current_token=None),
+        idemtasks.TooLarge(what="result", size=2_000_000, limit=1_000_000),
+        idemtasks.IdempotencyKeyMismatch(scope="s", key="k", operation_id="op-3", stored_fingerprint="a",
+                                         fingerprint="b"),
+        idemtasks.InvalidKey("key is empty", value=""),
+        idemtasks.PublishFailed("broker refused", operation_id="op-4"),
+    ]
+    for exc in raised:
+        stored = json.loads(json.dumps(backend.prepare_exception(exc, serializer="json")))
+        rebuilt = backend.exception_to_python(stored)
+        assert type(rebuilt) is type(exc) and str(rebuilt) == str(exc), exc
+        assert vars(rebuilt) == vars(exc), exc
+    failed = backend.exception_to_python(json.loads(json.dumps(backend.prepare_exception(raised[0], "json"))))
+    assert (failed.operation_id, failed.error_type, failed.error_message) == ("op-1", "CardDeclined",
+                                                                              "insufficient funds")
+
+
+def test_a_field_json_cannot_carry_comes_back_unknown() -> None:
+    from celery import Celery
+
+    backend = Celery("errors", backend="cache+memory://", set_as_current=False).backend
+    exc = idemtasks.InvalidKey("key is not a string", value=b"raw")
+    rebuilt = backend.exception_to_python(json.loads(json.dumps(backend.prepare_exception(exc, "json"))))
+    assert type(rebuilt) is idemtasks.InvalidKey and str(rebuilt) == str(exc) and rebuilt.value is None
