@@ -6,9 +6,12 @@ import base64
 import dataclasses
 import json
 import time
+import uuid
 from datetime import date, datetime, timezone
 from datetime import time as dt_time
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -42,6 +45,8 @@ from idemtasks.http.endpoint import bearer_caller
 from idemtasks.identity import dump_json, load_json
 from idemtasks.models import ErrorInfo, Operation, Status, Submission
 from idemtasks.stores.memory import MemoryStore
+from tests import services
+from tests.conftest import drop
 
 POLICY = HttpPolicy()
 
@@ -397,6 +402,46 @@ class TestEndpointWiring:
         with pytest.raises(ConfigurationError):
             Endpoint(MemoryStore("memory://mine")).submit(req, t)
 
+    @pytest.mark.parametrize("backend", ["sqlite", "redis"])
+    def test_a_task_on_another_table_or_namespace_of_the_same_database_is_refused(
+        self, backend: str, tmp_path: Path
+    ) -> None:
+        """One URL, two places: the task's operations would be written where the status route never looks, and
+        every ``Location`` it hands out would answer 404."""
+        from celery import Celery
+
+        from idemtasks import IdempotentTask
+        from idemtasks.errors import ConfigurationError
+        from idemtasks.http.endpoint import Endpoint, IncomingRequest
+
+        namespace = f"wiring-{uuid.uuid4().hex[:8]}"
+
+        def open_at(place: str) -> Any:
+            if backend == "sqlite":
+                from idemtasks.stores.sql import SQLStore
+                return SQLStore(f"sqlite:///{tmp_path / 'ops.db'}", table=place)
+            services.require("redis")
+            from idemtasks.stores.redis import RedisStore
+            return RedisStore(services.REDIS_URL, namespace=f"idemtasks-test:{namespace}-{place}")
+
+        app = Celery("wiring", broker="memory://", set_as_current=False)
+
+        def task_on(store: Any, name: str) -> Any:
+            @app.task(shared=False, base=IdempotentTask, store_url=store, name=name)
+            def t() -> None:
+                return None
+            return t
+
+        mine, other, mine_again = open_at("mine"), open_at("other"), open_at("mine")
+        endpoint = Endpoint(mine)
+        req = IncomingRequest("POST", "/p", "/p", "", b"", {"Idempotency-Key": "k"}, "alice")
+        with pytest.raises(ConfigurationError, match="other") as refused:
+            endpoint.submit(req, task_on(other, "wiring.elsewhere"))
+        assert mine.url == other.url and mine.where in str(refused.value) and other.where in str(refused.value)
+        # Another object for the same place is the same store.
+        assert endpoint.submit(req, task_on(mine_again, "wiring.here")).status == 202
+        for store in (mine, other, mine_again):
+            drop(store)
 
 
 class EdgeClock(MemoryStore):

@@ -182,6 +182,13 @@ class Store(abc.ABC):
     #: The URL this store was opened from (without a password), for logs and diagnostics.
     url: str = ""
 
+    @property
+    def where(self) -> str:
+        """Where operations are kept: the URL, and the namespace or table in it when the store has one.
+
+        Two stores with the same ``where`` see the same operations; the URL alone does not say so."""
+        return self.url
+
     def __init__(self) -> None:
         #: Store round trips made by this instance; tests and benchmarks read it to check the cost per task.
         self.round_trips = 0

@@ -191,6 +191,10 @@ class RedisStore(Store):
         self.pipelines_completions = self._lanes
         self._loaded_for = 0  # the pid that loaded the lanes' scripts
 
+    @property
+    def where(self) -> str:
+        return f"{self.url} (namespace {self.namespace!r})"
+
     def record_key(self, digest: str) -> str:
         return f"{self.namespace}:{{{digest}}}"
 

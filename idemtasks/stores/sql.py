@@ -125,6 +125,10 @@ class SQLStore(Store):
         if create_schema:
             self._create_schema()
 
+    @property
+    def where(self) -> str:
+        return f"{self.url} (table {self.table.name!r})"
+
     def _create_schema(self) -> None:
         try:
             create_tables(self.engine, [self.table])
