@@ -93,6 +93,8 @@ SETTINGS: tuple[tuple[str, str, Any], ...] = (
     ("pipeline_completions", "idemtasks_pipeline", DEFAULT_PIPELINE),
     ("max_crashes", "idemtasks_max_crashes", DEFAULT_MAX_CRASHES),
 )
+#: The task attributes :func:`validate` reads.
+VALIDATED = (*(attr for attr, _, _ in SETTINGS), "transactional", "transaction_url")
 
 
 def validate(task_name: str, values: dict[str, Any]) -> None:
@@ -108,3 +110,19 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
         raise ConfigurationError(f"{task_name}: max_crashes must be a whole number, 0 or more, not {crashes!r}")
     if values["on_busy"] not in ON_BUSY_POLICIES:
         raise ConfigurationError(f"{task_name}: on_busy must be one of {ON_BUSY_POLICIES}, not {values['on_busy']!r}")
+    if values.get("transactional"):
+        transaction_url(task_name, values.get("transaction_url"), values["store_url"])
+
+
+def transaction_url(task_name: str, url: Any, store_url: Any) -> str:
+    """The SQL database a transactional task's body and its effects ledger use: ``transaction_url``, else the
+    task's store when that is given as a SQL URL. Checked when the task is bound, so a worker refuses to start rather
+    than fail every operation it takes."""
+    from .stores import SQL_SCHEMES, public_url, url_scheme
+
+    url = url or store_url
+    if not isinstance(url, str) or "://" not in url or url_scheme(url) not in SQL_SCHEMES:
+        shown = public_url(url) if isinstance(url, str) else type(url).__name__
+        raise ConfigurationError(f"{task_name}: a transactional task needs transaction_url, a SQL database URL "
+                                 f"(postgresql+psycopg://, mysql+pymysql://, sqlite:///), not {shown}")
+    return url

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
+from .config import transaction_url
 from .errors import (
     IdempotencyKeyMismatch,
     IdemtasksError,
@@ -498,10 +499,7 @@ def _database_outage(exc: BaseException) -> bool:
 
 
 def _transaction_url(task: Any) -> str:
-    url = task.transaction_url or task.store_url
-    if not isinstance(url, str) or url.split(":", 1)[0].split("+", 1)[0] in ("redis", "rediss", "memory"):
-        raise IdemtasksError(f"{task.name}: transactional tasks need transaction_url (a SQL database URL)")
-    return url
+    return transaction_url(task.name, task.transaction_url, task.store_url)
 
 
 class _AlreadyCommitted(Exception):

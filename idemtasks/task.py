@@ -113,7 +113,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 if getattr(cls, attr, None) is None:
                     setattr(cls, attr, app.conf.get(conf_key, default))
             if getattr(cls, "name", None):
-                config.validate(cls.name, {attr: getattr(cls, attr) for attr, _, _ in config.SETTINGS})
+                config.validate(cls.name, {attr: getattr(cls, attr) for attr in config.VALIDATED})
             conf = app.conf
             queue = conf.task_default_queue
             cls._default_route = None if conf.task_routes or getattr(cls, "queue", None) else (

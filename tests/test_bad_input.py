@@ -23,6 +23,7 @@ from idemtasks.aio import async_store_for
 from idemtasks.config import validate
 from idemtasks.stores import public_url
 from idemtasks.stores.base import Store
+from idemtasks.stores.memory import MemoryStore
 from idemtasks.stores.sql import SQLStore
 from idemtasks.stores.sql_schema import create_tables
 from tests import services
@@ -106,6 +107,47 @@ def test_settings_that_would_break_the_guarantees_are_refused() -> None:
         validate("t", {**base, "lease_seconds": 0})
     with pytest.raises(ConfigurationError):
         validate("t", {**base, "on_busy": "run-anyway"})
+
+
+@pytest.mark.parametrize(("store_url", "transaction_url"), [
+    ("redis://localhost:6379/0", None),
+    ("REDIS://localhost:6379/0", None),
+    ("memory://", None),
+    ("sqlite:///ops.db", "rediss://localhost:6379/0"),
+    ("sqlite:///ops.db", "ledger.db"),
+    (MemoryStore("memory://object"), None),
+])
+def test_a_transactional_task_without_a_sql_database_is_refused_when_bound(
+    store_url: Store | str, transaction_url: str | None
+) -> None:
+    """Its body and effects ledger need a SQL transaction: a worker refuses to start rather than fail every
+    operation it takes (a store given as an object is not a URL the ledger could open)."""
+    app = Celery(f"tx{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store_url, transaction_url=transaction_url,
+              transactional=True, name="tx.pay")
+    def pay(self: IdempotentTask) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="transactional task needs transaction_url, a SQL database URL"):
+        app.finalize()
+
+
+@pytest.mark.parametrize(("store_url", "transaction_url"), [
+    ("sqlite:///ops.db", None),
+    ("redis://localhost:6379/0", "postgresql+psycopg://postgres@127.0.0.1/test"),
+    ("redis://localhost:6379/0", "MariaDB+pymysql://root@127.0.0.1/test"),
+])
+def test_a_transactional_task_with_a_sql_database_binds(store_url: str, transaction_url: str | None) -> None:
+    app = Celery(f"tx{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store_url, transaction_url=transaction_url,
+              transactional=True, name="tx.pay")
+    def pay(self: IdempotentTask) -> None:
+        return None
+
+    app.finalize()
+    assert app.tasks["tx.pay"].transactional
 
 
 def test_task_key_function_returning_a_bad_key_fails_without_storing(tmp_path: Path) -> None:
