@@ -53,9 +53,12 @@ class Service:
     def stop(self) -> None:
         for p in self.procs:
             p.terminate()
+        deadline = time.monotonic() + 4
         for p in self.procs:
             try:
-                p.wait(timeout=10)
+                # A warm shutdown takes 2-4 s here; now and then a pool child then waits for its parent to read
+                # its last acknowledgements, which billiard allows 30 s. Nothing checks a stopped service: kill it.
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
