@@ -22,6 +22,7 @@ _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def check_settings(app: Any) -> list[str]:
     """Return one warning per idempotent task whose settings undermine exactly-once delivery."""
+    from .config import sql_problem
     from .task import IdempotentTask
 
     conf = app.conf
@@ -48,6 +49,10 @@ def check_settings(app: Any) -> list[str]:
                 warnings.append(f"{name}: lease_seconds {lease:g}s is not shorter than the visibility_timeout "
                                 f"{visibility:g}s; after a crash the redelivered message finds a live lease and "
                                 "waits; lower idemtasks_lease")
+        if task.transactional and not task.transaction_url and (problem := sql_problem(task.store_url)) is not None:
+            warnings.append(f"{name}: a transactional task needs a SQL database, and without transaction_url it "
+                            f"would use its store, {problem}: every operation it takes will fail; set "
+                            "transaction_url")
         if task.time_limit and lease > float(task.time_limit) * 2:
             warnings.append(f"{name}: lease_seconds {lease:g}s is far longer than time_limit {task.time_limit}s; a "
                             "child killed by the time limit keeps its operation until the lease runs out")

@@ -22,6 +22,7 @@ that are retried rather than stored as terminal failures), ``transactional`` and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .errors import ConfigurationError
@@ -110,19 +111,42 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
         raise ConfigurationError(f"{task_name}: max_crashes must be a whole number, 0 or more, not {crashes!r}")
     if values["on_busy"] not in ON_BUSY_POLICIES:
         raise ConfigurationError(f"{task_name}: on_busy must be one of {ON_BUSY_POLICIES}, not {values['on_busy']!r}")
-    if values.get("transactional"):
-        transaction_url(task_name, values.get("transaction_url"), values["store_url"])
+    # A transaction_url must name a SQL database in every app. Without one, the store URL is used, which each app
+    # sets for itself: a shared task bound to an app that never runs it must not stop that app from starting, so that
+    # case is logged when a worker starts (checks.check_settings) and refused when the task runs.
+    if values.get("transactional") and values.get("transaction_url") is not None:
+        transaction_url(task_name, values["transaction_url"], None)
 
 
 def transaction_url(task_name: str, url: Any, store_url: Any) -> str:
-    """The SQL database a transactional task's body and its effects ledger use: ``transaction_url``, else the
-    task's store when that is given as a SQL URL. Checked when the task is bound, so a worker refuses to start rather
-    than fail every operation it takes."""
-    from .stores import SQL_SCHEMES, public_url, url_scheme
-
+    """The database a transactional task's body and its effects ledger use: ``transaction_url``, else the task's
+    store URL. Refused (:class:`ConfigurationError`) unless SQLAlchemy can open it."""
     url = url or store_url
-    if not isinstance(url, str) or "://" not in url or url_scheme(url) not in SQL_SCHEMES:
-        shown = public_url(url) if isinstance(url, str) else type(url).__name__
-        raise ConfigurationError(f"{task_name}: a transactional task needs transaction_url, a SQL database URL "
-                                 f"(postgresql+psycopg://, mysql+pymysql://, sqlite:///), not {shown}")
-    return url
+    problem = sql_problem(url)
+    if problem is not None:
+        raise ConfigurationError(f"{task_name}: a transactional task needs transaction_url, a SQL database URL, "
+                                 f"and its database is {problem}")
+    return str(url)
+
+
+def sql_problem(url: Any) -> str | None:
+    """Why SQLAlchemy could not open ``url``, or ``None`` if it can (no connection is made)."""
+    if not isinstance(url, str):
+        return f"a {type(url).__name__}, not a URL"
+    return _dialect_problem(url)
+
+
+@functools.lru_cache(maxsize=64)
+def _dialect_problem(url: str) -> str | None:
+    # Cached: the worker checks again before each transactional body, and loading a dialect is not free.
+    from .stores import public_url
+
+    try:
+        import sqlalchemy as sa
+    except ImportError:
+        return f"{public_url(url)}, and SQLAlchemy is not installed (pip install idemtasks[sql])"
+    try:
+        sa.make_url(url).get_dialect()
+    except Exception as exc:  # not a URL (ArgumentError), no such dialect (NoSuchModuleError), a dialect's own import
+        return f"{public_url(url)} ({type(exc).__name__}: {exc})"
+    return None

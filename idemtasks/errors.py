@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "ConfigurationError",
@@ -42,15 +42,21 @@ __all__ = [
 class IdemtasksError(Exception):
     """Raised by idemtasks, never directly: the root of every error below."""
 
+    #: The keyword-only fields of this class's constructor and its bases', carried in ``args`` (see _carrying).
+    _fields: ClassVar[tuple[str, ...]] = ()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if init is not None:
-            cls.__init__ = _from_message_too(init)  # type: ignore[method-assign]
+            own = [name for name, p in inspect.signature(init).parameters.items() if p.kind is p.KEYWORD_ONLY]
+            cls._fields = tuple(dict.fromkeys([*cls._fields, *own]))
+            cls.__init__ = _carrying(init)  # type: ignore[method-assign]
 
     def __str__(self) -> str:
-        # args may carry the fields after the message (see _from_message_too); the message alone is the text.
-        return str(self.args[0]) if self.args else ""
+        if _carried(self.args, self._fields) is not None:
+            return str(self.args[0])  # the message; the fields are not part of the text
+        return super().__str__()
 
     def __reduce__(self) -> tuple[object, ...]:
         # Celery pickles exceptions (result backends, eager mode) and replaces any it cannot round-trip with a
@@ -59,34 +65,46 @@ class IdemtasksError(Exception):
 
 
 _PLAIN = (str, int, float, bool, type(None))
+_MISSING = object()
 
 
-def _from_message_too(init: Callable[..., None]) -> Callable[..., None]:
+def _carried(args: tuple[Any, ...], fields: tuple[str, ...]) -> dict[str, Any] | None:
+    """The fields ``args`` carries after the message, or ``None`` if they are not shaped so."""
+    shaped = bool(fields) and len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], dict)
+    return args[1] if shaped and set(args[1]) <= set(fields) else None
+
+
+def _carrying(init: Callable[..., None]) -> Callable[..., None]:
     """``init``, whose exception also survives a result backend that stores JSON (Celery's default).
 
     Such a backend keeps a failure's class, module and ``args`` only, and rebuilds it as ``cls(*args)``: a
     constructor with required keyword fields would refuse, and the caller of ``AsyncResult.get()`` would get a bare
-    ``Exception`` instead of the ``OperationFailed`` it catches. So ``args`` is ``(message, {field: value})``, with
-    the fields that JSON carries as they are, and ``cls(message, fields)`` rebuilds the exception, fields included.
-    ``cls(message)`` alone (an older record, or a field JSON cannot carry) rebuilds it with those fields ``None``.
+    ``Exception`` instead of the ``OperationFailed`` it catches. So a class with keyword-only fields has ``args`` =
+    ``(message, {field: value})``, with the fields JSON can carry as they are, and ``cls(message, fields)`` rebuilds
+    it, fields included. Called with positional arguments its constructor does not take (``cls(message)``, from an
+    earlier release), it is rebuilt with those fields ``None``. A class without such fields keeps its ``args``.
     """
     signature = inspect.signature(init)
-    fields = tuple(name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
     @functools.wraps(init)
     def __init__(self: IdemtasksError, *args: Any, **kwargs: Any) -> None:
-        if args and not kwargs:
+        fields = self._fields
+        carried = None if kwargs else _carried(args, fields)
+        if carried is None and args and not kwargs:
             try:
                 signature.bind(self, *args)
             except TypeError:
-                carried = args[1] if len(args) == 2 and isinstance(args[1], dict) else {}
-                Exception.__init__(self, *args)
-                for name in fields:
-                    setattr(self, name, carried.get(name))
-                return
+                carried = {}
+        if carried is not None:  # rebuilt by a result backend
+            Exception.__init__(self, *args)
+            for name in fields:
+                setattr(self, name, carried.get(name))
+            return
         init(self, *args, **kwargs)
-        carried = {name: getattr(self, name) for name in fields if isinstance(getattr(self, name), _PLAIN)}
-        self.args = (*self.args[:1], carried)
+        if fields:
+            # Only attributes named as the fields: a constructor may use a keyword for the message alone.
+            values = {name: getattr(self, name, _MISSING) for name in fields}
+            self.args = (*self.args[:1], {k: v for k, v in values.items() if isinstance(v, _PLAIN)})
 
     return __init__
 

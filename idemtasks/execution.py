@@ -21,6 +21,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from .config import transaction_url
 from .errors import (
+    ConfigurationError,
     IdempotencyKeyMismatch,
     IdemtasksError,
     LeaseLost,
@@ -315,7 +316,8 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         except BaseException as exc:
             if attempt.released:
                 raise
-            if task.retry_on and isinstance(exc, task.retry_on):
+            # A misconfiguration (no SQL database for a transactional task) does not pass with time: never retried.
+            if task.retry_on and isinstance(exc, task.retry_on) and not isinstance(exc, ConfigurationError):
                 try:
                     task.retry(exc=exc, countdown=min(2.0 ** request.retries, 300.0))
                 except Retry:

@@ -20,6 +20,7 @@ from celery.contrib.testing.worker import start_worker
 
 from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, InvalidKey, Status, StoreUnavailable, open_store
 from idemtasks.aio import async_store_for
+from idemtasks.checks import check_settings
 from idemtasks.config import validate
 from idemtasks.stores import public_url
 from idemtasks.stores.base import Store
@@ -109,45 +110,64 @@ def test_settings_that_would_break_the_guarantees_are_refused() -> None:
         validate("t", {**base, "on_busy": "run-anyway"})
 
 
-@pytest.mark.parametrize(("store_url", "transaction_url"), [
-    ("redis://localhost:6379/0", None),
-    ("REDIS://localhost:6379/0", None),
-    ("memory://", None),
-    ("sqlite:///ops.db", "rediss://localhost:6379/0"),
-    ("sqlite:///ops.db", "ledger.db"),
-    (MemoryStore("memory://object"), None),
-])
-def test_a_transactional_task_without_a_sql_database_is_refused_when_bound(
-    store_url: Store | str, transaction_url: str | None
-) -> None:
-    """Its body and effects ledger need a SQL transaction: a worker refuses to start rather than fail every
-    operation it takes (a store given as an object is not a URL the ledger could open)."""
+def transactional_pay(store_url: Store | str, transaction_url: str | None, **options: Any) -> tuple[Celery, Any]:
     app = Celery(f"tx{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
 
     @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store_url, transaction_url=transaction_url,
-              transactional=True, name="tx.pay")
+              transactional=True, name="tx.pay", **options)
     def pay(self: IdempotentTask) -> None:
         return None
 
-    with pytest.raises(ConfigurationError, match="transactional task needs transaction_url, a SQL database URL"):
+    return app, pay
+
+
+@pytest.mark.parametrize("transaction_url", [
+    "redis://localhost:6379/0",  # not a SQL database
+    "ledger.db",  # not a URL
+    "MariaDB+pymysql://root@127.0.0.1/test",  # SQLAlchemy's dialect names are case-sensitive
+    "postgresql+nosuchdriver://postgres@127.0.0.1/test",
+])
+def test_a_transaction_url_sqlalchemy_cannot_open_is_refused_when_the_task_is_bound(transaction_url: str) -> None:
+    """A worker refuses to start rather than fail every operation it takes."""
+    app, _ = transactional_pay("sqlite:///ops.db", transaction_url)
+    with pytest.raises(ConfigurationError, match="a transactional task needs transaction_url, a SQL database URL"):
         app.finalize()
 
 
 @pytest.mark.parametrize(("store_url", "transaction_url"), [
     ("sqlite:///ops.db", None),
     ("redis://localhost:6379/0", "postgresql+psycopg://postgres@127.0.0.1/test"),
-    ("redis://localhost:6379/0", "MariaDB+pymysql://root@127.0.0.1/test"),
+    ("redis://localhost:6379/0", "mariadb+pymysql://root@127.0.0.1/test"),
+    ("redis://localhost:6379/0", "mssql+pyodbc://user@dsn"),  # any SQLAlchemy dialect: the ledger is plain Core
 ])
 def test_a_transactional_task_with_a_sql_database_binds(store_url: str, transaction_url: str | None) -> None:
-    app = Celery(f"tx{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-
-    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store_url, transaction_url=transaction_url,
-              transactional=True, name="tx.pay")
-    def pay(self: IdempotentTask) -> None:
-        return None
-
+    app, _ = transactional_pay(store_url, transaction_url)
     app.finalize()
     assert app.tasks["tx.pay"].transactional
+    assert not any("transactional" in w for w in check_settings(app))
+
+
+@pytest.mark.parametrize("store_url", ["redis://localhost:6379/0", "memory://"])
+def test_without_transaction_url_a_store_that_is_not_sql_is_reported_when_the_worker_starts(store_url: str) -> None:
+    """The store URL comes from each app's settings: an app that binds a shared transactional task it never runs
+    still starts, and a worker that would run it says so as it starts."""
+    app, _ = transactional_pay(store_url, None)
+    app.finalize()
+    assert any(w.startswith("tx.pay: a transactional task needs a SQL database") and "set transaction_url" in w
+               for w in check_settings(app))
+
+
+def test_without_a_sql_database_each_operation_fails_once_and_is_not_retried() -> None:
+    """A misconfiguration does not pass with time: even under ``retry_on=(ValueError,)`` (ConfigurationError is a
+    ValueError), the operation is stored as failed at its first attempt, without running the body."""
+    store = MemoryStore()
+    app, pay = transactional_pay(store, None, retry_on=(ValueError,))
+    app.conf.task_always_eager = True
+    sub = pay.submit((), key="order-1")
+    op = store.get_by_id(sub.operation.id)
+    assert op is not None and op.status is Status.FAILED and op.attempts == 1
+    assert op.error is not None and op.error.type == "ConfigurationError"
+    assert "a MemoryStore, not a URL" in op.error.message
 
 
 def test_task_key_function_returning_a_bad_key_fails_without_storing(tmp_path: Path) -> None:

@@ -376,6 +376,17 @@ class TestDefaultCaller:
             bearer_caller({"Authorization": header})
 
 
+def task_on(app: Any, store: Any, name: str) -> Any:
+    """A task of ``app`` that writes to ``store``."""
+    from idemtasks import IdempotentTask
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name=name)
+    def t() -> None:
+        return None
+
+    return t
+
+
 class TestEndpointWiring:
     def test_an_endpoint_needs_a_store(self) -> None:
         from idemtasks.errors import ConfigurationError
@@ -410,7 +421,6 @@ class TestEndpointWiring:
         every ``Location`` it hands out would answer 404."""
         from celery import Celery
 
-        from idemtasks import IdempotentTask
         from idemtasks.errors import ConfigurationError
         from idemtasks.http.endpoint import Endpoint, IncomingRequest
 
@@ -426,22 +436,55 @@ class TestEndpointWiring:
 
         app = Celery("wiring", broker="memory://", set_as_current=False)
 
-        def task_on(store: Any, name: str) -> Any:
-            @app.task(shared=False, base=IdempotentTask, store_url=store, name=name)
-            def t() -> None:
-                return None
-            return t
-
         mine, other, mine_again = open_at("mine"), open_at("other"), open_at("mine")
         endpoint = Endpoint(mine)
         req = IncomingRequest("POST", "/p", "/p", "", b"", {"Idempotency-Key": "k"}, "alice")
         with pytest.raises(ConfigurationError, match="other") as refused:
-            endpoint.submit(req, task_on(other, "wiring.elsewhere"))
+            endpoint.submit(req, task_on(app, other, "wiring.elsewhere"))
         assert mine.url == other.url and mine.where in str(refused.value) and other.where in str(refused.value)
         # Another object for the same place is the same store.
-        assert endpoint.submit(req, task_on(mine_again, "wiring.here")).status == 202
+        assert endpoint.submit(req, task_on(app, mine_again, "wiring.here")).status == 202
         for store in (mine, other, mine_again):
             drop(store)
+
+    def test_a_store_of_another_kind_is_compared_by_url(self, tmp_path: Path) -> None:
+        """A wrapper (for metrics, say) around the endpoint's store cannot name its table: its URL decides."""
+        from celery import Celery
+
+        from idemtasks.errors import ConfigurationError
+        from idemtasks.http.endpoint import Endpoint
+        from idemtasks.stores.base import Store
+        from idemtasks.stores.sql import SQLStore
+
+        inner = SQLStore(f"sqlite:///{tmp_path / 'ops.db'}")
+        wrapper_class = type("Wrapper", (Store,), {"url": inner.url})
+        wrapper_class.__abstractmethods__ = frozenset()  # its calls would go to the inner store: none made here
+        app = Celery("wiring", broker="memory://", set_as_current=False)
+
+        assert Endpoint(inner).store_for(task_on(app, wrapper_class(), "wiring.wrapped")) is inner
+        assert Endpoint(inner.url).store_for(task_on(app, wrapper_class(), "wiring.wrapped_by_url")).url == inner.url
+        elsewhere = type("Wrapper", (Store,), {"url": f"sqlite:///{tmp_path / 'other.db'}"})
+        elsewhere.__abstractmethods__ = frozenset()
+        with pytest.raises(ConfigurationError, match=r"other\.db"):
+            Endpoint(inner).store_for(task_on(app, elsewhere(), "wiring.elsewhere"))
+        inner.close()
+
+    def test_two_memory_stores_are_two_places_whatever_their_url(self) -> None:
+        from celery import Celery
+
+        from idemtasks import IdempotentTask
+        from idemtasks.errors import ConfigurationError
+        from idemtasks.http.endpoint import Endpoint
+
+        app = Celery("wiring", broker="memory://", set_as_current=False)
+
+        @app.task(shared=False, base=IdempotentTask, store_url=MemoryStore(), name="wiring.own_memory")
+        def t() -> None:
+            return None
+
+        with pytest.raises(ConfigurationError, match="instance"):
+            Endpoint(MemoryStore()).store_for(t)
+        assert Endpoint(t.store).store_for(t) is t.store
 
 
 class EdgeClock(MemoryStore):

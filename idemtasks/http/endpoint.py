@@ -111,9 +111,9 @@ class Endpoint:
         store = self._store if isinstance(self._store, Store) else shared_store(str(self._store))
         if task is not None:
             task._settled()
-            if task.store.where != store.where:
-                raise ConfigurationError(f"task {task.name} writes to {task.store.where}, but this endpoint reads "
-                                         f"operations from {store.where}")
+            if not store.same_place(task.store):
+                raise ConfigurationError(f"task {task.name} writes to {task.store.where or task.store.url}, but this "
+                                         f"endpoint reads operations from {store.where or store.url}")
         return store
 
     def location(self, operation_id: str, root: str = "") -> str:

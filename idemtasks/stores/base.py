@@ -183,11 +183,18 @@ class Store(abc.ABC):
     url: str = ""
 
     @property
-    def where(self) -> str:
-        """Where operations are kept: the URL, and the namespace or table in it when the store has one.
+    def where(self) -> str | None:
+        """Where operations are kept: the URL, and the namespace or table in it, or ``None`` when not known (a store
+        of another kind, such as a wrapper around one of these, which compares by ``url``).
 
         Two stores with the same ``where`` see the same operations; the URL alone does not say so."""
-        return self.url
+        return None
+
+    def same_place(self, other: Store) -> bool:
+        """Whether ``other`` keeps its operations where this store does, as far as both can tell."""
+        if self.where is None or other.where is None:
+            return self.url == other.url
+        return self.where == other.where
 
     def __init__(self) -> None:
         #: Store round trips made by this instance; tests and benchmarks read it to check the cost per task.

@@ -31,6 +31,11 @@ class MemoryStore(Store):
         self._lock = threading.Lock()
         self._records: dict[str, Operation] = {}
 
+    @property
+    def where(self) -> str:
+        # Each instance keeps its own records, whatever its URL says (shared_store gives one per URL).
+        return f"{self.url} (instance {id(self):#x})"
+
     def _live(self, digest: str, now: float) -> Operation | None:
         op = self._records.get(digest)
         return op if op is not None and op.expires_at > now else None
