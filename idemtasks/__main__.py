@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -35,9 +36,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{store.url}: {store.purge_expired()} expired operation(s) deleted")
         return 0
     while True:
-        report = sweeper.sweep()
-        print(f"published again: {len(report.republished)} (from dead holders: {len(report.requeued)}), "
-              f"suspected: {len(report.suspected)}, skipped: {len(report.skipped)}", flush=True)
+        try:
+            report = sweeper.sweep()
+        except Exception as exc:  # repeated sweeps outlive a store that is down for a while
+            if not opts.every:
+                raise
+            print(f"sweep failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        else:
+            print(f"published again: {len(report.republished)} (from dead holders: {len(report.requeued)}), "
+                  f"expired: {len(report.expired)}, suspected: {len(report.suspected)}, "
+                  f"skipped: {len(report.skipped)}", flush=True)
         if not opts.every:
             return 0
         time.sleep(opts.every)

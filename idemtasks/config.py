@@ -114,7 +114,7 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
     # A transaction_url must name a SQL database in every app. Without one, the store URL is used, which each app
     # sets for itself: a shared task bound to an app that never runs it must not stop that app from starting, so that
     # case is logged when a worker starts (checks.check_settings) and refused when the task runs.
-    if values.get("transactional") and values.get("transaction_url") is not None:
+    if values.get("transactional") and values.get("transaction_url"):
         transaction_url(task_name, values["transaction_url"], None)
 
 
@@ -142,11 +142,18 @@ def _dialect_problem(url: str) -> str | None:
     from .stores import public_url
 
     try:
-        import sqlalchemy as sa
-    except ImportError:
-        return f"{public_url(url)}, and SQLAlchemy is not installed (pip install idemtasks[sql])"
+        shown = public_url(url)
+    except ValueError:  # not even a URL urllib can split: not shown, as it may hold a password
+        return "a URL that cannot be read"
     try:
-        sa.make_url(url).get_dialect()
-    except Exception as exc:  # not a URL (ArgumentError), no such dialect (NoSuchModuleError), a dialect's own import
-        return f"{public_url(url)} ({type(exc).__name__}: {exc})"
+        from .stores.sql_schema import engine_url
+    except ImportError:
+        return f"{shown}, and SQLAlchemy is not installed (pip install idemtasks[sql])"
+    try:
+        dialect = engine_url(url).get_dialect()  # as the ledger opens it: postgres:// takes psycopg, say
+        if dialect.is_async:
+            return f"{shown}, an asyncio driver (the body runs in a synchronous transaction)"
+        dialect.import_dbapi()  # the driver itself: a dialect loads without it
+    except Exception as exc:  # not a URL (ArgumentError), no such dialect (NoSuchModuleError), no driver (ImportError)
+        return f"{shown} ({type(exc).__name__}: {exc})"
     return None

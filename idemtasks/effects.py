@@ -172,7 +172,18 @@ def _wrapped() -> Iterator[None]:
 
 
 _ledgers: dict[tuple[int, str], EffectsLedger] = {}
+# Held while a ledger opens (its engine, its table): a child forked meanwhile gets a lock of its own, or it could
+# inherit this one held by a thread it does not have (see stores.shared_store).
 _lock = threading.Lock()
+
+
+def _fresh_lock_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def ledger_for(url: str) -> EffectsLedger:

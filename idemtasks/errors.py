@@ -19,6 +19,7 @@ Driver exceptions (redis-py, SQLAlchemy, kombu) are never leaked: they are wrapp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -54,7 +55,7 @@ class IdemtasksError(Exception):
             cls.__init__ = _carrying(init)  # type: ignore[method-assign]
 
     def __str__(self) -> str:
-        if _carried(self.args, self._fields) is not None:
+        if _carried(self.args) is not None:
             return str(self.args[0])  # the message; the fields are not part of the text
         return super().__str__()
 
@@ -68,10 +69,17 @@ _PLAIN = (str, int, float, bool, type(None))
 _MISSING = object()
 
 
-def _carried(args: tuple[Any, ...], fields: tuple[str, ...]) -> dict[str, Any] | None:
-    """The fields ``args`` carries after the message, or ``None`` if they are not shaped so."""
-    shaped = bool(fields) and len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], dict)
-    return args[1] if shaped and set(args[1]) <= set(fields) else None
+#: The one key of the dict that follows the message in ``args``: named so that no application's own dict argument
+#: is taken for it.
+_FIELDS_KEY = "idemtasks_fields"
+
+
+def _carried(args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The fields ``args`` carries after the message, or ``None`` if it carries none."""
+    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], dict) and set(args[1]) == {_FIELDS_KEY}:
+        carried = args[1][_FIELDS_KEY]
+        return carried if isinstance(carried, dict) else None
+    return None
 
 
 def _carrying(init: Callable[..., None]) -> Callable[..., None]:
@@ -80,31 +88,34 @@ def _carrying(init: Callable[..., None]) -> Callable[..., None]:
     Such a backend keeps a failure's class, module and ``args`` only, and rebuilds it as ``cls(*args)``: a
     constructor with required keyword fields would refuse, and the caller of ``AsyncResult.get()`` would get a bare
     ``Exception`` instead of the ``OperationFailed`` it catches. So a class with keyword-only fields has ``args`` =
-    ``(message, {field: value})``, with the fields JSON can carry as they are, and ``cls(message, fields)`` rebuilds
-    it, fields included. Called with positional arguments its constructor does not take (``cls(message)``, from an
-    earlier release), it is rebuilt with those fields ``None``. A class without such fields keeps its ``args``.
+    ``(message, {"idemtasks_fields": {field: value}})``, with the fields JSON can carry as they are, from which
+    ``cls(*args)`` rebuilds it, fields included. Called with positional arguments its constructor does not take
+    (``cls(message)``, from an earlier release), it is rebuilt with those fields ``None``. A class without such fields
+    keeps its ``args``.
     """
     signature = inspect.signature(init)
 
     @functools.wraps(init)
     def __init__(self: IdemtasksError, *args: Any, **kwargs: Any) -> None:
         fields = self._fields
-        carried = None if kwargs else _carried(args, fields)
+        carried = None if kwargs else _carried(args)
         if carried is None and args and not kwargs:
             try:
                 signature.bind(self, *args)
             except TypeError:
-                carried = {}
-        if carried is not None:  # rebuilt by a result backend
+                carried = {}  # the message alone (an earlier release's), or arguments the constructor cannot take
+        if carried is not None:
             Exception.__init__(self, *args)
             for name in fields:
-                setattr(self, name, carried.get(name))
+                with contextlib.suppress(AttributeError):  # a read-only property: left as the class has it
+                    setattr(self, name, carried.get(name))
             return
         init(self, *args, **kwargs)
         if fields:
             # Only attributes named as the fields: a constructor may use a keyword for the message alone.
             values = {name: getattr(self, name, _MISSING) for name in fields}
-            self.args = (*self.args[:1], {k: v for k, v in values.items() if isinstance(v, _PLAIN)})
+            kept = {k: v for k, v in values.items() if isinstance(v, _PLAIN)}
+            self.args = (*self.args[:1], {_FIELDS_KEY: kept})
 
     return __init__
 

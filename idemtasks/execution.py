@@ -188,8 +188,8 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
     if fp is None:
         call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
         fp = fingerprint_of_call(call)
-    # What a claim that creates the record stores, for recovery: the call, and where its message came from.
-    payload = None if call is None else stored_call(call, _route_of(task, request))
+    # What a claim that creates the record stores, for recovery: the call, where its message came from, its deadline.
+    payload = None if call is None else _stored_call_of(task, request, call)
     try:
         store: Store = task.store
     except StoreError as exc:
@@ -231,9 +231,16 @@ def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple
     way). One more round trip, only in this case; the body runs whether or not it lands."""
     try:
         call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
-        store.attach_payload(op, op.fencing_token, stored_call(call, _route_of(task, request)))
+        store.attach_payload(op, op.fencing_token, _stored_call_of(task, request, call))
     except IdemtasksError as exc:  # arguments that cannot be stored as JSON, or the store gone for a moment
         logger.warning("idemtasks: operation %s has no stored call; recovery cannot publish it again: %s", op.id, exc)
+
+
+def _stored_call_of(task: Any, request: Any, call: str) -> str:
+    options = _route_of(task, request)
+    if getattr(request, "expires", None) is not None:  # the message's deadline: a copy recovery publishes keeps it
+        options["expires"] = request.expires
+    return stored_call(call, options, tz=task.app.conf.timezone)
 
 
 def _route_of(task: Any, request: Any) -> dict[str, Any]:

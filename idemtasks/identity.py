@@ -12,6 +12,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from kombu.utils.json import JSONEncoder
@@ -154,9 +155,35 @@ ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
 CALLBACK_OPTIONS = ("link", "link_error")
 
 
-def stored_call(call: str, options: dict[str, Any]) -> str:
+def absolute_expires(value: Any, tz: Any = None) -> str | None:
+    """An ``expires`` option as the time it names, in ISO 8601 with its offset: seconds from now, or a time, read as
+    the worker reads it (given the app's ``timezone``, ``tz``). ``None`` for no deadline or one it cannot read.
+
+    Stored so, a copy that recovery publishes carries the first message's deadline, not one counted from its own
+    publication, and recovery can tell that a deadline has passed (see :meth:`Sweeper._recover
+    <idemtasks.recovery.Sweeper._recover>`)."""
+    from celery.utils.time import maybe_iso8601, maybe_make_aware
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        when = datetime.now(timezone.utc) + timedelta(seconds=float(value))
+    elif isinstance(value, (str, datetime)):
+        try:
+            when = maybe_iso8601(value)
+        except ValueError:
+            return None  # Celery refuses it at publishing
+    else:
+        return None
+    return None if when is None else str(maybe_make_aware(when, tz).isoformat())
+
+
+def is_past(expires: str) -> bool:
+    """Whether the deadline :func:`absolute_expires` stored has passed, by this host's clock (the worker's test)."""
+    return datetime.fromisoformat(expires) <= datetime.now(timezone.utc)
+
+
+def stored_call(call: str, options: dict[str, Any], *, tz: Any = None) -> str:
     """The payload an operation stores: its ``call``, followed by the routing and callback ``options`` it was
-    published with.
+    published with, and its ``expires`` deadline as a time (``tz``: the app's ``timezone``).
 
     The fingerprint stays the call's alone: where a message goes, and what follows it, is not what it asks for, so a
     repeat sent to another queue is a replay. A kombu ``Queue`` or ``Exchange`` is kept by name; a value that is
@@ -169,6 +196,8 @@ def stored_call(call: str, options: dict[str, Any]) -> str:
         value = getattr(value, "name", value)
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             kept[option] = value
+    if options.get("expires") is not None and (expires := absolute_expires(options["expires"], tz)) is not None:
+        kept["expires"] = expires
     callbacks = {option: options[option] for option in CALLBACK_OPTIONS if options.get(option)}
     if callbacks:
         try:

@@ -9,6 +9,9 @@ Two kinds are found by :meth:`Store.stale <idemtasks.stores.base.Store.stale>`:
   transport's in-memory unacked messages, a Redis broker that would redeliver only after its visibility timeout).
   Such an operation is first put back to pending (fenced on its token), then published.
 
+Either kind whose first message had an ``expires`` that has passed is stored as failed (``Expired``) instead: a copy
+would only be discarded unrun, at every sweep (see :mod:`idemtasks.revoked`).
+
 A lapsed lease does not prove the holder dead. During a store outage longer than the lease a live holder cannot
 renew, and when the store comes back a sweep may reach the record before the holder's keeper renews it (or before
 its completion lands): a takeover then would run the body a second time. So the takeover has two phases
@@ -34,9 +37,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import IdemtasksError
-from .identity import CALLBACK_OPTIONS, parse_stored_call
+from .errors import IdemtasksError, LeaseLost
+from .identity import CALLBACK_OPTIONS, is_past, parse_stored_call
 from .models import Operation, Status, Takeover
+from .revoked import fail_unrun
 from .stores import Store
 from .stores.base import MIN_CONFIRM_AFTER, confirm_after_for
 
@@ -59,6 +63,8 @@ class SweepReport:
     #: Running under a lapsed lease, marked (or still marked) suspected: taken over by a later sweep unless renewed.
     suspected: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: Failed as ``Expired``: their first message's ``expires`` had passed.
+    expired: list[str] = field(default_factory=list)
 
 
 class Sweeper:
@@ -77,13 +83,22 @@ class Sweeper:
         self.confirm_after = confirm_after
 
     def stores(self) -> list[Store]:
+        """The stores of the app's idempotent tasks. One that cannot be opened now (its database down) is left out
+        with a warning: the others are still swept."""
         from .task import IdempotentTask
 
         found: dict[int, Store] = {}
+        failed: set[str] = set()
         for task in list(self.app.tasks.values()):
             if isinstance(task, IdempotentTask):
-                task._settled()
-                store = task.store
+                try:
+                    task._settled()
+                    store = task.store
+                except IdemtasksError as exc:
+                    if str(exc) not in failed:  # once per store, not once per task on it
+                        failed.add(str(exc))
+                        logger.warning("idemtasks: cannot sweep the store of %s now: %s", task.name, exc)
+                    continue
                 found[id(store)] = store
         return list(found.values())
 
@@ -94,9 +109,14 @@ class Sweeper:
                 self._sweep_store(store, report)
             except IdemtasksError as exc:
                 logger.warning("idemtasks: sweep of %s failed: %s", store.url, exc)
+            except Exception:  # a bug in one store's sweep must not keep the others from theirs
+                logger.exception("idemtasks: sweep of %s failed", store.url)
         if report.republished:
             logger.info("idemtasks: recovery published %d operation(s) again (%d taken from dead holders)",
                         len(report.republished), len(report.requeued))
+        if report.expired:
+            logger.warning("idemtasks: recovery failed %d operation(s) past their message's expires: %s",
+                           len(report.expired), ", ".join(report.expired[:10]))
         if report.suspected:
             logger.info("idemtasks: %d operation(s) under a lapsed lease are suspected; a later sweep takes them over "
                         "unless their holders renew", len(report.suspected))
@@ -145,6 +165,19 @@ class Sweeper:
         # the broker. Once it did, it may still be queued (a backlog longer than pending_after) or be redelivered
         # (acks_late), and a copy that replays would send them a second time.
         _name, args, kwargs, options = parse_stored_call(op.payload)
+        expires = options.get("expires")
+        if isinstance(expires, str) and is_past(expires):
+            # Past the deadline of its first message: a copy would be discarded unrun (or dropped by the broker,
+            # whose message TTL Celery sets from it, before any worker sees it), again at every sweep. Failed as the
+            # worker fails a discarded message, under the token read (the requeue kept it).
+            try:
+                if fail_unrun(task, store, op, "Expired", "the message expired (expires=) before a copy of it ran"):
+                    report.expired.append(op.id)
+            except LeaseLost:
+                pass  # claimed meanwhile, by a message without the deadline: that delivery decides
+            except IdemtasksError as exc:  # the store or the ledger: the next sweep tries again
+                logger.warning("idemtasks: could not fail expired operation %s: %s", op.id, exc)
+            return True
         if not op.needs_publish:
             options = {name: value for name, value in options.items() if name not in CALLBACK_OPTIONS}
         try:

@@ -2,10 +2,11 @@
 
 Celery drops such a message before the task is called, so no claim ever sees it, and its operation would stay
 pending: recovery would publish it again every ``pending_after`` under the same task id, to be discarded again while
-the workers remember the revoke, and run once they forgot it (a restart without ``--statedb``, or hours later), or
-at once for an expired message, whose copy carries no ``expires``. A task that was cancelled, or was not to run
-after its deadline, would run after all. So the operation of a discarded message is stored as failed
-(``Revoked`` or ``Expired``), which clients see and duplicates replay.
+the workers remember the revoke, and run once they forgot it (a restart without ``--statedb``, or hours later). A
+task that was cancelled would run after all. So the operation of a discarded message is stored as failed
+(``Revoked`` or ``Expired``), which clients see and duplicates replay. An operation whose deadline passed while no
+message of it could be discarded (its message lost, its holder dead, the store down as the message was discarded)
+is failed by recovery instead, which reads the deadline stored with the call (see :mod:`idemtasks.recovery`).
 
 Only an operation still pending under the discarded message's id, or keyed by it (a message sent without
 ``submit``), is touched: one that runs, or was created by another message (a duplicate under ``key_func``), belongs
@@ -23,9 +24,9 @@ from typing import Any
 from celery import signals
 
 from .errors import LeaseLost
-from .models import ErrorInfo, Status
+from .models import ErrorInfo, Operation, Status
 
-__all__ = ["fail_discarded"]
+__all__ = ["fail_discarded", "fail_unrun"]
 
 logger = logging.getLogger("idemtasks.task")
 
@@ -33,18 +34,17 @@ logger = logging.getLogger("idemtasks.task")
 def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
     True if it was."""
-    from .execution import _transaction_url, header_of, store_carried  # the worker side, imported by then
+    from .execution import header_of, store_carried  # the worker side, imported by then
     from .task import TASK_ID_SCOPE
 
     scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
     store = task.store
-    ttl = float(task.idempotency_ttl)
     header = header_of(request)
     if header.get("finish") is not None:
         # The body ran: its completion, which the store could not take then, rides in this message. It is the
         # outcome, never "will not run".
         with contextlib.suppress(LeaseLost):  # taken over meanwhile: the new holder decides
-            store_carried(store, scope, key, header["finish"], ttl)
+            store_carried(store, scope, key, header["finish"], float(task.idempotency_ttl))
         return False
     op = store.get(scope, key)
     # This message's own: submitted under its id, or keyed by it. A message sent without submit (and without
@@ -54,9 +54,19 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     if op is None or op.status is not Status.PENDING or not (op.id == request.id or keyed_by_it):
         return False
     what = "expired (expires=)" if expired else "was revoked"
+    return fail_unrun(task, store, op, "Expired" if expired else "Revoked",
+                      f"the message {what} before this delivery ran")
+
+
+def fail_unrun(task: Any, store: Any, op: Operation, error_type: str, why: str) -> bool:
+    """Store ``op``, whose message will not run, as failed (``error_type``, ``why``), under the token it was read
+    with; True if it was. A transactional task whose earlier holder committed its effects gets that result instead."""
+    from .execution import _transaction_url  # the worker side, imported by then
+
+    ttl = float(task.idempotency_ttl)
+    scope, key = op.scope, op.key
     ran = " (its body had started before, without an outcome)" if op.attempts else ""
-    error = ErrorInfo("Expired" if expired else "Revoked",
-                      f"the message {what} before this delivery ran{ran}: the operation will not run again")
+    error = ErrorInfo(error_type, f"{why}{ran}: the operation will not run again")
     if task.transactional and op.attempts:
         # A holder that died after committing its effects left the operation pending for its copy: what it
         # committed is the outcome, and sealing the failure keeps a holder still alive from committing later.

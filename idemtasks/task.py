@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -30,6 +31,16 @@ __all__ = ["IdempotentTask"]
 
 logger = logging.getLogger("idemtasks.task")
 _configure_lock = threading.RLock()
+
+
+def _fresh_lock_after_fork() -> None:
+    # As for the store cache's lock: a thread of the parent (its sweeper) may hold it at the fork.
+    global _configure_lock
+    _configure_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 #: Scope of tasks sent without ``submit`` and without ``key_func``: the Celery task id is the key, which still
 #: turns broker redeliveries of one message into replays.
@@ -239,8 +250,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
         # still waits for the message's time before it presumes the message lost.
         due = message_due(self, options)
-        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=stored_call(call, options),
-                           delay=due)
+        payload = stored_call(call, options, tz=self.app.conf.timezone)
+        sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=payload, delay=due)
         op = sub.operation
         if sub.created:
             self.publish(op, args, kwargs, abandon_on_failure=True, due=due, **options)

@@ -126,19 +126,26 @@ def transactional_pay(store_url: Store | str, transaction_url: str | None, **opt
     "ledger.db",  # not a URL
     "MariaDB+pymysql://root@127.0.0.1/test",  # SQLAlchemy's dialect names are case-sensitive
     "postgresql+nosuchdriver://postgres@127.0.0.1/test",
+    "postgresql+psycopg2://postgres@127.0.0.1/test",  # a dialect of SQLAlchemy's whose driver is not installed
+    "sqlite+aiosqlite:///ledger.db",  # an asyncio driver: the body runs in a synchronous transaction
+    "postgresql://u:s3cret@[::1/db",  # not even a URL urllib can split
 ])
 def test_a_transaction_url_sqlalchemy_cannot_open_is_refused_when_the_task_is_bound(transaction_url: str) -> None:
     """A worker refuses to start rather than fail every operation it takes."""
     app, _ = transactional_pay("sqlite:///ops.db", transaction_url)
-    with pytest.raises(ConfigurationError, match="a transactional task needs transaction_url, a SQL database URL"):
+    with pytest.raises(ConfigurationError, match="a transactional task needs transaction_url, a SQL database URL") \
+            as refused:
         app.finalize()
+    assert "s3cret" not in str(refused.value)
 
 
 @pytest.mark.parametrize(("store_url", "transaction_url"), [
     ("sqlite:///ops.db", None),
     ("redis://localhost:6379/0", "postgresql+psycopg://postgres@127.0.0.1/test"),
     ("redis://localhost:6379/0", "mariadb+pymysql://root@127.0.0.1/test"),
-    ("redis://localhost:6379/0", "mssql+pyodbc://user@dsn"),  # any SQLAlchemy dialect: the ledger is plain Core
+    ("redis://localhost:6379/0", "postgres://postgres@127.0.0.1/test"),  # as hosting platforms spell it
+    ("postgres://postgres@127.0.0.1/test", None),  # the store's database, through the store's URL
+    ("sqlite:///ops.db", ""),  # an empty setting (an unset environment variable) is no setting
 ])
 def test_a_transactional_task_with_a_sql_database_binds(store_url: str, transaction_url: str | None) -> None:
     app, _ = transactional_pay(store_url, transaction_url)

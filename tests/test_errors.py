@@ -38,6 +38,26 @@ class Refused(IdemtasksError):
         self.operation_id = op
 
 
+class Invalid(IdemtasksError):
+    """A dict as second argument, and a keyword field with a default."""
+
+    def __init__(self, message: str, errors: dict[str, str], *, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.errors, self.code = errors, code
+
+
+class Frozen(IdemtasksError):
+    """A field kept behind a read-only property."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self._code = code
+
+    @property
+    def code(self) -> str:
+        return self._code
+
+
 class Coded(IdemtasksError):
     """No keyword-only fields: its args are its own."""
 
@@ -76,3 +96,15 @@ def test_an_error_stored_by_an_earlier_release_comes_back_with_its_fields_unknow
                                            "exc_message": ["Declined: over the limit"]})
     assert type(rebuilt) is OperationFailed and str(rebuilt) == "Declined: over the limit"
     assert (rebuilt.operation_id, rebuilt.error_type, rebuilt.error_message) == (None, None, None)
+
+
+def test_a_dict_as_the_constructors_own_argument_is_not_taken_for_a_rebuild() -> None:
+    exc = Invalid("bad", {})
+    assert (exc.errors, exc.code, str(exc)) == ({}, "invalid", "bad")
+    rebuilt = through_json(Invalid("bad", {"amount": "negative"}, code="range"))
+    assert type(rebuilt) is Invalid and rebuilt.code == "range"
+
+
+def test_a_field_behind_a_read_only_property_comes_back_as_the_class_has_it() -> None:
+    rebuilt = through_json(Frozen("frozen", code="x"))
+    assert type(rebuilt) is Frozen and str(rebuilt) == "frozen"

@@ -13,11 +13,13 @@ from kombu import Exchange, Queue
 
 from idemtasks import InvalidKey, NotSerializable, TooLarge
 from idemtasks.identity import (
+    absolute_expires,
     canonical_call,
     delivery_route,
     digest_from_id,
     dump_json,
     fingerprint,
+    is_past,
     key_digest,
     load_json,
     new_operation_id,
@@ -95,6 +97,37 @@ def test_a_stored_call_keeps_the_routing_and_not_the_rest_of_the_options() -> No
     assert parse_stored_call(payload) == ("tasks.charge", [1, "a"], {"b": 2}, routing)
     # Neither a name nor a number (a flag by mistake, an object with no name): left to the task's own route.
     assert stored_call(call, {"priority": True, "queue": object()}) == call
+
+
+def test_a_stored_call_keeps_the_deadline_as_the_time_it_names() -> None:
+    """A copy recovery publishes must expire when the first message would have, not ``expires`` seconds after its
+    own publication, which may be hours later."""
+    call = canonical_call("tasks.charge", (1,), {})
+    before = dt.datetime.now(dt.timezone.utc)
+    stored = parse_stored_call(stored_call(call, {"expires": 30, "queue": "payments"}))[3]
+    assert stored["queue"] == "payments"
+    when = dt.datetime.fromisoformat(stored["expires"])
+    assert before + dt.timedelta(seconds=30) <= when <= dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)
+    assert not is_past(stored["expires"])
+    assert is_past(absolute_expires(-1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("expires", "tz", "named"), [
+    (dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), None, "2030-01-02T03:04:05+00:00"),
+    ("2030-01-02T03:04:05+01:00", None, "2030-01-02T03:04:05+01:00"),
+    # A naive time is read as the worker reads it: as UTC, whatever the app's timezone.
+    (dt.datetime(2030, 1, 2, 3, 4, 5), None, "2030-01-02T03:04:05+00:00"),
+    (dt.datetime(2030, 7, 2, 3, 4, 5), "Europe/Paris", "2030-07-02T03:04:05+00:00"),
+])
+def test_a_deadline_given_as_a_time_is_stored_with_its_offset(expires: Any, tz: str | None, named: str) -> None:
+    assert dt.datetime.fromisoformat(absolute_expires(expires, tz) or "") == dt.datetime.fromisoformat(named)
+
+
+@pytest.mark.parametrize("expires", [None, True, "not a time", object()])
+def test_no_deadline_or_one_that_cannot_be_read_is_not_stored(expires: Any) -> None:
+    call = canonical_call("tasks.charge", (1,), {})
+    assert absolute_expires(expires) is None
+    assert stored_call(call, {"expires": expires}) == call
 
 
 @pytest.mark.parametrize(("delivery_info", "route"), [

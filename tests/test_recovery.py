@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 import threading
@@ -10,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from idemtasks.recovery import MIN_CONFIRM_AFTER, Sweeper, confirm_after_for, in
 from idemtasks.stores.base import Store
 from idemtasks.task import TASK_ID_SCOPE
 from tests.conftest import BACKENDS, drop, make_store
+from tests.private_redis import free_port
 from tests.workers import ROOT
 
 #: The sweeper's grace before a takeover, shortened for tests (the rule for tasks is confirm_after_for(lease)).
@@ -36,11 +39,12 @@ class Rig:
     store: Store
     runs: Counter[str]
 
-    def lost_submit(self, amount: int) -> tuple[str, str]:
+    def lost_submit(self, amount: int, **options: Any) -> tuple[str, str]:
         """What a web process killed between recording the operation and publishing its message leaves behind."""
         key = f"lost-{uuid.uuid4().hex}"
         call = canonical_call(self.task.name, (key, amount), {})
-        op = self.store.create("global", key, self.task.name, fingerprint_of_call(call), ttl=3600, payload=call)
+        op = self.store.create("global", key, self.task.name, fingerprint_of_call(call), ttl=3600,
+                               payload=stored_call(call, options))
         return key, op.operation.id
 
     def final_of_message(self, task_id: str, timeout: float = 20) -> Any:
@@ -346,6 +350,56 @@ def _sweepers() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "idemtasks-sweeper"}
 
 
+def test_a_store_that_cannot_be_opened_does_not_keep_the_others_from_their_sweep(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """Another task's database is down (its store is opened for the first time by this sweep): the operations of
+    the stores that answer are still published again."""
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test?connect_timeout=1"
+
+    @rig.app.task(shared=False, base=IdempotentTask, bind=True, store_url=down, name=f"{rig.app.main}.elsewhere")
+    def elsewhere(self: IdempotentTask) -> None:
+        return None
+
+    key, op_id = rig.lost_submit(45)
+    with caplog.at_level("WARNING", logger="idemtasks.recovery"):
+        report = Sweeper(rig.app, pending_after=0.0).sweep()
+    assert report.republished == [op_id]
+    assert any(f"cannot sweep the store of {rig.app.main}.elsewhere now" in r.getMessage() for r in caplog.records)
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(op_id)
+    assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
+
+
+def test_a_pool_child_forked_while_a_store_opens_opens_its_own(tmp_path: Path) -> None:
+    """A prefork pool forks its children while the parent's sweeper may be opening a store that does not answer
+    (the lock of the store cache held for the whole connect timeout). The child must not inherit that lock held by a
+    thread it does not have: it would wait on it for ever, even once the database is back."""
+    code = """
+import os, signal, threading, time
+from idemtasks import effects, task
+from idemtasks import stores
+held = threading.Event()
+def opener():  # the parent's sweeper, stuck opening a store: holds every lock a store or ledger opens under
+    with stores._shared_lock, effects._lock, task._configure_lock:
+        held.set()
+        time.sleep(30)
+threading.Thread(target=opener, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)
+    store = stores.shared_store("memory://")
+    with effects._lock, task._configure_lock:
+        pass
+    os._exit(0 if store.url == "memory://" else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "child 0", out.stdout + out.stderr
+
+
 def test_sweep_command_runs_once_and_reports() -> None:
     out = subprocess.run([sys.executable, "-m", "idemtasks", "sweep", "-A", "tests.apps.procapp"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT),
@@ -359,3 +413,74 @@ def test_the_beat_task_sweeps(tmp_path: object) -> None:
     app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")
     install(app)
     assert app.tasks["idemtasks.sweep"].apply().get() == 0
+
+
+class TestDeadlines:
+    """A message sent with ``expires`` must not run after it. Its copies carry the first message's deadline, and an
+    operation past it is failed as ``Expired`` by recovery, which no message of it may be left to do: lost before
+    the broker, or its holder dead (its redelivery, discarded unrun, found it running)."""
+
+    def test_an_operation_whose_message_was_lost_fails_once_its_deadline_passed(self, rig: Rig) -> None:
+        key, op_id = rig.lost_submit(10, expires=0.2)
+        time.sleep(0.4)
+        with start_worker(rig.app, pool="solo", perform_ping_check=False):
+            report = Sweeper(rig.app, pending_after=0.0).sweep()
+            assert report.expired == [op_id] and report.republished == []
+            time.sleep(0.3)
+        op = rig.store.get_by_id(op_id)
+        assert op is not None and op.status is Status.FAILED and op.error is not None and op.error.type == "Expired"
+        assert "before a copy of it ran" in op.error.message and "had started" not in op.error.message
+        assert rig.runs[key] == 0
+        assert Sweeper(rig.app, pending_after=0.0).sweep().expired == []  # failed once, and final
+
+    def test_an_operation_whose_holder_died_after_its_deadline_is_failed_not_run_again(self, rig: Rig) -> None:
+        key, op_id = rig.lost_submit(20, expires=0.3)
+        fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
+        dead = rig.store.claim("global", key, rig.task.name, fp, owner="dead", lease=0.3, ttl=3600).operation
+        time.sleep(0.4)
+        sweeper = Sweeper(rig.app, confirm_after=CONFIRM)
+        assert sweeper.sweep().suspected == [op_id]
+        time.sleep(CONFIRM + 0.1)
+        report = sweeper.sweep()
+        assert report.requeued == [op_id] and report.expired == [op_id] and report.republished == []
+        op = rig.store.get_by_id(op_id)
+        assert op is not None and op.status is Status.FAILED and op.error is not None and op.error.type == "Expired"
+        assert "its body had started before, without an outcome" in op.error.message
+        with pytest.raises(LeaseLost):  # the dead holder, should it wake up, is fenced off
+            rig.store.succeed(dead, dead.fencing_token, "0", ttl=3600)
+
+    def test_a_copy_published_before_the_deadline_carries_the_first_messages(self, rig: Rig) -> None:
+        from celery import signals
+
+        key, op_id = rig.lost_submit(30, expires=60)
+        stored = parse_stored_call(rig.store.get_by_id(op_id).payload or "")[3]["expires"]  # type: ignore[union-attr]
+        sent: list[Any] = []
+
+        def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
+            if headers and headers.get("id") == op_id:
+                sent.append(headers.get("expires"))
+
+        signals.before_task_publish.connect(record, weak=False)
+        try:
+            time.sleep(0.1)
+            with start_worker(rig.app, pool="solo", perform_ping_check=False):
+                assert Sweeper(rig.app, pending_after=0.0).sweep().republished == [op_id]
+                op = rig.final(op_id)
+        finally:
+            signals.before_task_publish.disconnect(record)
+        assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
+        assert sent == [stored]
+
+    def test_a_record_a_claim_creates_keeps_the_messages_deadline(self, rig: Rig) -> None:
+        """A message sent without submit (beat, send_task, a plain apply_async): if its holder dies, recovery's
+        copy must expire when it would have."""
+        with start_worker(rig.app, pool="solo", perform_ping_check=False):
+            sent = rig.task.apply_async((f"plain-{uuid.uuid4().hex}", 40), expires=60)
+            op = rig.final_of_message(sent.id)
+        expires = parse_stored_call(op.payload)[3]["expires"]
+        assert 50 < (dt.datetime.fromisoformat(expires) - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 60
+
+    def test_submit_stores_the_deadline_it_publishes_with(self, rig: Rig) -> None:
+        sub = rig.task.submit((f"sub-{uuid.uuid4().hex}", 50), key=f"k-{uuid.uuid4().hex}", expires=60)
+        expires = parse_stored_call(sub.operation.payload or "")[3]["expires"]
+        assert 50 < (dt.datetime.fromisoformat(expires) - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 60

@@ -50,7 +50,19 @@ def open_store(url: str, **options: Any) -> Store:
 
 
 _shared: dict[tuple[int, str], Store] = {}
+# Held while a store opens, which may take as long as its connect timeouts and retries (a database that accepts
+# connections and never answers): a prefork pool child forked meanwhile, while the parent's sweeper opens a store,
+# would inherit it held, by a thread the child does not have, and wait on it for ever. So each child gets its own.
 _shared_lock = threading.Lock()
+
+
+def _fresh_lock_after_fork() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def shared_store(url: str) -> Store:

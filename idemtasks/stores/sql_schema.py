@@ -135,13 +135,20 @@ def operations_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE) -> sa.Tab
     )
 
 
-def make_engine(url: str, **options: Any) -> sa.Engine:
-    """An engine configured for short, concurrent, conditional writes on each supported database."""
+def engine_url(url: str) -> sa.URL:
+    """``url`` as the store's engines open it: without a driver, PostgreSQL (``postgres://`` too, as hosting
+    platforms spell it) takes psycopg 3 and MySQL/MariaDB PyMySQL, the drivers of the extras."""
     u = sa.make_url(url)
     if u.drivername in ("postgresql", "postgres"):
-        u = u.set(drivername="postgresql+psycopg")
-    elif u.drivername in ("mysql", "mariadb"):
-        u = u.set(drivername=f"{u.drivername}+pymysql")
+        return u.set(drivername="postgresql+psycopg")
+    if u.drivername in ("mysql", "mariadb"):
+        return u.set(drivername=f"{u.drivername}+pymysql")
+    return u
+
+
+def make_engine(url: str, **options: Any) -> sa.Engine:
+    """An engine configured for short, concurrent, conditional writes on each supported database."""
+    u = engine_url(url)
     backend = u.get_backend_name()
     kwargs: dict[str, Any] = {}
     connect_args: dict[str, Any] = {}
