@@ -29,7 +29,7 @@ from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 from .stores.base import CreateRequest
 from .stores.lanes import pooled_only
-from .task import message_due, record_ttl
+from .task import first_deadline, message_due, record_ttl, with_deadline
 
 _T = TypeVar("_T")
 
@@ -128,6 +128,7 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(task.store)
     due = message_due(task, options)
+    options = with_deadline(task, options)
     sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),
                               payload=stored_call(call, options, tz=task.app.conf.timezone), delay=due)
     op = sub.operation
@@ -137,5 +138,5 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
         checked_at = await astore.now()
         sub = dataclasses.replace(sub, checked_at=checked_at)
         if checked_at - op.created_at >= ACCEPT_WINDOW:
-            await asyncio.to_thread(task.publish, op, args, kwargs, due=due, **options)
+            await asyncio.to_thread(task.publish, op, args, kwargs, due=due, **first_deadline(op, options))
     return sub

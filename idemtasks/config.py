@@ -139,16 +139,16 @@ def sql_problem(url: Any) -> str | None:
 @functools.lru_cache(maxsize=64)
 def _dialect_problem(url: str) -> str | None:
     # Cached: the worker checks again before each transactional body, and loading a dialect is not free.
-    from .stores import public_url
+    try:
+        import sqlalchemy as sa
 
-    try:
-        shown = public_url(url)
-    except ValueError:  # not even a URL urllib can split: not shown, as it may hold a password
-        return "a URL that cannot be read"
-    try:
         from .stores.sql_schema import engine_url
     except ImportError:
-        return f"{shown}, and SQLAlchemy is not installed (pip install idemtasks[sql])"
+        return "a URL, but SQLAlchemy is not installed (pip install idemtasks[sql])"
+    try:
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not shown: what cannot be read as a URL cannot have its password hidden either
+        return "a URL that cannot be read"
     try:
         dialect = engine_url(url).get_dialect()  # as the ledger opens it: postgres:// takes psycopg, say
         if dialect.is_async:

@@ -107,7 +107,7 @@ def _carrying(init: Callable[..., None]) -> Callable[..., None]:
         if carried is not None:
             Exception.__init__(self, *args)
             for name in fields:
-                with contextlib.suppress(AttributeError):  # a read-only property: left as the class has it
+                with contextlib.suppress(AttributeError):  # a read-only property: left unset, not fatal
                     setattr(self, name, carried.get(name))
             return
         init(self, *args, **kwargs)

@@ -176,9 +176,10 @@ def absolute_expires(value: Any, tz: Any = None) -> str | None:
     return None if when is None else str(maybe_make_aware(when, tz).isoformat())
 
 
-def is_past(expires: str) -> bool:
-    """Whether the deadline :func:`absolute_expires` stored has passed, by this host's clock (the worker's test)."""
-    return datetime.fromisoformat(expires) <= datetime.now(timezone.utc)
+def is_past(expires: str, *, by: float = 0.0) -> bool:
+    """Whether the deadline :func:`absolute_expires` stored has passed, by ``by`` seconds at least, on this host's
+    clock (the worker's test, on the worker's)."""
+    return datetime.fromisoformat(expires) + timedelta(seconds=by) <= datetime.now(timezone.utc)
 
 
 def stored_call(call: str, options: dict[str, Any], *, tz: Any = None) -> str:

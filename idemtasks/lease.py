@@ -194,3 +194,12 @@ def _retry_interval(lease: float) -> float:
 
 #: The process-wide keeper used by :class:`~idemtasks.task.IdempotentTask`.
 keeper = LeaseKeeper()
+
+
+def _fresh_condition_after_fork() -> None:
+    # As for the collector's lock (stores.lanes): never inherited held by a thread of the parent's.
+    keeper._cond = threading.Condition()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_condition_after_fork)

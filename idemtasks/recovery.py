@@ -54,6 +54,9 @@ DEFAULT_SWEEP_INTERVAL = 30.0
 #: Seconds a pending operation may wait, unchanged, before its message is presumed lost and published again;
 #: ``idemtasks_pending_after``. Longer than a normal queueing delay, shorter than a client's patience.
 DEFAULT_PENDING_AFTER = 60.0
+#: Seconds past an operation's deadline (its message's ``expires``) before recovery fails it instead of publishing
+#: it: the workers test the deadline on their own clocks, and one behind the sweeper's could still run a copy in time.
+EXPIRED_SLACK = 5.0
 #: How many stale records this app cannot publish a sweep looks past, beyond its ``limit`` (see ``_sweep_store``).
 LOOK_PAST = 5000
 @dataclass
@@ -94,7 +97,7 @@ class Sweeper:
                 try:
                     task._settled()
                     store = task.store
-                except IdemtasksError as exc:
+                except Exception as exc:  # down, or a driver not installed on this host (not wrapped: not ours)
                     if str(exc) not in failed:  # once per store, not once per task on it
                         failed.add(str(exc))
                         logger.warning("idemtasks: cannot sweep the store of %s now: %s", task.name, exc)
@@ -113,7 +116,7 @@ class Sweeper:
                 logger.exception("idemtasks: sweep of %s failed", store.url)
         if report.republished:
             logger.info("idemtasks: recovery published %d operation(s) again (%d taken from dead holders)",
-                        len(report.republished), len(report.requeued))
+                        len(report.republished), len(set(report.requeued) & set(report.republished)))
         if report.expired:
             logger.warning("idemtasks: recovery failed %d operation(s) past their message's expires: %s",
                            len(report.expired), ", ".join(report.expired[:10]))
@@ -166,7 +169,7 @@ class Sweeper:
         # (acks_late), and a copy that replays would send them a second time.
         _name, args, kwargs, options = parse_stored_call(op.payload)
         expires = options.get("expires")
-        if isinstance(expires, str) and is_past(expires):
+        if isinstance(expires, str) and is_past(expires, by=EXPIRED_SLACK):
             # Past the deadline of its first message: a copy would be discarded unrun (or dropped by the broker,
             # whose message TTL Celery sets from it, before any worker sees it), again at every sweep. Failed as the
             # worker fails a discarded message, under the token read (the requeue kept it).

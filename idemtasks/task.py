@@ -23,7 +23,15 @@ from . import checks, config, revoked  # noqa: F401 - revoked connects the handl
 from .config import ACCEPT_WINDOW
 from .errors import IdemtasksError, PublishFailed
 from .execution import HEADER, Attempt, header_of, run_attempt
-from .identity import canonical_call, fingerprint_of_call, stored_call, validate_key, validate_scope
+from .identity import (
+    absolute_expires,
+    canonical_call,
+    fingerprint_of_call,
+    parse_stored_call,
+    stored_call,
+    validate_key,
+    validate_scope,
+)
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 
@@ -68,6 +76,22 @@ def message_due(task: Any, options: dict[str, Any]) -> float:
     if task.app.conf.task_always_eager:
         return 0.0
     return due_in(options.get("eta"), options.get("countdown"))
+
+
+def with_deadline(task: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the message's deadline (the call's ``expires``, else the task's own, which Celery applies
+    too) as the time it names: the message, the stored record and any copy recovery publishes then share one
+    deadline, not one counted from each publication."""
+    value = options["expires"] if "expires" in options else getattr(task, "expires", None)
+    deadline = None if value is None else absolute_expires(value, task.app.conf.timezone)
+    return options if deadline is None else {**options, "expires": deadline}
+
+
+def first_deadline(op: Operation, options: dict[str, Any]) -> dict[str, Any]:
+    """For a repeat that publishes an operation's message (its first request died before doing so): the deadline
+    stored with the operation, not one counted from this repeat."""
+    stored = parse_stored_call(op.payload)[3].get("expires") if op.payload else None
+    return options if stored is None else {**options, "expires": stored}
 
 
 def record_ttl(task: Any, due: float) -> float:
@@ -250,6 +274,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
         # still waits for the message's time before it presumes the message lost.
         due = message_due(self, options)
+        options = with_deadline(self, options)
         payload = stored_call(call, options, tz=self.app.conf.timezone)
         sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=payload, delay=due)
         op = sub.operation
@@ -261,7 +286,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             checked_at = store.now()
             sub = dataclasses.replace(sub, checked_at=checked_at)
             if checked_at - op.created_at >= ACCEPT_WINDOW:
-                self.publish(op, args, kwargs, due=due, **options)
+                self.publish(op, args, kwargs, due=due, **first_deadline(op, options))
         return sub
 
     def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,

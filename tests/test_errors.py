@@ -105,6 +105,6 @@ def test_a_dict_as_the_constructors_own_argument_is_not_taken_for_a_rebuild() ->
     assert type(rebuilt) is Invalid and rebuilt.code == "range"
 
 
-def test_a_field_behind_a_read_only_property_comes_back_as_the_class_has_it() -> None:
+def test_a_field_behind_a_read_only_property_does_not_break_the_rebuild() -> None:
     rebuilt = through_json(Frozen("frozen", code="x"))
     assert type(rebuilt) is Frozen and str(rebuilt) == "frozen"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import IdempotentTask, LeaseLost, Status
+from idemtasks import IdempotentTask, LeaseLost, Status, recovery
 from idemtasks.identity import canonical_call, fingerprint_of_call, parse_stored_call, stored_call
 from idemtasks.lease import RENEW_RETRY_MAX
 from idemtasks.recovery import MIN_CONFIRM_AFTER, Sweeper, confirm_after_for, install
@@ -360,11 +361,18 @@ def test_a_store_that_cannot_be_opened_does_not_keep_the_others_from_their_sweep
     def elsewhere(self: IdempotentTask) -> None:
         return None
 
+    # And one this host has no driver for: SQLAlchemy's error, not one of ours.
+    @rig.app.task(shared=False, base=IdempotentTask, bind=True, store_url="postgresql+nosuchdriver://h/db",
+                  name=f"{rig.app.main}.nodriver")
+    def nodriver(self: IdempotentTask) -> None:
+        return None
+
     key, op_id = rig.lost_submit(45)
     with caplog.at_level("WARNING", logger="idemtasks.recovery"):
         report = Sweeper(rig.app, pending_after=0.0).sweep()
     assert report.republished == [op_id]
-    assert any(f"cannot sweep the store of {rig.app.main}.elsewhere now" in r.getMessage() for r in caplog.records)
+    for name in ("elsewhere", "nodriver"):
+        assert any(f"cannot sweep the store of {rig.app.main}.{name} now" in r.getMessage() for r in caplog.records)
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
         op = rig.final(op_id)
     assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
@@ -376,11 +384,12 @@ def test_a_pool_child_forked_while_a_store_opens_opens_its_own(tmp_path: Path) -
     thread it does not have: it would wait on it for ever, even once the database is back."""
     code = """
 import os, signal, threading, time
-from idemtasks import effects, task
+from idemtasks import effects, lease, task
 from idemtasks import stores
+from idemtasks.stores import lanes
 held = threading.Event()
 def opener():  # the parent's sweeper, stuck opening a store: holds every lock a store or ledger opens under
-    with stores._shared_lock, effects._lock, task._configure_lock:
+    with stores._shared_lock, effects._lock, task._configure_lock, lanes.collector._lock, lease.keeper._cond:
         held.set()
         time.sleep(30)
 threading.Thread(target=opener, daemon=True).start()
@@ -389,7 +398,7 @@ pid = os.fork()
 if pid == 0:
     signal.alarm(10)
     store = stores.shared_store("memory://")
-    with effects._lock, task._configure_lock:
+    with effects._lock, task._configure_lock, lanes.collector._lock, lease.keeper._cond:
         pass
     os._exit(0 if store.url == "memory://" else 3)
 _, status = os.waitpid(pid, 0)
@@ -419,6 +428,19 @@ class TestDeadlines:
     """A message sent with ``expires`` must not run after it. Its copies carry the first message's deadline, and an
     operation past it is failed as ``Expired`` by recovery, which no message of it may be left to do: lost before
     the broker, or its holder dead (its redelivery, discarded unrun, found it running)."""
+
+    @pytest.fixture(autouse=True)
+    def no_slack(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(recovery, "EXPIRED_SLACK", 0.0)  # the clocks here are one clock
+
+    def test_a_deadline_passed_by_less_than_the_slack_is_still_published(
+            self, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A worker whose clock is behind the sweeper's may still run a copy within its deadline."""
+        monkeypatch.setattr(recovery, "EXPIRED_SLACK", 30.0)
+        _key, op_id = rig.lost_submit(5, expires=0.1)
+        time.sleep(0.2)
+        report = Sweeper(rig.app, pending_after=0.0).sweep()
+        assert report.republished == [op_id] and report.expired == []
 
     def test_an_operation_whose_message_was_lost_fails_once_its_deadline_passed(self, rig: Rig) -> None:
         key, op_id = rig.lost_submit(10, expires=0.2)
@@ -450,26 +472,14 @@ class TestDeadlines:
             rig.store.succeed(dead, dead.fencing_token, "0", ttl=3600)
 
     def test_a_copy_published_before_the_deadline_carries_the_first_messages(self, rig: Rig) -> None:
-        from celery import signals
-
         key, op_id = rig.lost_submit(30, expires=60)
         stored = parse_stored_call(rig.store.get_by_id(op_id).payload or "")[3]["expires"]  # type: ignore[union-attr]
-        sent: list[Any] = []
-
-        def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
-            if headers and headers.get("id") == op_id:
-                sent.append(headers.get("expires"))
-
-        signals.before_task_publish.connect(record, weak=False)
-        try:
-            time.sleep(0.1)
-            with start_worker(rig.app, pool="solo", perform_ping_check=False):
-                assert Sweeper(rig.app, pending_after=0.0).sweep().republished == [op_id]
-                op = rig.final(op_id)
-        finally:
-            signals.before_task_publish.disconnect(record)
+        time.sleep(0.1)
+        with published_deadlines() as sent, start_worker(rig.app, pool="solo", perform_ping_check=False):
+            assert Sweeper(rig.app, pending_after=0.0).sweep().republished == [op_id]
+            op = rig.final(op_id)
         assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
-        assert sent == [stored]
+        assert sent.get(op_id) == stored
 
     def test_a_record_a_claim_creates_keeps_the_messages_deadline(self, rig: Rig) -> None:
         """A message sent without submit (beat, send_task, a plain apply_async): if its holder dies, recovery's
@@ -481,6 +491,53 @@ class TestDeadlines:
         assert 50 < (dt.datetime.fromisoformat(expires) - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 60
 
     def test_submit_stores_the_deadline_it_publishes_with(self, rig: Rig) -> None:
-        sub = rig.task.submit((f"sub-{uuid.uuid4().hex}", 50), key=f"k-{uuid.uuid4().hex}", expires=60)
+        with published_deadlines() as sent:
+            sub = rig.task.submit((f"sub-{uuid.uuid4().hex}", 50), key=f"k-{uuid.uuid4().hex}", expires=60)
         expires = parse_stored_call(sub.operation.payload or "")[3]["expires"]
         assert 50 < (dt.datetime.fromisoformat(expires) - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 60
+        assert sent == {sub.operation.id: expires}
+
+    def test_the_tasks_own_expires_is_stored_as_a_deadline_too(self, rig: Rig) -> None:
+        """Celery applies a task's ``expires`` to each of its messages: recovery's copy must not count it again."""
+        @rig.app.task(shared=False, base=IdempotentTask, bind=True, store_url=rig.store, expires=60,
+                      name=f"{rig.app.main}.quote")
+        def quote(self: IdempotentTask, amount: int) -> int:
+            return amount
+
+        with published_deadlines() as sent:
+            sub = quote.submit((1,), key=f"k-{uuid.uuid4().hex}")
+        stored = parse_stored_call(sub.operation.payload or "")[3]["expires"]
+        assert 50 < (dt.datetime.fromisoformat(stored) - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 60
+        assert sent == {sub.operation.id: stored}  # the message went with the same deadline
+
+    def test_a_repeat_that_publishes_keeps_the_first_requests_deadline(
+            self, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The first request died before publishing; the client's repeat publishes the message: with the deadline
+        stored, not one counted from the repeat (recovery would otherwise fail an operation whose message is
+        still valid, or a copy would run past the first deadline)."""
+        import idemtasks.task
+
+        monkeypatch.setattr(idemtasks.task, "ACCEPT_WINDOW", 0.0)  # the first request is presumed dead at once
+        key, op_id = rig.lost_submit(6, expires=60)
+        stored = parse_stored_call(rig.store.get_by_id(op_id).payload or "")[3]["expires"]  # type: ignore[union-attr]
+        with published_deadlines() as sent:
+            again = rig.task.submit((key, 6), key=key, expires=600)
+        assert not again.created and sent == {op_id: stored}
+
+
+@contextlib.contextmanager
+def published_deadlines() -> Iterator[dict[str, Any]]:
+    """The ``expires`` of each task message published in the context, by task id."""
+    from celery import signals
+
+    sent: dict[str, Any] = {}
+
+    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if headers:
+            sent[headers["id"]] = headers.get("expires")
+
+    signals.before_task_publish.connect(record, weak=False)
+    try:
+        yield sent
+    finally:
+        signals.before_task_publish.disconnect(record)

@@ -80,10 +80,16 @@ class Worker:
     def kill(self) -> None:
         if self.proc is None:
             return
-        for pid in [*self.children(), self.proc.pid]:
+        children: list[psutil.Process] = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.proc.pid).children()
+        for pid in [*(c.pid for c in children), self.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=20)
+        # The pool children too: one still dying may hold the SQLite file's write lock, and a teardown that reads
+        # the file, then drops a table, would fail at once rather than wait for it.
+        psutil.wait_procs(children, timeout=20)
 
 
 def client_app(broker: str, queue: str, store: Store) -> tuple[Celery, dict[str, Any]]:

@@ -293,3 +293,13 @@ class _Collector:
 
 collector = _Collector()
 atexit.register(collector.drain_all)
+
+
+def _fresh_lock_after_fork() -> None:
+    # The prefork parent's sweeper publishes through a lane, and may be starting this thread as a child forks: the
+    # child must not inherit the lock held by a thread it does not have.
+    collector._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
