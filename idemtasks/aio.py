@@ -130,7 +130,7 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     due = message_due(task, options)
     options = with_deadline(task, options)
     sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),
-                              payload=stored_call(call, options, tz=task.app.conf.timezone), delay=due)
+                              payload=stored_call(call, options), delay=due)
     op = sub.operation
     if sub.created:
         await asyncio.to_thread(task.publish, op, args, kwargs, abandon_on_failure=True, due=due, **options)

@@ -238,8 +238,10 @@ def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple
 
 def _stored_call_of(task: Any, request: Any, call: str) -> str:
     options = _route_of(task, request)
-    if getattr(request, "expires", None) is not None:  # the message's deadline: a copy recovery publishes keeps it
-        options["expires"] = request.expires
+    if getattr(request, "expires", None) is None:
+        return stored_call(call, options)
+    options["expires"] = request.expires  # the message's deadline: a copy recovery publishes keeps it
+    # Read only here: one lookup in Celery's settings runs to tens of thousands of instructions.
     return stored_call(call, options, tz=task.app.conf.timezone)
 
 

@@ -275,7 +275,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         # still waits for the message's time before it presumes the message lost.
         due = message_due(self, options)
         options = with_deadline(self, options)
-        payload = stored_call(call, options, tz=self.app.conf.timezone)
+        payload = stored_call(call, options)  # its deadline already a time, with its offset (with_deadline)
         sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=payload, delay=due)
         op = sub.operation
         if sub.created:
