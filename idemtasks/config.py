@@ -139,6 +139,8 @@ def sql_problem(url: Any) -> str | None:
 @functools.lru_cache(maxsize=64)
 def _dialect_problem(url: str) -> str | None:
     # Cached: the worker checks again before each transactional body, and loading a dialect is not free.
+    from .stores import public_url
+
     try:
         import sqlalchemy as sa
 
@@ -146,7 +148,8 @@ def _dialect_problem(url: str) -> str | None:
     except ImportError:
         return "a URL, but SQLAlchemy is not installed (pip install idemtasks[sql])"
     try:
-        shown = sa.make_url(url).render_as_string(hide_password=True)
+        # SQLAlchemy hides the user's password; public_url the one a query may carry too (?password=, libpq's way).
+        shown = public_url(sa.make_url(url).render_as_string(hide_password=True))
     except Exception:  # not shown: what cannot be read as a URL cannot have its password hidden either
         return "a URL that cannot be read"
     try:

@@ -129,6 +129,7 @@ def transactional_pay(store_url: Store | str, transaction_url: str | None, **opt
     "postgresql+psycopg2://postgres@127.0.0.1/test",  # a dialect of SQLAlchemy's whose driver is not installed
     "sqlite+aiosqlite:///ledger.db",  # an asyncio driver: the body runs in a synchronous transaction
     "postgresql://u:s3cret@[::1/db",  # not even a URL urllib can split
+    "postgresql+nosuchdriver://u@h/db?password=s3cret",  # libpq also takes its password from the query
 ])
 def test_a_transaction_url_sqlalchemy_cannot_open_is_refused_when_the_task_is_bound(transaction_url: str) -> None:
     """A worker refuses to start rather than fail every operation it takes."""
