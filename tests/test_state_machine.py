@@ -115,6 +115,6 @@ def machine_for(store: Store) -> type[RuleBasedStateMachine]:
 
 def test_only_the_latest_holder_completes_and_results_never_change(shared_store: Store) -> None:
     machine = machine_for(shared_store)
-    machine.TestCase.settings = settings(max_examples=15, stateful_step_count=12, deadline=None,
+    machine.TestCase.settings = settings(max_examples=10, stateful_step_count=12, deadline=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
