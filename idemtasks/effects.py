@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import StoreError, StoreUnavailable
+from .forks import fresh_in_child
 from .models import ErrorInfo
 
 try:
@@ -172,18 +174,9 @@ def _wrapped() -> Iterator[None]:
 
 
 _ledgers: dict[tuple[int, str], EffectsLedger] = {}
-# Held while a ledger opens (its engine, its table): a child forked meanwhile gets a lock of its own, or it could
-# inherit this one held by a thread it does not have (see stores.shared_store).
+# Held while a ledger opens (its engine, its table): each forked child gets its own (see idemtasks.forks).
 _lock = threading.Lock()
-
-
-def _fresh_lock_after_fork() -> None:
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+fresh_in_child(sys.modules[__name__], "_lock", threading.Lock)
 
 
 def ledger_for(url: str) -> EffectsLedger:

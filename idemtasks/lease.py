@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import IdemtasksError, LeaseLost
+from .forks import fresh_in_child
 from .models import Operation
 from .stores.base import Store
 
@@ -194,12 +195,4 @@ def _retry_interval(lease: float) -> float:
 
 #: The process-wide keeper used by :class:`~idemtasks.task.IdempotentTask`.
 keeper = LeaseKeeper()
-
-
-def _fresh_condition_after_fork() -> None:
-    # As for the collector's lock (stores.lanes): never inherited held by a thread of the parent's.
-    keeper._cond = threading.Condition()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_condition_after_fork)
+fresh_in_child(keeper, "_cond", threading.Condition)  # see idemtasks.forks

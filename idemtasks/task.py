@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -23,6 +23,7 @@ from . import checks, config, revoked  # noqa: F401 - revoked connects the handl
 from .config import ACCEPT_WINDOW
 from .errors import IdemtasksError, PublishFailed
 from .execution import HEADER, Attempt, header_of, run_attempt
+from .forks import fresh_in_child
 from .identity import (
     absolute_expires,
     canonical_call,
@@ -39,16 +40,7 @@ __all__ = ["IdempotentTask"]
 
 logger = logging.getLogger("idemtasks.task")
 _configure_lock = threading.RLock()
-
-
-def _fresh_lock_after_fork() -> None:
-    # As for the store cache's lock: a thread of the parent (its sweeper) may hold it at the fork.
-    global _configure_lock
-    _configure_lock = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+fresh_in_child(sys.modules[__name__], "_configure_lock", threading.RLock)  # the parent's sweeper may hold it
 
 #: Scope of tasks sent without ``submit`` and without ``key_func``: the Celery task id is the key, which still
 #: turns broker redeliveries of one message into replays.

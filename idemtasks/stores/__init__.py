@@ -9,11 +9,13 @@ neither redis-py nor SQLAlchemy.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ConfigurationError
+from ..forks import fresh_in_child
 from .base import Store
 
 __all__ = ["SQL_SCHEMES", "Store", "open_store", "public_url", "shared_store", "url_scheme"]
@@ -51,18 +53,9 @@ def open_store(url: str, **options: Any) -> Store:
 
 _shared: dict[tuple[int, str], Store] = {}
 # Held while a store opens, which may take as long as its connect timeouts and retries (a database that accepts
-# connections and never answers): a prefork pool child forked meanwhile, while the parent's sweeper opens a store,
-# would inherit it held, by a thread the child does not have, and wait on it for ever. So each child gets its own.
+# connections and never answers): each forked child gets its own (see idemtasks.forks).
 _shared_lock = threading.Lock()
-
-
-def _fresh_lock_after_fork() -> None:
-    global _shared_lock
-    _shared_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+fresh_in_child(sys.modules[__name__], "_shared_lock", threading.Lock)
 
 
 def shared_store(url: str) -> Store:

@@ -27,6 +27,8 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from ..forks import fresh_in_child
+
 __all__ = ["COLLECT_AFTER", "BaseLane", "Pending", "collector", "lanes_supported", "opens_lanes", "pooled_only",
            "published_answer", "resolve_all", "settle_own_writes", "thread_flag"]
 
@@ -293,13 +295,5 @@ class _Collector:
 
 collector = _Collector()
 atexit.register(collector.drain_all)
-
-
-def _fresh_lock_after_fork() -> None:
-    # The prefork parent's sweeper publishes through a lane, and may be starting this thread as a child forks: the
-    # child must not inherit the lock held by a thread it does not have.
-    collector._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+# The prefork parent's sweeper publishes through a lane, and may be starting the collector's thread as a child forks.
+fresh_in_child(collector, "_lock", threading.Lock)
