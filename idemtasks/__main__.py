@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"sweep failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         else:
-            taken = len(set(report.requeued) & set(report.republished))
-            print(f"published again: {len(report.republished)} (from dead holders: {taken}), "
+            print(f"published again: {len(report.republished)} (from dead holders: {report.taken_over}), "
                   f"expired: {len(report.expired)}, suspected: {len(report.suspected)}, "
                   f"skipped: {len(report.skipped)}", flush=True)
         if not opts.every:

@@ -69,6 +69,11 @@ class SweepReport:
     #: Failed as ``Expired``: their first message's ``expires`` had passed.
     expired: list[str] = field(default_factory=list)
 
+    @property
+    def taken_over(self) -> int:
+        """How many of those published again were taken from dead holders (a requeued one may have expired)."""
+        return len(set(self.requeued) & set(self.republished))
+
 
 class Sweeper:
     """Sweeps every store used by the idempotent tasks of one Celery app.
@@ -116,7 +121,7 @@ class Sweeper:
                 logger.exception("idemtasks: sweep of %s failed", store.url)
         if report.republished:
             logger.info("idemtasks: recovery published %d operation(s) again (%d taken from dead holders)",
-                        len(report.republished), len(set(report.requeued) & set(report.republished)))
+                        len(report.republished), report.taken_over)
         if report.expired:
             logger.warning("idemtasks: recovery failed %d operation(s) past their message's expires: %s",
                            len(report.expired), ", ".join(report.expired[:10]))
