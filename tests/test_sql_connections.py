@@ -283,6 +283,27 @@ def test_closing_the_store_ends_the_lanes_of_threads_that_outlive_it() -> None:
         thread.join()
 
 
+@pytest.mark.parametrize("service", ["postgres", "mysql"])
+def test_a_connection_handed_back_after_the_store_closed_is_closed_not_left_open(service: str) -> None:
+    """Another thread held a pooled connection while the store closed (a bounded call given up while it connected,
+    a renewal on the keeper's thread): handed back later, it must be closed then, not wait for the garbage
+    collector (psycopg warns when it finds one open)."""
+    require(service)
+    store = SQLStore(POSTGRES_URL if service == "postgres" else MYSQL_URL, table=f"t{uuid.uuid4().hex[:12]}")
+    held = store.engine.connect()
+    held.exec_driver_sql("SELECT 1")
+    dbapi = held.connection.dbapi_connection
+    store.table.drop(store.engine)
+    store.close()
+    assert _is_open(dbapi), "closing the store must not close a connection under another thread"
+    held.close()  # its thread is done with it
+    assert not _is_open(dbapi)
+
+
+def _is_open(dbapi: Any) -> bool:
+    return bool(dbapi.open) if hasattr(dbapi, "open") else not dbapi.closed  # PyMySQL, psycopg
+
+
 def _sessions(application_name: str) -> int:
     engine = sa.create_engine(POSTGRES_URL, poolclass=NullPool)
     try:

@@ -54,6 +54,7 @@ from .sql_schema import (
     add_missing_columns,
     create_tables,
     dispose_after_fork,
+    dispose_for_good,
     is_outage,
     make_engine,
     operations_table,
@@ -135,7 +136,7 @@ class SQLStore(Store):
             add_missing_columns(self.engine, self.table)  # a table an earlier release created
         except SQLAlchemyError as exc:
             if self.owns_engine:  # nobody will close a store that failed to open: its pool goes with it
-                self.engine.dispose()
+                dispose_for_good(self.engine)
             raise self._wrap(exc) from exc
 
     # ----------------------------------------------------------------- plumbing
@@ -493,7 +494,7 @@ class SQLStore(Store):
             if lane.pid == os.getpid():
                 lane.close()
         if self.owns_engine:  # an engine passed in belongs to the caller, who may still be using it
-            self.engine.dispose()
+            dispose_for_good(self.engine)
 
 
 def _pg_code(exc: BaseException) -> str | None:

@@ -59,8 +59,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .sql_errors import driver_outage
 
 __all__ = ["ALTER_LOCK_WAIT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PG_KEEPALIVES", "SQLITE_IMMEDIATE",
-           "add_missing_columns", "create_tables", "is_outage", "make_engine", "operations_table", "pg_connect_args",
-           "ping_when_idle"]
+           "add_missing_columns", "create_tables", "dispose_after_fork", "dispose_for_good", "is_outage",
+           "make_engine", "operations_table", "pg_connect_args", "ping_when_idle"]
 
 #: The table of a store opened from a URL alone.
 DEFAULT_TABLE = "idemtasks_operations"
@@ -235,6 +235,25 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     # Otherwise deferred, as the driver's own: a single-statement write takes the lock with that statement, and
     # waits for it there, which is where the store's statements read the clock (see Statements.now).
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(SQLITE_IMMEDIATE) else "BEGIN")
+
+
+def dispose_for_good(engine: sa.Engine) -> None:
+    """Close ``engine``'s connections, also those other threads still hold and hand back later.
+
+    ``Engine.dispose`` closes the idle connections and starts a new pool; one still checked out at that moment (a
+    bounded call given up while it connected, a renewal on the keeper's thread) goes back to the old pool, which
+    nobody empties again, and stays open until the garbage collector finds it (psycopg warns then).
+    """
+    old = engine.pool
+    engine.dispose()
+    sa.event.listen(old, "checkin", _close_handed_back)
+    old.dispose()  # those handed back before the listener was in place
+
+
+def _close_handed_back(dbapi_conn: Any, _record: Any) -> None:
+    if dbapi_conn is not None:  # None: invalidated, so closed already
+        with contextlib.suppress(Exception):  # a connection that already failed
+            dbapi_conn.close()
 
 
 _forked_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
