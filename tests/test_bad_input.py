@@ -42,6 +42,10 @@ def test_unknown_store_url_is_a_configuration_error(url: str) -> None:
     ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
     ("postgresql://app:s3cret@h/db", "postgresql://app:***@h/db"),
     ("mysql+pymysql://app@h/db?password=s3cret&charset=utf8mb4", "mysql+pymysql://app@h/db?password=***&charset=utf8mb4"),
+    # libpq's passphrase of the client key, and a parameter whose name merely contains "password=" further on
+    ("postgresql://app@h/db?sslkey=k.pem&sslpassword=s3cret", "postgresql://app@h/db?sslkey=k.pem&sslpassword=***"),
+    ("postgresql://app:a@h/db?SSLPassword=b&application_name=password=x",
+     "postgresql://app:***@h/db?SSLPassword=***&application_name=password=x"),
     ("sqlite:////var/lib/app.db", "sqlite:////var/lib/app.db"),  # no password: as given, not rebuilt
     ("memory://", "memory://"),
 ])

@@ -71,14 +71,19 @@ def shared_store(url: str) -> Store:
 
 
 def public_url(url: str) -> str:
-    """The URL without its password (in the user info or a ``password=`` query parameter), for logs."""
+    """The URL without its passwords (in the user info, or a query parameter such as libpq's ``password=`` and
+    ``sslpassword=``, the key file's passphrase), for logs."""
     parts = urlsplit(url)
-    netloc, query = parts.netloc, parts.query
-    if parts.password is None and "password=" not in query.lower():
+    netloc, params = parts.netloc, parts.query.split("&")
+    if parts.password is None and not any(_is_secret(p) for p in params):
         return url  # as given: rebuilt, sqlite:////abs.db would read sqlite://abs.db, a host "abs"
     if parts.password is not None:
         userinfo, _, host = netloc.rpartition("@")
         netloc = f"{userinfo.partition(':')[0]}:***@{host}"
-    if "password=" in query.lower():
-        query = "&".join("password=***" if p.lower().startswith("password=") else p for p in query.split("&"))
+    query = "&".join(f"{p.partition('=')[0]}=***" if _is_secret(p) else p for p in params)
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _is_secret(param: str) -> bool:
+    name, eq, _ = param.partition("=")
+    return bool(eq) and name.lower().endswith("password")
