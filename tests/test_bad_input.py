@@ -46,11 +46,24 @@ def test_unknown_store_url_is_a_configuration_error(url: str) -> None:
     ("postgresql://app@h/db?sslkey=k.pem&sslpassword=s3cret", "postgresql://app@h/db?sslkey=k.pem&sslpassword=***"),
     ("postgresql://app:a@h/db?SSLPassword=b&application_name=password=x",
      "postgresql://app:***@h/db?SSLPassword=***&application_name=password=x"),
+    ("mysql+pymysql://app@h/db?passwd=s3cret", "mysql+pymysql://app@h/db?passwd=***"),  # PyMySQL's spelling
+    ("postgresql://app@h/db?%70assword=s3cret", "postgresql://app@h/db?%70assword=***"),
     ("sqlite:////var/lib/app.db", "sqlite:////var/lib/app.db"),  # no password: as given, not rebuilt
+    ("sqlite:////var/lib/app.db?sslpassword=s3cret", "sqlite:////var/lib/app.db?sslpassword=***"),  # nor here
     ("memory://", "memory://"),
 ])
 def test_a_store_url_in_messages_and_logs_hides_its_password_and_nothing_else(url: str, shown: str) -> None:
     assert public_url(url) == shown
+
+
+def test_a_sql_store_shows_its_url_without_the_passwords_its_query_carries() -> None:
+    """SQLAlchemy hides only the user's password; the store's URL goes into logs, errors and its place."""
+    store = SQLStore("postgresql://app:a@db.example/pay?password=b&sslpassword=c", create_schema=False)
+    try:
+        assert store.url == "postgresql+psycopg://app:***@db.example/pay?password=***&sslpassword=***"
+        assert store.where == f"{store.url} (table 'idemtasks_operations')"
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(("module", "extra", "url"), [("redis", "redis", "redis://127.0.0.1:1/0"),

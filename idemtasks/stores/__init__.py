@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
 from ..forks import fresh_in_child
@@ -72,18 +72,23 @@ def shared_store(url: str) -> Store:
 
 def public_url(url: str) -> str:
     """The URL without its passwords (in the user info, or a query parameter such as libpq's ``password=`` and
-    ``sslpassword=``, the key file's passphrase), for logs."""
+    ``sslpassword=`` or PyMySQL's ``passwd=``), for logs."""
     parts = urlsplit(url)
-    netloc, params = parts.netloc, parts.query.split("&")
+    params = parts.query.split("&")
     if parts.password is None and not any(_is_secret(p) for p in params):
         return url  # as given: rebuilt, sqlite:////abs.db would read sqlite://abs.db, a host "abs"
+    if parts.query:
+        # Only the query is rewritten, in place: the rest stays as given (see above).
+        head, _, tail = url.partition("?")
+        query = "&".join(f"{p.partition('=')[0]}=***" if _is_secret(p) else p for p in params)
+        url = f"{head}?{query}{tail[len(parts.query):]}"
     if parts.password is not None:
-        userinfo, _, host = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
-    query = "&".join(f"{p.partition('=')[0]}=***" if _is_secret(p) else p for p in params)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+        start = url.index("//") + 2  # the network location, as given, follows
+        userinfo, _, host = parts.netloc.rpartition("@")
+        url = f"{url[:start]}{userinfo.partition(':')[0]}:***@{host}{url[start + len(parts.netloc):]}"
+    return url
 
 
 def _is_secret(param: str) -> bool:
     name, eq, _ = param.partition("=")
-    return bool(eq) and name.lower().endswith("password")
+    return bool(eq) and unquote(name).lower().endswith(("password", "passwd"))

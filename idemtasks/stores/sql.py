@@ -37,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..errors import StoreError, StoreUnavailable
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
+from . import public_url
 from .base import (
     PURGE_GRACE,
     RENEW_TIMEOUT,
@@ -103,7 +104,8 @@ class SQLStore(Store):
         #: The driver's connection settings given by the caller, which the asyncio store's engine gets as well.
         self.connect_args: dict[str, Any] = dict((engine_options or {}).get("connect_args", {}))
         self.engine = engine
-        self.url = engine.url.render_as_string(hide_password=True)
+        # SQLAlchemy hides the user's password; public_url those a query carries (libpq's password=, sslpassword=).
+        self.url = public_url(engine.url.render_as_string(hide_password=True))
         self.table = operations_table(sa.MetaData(), table)
         self.dialect = engine.dialect.name
         self._autocommit = (engine.execution_options(isolation_level="AUTOCOMMIT")
