@@ -49,10 +49,14 @@ def check_settings(app: Any) -> list[str]:
                 warnings.append(f"{name}: lease_seconds {lease:g}s is not shorter than the visibility_timeout "
                                 f"{visibility:g}s; after a crash the redelivered message finds a live lease and "
                                 "waits; lower idemtasks_lease")
-        if task.transactional and not task.transaction_url and (problem := sql_problem(task.store_url)) is not None:
-            warnings.append(f"{name}: a transactional task needs a SQL database, and without transaction_url it "
-                            f"would use its store, {problem}: every operation it takes will fail; set "
-                            "transaction_url")
+        if task.transactional and (problem := sql_problem(task.transaction_url or task.store_url)) is not None:
+            if task.transaction_url:  # its driver is missing here: the rest was checked as the task was bound
+                warnings.append(f"{name}: a transactional task needs a SQL database this worker can open, and its "
+                                f"transaction_url is {problem}: every operation it takes will fail")
+            else:
+                warnings.append(f"{name}: a transactional task needs a SQL database, and without transaction_url it "
+                                f"would use its store, {problem}: every operation it takes will fail; set "
+                                "transaction_url")
         if task.time_limit and lease > float(task.time_limit) * 2:
             warnings.append(f"{name}: lease_seconds {lease:g}s is far longer than time_limit {task.time_limit}s; a "
                             "child killed by the time limit keeps its operation until the lease runs out")

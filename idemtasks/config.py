@@ -113,31 +113,34 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
         raise ConfigurationError(f"{task_name}: on_busy must be one of {ON_BUSY_POLICIES}, not {values['on_busy']!r}")
     # A transaction_url must name a SQL database in every app. Without one, the store URL is used, which each app
     # sets for itself: a shared task bound to an app that never runs it must not stop that app from starting, so that
-    # case is logged when a worker starts (checks.check_settings) and refused when the task runs.
+    # case is logged when a worker starts (checks.check_settings) and refused when the task runs. The same goes for
+    # the driver: a web process that only submits need not have the database driver its workers use.
     if values.get("transactional") and values.get("transaction_url"):
-        transaction_url(task_name, values["transaction_url"], None)
+        transaction_url(task_name, values["transaction_url"], None, driver=False)
 
 
-def transaction_url(task_name: str, url: Any, store_url: Any) -> str:
+def transaction_url(task_name: str, url: Any, store_url: Any, *, driver: bool = True) -> str:
     """The database a transactional task's body and its effects ledger use: ``transaction_url``, else the task's
-    store URL. Refused (:class:`ConfigurationError`) unless SQLAlchemy can open it."""
+    store URL. Refused (:class:`ConfigurationError`) unless SQLAlchemy can open it (``driver``: with the driver
+    installed here)."""
     url = url or store_url
-    problem = sql_problem(url)
+    problem = sql_problem(url, driver=driver)
     if problem is not None:
         raise ConfigurationError(f"{task_name}: a transactional task needs transaction_url, a SQL database URL, "
                                  f"and its database is {problem}")
     return str(url)
 
 
-def sql_problem(url: Any) -> str | None:
-    """Why SQLAlchemy could not open ``url``, or ``None`` if it can (no connection is made)."""
+def sql_problem(url: Any, *, driver: bool = True) -> str | None:
+    """Why SQLAlchemy could not open ``url``, or ``None`` if it can (no connection is made). ``driver``: the
+    driver must be installed in this process too."""
     if not isinstance(url, str):
         return f"a {type(url).__name__}, not a URL"
-    return _dialect_problem(url)
+    return _dialect_problem(url, driver)
 
 
 @functools.lru_cache(maxsize=64)
-def _dialect_problem(url: str) -> str | None:
+def _dialect_problem(url: str, driver: bool) -> str | None:
     # Cached: the worker checks again before each transactional body, and loading a dialect is not free.
     from .stores import public_url
 
@@ -156,7 +159,8 @@ def _dialect_problem(url: str) -> str | None:
         dialect = engine_url(url).get_dialect()  # as the ledger opens it: postgres:// takes psycopg, say
         if dialect.is_async:
             return f"{shown}, an asyncio driver (the body runs in a synchronous transaction)"
-        dialect.import_dbapi()  # the driver itself: a dialect loads without it
+        if driver:
+            dialect.import_dbapi()  # the driver itself: a dialect loads without it
     except Exception as exc:  # not a URL (ArgumentError), no such dialect (NoSuchModuleError), no driver (ImportError)
         return f"{shown} ({type(exc).__name__}: {exc})"
     return None

@@ -143,7 +143,6 @@ def transactional_pay(store_url: Store | str, transaction_url: str | None, **opt
     "ledger.db",  # not a URL
     "MariaDB+pymysql://root@127.0.0.1/test",  # SQLAlchemy's dialect names are case-sensitive
     "postgresql+nosuchdriver://postgres@127.0.0.1/test",
-    "postgresql+psycopg2://postgres@127.0.0.1/test",  # a dialect of SQLAlchemy's whose driver is not installed
     "sqlite+aiosqlite:///ledger.db",  # an asyncio driver: the body runs in a synchronous transaction
     "postgresql://u:s3cret@[::1/db",  # not even a URL urllib can split
     "postgresql+nosuchdriver://u@h/db?password=s3cret",  # libpq also takes its password from the query
@@ -180,6 +179,25 @@ def test_without_transaction_url_a_store_that_is_not_sql_is_reported_when_the_wo
     app.finalize()
     assert any(w.startswith("tx.pay: a transactional task needs a SQL database") and "set transaction_url" in w
                for w in check_settings(app))
+
+
+def test_a_transaction_url_whose_driver_is_missing_binds_and_is_reported_where_a_worker_starts() -> None:
+    """A web process submits without the database driver its workers use; a worker without it says so as it
+    starts, and each operation it takes then fails at its first attempt, without running the body."""
+    store = MemoryStore()
+    app, pay = transactional_pay(store, "postgresql+psycopg2://u:s3cret@db/shop")  # psycopg2 is not installed here
+    app.finalize()
+    sub = pay.submit((), key="order-1")  # published: the memory broker keeps it
+    assert sub.created and store.get_by_id(sub.operation.id).status is Status.PENDING  # type: ignore[union-attr]
+    warned = [w for w in check_settings(app) if w.startswith("tx.pay: a transactional task needs a SQL database "
+                                                             "this worker can open")]
+    assert len(warned) == 1 and "psycopg2" in warned[0] and "s3cret" not in warned[0]
+
+    app.conf.task_always_eager = True
+    ran = pay.submit((), key="order-2")
+    op = store.get_by_id(ran.operation.id)
+    assert op is not None and op.status is Status.FAILED and op.attempts == 1
+    assert op.error is not None and op.error.type == "ConfigurationError" and "psycopg2" in op.error.message
 
 
 def test_without_a_sql_database_each_operation_fails_once_and_is_not_retried() -> None:
