@@ -55,8 +55,9 @@ class IdemtasksError(Exception):
             cls.__init__ = _carrying(init)  # type: ignore[method-assign]
 
     def __str__(self) -> str:
-        if _carried(self.args) is not None:
-            return str(self.args[0])  # the message; the fields are not part of the text
+        if _carried(self.args) is not None:  # the fields are not part of the text: what Exception makes of the rest
+            rest = self.args[:-1]
+            return "" if not rest else str(rest[0]) if len(rest) == 1 else str(rest)
         return super().__str__()
 
     def __reduce__(self) -> tuple[object, ...]:
@@ -75,9 +76,9 @@ _FIELDS_KEY = "idemtasks_fields"
 
 
 def _carried(args: tuple[Any, ...]) -> dict[str, Any] | None:
-    """The fields ``args`` carries after the message, or ``None`` if it carries none."""
-    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], dict) and set(args[1]) == {_FIELDS_KEY}:
-        carried = args[1][_FIELDS_KEY]
+    """The fields ``args`` carries after the message (and any other arguments), or ``None`` if it carries none."""
+    if args and isinstance(args[-1], dict) and set(args[-1]) == {_FIELDS_KEY}:
+        carried = args[-1][_FIELDS_KEY]
         return carried if isinstance(carried, dict) else None
     return None
 
@@ -88,10 +89,10 @@ def _carrying(init: Callable[..., None]) -> Callable[..., None]:
     Such a backend keeps a failure's class, module and ``args`` only, and rebuilds it as ``cls(*args)``: a
     constructor with required keyword fields would refuse, and the caller of ``AsyncResult.get()`` would get a bare
     ``Exception`` instead of the ``OperationFailed`` it catches. So a class with keyword-only fields has ``args`` =
-    ``(message, {"idemtasks_fields": {field: value}})``, with the fields JSON can carry as they are, from which
-    ``cls(*args)`` rebuilds it, fields included. Called with positional arguments its constructor does not take
-    (``cls(message)``, from an earlier release), it is rebuilt with those fields ``None``. A class without such fields
-    keeps its ``args``.
+    ``(message, …, {"idemtasks_fields": {field: value}})``: the arguments it gave ``Exception``, then the fields it
+    set, those JSON cannot carry as ``None``, from which ``cls(*args)`` rebuilds it, fields included. Called with
+    positional arguments its constructor does not take (``cls(message)``, from an earlier release), it is rebuilt
+    with those fields ``None``. A class without such fields keeps its ``args``.
     """
     signature = inspect.signature(init)
 
@@ -103,19 +104,23 @@ def _carrying(init: Callable[..., None]) -> Callable[..., None]:
             try:
                 signature.bind(self, *args)
             except TypeError:
-                carried = {}  # the message alone (an earlier release's), or arguments the constructor cannot take
+                # The message alone (an earlier release's), or arguments the constructor cannot take: the fields
+                # are not known.
+                carried = dict.fromkeys(fields)
         if carried is not None:
             Exception.__init__(self, *args)
             for name in fields:
-                with contextlib.suppress(AttributeError):  # a read-only property: left unset, not fatal
-                    setattr(self, name, carried.get(name))
+                if name in carried:  # those the original had, not others
+                    with contextlib.suppress(AttributeError):  # a read-only property: left unset, not fatal
+                        setattr(self, name, carried[name])
             return
         init(self, *args, **kwargs)
         if fields:
             # Only attributes named as the fields: a constructor may use a keyword for the message alone.
             values = {name: getattr(self, name, _MISSING) for name in fields}
-            kept = {k: v for k, v in values.items() if isinstance(v, _PLAIN)}
-            self.args = (*self.args[:1], {_FIELDS_KEY: kept})
+            kept = {k: v if isinstance(v, _PLAIN) else None for k, v in values.items() if v is not _MISSING}
+            given = self.args[:-1] if _carried(self.args) is not None else self.args  # a base's init carried its own
+            self.args = (*given, {_FIELDS_KEY: kept})
 
     return __init__
 

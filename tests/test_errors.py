@@ -46,6 +46,14 @@ class Invalid(IdemtasksError):
         self.errors, self.code = errors, code
 
 
+class Detailed(IdemtasksError):
+    """More than a message given to Exception, and a constructor that may give none."""
+
+    def __init__(self, *details: str, code: str) -> None:
+        super().__init__(*details)
+        self.code = code
+
+
 class Frozen(IdemtasksError):
     """A field kept behind a read-only property."""
 
@@ -108,3 +116,18 @@ def test_a_dict_as_the_constructors_own_argument_is_not_taken_for_a_rebuild() ->
 def test_a_field_behind_a_read_only_property_does_not_break_the_rebuild() -> None:
     rebuilt = through_json(Frozen("frozen", code="x"))
     assert type(rebuilt) is Frozen and str(rebuilt) == "frozen"
+
+
+def test_arguments_beyond_the_message_and_an_absent_message_come_back_as_given() -> None:
+    for details, text in [(("declined", "row 42"), "('declined', 'row 42')"), ((), "")]:
+        exc = Detailed(*details, code="c")
+        rebuilt = through_json(exc)
+        assert str(exc) == str(rebuilt) == text and str(exc) == str(Exception(*details))
+        assert type(rebuilt) is Detailed and rebuilt.args == exc.args and rebuilt.code == "c"
+
+
+def test_a_rebuilt_error_has_the_fields_its_original_had_and_no_others() -> None:
+    rebuilt = through_json(Refused("refused", op="op-1"))  # keeps op as operation_id, and retryable not at all
+    assert vars(rebuilt) == {}  # no attribute op or retryable; operation_id is not one of its fields
+    unplain = Detailed("x", code=object())  # type: ignore[arg-type]
+    assert vars(through_json(unplain)) == {"code": None}  # what JSON cannot carry comes back as None
