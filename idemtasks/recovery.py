@@ -37,7 +37,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import IdemtasksError, LeaseLost
+from .errors import IdemtasksError, LeaseLost, StoreError
 from .identity import CALLBACK_OPTIONS, is_past, parse_stored_call
 from .models import Operation, Status, Takeover
 from .revoked import fail_unrun
@@ -143,7 +143,17 @@ class Sweeper:
             new = [op for op in batch if op.id not in seen]
             for op in new:
                 seen.add(op.id)
-                if self._recover(store, op, report):
+                try:
+                    done = self._recover(store, op, report)
+                except StoreError:
+                    raise  # the store itself failed: so would the rest of this sweep of it
+                except Exception:
+                    # One record this sweep cannot handle (a stored call it cannot read, say) would otherwise stop
+                    # every operation after it, oldest first, at every sweep.
+                    logger.exception("idemtasks: recovery of operation %s failed; skipped", op.id)
+                    report.skipped.append(op.id)
+                    done = False
+                if done:
                     recovered += 1
                 else:
                     skipped += 1

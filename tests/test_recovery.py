@@ -317,6 +317,20 @@ def test_records_this_app_cannot_publish_do_not_hide_the_ones_it_can(rig: Rig) -
     assert op.status is Status.SUCCEEDED and op.result == 90 and rig.runs[key] == 1
 
 
+def test_a_record_recovery_cannot_read_does_not_keep_the_others_from_their_sweep(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """A stored call this release cannot read (written by hand, or damaged) comes first, oldest first, at every
+    sweep: it is logged and skipped, and the operations after it are still published again."""
+    unreadable = rig.store.create("global", f"bad-{uuid.uuid4().hex}", rig.task.name, "fp", ttl=3600,
+                                  payload="not a stored call").operation.id
+    time.sleep(0.05)
+    _key, op_id = rig.lost_submit(95)
+    with caplog.at_level("ERROR", logger="idemtasks.recovery"):
+        report = Sweeper(rig.app, pending_after=0.0).sweep()
+    assert report.republished == [op_id] and unreadable in report.skipped
+    assert any(f"recovery of operation {unreadable} failed" in r.getMessage() for r in caplog.records)
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
