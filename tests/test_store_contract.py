@@ -292,11 +292,11 @@ class TestFinish:
         had its chance, or the body would run early and a second chain of retries would start beside the first."""
         later = claim(store, scope, "later").operation
         now = claim(store, scope, "now").operation
-        store.release(later, later.fencing_token, ttl=TTL, delay=1.5)
+        store.release(later, later.fencing_token, ttl=TTL, delay=1.0)
         store.release(now, now.fencing_token, ttl=TTL)
         time.sleep(0.6)
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now"}
-        time.sleep(1.6)
+        time.sleep(1.0)  # 1.6 s in all: due, and pending_after past
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
         assert claim(store, scope, "later").outcome is ClaimOutcome.CLAIMED  # the retry, when it comes, claims it
 
@@ -304,11 +304,11 @@ class TestFinish:
         """Published with a countdown: recovery must not publish a copy that would run the body before its time."""
         later = store.create(scope, "later", "tasks.charge", "fp-a", ttl=TTL).operation
         now = store.create(scope, "now", "tasks.charge", "fp-a", ttl=TTL).operation
-        store.mark_published(later, delay=1.5)
+        store.mark_published(later, delay=1.0)
         store.mark_published(now)
         time.sleep(0.6)
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now"}
-        time.sleep(1.6)
+        time.sleep(1.0)  # 1.6 s in all: due, and pending_after past
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
         assert claim(store, scope, "later").outcome is ClaimOutcome.CLAIMED  # the message, when it comes, claims it
 
@@ -329,13 +329,13 @@ class TestFinish:
                                                                                         scope: str) -> None:
         """The due time is recorded at creation too: if the "published" mark never lands (a store hiccup after the
         publish, a web process killed right after it), recovery still waits for the message's time."""
-        later = store.create(scope, "later", "tasks.charge", "fp-a", ttl=TTL, delay=1.5).operation
+        later = store.create(scope, "later", "tasks.charge", "fp-a", ttl=TTL, delay=1.0).operation
         store.create(scope, "now", "tasks.charge", "fp-a", ttl=TTL)
-        assert later.updated_at - later.created_at == pytest.approx(1.5, abs=0.01)
+        assert later.updated_at - later.created_at == pytest.approx(1.0, abs=0.01)
         assert store.get(scope, "later") == later
         time.sleep(0.6)
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now"}
-        time.sleep(1.6)
+        time.sleep(1.0)  # 1.6 s in all: due, and pending_after past
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
 
     def test_renew_extends_only_the_current_holders_lease(self, store: Store, scope: str) -> None:
