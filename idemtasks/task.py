@@ -139,8 +139,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             for attr, conf_key, default in config.SETTINGS:
                 if getattr(cls, attr, None) is None:
                     setattr(cls, attr, app.conf.get(conf_key, default))
-            if getattr(cls, "name", None):
-                config.validate(cls.name, {attr: getattr(cls, attr) for attr in config.VALIDATED})
+            # Also a class without a name of its own: app.register_task names the instance, not its class.
+            name = getattr(cls, "name", None) or f"{cls.__module__}.{cls.__qualname__}"
+            config.validate(name, {attr: getattr(cls, attr) for attr in config.VALIDATED})
             conf = app.conf
             queue = conf.task_default_queue
             cls._default_route = None if conf.task_routes or getattr(cls, "queue", None) else (

@@ -127,6 +127,23 @@ def test_settings_that_would_break_the_guarantees_are_refused() -> None:
         validate("t", {**base, "on_busy": "run-anyway"})
 
 
+def test_a_task_class_registered_without_a_name_is_refused_for_bad_settings_too() -> None:
+    """app.register_task names the instance, not its class, as the class is bound: its settings are checked all
+    the same (a record that expires before its lease ends lets a second run start under the same key)."""
+    app = Celery(f"cls{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.idemtasks_store_url = "memory://"
+
+    class Pay(IdempotentTask):
+        lease_seconds = 100.0
+        idempotency_ttl = 10.0
+
+        def run(self, order: str) -> str:
+            return order
+
+    with pytest.raises(ConfigurationError, match=r"Pay: idempotency_ttl \(10.0\) must be at least twice"):
+        app.register_task(Pay())
+
+
 def transactional_pay(store_url: Store | str, transaction_url: str | None, **options: Any) -> tuple[Celery, Any]:
     app = Celery(f"tx{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
 
