@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -132,11 +133,16 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),
                               payload=stored_call(call, options), delay=due)
     op = sub.operation
+    # Published from the loop's executor threads, which open no lane (see ThreadedAsyncStore): the "published" mark
+    # takes a pooled connection and waits for its answer there, off the loop, rather than pipelined on a connection
+    # each of those threads would keep for its whole life.
     if sub.created:
-        await asyncio.to_thread(task.publish, op, args, kwargs, abandon_on_failure=True, due=due, **options)
+        await asyncio.to_thread(_pooled, functools.partial(task.publish, op, args, kwargs, abandon_on_failure=True,
+                                                           due=due, **options))
     elif op.status is Status.PENDING and op.needs_publish:  # see IdempotentTask.submit
         checked_at = await astore.now()
         sub = dataclasses.replace(sub, checked_at=checked_at)
         if checked_at - op.created_at >= ACCEPT_WINDOW:
-            await asyncio.to_thread(task.publish, op, args, kwargs, due=due, **first_deadline(op, options))
+            await asyncio.to_thread(_pooled, functools.partial(task.publish, op, args, kwargs, due=due,
+                                                               **first_deadline(op, options)))
     return sub

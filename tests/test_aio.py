@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -75,6 +76,25 @@ async def _creates_through_the_store_itself(store: Any) -> None:
     assert sub.created and store.get_by_id(sub.operation.id) == sub.operation
     # Nor does an executor thread keep a connection of its own (a lane) outside the pool, for as long as it lives.
     assert not getattr(store, "_all_lanes", ())
+
+
+def test_submit_async_opens_no_connection_of_its_own_in_the_loops_executor_threads(server_store: Store) -> None:
+    """The loop's executor threads publish, and mark the operation published. Like the store's calls from there
+    (see ThreadedAsyncStore), they take pooled connections: a connection of a thread's own (a lane) would stay open
+    for the thread's whole life, one per executor thread and process, outside the pool's limits."""
+    app = Celery(f"aio{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+    @app.task(shared=False, base=IdempotentTask, store_url=server_store, name=f"{app.main}.charge")
+    def charge(amount: int) -> int:
+        return amount
+
+    async def scenario() -> Any:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))  # one thread: the one to look at
+        subs = [await submit_async(charge, (n,), key=f"k-{uuid.uuid4().hex}") for n in range(3)]
+        assert all(sub.created for sub in subs)
+        return await asyncio.to_thread(lambda: getattr(server_store._local, "lane", None))  # type: ignore[attr-defined]
+
+    assert asyncio.run(scenario()) is None
 
 
 def test_a_redis_store_on_the_applications_own_client_is_used_as_it_is() -> None:
