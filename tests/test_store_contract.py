@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from idemtasks.config import DEFAULT_MAX_RESULT_BYTES
 from idemtasks.errors import IdempotencyKeyMismatch, LeaseLost
 from idemtasks.identity import digest_from_id, key_digest
 from idemtasks.models import ClaimOutcome, ErrorInfo, Status, Takeover
@@ -527,6 +528,21 @@ class TestLongValues:
         store.fail(held, held.fencing_token, ErrorInfo("Declined", self.text(shift)), ttl=TTL)
         op = store.get(scope, "k1")
         assert op is not None and op.error == ErrorInfo("Declined", self.text(shift)) and op.payload == payload
+
+    def test_values_as_long_as_the_default_limits_round_trip(self, store: Store, scope: str) -> None:
+        """A call and a result up to the default limits (1 MiB each), an error message as long: stored, claimed
+        and read back whole. (On Redis, a 1 MiB value is 16,384 pieces, more than one Lua call can be given.)"""
+        big = json.dumps("€" + "x" * (DEFAULT_MAX_RESULT_BYTES - 9) + "😀", ensure_ascii=False)
+        assert len(big.encode()) == DEFAULT_MAX_RESULT_BYTES
+        assert store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL, payload=big).operation.payload == big
+        held = claim(store, scope, "k1").operation
+        store.succeed(held, held.fencing_token, big, ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and op.result == json.loads(big) and op.payload == big
+        failed = claim(store, scope, "k2", payload=big).operation
+        assert failed.payload == big
+        store.fail(failed, failed.fencing_token, ErrorInfo("Declined", big), ttl=TTL)
+        assert store.get(scope, "k2").error == ErrorInfo("Declined", big)  # type: ignore[union-attr]
 
     def test_a_short_value_after_a_long_one_is_not_joined_to_its_leftovers(self, store: Store, scope: str) -> None:
         # An operation that expired with a long payload is re-created by a claim with a short one.

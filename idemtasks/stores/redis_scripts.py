@@ -97,6 +97,23 @@ end
 """
 
 
+def _hset_all(key: str, table: str) -> str:
+    """Lua setting the field list ``table`` on ``key``. Lua's ``unpack`` gives at most about 8,000 values (its C
+    stack), so a list of a long value's pieces (a 1 MiB result is 16,384 pieces, twice as many values) is set in
+    batches, an even number of values each so that every batch starts with a field. One ``HSET`` when it fits."""
+    return f"""
+if #{table} <= {_UNPACK_BATCH} then redis.call('HSET', {key}, unpack({table})) else
+  for i = 1, #{table}, {_UNPACK_BATCH} do
+    redis.call('HSET', {key}, unpack({table}, i, math.min(i + {_UNPACK_BATCH - 1}, #{table})))
+  end
+end
+"""
+
+
+#: Values per ``HSET`` of a long list: even, and under Lua 5.1's limit of 8,000 (LUAI_MAXCSTACK).
+_UNPACK_BATCH = 7000
+
+
 # KEYS: record, pending index. ARGV: id, scope, key, task, fingerprint, ttl, payload ('' for none), delay (seconds
 # until the message is due, which 'u' and the pending index's score are set ahead by)
 #   ->  {'N', created, expires, updated}: created now (the caller knows the rest of the record)
@@ -116,7 +133,7 @@ local u = string.format('%d', now + math.floor(ARGV[8] * 1000000 + 0.5))
 local rec = {'id', ARGV[1], 's', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'f', ARGV[5], 'st', 'p', 'a', '0', 'tok', '0',
              'c', c, 'u', u, 'x', xs, 'np', '1'}
 if ARGV[7] and ARGV[7] ~= '' then""" + _put_chunked("rec", "p", "ARGV[7]") + """end
-redis.call('HSET', k, unpack(rec))
+""" + _hset_all("k", "rec") + """
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
 return {'N', c, xs, u}
@@ -192,7 +209,7 @@ local le, u, xs = string.format('%d', lease), string.format('%d', now), string.f
 local n = #w
 w[n + 1], w[n + 2], w[n + 3], w[n + 4], w[n + 5], w[n + 6], w[n + 7] = 'st', 'r', 'a', a, 'tok', tok, 'lo'
 w[n + 8], w[n + 9], w[n + 10], w[n + 11], w[n + 12], w[n + 13], w[n + 14] = ARGV[6], 'le', le, 'u', u, 'x', xs
-redis.call('HSET', k, unpack(w))
+""" + _hset_all("k", "w") + """
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[2] then redis.call('ZREM', KEYS[2], d) end
 if KEYS[3] then redis.call('ZADD', KEYS[3], le, d) end
@@ -220,7 +237,7 @@ if st == 'f' then
   w[7], w[8] = 'et', ARGV[5]
   if ARGV[6] ~= '' then""" + _put_chunked("w", "em", "ARGV[6]") + """  end
 end
-redis.call('HSET', k, unpack(w))
+""" + _hset_all("k", "w") + """
 redis.call('HDEL', k, 'lo', 'le')
 if st == 'p' and ARGV[9] == '1' and rec[2] == 'r' then redis.call('HINCRBY', k, 'cr', 1) end
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
@@ -274,7 +291,7 @@ return redis.call('HGETALL', KEYS[1])
 ATTACH_PAYLOAD = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'tok', 'x', 'p')
 if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[2] or (tonumber(rec[3]) or 0) <= now or rec[4] then return 0 end
-local w = {}""" + _put_chunked("w", "p", "ARGV[3]") + """redis.call('HSET', k, unpack(w))
+local w = {}""" + _put_chunked("w", "p", "ARGV[3]") + _hset_all("k", "w") + """
 return 1
 """
 
