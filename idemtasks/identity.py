@@ -131,7 +131,25 @@ def dump_json(value: Any, *, what: str, limit: int | None = None, canonical: boo
                                   what=what) from exc
     if limit is not None and size > limit:
         raise TooLarge(what=what, size=size, limit=limit)
+    if '"__type__":' in text and _has_type_tag(value):  # the walk only when the text says there may be one
+        # kombu's JSON (Celery's, and ours, which keeps a datetime a datetime) reads such a dict back as the type it
+        # names, or refuses it: a stored result would replay as something else, or not at all, and arguments would
+        # reach no worker (Celery cannot decode their message).
+        raise NotSerializable(f"{what} cannot be stored as JSON: a dict whose only keys are '__type__' and "
+                              "'__value__' reads back as another type (kombu's tag for one)", what=what)
     return text
+
+
+def _has_type_tag(value: Any) -> bool:
+    """Whether ``value`` holds a dict of its own with exactly kombu's tag keys."""
+    if isinstance(value, dict):
+        return value.keys() == _TAG_KEYS or any(_has_type_tag(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_type_tag(v) for v in value)
+    return False
+
+
+_TAG_KEYS = {"__type__", "__value__"}
 
 
 def load_json(text: str | None) -> Any:

@@ -74,6 +74,17 @@ def test_fingerprint_refuses_what_json_cannot_carry() -> None:
         fingerprint("t", (float("nan"),), {})
 
 
+@pytest.mark.parametrize("value", [
+    {"__type__": "decimal", "__value__": "1.5"},  # would come back as Decimal("1.5")
+    [1, {"nested": {"__value__": "ch_1", "__type__": "charge"}}],  # would be refused as it is read
+], ids=["top", "nested"])
+def test_a_dict_shaped_as_a_type_tag_is_refused_as_it_would_read_back_as_something_else(value: Any) -> None:
+    with pytest.raises(NotSerializable, match="'__type__' and '__value__'"):
+        dump_json(value, what="result")
+    tagged_too = {"__type__": "a key of the application's", "__value__": 1, "other": 2}
+    assert load_json(dump_json(tagged_too, what="result")) == tagged_too  # more keys: not a tag
+
+
 def test_stored_values_round_trip_with_their_types() -> None:
     value = {"when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "amount": decimal.Decimal("1.10"),
              "id": uuid.UUID(int=7), "items": [1, "two", None]}

@@ -110,7 +110,9 @@ def build(store: Store) -> Harness:
         if kind == "unprintable":
             raise Unprintable()
         return {"object": object(), "huge": "x" * 2_000_000,
-                "surrogate": "r\udcffport.txt"}[kind]  # os.listdir()'s name for an undecodable file
+                "surrogate": "r\udcffport.txt",  # os.listdir()'s name for an undecodable file
+                "tagged": {"charge": {"__type__": "uuid", "__value__": "ch_1"}},  # a provider's payload, as it came
+                }[kind]
 
     @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed",
               key_func=lambda order_id: f"order-{order_id}")
@@ -244,10 +246,14 @@ class TestSubmit:
         with pytest.raises(InvalidKey):
             h.tasks["charge"].submit(("acct", 1), key=bad)
 
-    def test_unserializable_arguments_are_refused(self, h: Harness) -> None:
+    @pytest.mark.parametrize("bad", [object(), {"__type__": "decimal", "__value__": "1.5"}],
+                             ids=["object", "kombu_tag"])
+    def test_unserializable_arguments_are_refused_before_anything_is_stored(self, h: Harness, bad: Any) -> None:
+        """Also a dict that Celery's JSON would read back as another type, or refuse: no worker could decode the
+        message, and the operation would stay pending."""
         with pytest.raises(NotSerializable) as info:
-            h.tasks["charge"].submit(("acct", object()), key=key())
-        assert info.value.what == "arguments"
+            h.tasks["charge"].submit(("acct", bad), key=(k := key()))
+        assert info.value.what == "arguments" and h.store.get("global", k) is None
 
 
 class TestDuplicates:
@@ -338,7 +344,7 @@ class TestFailures:
         assert h.runs[k] == 2
 
     @pytest.mark.parametrize(("kind", "error"), [("object", NotSerializable), ("huge", TooLarge),
-                                                 ("surrogate", NotSerializable)])
+                                                 ("surrogate", NotSerializable), ("tagged", NotSerializable)])
     def test_unstorable_result_fails_the_operation_instead_of_leaving_it_running(
         self, h: Harness, kind: str, error: type[Exception]
     ) -> None:
