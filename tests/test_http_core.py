@@ -342,8 +342,10 @@ class TestDefaultCaller:
     def test_a_basic_user_names_the_caller_whatever_the_password(self) -> None:
         assert bearer_caller(basic(b"sk_live_1:")) == bearer_caller(basic(b"sk_live_1:other"))
         assert bearer_caller(basic(b"alice:x")) != bearer_caller(basic(b"bob:x"))
-        # A user of the same name as a token is still someone else.
+        # A user of the same name as a token is still someone else, and no token can pass for that user.
         assert bearer_caller(basic(b"alice:")) != bearer_caller({"Authorization": "Bearer alice"})
+        with pytest.raises(InvalidCredentials, match="':'"):
+            bearer_caller({"Authorization": "Bearer basic:alice"})
 
     def test_no_authorization_is_anonymous(self) -> None:
         assert bearer_caller({}) is None and bearer_caller({"Authorization": "  "}) is None

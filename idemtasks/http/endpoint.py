@@ -82,6 +82,10 @@ def bearer_caller(headers: Mapping[str, str]) -> str | None:
             # No token has these (RFC 6750): two headers a WSGI server joined ("Bearer a, Bearer b") would otherwise
             # read as a third caller beside the two the client named.
             raise InvalidCredentials("the Bearer token has a space or a comma: two tokens, or none")
+        if ":" in credentials:
+            # Nor this one, which keeps "basic:<user>" (below) for Basic callers: a token "basic:alice" would share
+            # the Basic user alice's operations.
+            raise InvalidCredentials("the Bearer token has a ':', which no token has (RFC 6750)")
         return credentials
     if scheme.lower() == "basic":
         # Tagged: a Bearer token has no ":" (RFC 6750), so no token can pass for a Basic user of the same name.
