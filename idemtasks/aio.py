@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 from .config import ACCEPT_WINDOW
@@ -48,6 +50,9 @@ class AsyncStore(abc.ABC):
 
     @abc.abstractmethod
     async def now(self) -> float: ...
+
+    async def aclose(self) -> None:  # noqa: B027 - a store with no connections of its own has nothing to close
+        """Close the connections this async store holds of its own (the synchronous store's stay open)."""
 
     async def create(self, scope: str, key: str, task_name: str, fingerprint: str, *, ttl: float,
                      payload: str | None = None, delay: float = 0.0) -> Submission:
@@ -92,16 +97,54 @@ def _pooled(call: Callable[..., _T], *args: Any) -> _T:
 
 
 _async_stores: dict[tuple[int, int, str], AsyncStore] = {}
+#: Per (process, loop id): the loop, weakly, and the async generator that closes its stores as it shuts down.
+_closers: dict[tuple[int, int], tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncGenerator[None, None]]] = {}
 
 
 def async_store_for(store: Store | str) -> AsyncStore:
-    """The async counterpart of a store, one per store URL, process and event loop."""
+    """The async counterpart of a store, one per store URL, process and event loop; closed as the loop shuts down
+    (see :func:`_close_with`)."""
     sync = store if isinstance(store, Store) else shared_store(store)
-    cache_key = (os.getpid(), id(asyncio.get_running_loop()), sync.url + f"#{id(sync)}")
+    loop = asyncio.get_running_loop()
+    _close_with(loop)
+    cache_key = (os.getpid(), id(loop), sync.url + f"#{id(sync)}")
     existing = _async_stores.get(cache_key)
     if existing is None:
         existing = _async_stores[cache_key] = _native(sync) or ThreadedAsyncStore(sync)
     return existing
+
+
+def _close_with(loop: asyncio.AbstractEventLoop) -> None:
+    """Have ``loop`` close its async stores as it shuts down.
+
+    A native async store keeps connections of its own, bound to its loop. A process that runs many short loops
+    (``asyncio.run`` per call, an async view under a WSGI server, which gets a loop per request) would otherwise keep
+    one set per loop it ever ran, until the database refused new clients. A loop that shuts down as ``asyncio.run``
+    does (and asgiref's, and uvicorn's through it) closes the async generators it saw start: this one, started here
+    without awaiting (it runs to its first ``yield`` at once), closes the loop's stores as it is closed.
+    """
+    key = (os.getpid(), id(loop))
+    known = _closers.get(key)
+    if known is not None and known[0]() is loop:
+        return
+    # A loop that was closed without closing its generators, whose id a new loop now has: its stores are dropped
+    # unclosed (nothing can close them without their loop), rather than handed to the new loop.
+    for cache_key in [k for k in _async_stores if k[:2] == key]:
+        _async_stores.pop(cache_key, None)
+    closer = _closer(key)
+    _closers[key] = (weakref.ref(loop), closer)  # the loop keeps its generators weakly
+    with contextlib.suppress(StopIteration):
+        closer.asend(None).send(None)
+
+
+async def _closer(key: tuple[int, int]) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        _closers.pop(key, None)
+        for cache_key in [k for k in _async_stores if k[:2] == key]:
+            with contextlib.suppress(Exception):  # a store that is down: its connections go with it anyway
+                await _async_stores.pop(cache_key).aclose()
 
 
 def _native(store: Store) -> AsyncStore | None:

@@ -45,3 +45,17 @@ def require(service: str) -> None:
     if not reachable(service):
         host, port = _PORTS[service]
         missing(f"{service} is not reachable on {host}:{port}")
+
+
+def pg_sessions(application_name: str) -> int:
+    """How many PostgreSQL sessions a client named ``application_name`` has open."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    engine = sa.create_engine(POSTGRES_URL, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
+                                    {"n": application_name}).scalar_one())
+    finally:
+        engine.dispose()

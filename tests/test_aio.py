@@ -8,12 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 from idemtasks import IdempotencyKeyMismatch, IdempotentTask
 from idemtasks.aio import async_store_for, submit_async
 from idemtasks.identity import parse_stored_call
 from idemtasks.stores.base import Store
+from idemtasks.stores.redis import RedisStore
+from idemtasks.stores.sql import SQLStore
+
+from .services import POSTGRES_URL, REDIS_URL, pg_sessions, require
 
 NATIVE = {"RedisStore": "AsyncRedisStore", "SQLStore": "AsyncSQLStore"}
 
@@ -95,6 +100,42 @@ def test_submit_async_opens_no_connection_of_its_own_in_the_loops_executor_threa
         return await asyncio.to_thread(lambda: getattr(server_store._local, "lane", None))  # type: ignore[attr-defined]
 
     assert asyncio.run(scenario()) is None
+
+
+@pytest.mark.parametrize("service", ["redis", "postgres"])
+def test_the_async_stores_of_a_loop_are_closed_as_the_loop_shuts_down(service: str) -> None:
+    """A process that runs many short loops (asyncio.run per call; an async view under a WSGI server gets a loop
+    per request) keeps no connections for the loops that ended: the database would run out of clients."""
+    require(service)
+    name = f"aio-{uuid.uuid4().hex[:8]}"
+    if service == "redis":
+        store: Store = RedisStore(f"{REDIS_URL}?client_name={name}", namespace=f"idemtasks-test:{name}")
+        admin = redis.Redis.from_url(REDIS_URL)
+
+        def connections() -> int:
+            return sum(1 for c in admin.client_list() if c.get("name") == name)
+    else:
+        store = SQLStore(POSTGRES_URL, table=f"t{uuid.uuid4().hex[:12]}",
+                         engine_options={"connect_args": {"application_name": name}})
+
+        def connections() -> int:
+            return pg_sessions(name)
+
+    async def one_request() -> int:
+        await async_store_for(store).create("s", f"k-{uuid.uuid4().hex}", "t", "fp", ttl=60)
+        return connections()
+
+    try:
+        before = connections()  # the synchronous store's own, if any
+        during = [asyncio.run(one_request()) for _ in range(4)]
+        assert all(n > before for n in during)  # each loop's store had a connection open
+        assert connections() == before  # and each was closed with its loop
+    finally:
+        if isinstance(store, SQLStore):
+            store.table.drop(store.engine)
+        else:
+            admin.close()
+        store.close()
 
 
 def test_a_redis_store_on_the_applications_own_client_is_used_as_it_is() -> None:

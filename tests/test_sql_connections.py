@@ -27,7 +27,7 @@ from idemtasks.stores.sql import SQLStore
 from idemtasks.stores.sql_async import AsyncSQLStore
 from idemtasks.stores.sql_lane import Prepared
 
-from .services import MYSQL_URL, POSTGRES_URL, require
+from .services import MYSQL_URL, POSTGRES_URL, pg_sessions, require
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,10 +274,10 @@ def test_closing_the_store_ends_the_lanes_of_threads_that_outlive_it() -> None:
     thread.start()
     try:
         assert claimed.wait(10)
-        assert _sessions(name) >= 1
+        assert pg_sessions(name) >= 1
         store.table.drop(store.engine)
         store.close()
-        assert _sessions(name) == 0
+        assert pg_sessions(name) == 0
     finally:
         done.set()
         thread.join()
@@ -302,13 +302,3 @@ def test_a_connection_handed_back_after_the_store_closed_is_closed_not_left_open
 
 def _is_open(dbapi: Any) -> bool:
     return bool(dbapi.open) if hasattr(dbapi, "open") else not dbapi.closed  # PyMySQL, psycopg
-
-
-def _sessions(application_name: str) -> int:
-    engine = sa.create_engine(POSTGRES_URL, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
-                                    {"n": application_name}).scalar_one())
-    finally:
-        engine.dispose()

@@ -57,3 +57,6 @@ class AsyncRedisStore(AsyncStore):
         async with self._call():
             seconds, micros = await self.client.time()
         return float(seconds) + float(micros) / 1_000_000
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -65,3 +65,6 @@ class AsyncSQLStore(AsyncStore):
         if self.sync.dialect == "sqlite":
             return time.time()
         return float((await self._one(*self.sync.clock_statement()))[0])
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
