@@ -13,12 +13,15 @@ import contextlib
 import dataclasses
 import functools
 import os
+import sys
+import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 from .config import ACCEPT_WINDOW
 from .errors import IdempotencyKeyMismatch
+from .forks import fresh_in_child
 from .identity import (
     canonical_call,
     fingerprint_of_call,
@@ -96,26 +99,36 @@ def _pooled(call: Callable[..., _T], *args: Any) -> _T:
         return call(*args)
 
 
-_async_stores: dict[tuple[int, int, str], AsyncStore] = {}
-#: Per (process, loop id): the loop, weakly, and the async generator that closes its stores as it shuts down.
-_closers: dict[tuple[int, int], tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncGenerator[None, None]]] = {}
+#: Per (process, loop id): the loop (weakly), the async generator that closes its stores as it shuts down, and its
+#: stores by store. Read and changed under the lock: threads running loops of their own come and go at once.
+_loops: dict[tuple[int, int], _LoopStores] = {}
+_loops_lock = threading.Lock()
+fresh_in_child(sys.modules[__name__], "_loops_lock", threading.Lock)
+
+
+@dataclasses.dataclass
+class _LoopStores:
+    loop: weakref.ref[asyncio.AbstractEventLoop]
+    closer: AsyncGenerator[None, None]
+    stores: dict[str, AsyncStore] = dataclasses.field(default_factory=dict)
 
 
 def async_store_for(store: Store | str) -> AsyncStore:
-    """The async counterpart of a store, one per store URL, process and event loop; closed as the loop shuts down
-    (see :func:`_close_with`)."""
+    """The async counterpart of a store, one per store, process and event loop; closed as the loop shuts down (see
+    :func:`_close_with`)."""
     sync = store if isinstance(store, Store) else shared_store(store)
     loop = asyncio.get_running_loop()
-    _close_with(loop)
-    cache_key = (os.getpid(), id(loop), sync.url + f"#{id(sync)}")
-    existing = _async_stores.get(cache_key)
-    if existing is None:
-        existing = _async_stores[cache_key] = _native(sync) or ThreadedAsyncStore(sync)
+    name = sync.url + f"#{id(sync)}"
+    with _loops_lock:
+        stores = _close_with(loop).stores
+        existing = stores.get(name)
+        if existing is None:
+            existing = stores[name] = _native(sync) or ThreadedAsyncStore(sync)
     return existing
 
 
-def _close_with(loop: asyncio.AbstractEventLoop) -> None:
-    """Have ``loop`` close its async stores as it shuts down.
+def _close_with(loop: asyncio.AbstractEventLoop) -> _LoopStores:
+    """The stores of ``loop``, which closes them as it shuts down (called under the lock).
 
     A native async store keeps connections of its own, bound to its loop. A process that runs many short loops
     (``asyncio.run`` per call, an async view under a WSGI server, which gets a loop per request) would otherwise keep
@@ -124,27 +137,32 @@ def _close_with(loop: asyncio.AbstractEventLoop) -> None:
     without awaiting (it runs to its first ``yield`` at once), closes the loop's stores as it is closed.
     """
     key = (os.getpid(), id(loop))
-    known = _closers.get(key)
-    if known is not None and known[0]() is loop:
-        return
-    # A loop that was closed without closing its generators, whose id a new loop now has: its stores are dropped
-    # unclosed (nothing can close them without their loop), rather than handed to the new loop.
-    for cache_key in [k for k in _async_stores if k[:2] == key]:
-        _async_stores.pop(cache_key, None)
+    known = _loops.get(key)
+    if known is not None and known.loop() is loop:
+        return known
+    # Loops closed without closing their generators (by hand, not through asyncio.run): their stores cannot be
+    # closed without them, and are dropped for the garbage collector; the closer holds its loop (through the
+    # loop's finalizer hook), so it goes too, or every such loop would live on. (A new loop may have the id of one.)
+    for old_key, old in list(_loops.items()):
+        old_loop = old.loop()
+        if old_loop is None or old_loop.is_closed():
+            del _loops[old_key]
     closer = _closer(key)
-    _closers[key] = (weakref.ref(loop), closer)  # the loop keeps its generators weakly
+    known = _loops[key] = _LoopStores(weakref.ref(loop), closer)  # the loop keeps its generators weakly
     with contextlib.suppress(StopIteration):
         closer.asend(None).send(None)
+    return known
 
 
 async def _closer(key: tuple[int, int]) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
-        _closers.pop(key, None)
-        for cache_key in [k for k in _async_stores if k[:2] == key]:
+        with _loops_lock:
+            mine = _loops.pop(key, None)
+        for astore in [] if mine is None else mine.stores.values():
             with contextlib.suppress(Exception):  # a store that is down: its connections go with it anyway
-                await _async_stores.pop(cache_key).aclose()
+                await astore.aclose()
 
 
 def _native(store: Store) -> AsyncStore | None:

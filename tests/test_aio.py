@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
+import threading
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,6 +19,7 @@ from idemtasks import IdempotencyKeyMismatch, IdempotentTask
 from idemtasks.aio import async_store_for, submit_async
 from idemtasks.identity import parse_stored_call
 from idemtasks.stores.base import Store
+from idemtasks.stores.memory import MemoryStore
 from idemtasks.stores.redis import RedisStore
 from idemtasks.stores.sql import SQLStore
 
@@ -136,6 +141,52 @@ def test_the_async_stores_of_a_loop_are_closed_as_the_loop_shuts_down(service: s
         else:
             admin.close()
         store.close()
+
+
+def test_loops_closed_by_hand_are_not_kept_alive_by_their_stores() -> None:
+    """A loop closed without closing its async generators (not through asyncio.run) cannot close its stores: they
+    are dropped as the next loop comes, and the loop with them, not kept for the life of the process."""
+    store = MemoryStore()
+
+    async def one_request() -> None:
+        async_store_for(store)
+
+    loops = []
+    for _ in range(20):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(one_request())
+        loop.close()
+        loops.append(weakref.ref(loop))
+        del loop
+    gc.collect()
+    assert sum(ref() is not None for ref in loops) <= 1  # the last one, until another loop comes
+
+
+def test_threads_running_loops_of_their_own_at_once_do_not_trip_over_each_other() -> None:
+    """A threaded WSGI server with async views: every request runs a loop of its own, in its own thread."""
+    store, errors = MemoryStore(), []
+
+    async def one_request() -> None:
+        async_store_for(store)
+
+    def requests() -> None:
+        for _ in range(400):
+            try:
+                asyncio.run(one_request())
+            except Exception as exc:  # a dict changed under another thread's iteration, say
+                errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: a race has every chance
+    try:
+        threads = [threading.Thread(target=requests) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
 
 
 def test_a_redis_store_on_the_applications_own_client_is_used_as_it_is() -> None:
