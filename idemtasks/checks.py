@@ -52,7 +52,8 @@ def check_settings(app: Any) -> list[str]:
         if task.transactional and (problem := sql_problem(task.transaction_url or task.store_url)) is not None:
             if task.transaction_url:  # its driver is missing here: the rest was checked as the task was bound
                 warnings.append(f"{name}: a transactional task needs a SQL database this worker can open, and its "
-                                f"transaction_url is {problem}: every operation it takes will fail")
+                                f"transaction_url is {problem}: every operation it takes is given back, unrun, "
+                                "for a worker that can")
             else:
                 warnings.append(f"{name}: a transactional task needs a SQL database, and without transaction_url it "
                                 f"would use its store, {problem}: every operation it takes will fail; set "

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from .config import transaction_url
+from .config import sql_problem, transaction_url
 from .errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -510,7 +510,13 @@ def _database_outage(exc: BaseException) -> bool:
 
 
 def _transaction_url(task: Any) -> str:
-    return transaction_url(task.name, task.transaction_url, task.store_url)
+    url = transaction_url(task.name, task.transaction_url, task.store_url, driver=False)
+    # The settings are wrong everywhere (ConfigurationError, the operation fails); a missing driver is this host's:
+    # the operation is given back, for a worker that has it (or this one, once it is installed), as in an outage.
+    problem = sql_problem(url)
+    if problem is not None:
+        raise StoreUnavailable(f"{task.name}: the transaction database cannot be opened on this worker: {problem}")
+    return url
 
 
 class _AlreadyCommitted(Exception):
