@@ -141,11 +141,17 @@ def dump_json(value: Any, *, what: str, limit: int | None = None, canonical: boo
 
 
 def _has_type_tag(value: Any) -> bool:
-    """Whether ``value`` holds a dict of its own with exactly kombu's tag keys."""
-    if isinstance(value, dict):
-        return value.keys() == _TAG_KEYS or any(_has_type_tag(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_type_tag(v) for v in value)
+    """Whether ``value`` holds a dict of its own with exactly kombu's tag keys. Walked without recursion: the
+    encoder took the value at any depth its own recursion allows."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.keys() == _TAG_KEYS:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
     return False
 
 

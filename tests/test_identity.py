@@ -85,6 +85,16 @@ def test_a_dict_shaped_as_a_type_tag_is_refused_as_it_would_read_back_as_somethi
     assert load_json(dump_json(tagged_too, what="result")) == tagged_too  # more keys: not a tag
 
 
+def test_the_type_tag_check_goes_as_deep_as_the_encoder() -> None:
+    deep: Any = [dt.datetime(2026, 1, 2)]  # the encoder's own tag, far down: the check walks the value
+    tagged: Any = {"__type__": "decimal", "__value__": "1.5"}
+    for _ in range(480):
+        deep, tagged = [deep], [tagged]
+    assert load_json(dump_json(deep, what="result")) == deep
+    with pytest.raises(NotSerializable):
+        dump_json(tagged, what="result")
+
+
 def test_stored_values_round_trip_with_their_types() -> None:
     value = {"when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "amount": decimal.Decimal("1.10"),
              "id": uuid.UUID(int=7), "items": [1, "two", None]}
