@@ -47,6 +47,10 @@ def test_unknown_store_url_is_a_configuration_error(url: str) -> None:
     ("postgresql://app:a@h/db?SSLPassword=b&application_name=password=x",
      "postgresql://app:***@h/db?SSLPassword=***&application_name=password=x"),
     ("mysql+pymysql://app@h/db?passwd=s3cret", "mysql+pymysql://app@h/db?passwd=***"),  # PyMySQL's spelling
+    # A password SQLAlchemy reads up to its "@", where urllib sees a fragment, a path or a query begin
+    ("postgresql://app:s3#cret@h/db", "postgresql://app:***@h/db"),
+    ("postgresql://app:s3/cret@h/db?sslmode=require", "postgresql://app:***@h/db?sslmode=require"),
+    ("postgresql://app:s3?cret@h/db", "postgresql://app:***@h/db"),
     ("postgresql://app@h/db?%70assword=s3cret", "postgresql://app@h/db?%70assword=***"),
     ("sqlite:////var/lib/app.db", "sqlite:////var/lib/app.db"),  # no password: as given, not rebuilt
     ("sqlite:////var/lib/app.db?sslpassword=s3cret", "sqlite:////var/lib/app.db?sslpassword=***"),  # nor here

@@ -9,6 +9,7 @@ neither redis-py nor SQLAlchemy.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from typing import Any
@@ -75,18 +76,22 @@ def public_url(url: str) -> str:
     ``sslpassword=`` or PyMySQL's ``passwd=``), for logs."""
     parts = urlsplit(url)
     params = parts.query.split("&")
-    if parts.password is None and not any(_is_secret(p) for p in params):
+    userinfo = _USERINFO.match(url)
+    if userinfo is None and not any(_is_secret(p) for p in params):
         return url  # as given: rebuilt, sqlite:////abs.db would read sqlite://abs.db, a host "abs"
     if parts.query:
         # Only the query is rewritten, in place: the rest stays as given (see above).
         head, _, tail = url.partition("?")
         query = "&".join(f"{p.partition('=')[0]}=***" if _is_secret(p) else p for p in params)
         url = f"{head}?{query}{tail[len(parts.query):]}"
-    if parts.password is not None:
-        start = url.index("//") + 2  # the network location, as given, follows
-        userinfo, _, host = parts.netloc.rpartition("@")
-        url = f"{url[:start]}{userinfo.partition(':')[0]}:***@{host}{url[start + len(parts.netloc):]}"
+    if userinfo is not None:
+        url = _USERINFO.sub(r"\1:***@", url, count=1)
     return url
+
+
+#: The user info's password as SQLAlchemy reads it: anything up to the first "@", a "#", "/" or "?" too, which
+#: urllib would take for the start of a fragment, a path or a query (and so show the rest of the password).
+_USERINFO = re.compile(r"^([A-Za-z][\w+.-]*://[^:/@?#]*):[^@]*@")
 
 
 def _is_secret(param: str) -> bool:
