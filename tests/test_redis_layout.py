@@ -74,3 +74,16 @@ def test_reads_judge_expiry_by_the_servers_clock(redis_store: RedisStore, monkey
         assert redis_store.get("s", "expired") is None and redis_store.get_by_id(expired.id) is None
         assert redis_store.get_by_id(live.id) == live
         assert asyncio.run(read_both()) == (None, live)
+
+
+def test_the_sweep_script_leaves_long_calls_out_of_its_own_answer(redis_store: RedisStore) -> None:
+    """One script finds every stale record at once, and the server answers nobody else meanwhile: it reads only
+    what recovery needs, and a long call is read afterwards, record by record (its whole call: see the store
+    contract). A few hundred calls near the argument limit would otherwise hold the server for seconds."""
+    call = json.dumps(["tasks.charge", ["x" * 200_000], {}])
+    for n in range(5):
+        redis_store.create("global", f"k{n}", "tasks.charge", "fp", ttl=TTL, payload=call)
+    answer = redis_store._stale_script(keys=[redis_store._pending_key, redis_store._running_key],
+                                       args=[f"{redis_store.namespace}:{{", "0.0", "500"])
+    assert len(answer) == 5 and len(json.dumps(answer)) < 5_000  # the five records, without their calls
+    assert {op.payload for op in redis_store.stale(pending_after=0.0)} == {call}

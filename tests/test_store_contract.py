@@ -544,6 +544,20 @@ class TestLongValues:
         store.fail(failed, failed.fencing_token, ErrorInfo("Declined", big), ttl=TTL)
         assert store.get(scope, "k2").error == ErrorInfo("Declined", big)  # type: ignore[union-attr]
 
+    def test_recovery_finds_stale_operations_with_long_calls_whole(self, store: Store, scope: str) -> None:
+        """Recovery publishes the call it finds: a long one (the Redis store's sweep script leaves it out and reads
+        it by itself) comes back whole, beside a short one."""
+        long_call = json.dumps(["tasks.charge", ["é" * 100_000], {}], ensure_ascii=False)
+        short_call = json.dumps(["tasks.charge", ["a"], {}])
+        ops = {key: store.create(scope, key, "tasks.charge", "fp-a", ttl=TTL, payload=call).operation
+               for key, call in (("long", long_call), ("short", short_call))}
+        held = claim(store, scope, "held", payload=long_call, lease=0.2).operation
+        time.sleep(0.3)  # its lease lapses: stale as well
+        stale = {op.key: op for op in store.stale(pending_after=0.0) if op.scope == scope}
+        assert {key: op.payload for key, op in stale.items()} == {"long": long_call, "short": short_call,
+                                                                  "held": long_call}
+        assert stale["long"] == ops["long"] and stale["held"].fencing_token == held.fencing_token
+
     def test_a_short_value_after_a_long_one_is_not_joined_to_its_leftovers(self, store: Store, scope: str) -> None:
         # An operation that expired with a long payload is re-created by a claim with a short one.
         claim(store, scope, "k1", payload=json.dumps(self.text(0)), ttl=0.3)

@@ -369,8 +369,17 @@ class RedisStore(Store):
         with self._call():
             found = self._stale_script(keys=[self._pending_key, self._running_key],
                                        args=[f"{self.namespace}:{{", repr(float(pending_after)), str(int(limit))])
-        ops = sorted((parse_record(flat) for flat in found), key=lambda op: op.updated_at)
-        return ops[:limit]
+        ops = [op for op in map(self._whole, found) if op is not None]
+        return sorted(ops, key=lambda op: op.updated_at)[:limit]
+
+    def _whole(self, flat: list[Any]) -> Operation | None:
+        """A record the recovery script found stale, with its call read on its own if the script left it out
+        (``p+``); ``None`` if the record is gone meanwhile."""
+        op = parse_record(flat)
+        if not any(_text(field) == "p+" for field in flat[::2]):
+            return op
+        whole = self._get(_text(flat[1]))  # the digest: the script's first field, 'd'
+        return whole if whole is not None and whole.id == op.id else None
 
     def _scan_stale(self, pending_after: float, limit: int) -> list[Operation]:
         """Redis Cluster: no index can span the slots, so walk every node's records (a sweep, not a hot path)."""
