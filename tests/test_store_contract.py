@@ -547,15 +547,16 @@ class TestLongValues:
     def test_recovery_finds_stale_operations_with_long_calls_whole(self, store: Store, scope: str) -> None:
         """Recovery publishes the call it finds: a long one (the Redis store's sweep script leaves it out and reads
         it by itself) comes back whole, beside a short one."""
-        long_call = json.dumps(["tasks.charge", ["é" * 100_000], {}], ensure_ascii=False)
-        short_call = json.dumps(["tasks.charge", ["a"], {}])
+        calls = {"long": json.dumps(["tasks.charge", ["é" * 100_000], {}], ensure_ascii=False),
+                 "short": json.dumps(["tasks.charge", ["a"], {}]),
+                 # Around the 16 pieces (1 KiB) the Redis sweep script still answers with its record.
+                 **{f"medium{n}": json.dumps(["tasks.charge", ["m" * n], {}]) for n in (900, 1_000, 1_100)}}
         ops = {key: store.create(scope, key, "tasks.charge", "fp-a", ttl=TTL, payload=call).operation
-               for key, call in (("long", long_call), ("short", short_call))}
-        held = claim(store, scope, "held", payload=long_call, lease=0.2).operation
+               for key, call in calls.items()}
+        held = claim(store, scope, "held", payload=calls["long"], lease=0.2).operation
         time.sleep(0.3)  # its lease lapses: stale as well
         stale = {op.key: op for op in store.stale(pending_after=0.0) if op.scope == scope}
-        assert {key: op.payload for key, op in stale.items()} == {"long": long_call, "short": short_call,
-                                                                  "held": long_call}
+        assert {key: op.payload for key, op in stale.items()} == {**calls, "held": calls["long"]}
         assert stale["long"] == ops["long"] and stale["held"].fencing_token == held.fencing_token
 
     def test_a_short_value_after_a_long_one_is_not_joined_to_its_leftovers(self, store: Store, scope: str) -> None:

@@ -332,6 +332,12 @@ if KEYS[2] then redis.call('ZADD', KEYS[2], u, d) end
 return 1
 """
 
+#: The pieces of a call the sweep script answers with its record (16: 1 KiB), and the piece that says a call is longer
+#: and read on its own (see STALE).
+_STALE_CALL_PIECES = ["p", *(f"p{n}" for n in range(2, 17))]
+_LONG_CALL = "p17"
+_STALE_FIELDS = ", ".join(f"'{field}'" for field in [*_STALE_CALL_PIECES, _LONG_CALL])
+
 # KEYS: pending index, running index. ARGV: record key prefix ('{namespace}:{'), pending_after, limit
 #   ->  {record, record, ...}: up to ``limit`` stale records of each kind (the caller merges and cuts)
 # Reads records by names built here rather than passed in KEYS: their digests are what the index holds. Each member
@@ -339,11 +345,12 @@ return 1
 # next range read starts after what was returned; the work per call is bounded even if the index has much to shed.
 # A running record is scored by its lease expiry 'le', which REQUEUE's mark leaves alone: a suspected record stays
 # due here until a renewal moves its lease on (then it is re-scored) or a later sweep confirms and requeues it.
-# Only the fields recovery reads are read (HMGET), and a call longer than one piece is left out, marked 'p+': a few
-# hundred stale records with calls near the size limit would otherwise be read whole within this one script, and the
-# server would answer nobody else for seconds. The caller reads each of those records by itself.
-STALE = """
-local FIELDS = {'id', 's', 'k', 't', 'f', 'st', 'a', 'tok', 'lo', 'le', 'c', 'u', 'x', 'np', 'cr', 'p', 'p2'}
+# Only the fields recovery reads are read (HMGET), and a call longer than 16 pieces (1 KiB) is left out, marked 'p+':
+# a few hundred stale records with calls near the size limit would otherwise be read whole within this one script,
+# and the server would answer nobody else for seconds. The caller reads each of those records by itself.
+STALE = f"""
+local FIELDS = {{'id', 's', 'k', 't', 'f', 'st', 'a', 'tok', 'lo', 'le', 'c', 'u', 'x', 'np', 'cr', {_STALE_FIELDS}}}
+local LONG = '{_LONG_CALL}'""" + """
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local prefix, limit = ARGV[1], tonumber(ARGV[3])
@@ -367,9 +374,11 @@ local function sweep(idx, status, max, field)
         found = found + 1
         local h = {'d', d}  -- the id's head, which the record itself does not hold
         for i, f in ipairs(FIELDS) do
-          if rec[f] and f ~= 'p2' then h[#h + 1] = f; h[#h + 1] = rec[f] end
+          if rec[f] and f ~= LONG and not (rec[LONG] and string.sub(f, 1, 1) == 'p') then
+            h[#h + 1] = f; h[#h + 1] = rec[f]
+          end
         end
-        if rec.p2 then h[#h + 1] = 'p+'; h[#h + 1] = '1' end
+        if rec[LONG] then h[#h + 1] = 'p+'; h[#h + 1] = '1' end
         out[#out + 1] = h
       end
     end
