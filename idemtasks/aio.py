@@ -11,7 +11,6 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import os
 import sys
 import threading
@@ -94,9 +93,9 @@ class ThreadedAsyncStore(AsyncStore):
         return await asyncio.to_thread(_pooled, self.store.now)
 
 
-def _pooled(call: Callable[..., _T], *args: Any) -> _T:
+def _pooled(call: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
     with pooled_only():
-        return call(*args)
+        return call(*args, **kwargs)
 
 
 #: Per (process, loop id): the loop (weakly), the async generator that closes its stores as it shuts down, and its
@@ -198,12 +197,10 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     # takes a pooled connection and waits for its answer there, off the loop, rather than pipelined on a connection
     # each of those threads would keep for its whole life.
     if sub.created:
-        await asyncio.to_thread(_pooled, functools.partial(task.publish, op, args, kwargs, abandon_on_failure=True,
-                                                           due=due, **options))
+        await asyncio.to_thread(_pooled, task.publish, op, args, kwargs, abandon_on_failure=True, due=due, **options)
     elif op.status is Status.PENDING and op.needs_publish:  # see IdempotentTask.submit
         checked_at = await astore.now()
         sub = dataclasses.replace(sub, checked_at=checked_at)
         if checked_at - op.created_at >= ACCEPT_WINDOW:
-            await asyncio.to_thread(_pooled, functools.partial(task.publish, op, args, kwargs, due=due,
-                                                               **first_deadline(op, options)))
+            await asyncio.to_thread(_pooled, task.publish, op, args, kwargs, due=due, **first_deadline(op, options))
     return sub

@@ -116,15 +116,15 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
     # case is logged when a worker starts (checks.check_settings) and refused when the task runs. The same goes for
     # the driver: a web process that only submits need not have the database driver its workers use.
     if values.get("transactional") and values.get("transaction_url"):
-        transaction_url(task_name, values["transaction_url"], None, driver=False)
+        transaction_url(task_name, values["transaction_url"], None)
 
 
-def transaction_url(task_name: str, url: Any, store_url: Any, *, driver: bool = True) -> str:
+def transaction_url(task_name: str, url: Any, store_url: Any) -> str:
     """The database a transactional task's body and its effects ledger use: ``transaction_url``, else the task's
-    store URL. Refused (:class:`ConfigurationError`) unless SQLAlchemy can open it (``driver``: with the driver
-    installed here)."""
+    store URL. Refused (:class:`ConfigurationError`) unless SQLAlchemy knows how to open it; whether its driver is
+    installed is this host's matter, which the worker checks where the body runs."""
     url = url or store_url
-    problem = sql_problem(url, driver=driver)
+    problem = sql_problem(url, driver=False)
     if problem is not None:
         raise ConfigurationError(f"{task_name}: a transactional task needs transaction_url, a SQL database URL, "
                                  f"and its database is {problem}")

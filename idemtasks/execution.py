@@ -510,7 +510,7 @@ def _database_outage(exc: BaseException) -> bool:
 
 
 def _transaction_url(task: Any) -> str:
-    url = transaction_url(task.name, task.transaction_url, task.store_url, driver=False)
+    url = transaction_url(task.name, task.transaction_url, task.store_url)
     # The settings are wrong everywhere (ConfigurationError, the operation fails); a missing driver is this host's:
     # the operation is given back, for a worker that has it (or this one, once it is installed), as in an outage.
     problem = sql_problem(url)
