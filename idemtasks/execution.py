@@ -29,15 +29,23 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
-from .identity import canonical_call, delivery_route, dump_json, fingerprint_of_call, load_json, stored_call
+from .identity import (
+    canonical_call,
+    delivery_route,
+    dump_json,
+    fingerprint_of_call,
+    load_json,
+    retried_call,
+    stored_call,
+)
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .stores import public_url
 from .stores.base import Store, confirm_after_for
 from .stores.lanes import collector
 
-__all__ = ["HEADER", "MAX_ERROR_MESSAGE", "REQUEUE_PAUSE", "Attempt", "error_info", "header_of", "run_attempt",
-           "store_carried"]
+__all__ = ["HEADER", "MAX_ERROR_MESSAGE", "REQUEUE_PAUSE", "Attempt", "error_info", "header_of", "retry_payload",
+           "run_attempt", "store_carried"]
 
 logger = logging.getLogger("idemtasks.task")
 
@@ -153,19 +161,21 @@ class Attempt:
         self.store.finish(op.scope, op.key, op.id, self.fencing_token, status, result_json=result_json, error=error,
                           ttl=self.ttl, again=again)
 
-    def release(self, *, delay: float = 0.0, crashed: bool = False) -> None:
+    def release(self, *, delay: float = 0.0, crashed: bool = False, payload: str | None = None) -> None:
         """Give the operation back (running → pending) for a retry due in ``delay`` seconds; ``crashed``: because
-        this process is going away with the body unfinished (see :meth:`Store.release`)."""
+        this process is going away with the body unfinished; ``payload``: the retry's call, stored in place of the
+        operation's (see :meth:`Store.release`)."""
         self.released = True
-        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed)
+        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed,
+                           payload=payload)
 
-    def release_quietly(self, *, delay: float = 0.0, crashed: bool = False) -> None:
+    def release_quietly(self, *, delay: float = 0.0, crashed: bool = False, payload: str | None = None) -> None:
         """:meth:`release`, or if the store cannot take it now, have this process's lease keeper send it again until
         it lands. Left to its lease instead, the operation would be taken over once that lapsed, and the takeover
         counted as a crash: a retry or an outage waited out would then use up ``max_crashes``. Should this process
         die first, the takeover happens anyway, and is rightly counted."""
         try:
-            self.release(delay=delay, crashed=crashed)
+            self.release(delay=delay, crashed=crashed, payload=payload)
         except LeaseLost as exc:
             logger.warning("idemtasks: could not release operation %s: %s", self.id, exc)
         except IdemtasksError as exc:
@@ -173,7 +183,8 @@ class Attempt:
             due, op, token = time.monotonic() + delay, self.operation, self.fencing_token
 
             def again() -> None:  # due when it was due, not delay seconds after the store came back
-                self.store.release(op, token, ttl=self.ttl, delay=max(0.0, due - time.monotonic()), crashed=crashed)
+                self.store.release(op, token, ttl=self.ttl, delay=max(0.0, due - time.monotonic()), crashed=crashed,
+                                   payload=payload)
 
             keeper.keep_finishing(self.store, op, token, again, lease=self.lease, ttl=self.ttl, what="give-back")
 
@@ -234,6 +245,24 @@ def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple
         store.attach_payload(op, op.fencing_token, _stored_call_of(task, request, call))
     except IdemtasksError as exc:  # arguments that cannot be stored as JSON, or the store gone for a moment
         logger.warning("idemtasks: operation %s has no stored call; recovery cannot publish it again: %s", op.id, exc)
+
+
+def retry_payload(task: Any, attempt: Attempt, args: Any, kwargs: Any) -> str | None:
+    """What the give-back before ``task.retry(args, kwargs)`` stores as the operation's call: the retry's arguments
+    (Celery's rule: ``None`` keeps the delivery's) and count, with the stored route and callbacks. ``None``, keeping
+    the stored call, if the arguments cannot be stored; a copy recovery publishes then asks for the first call again,
+    as before retries stored theirs, rather than the retry going out without its give-back."""
+    request = attempt.request if attempt.request is not None else task.request
+    args = request.args if args is None else args
+    kwargs = request.kwargs if kwargs is None else kwargs
+    try:
+        call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+    except IdemtasksError as exc:
+        logger.warning("idemtasks: operation %s keeps its stored call; the retry's cannot be stored: %s",
+                       attempt.id, exc)
+        return None
+    stored = attempt.operation.payload or _stored_call_of(task, request, call)
+    return retried_call(stored, call, int(request.retries or 0) + 1)
 
 
 def _stored_call_of(task: Any, request: Any, call: str) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "load_json",
     "new_operation_id",
     "parse_stored_call",
+    "retried_call",
     "stored_call",
     "validate_key",
     "validate_scope",
@@ -234,6 +235,15 @@ def stored_call(call: str, options: dict[str, Any], *, tz: Any = None) -> str:
         return call
     # ``call`` is a canonical JSON array: one more element goes before its closing bracket.
     return f"{call[:-1]},{dump_json(kept, what='publish options', canonical=True)}]"
+
+
+def retried_call(payload: str, call: str, retries: int) -> str:
+    """The stored ``payload`` (see :func:`stored_call`) with the call of a retry in place of its own, and the retry's
+    count: what an operation given back for a retry stores, so that a copy recovery publishes in place of a lost
+    retry message asks for what the retry asked for, and counts against ``max_retries`` where the retry would have.
+    Where the message goes, its callbacks and its deadline stay those of the first publish."""
+    options = {**parse_stored_call(payload)[3], "retries": retries}
+    return f"{call[:-1]},{dump_json(options, what='publish options', canonical=True)}]"
 
 
 def delivery_route(delivery_info: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from celery.utils.time import maybe_iso8601
 from . import checks, config, revoked  # noqa: F401 - revoked connects the handler of discarded messages
 from .config import ACCEPT_WINDOW
 from .errors import IdemtasksError, PublishFailed
-from .execution import HEADER, Attempt, header_of, run_attempt
+from .execution import HEADER, Attempt, header_of, retry_payload, run_attempt
 from .forks import fresh_in_child
 from .identity import (
     absolute_expires,
@@ -224,7 +224,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # lease to run out (busy), then takes the operation over.
             # Eager mode runs the retry at once, in this thread, whatever its countdown: due now.
             delay = 0.0 if request.is_eager else due_in(eta, countdown, self.default_retry_delay)
-            attempt.release_quietly(delay=delay)
+            attempt.release_quietly(delay=delay, payload=retry_payload(self, attempt, args, kwargs))
         return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
                              max_retries=max_retries, **options)
 

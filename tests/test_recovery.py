@@ -331,6 +331,40 @@ def test_a_record_recovery_cannot_read_does_not_keep_the_others_from_their_sweep
     assert any(f"recovery of operation {unreadable} failed" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("new_arguments", [True, False], ids=["new-arguments", "same-arguments"])
+@pytest.mark.parametrize("rig", ["redis", "postgres"], indirect=True)  # every store's release: the store contract
+def test_a_lost_retry_comes_back_as_the_retry_not_as_the_first_call(rig: Rig, new_arguments: bool) -> None:
+    """A body that records its progress in its retry's arguments: the retry message is lost (a worker killed while
+    holding it, a broker that dropped it). The copy recovery publishes asks for what the retry asked for, with its
+    count, so the finished step does not run again and ``max_retries`` still counts."""
+    lost = f"{rig.app.main}.lost"
+    seen: list[tuple[int, int]] = []
+
+    @rig.app.task(shared=False, base=IdempotentTask, bind=True, store_url=rig.store, name=f"{rig.app.main}.steps",
+                  lease_seconds=0.5, idempotency_ttl=3600.0, max_retries=1)
+    def steps(self: IdempotentTask, key: str, step: int) -> int:
+        seen.append((step, self.request.retries))
+        if self.request.retries == 0:
+            self.retry(args=(key, 2) if new_arguments else None, countdown=0.2, queue=lost)
+        return step
+
+    key = f"steps-{uuid.uuid4().hex}"
+    op_id = steps.submit((key, 1), key=key).operation.id
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        deadline = time.monotonic() + 20
+        while rig.store.get_by_id(op_id).attempts == 0 or rig.store.get_by_id(op_id).status is not Status.PENDING:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, rig.store.get_by_id(op_id)
+            time.sleep(0.05)
+    with rig.app.connection_for_write() as conn:
+        assert conn.default_channel.queue_purge(lost) == 1  # the retry message is lost
+    time.sleep(0.6)  # due (0.2) and pending_after (0.3) past
+    assert Sweeper(rig.app).sweep().republished == [op_id]
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(op_id)
+    step = 2 if new_arguments else 1
+    assert seen == [(1, 0), (step, 1)] and op.status is Status.SUCCEEDED and op.result == step
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]

@@ -288,6 +288,37 @@ class TestFinish:
         assert again.outcome is ClaimOutcome.CLAIMED
         assert again.operation.fencing_token == held.fencing_token + 1 and again.operation.attempts == 2
 
+    def test_a_release_for_a_retry_stores_its_call_and_a_plain_one_keeps_the_stored_call(self, store: Store,
+                                                                                        scope: str) -> None:
+        """What recovery publishes if the retry message is lost: the retry's call, whole, of any length, in place
+        of every piece of the previous one; a release without a call keeps the stored one."""
+        first = json.dumps(["tasks.charge", ["é" * 5_000], {}], ensure_ascii=False)
+        held = claim(store, scope, "k1", payload=first).operation
+        store.release(held, held.fencing_token, ttl=TTL, payload='["tasks.charge",["step 2"],{},{"retries":1}]')
+        op = store.get(scope, "k1")
+        assert op is not None and op.status is Status.PENDING
+        assert op.payload == '["tasks.charge",["step 2"],{},{"retries":1}]'
+        held = claim(store, scope, "k1").operation
+        assert held.payload == op.payload  # a claim answers the call as well
+        longer = json.dumps(["tasks.charge", ["€" * 30_000], {}, {"retries": 2}], ensure_ascii=False)
+        store.release(held, held.fencing_token, ttl=TTL, payload=longer)
+        assert [op.payload for op in store.stale(pending_after=0.0) if op.scope == scope] == [longer]
+        held = claim(store, scope, "k1").operation
+        store.release(held, held.fencing_token, ttl=TTL)  # give-backs other than a retry's
+        assert store.get(scope, "k1").payload == longer  # type: ignore[union-attr]
+        held = claim(store, scope, "k1").operation
+        store.succeed(held, held.fencing_token, "1", ttl=TTL)
+        op = store.get(scope, "k1")
+        assert op is not None and (op.status, op.payload, op.result) == (Status.SUCCEEDED, longer, 1)
+
+    def test_a_stale_holders_release_changes_no_call(self, store: Store, scope: str) -> None:
+        held = claim(store, scope, "k1", payload='["tasks.charge",[1],{}]', lease=0.2).operation
+        time.sleep(0.3)
+        take_over(store, scope, "k1")
+        with pytest.raises(LeaseLost):
+            store.release(held, held.fencing_token, ttl=TTL, payload='["tasks.charge",[2],{},{"retries":1}]')
+        assert store.get(scope, "k1").payload == '["tasks.charge",[1],{}]'  # type: ignore[union-attr]
+
     def test_a_release_for_a_later_retry_is_not_stale_before_the_retry_is_due(self, store: Store, scope: str) -> None:
         """retry(countdown=…) releases the operation: recovery must not publish a copy before the scheduled retry
         had its chance, or the body would run early and a second chain of retries would start beside the first."""

@@ -122,6 +122,9 @@ class FinishRequest:
     #: A release only: the holder is going away with the body unfinished (``SystemExit``), which counts as a crash
     #: (see :attr:`Operation.crashes <idemtasks.models.Operation.crashes>`) if the record is still running.
     crashed: bool = False
+    #: A release only: the call recovery publishes from now on, replacing the stored one (a retry's arguments and
+    #: count, see :func:`~idemtasks.identity.retried_call`); ``None`` keeps it.
+    payload: str | None = None
 
 
 def takeover_phase(op: Operation, now: float, grace: float) -> str:
@@ -255,7 +258,8 @@ class Store(abc.ABC):
         """Store a terminal failure; raises :class:`LeaseLost` like :meth:`succeed`."""
         self.finish(op.scope, op.key, op.id, token, Status.FAILED, error=error, ttl=ttl)
 
-    def release(self, op: Operation, token: int, *, ttl: float, delay: float = 0.0, crashed: bool = False) -> None:
+    def release(self, op: Operation, token: int, *, ttl: float, delay: float = 0.0, crashed: bool = False,
+                payload: str | None = None) -> None:
         """Give the operation back (running → pending) so a retry can claim it; raises :class:`LeaseLost`.
 
         ``delay``: seconds until the retry's message is due (its countdown or ETA). The record's ``updated_at`` is
@@ -265,11 +269,15 @@ class Store(abc.ABC):
         ``crashed``: the holder gives the operation back because its process is going away mid-body (a shutdown, or
         the pool's hard time limit, which sends ``SystemExit`` before it kills): counted in ``crashes``, as a
         takeover of its lapsed lease would have been. A retry, a requeue or an outage waited out is not a crash.
+
+        ``payload``: the call to store in place of the operation's, in the same write: a retry's arguments and count,
+        which recovery publishes if the retry message is lost. Without it, a lost retry would come back as the first
+        call, from retry zero, and run again steps the body had finished.
         """
         self._settle_own_writes()
         delay = max(0.0, delay)
         self._finish_or_raise(FinishRequest(key_digest(op.scope, op.key), op.id, token, Status.PENDING, None, None,
-                                            ttl + delay, delay, crashed), again=False)
+                                            ttl + delay, delay, crashed, payload), again=False)
 
     def finish(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                result_json: str | None = None, error: ErrorInfo | None = None, ttl: float, again: bool = False) -> None:

@@ -78,6 +78,7 @@ class MemoryStore(Store):
                 lease_owner=None, lease_expires_at=None, expires_at=now + req.ttl,
                 updated_at=now + req.delay if req.status is Status.PENDING else now,
                 crashes=op.crashes + (req.crashed and op.status is Status.RUNNING),
+                payload=op.payload if req.payload is None or req.status is not Status.PENDING else req.payload,
             )
             return True
 

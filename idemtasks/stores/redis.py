@@ -130,7 +130,7 @@ def finish_args(req: FinishRequest) -> list[str]:
     err = req.error
     return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
             err.type if err else "", err.message if err else "", repr(req.ttl), repr(req.delay),
-            "1" if req.crashed else "0"]
+            "1" if req.crashed else "0", req.payload or ""]
 
 
 class RedisStore(Store):

@@ -219,7 +219,8 @@ return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13], r[15] or '0'}
 # KEYS: record, pending index, running index.
 # ARGV: id, token, status (s/f/p), result ('' for none), error type, error message, ttl, delay (a release: seconds
 # until the retry is due, which ``u`` and the pending index's score are set ahead by), crashed ('1': a release by a
-# holder going away mid-body, counted in 'cr' if the record is still running)  ->  1 | 0
+# holder going away mid-body, counted in 'cr' if the record is still running), payload (a release: the call that
+# replaces the stored one; '' keeps it)  ->  1 | 0
 # Running under the token, or pending with it still (given back by REQUEUE, and not claimed since: its holder may
 # still complete it; see _finish in stores.base).
 FINISH = _CLOCK + """
@@ -237,6 +238,12 @@ if st == 'f' then
   w[7], w[8] = 'et', ARGV[5]
   if ARGV[6] ~= '' then""" + _put_chunked("w", "em", "ARGV[6]") + """  end
 end
+if st == 'p' and ARGV[10] and ARGV[10] ~= '' then
+  -- a new call replaces every piece of the old one: a shorter call must not end with the old one's tail
+  -- (one HDEL each: a 1 MiB call has more pieces than unpack can give one command)
+  local i = 2
+  redis.call('HDEL', k, 'p')
+  while redis.call('HDEL', k, 'p' .. i) == 1 do i = i + 1 end""" + _put_chunked("w", "p", "ARGV[10]") + """end
 """ + _hset_all("k", "w") + """
 redis.call('HDEL', k, 'lo', 'le')
 if st == 'p' and ARGV[9] == '1' and rec[2] == 'r' then redis.call('HINCRBY', k, 'cr', 1) end

@@ -303,7 +303,7 @@ class SQLStore(Store):
             error = req.error
             params.update(p_error_type=error and error.type[:255], p_error_message=error and error.message)
         if req.status is Status.PENDING:
-            params.update(p_delay=req.delay, p_crashed=int(req.crashed))
+            params.update(p_delay=req.delay, p_crashed=int(req.crashed), p_payload=req.payload)
         return params
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,

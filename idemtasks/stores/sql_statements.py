@@ -161,10 +161,13 @@ class Statements:
             # A release: recovery counts from updated_at, set ahead to when the retry is due (see Store.release).
             # p_crashed (0 or 1) counts a holder going away mid-body, if the record is still running: crashes is
             # set first, since MySQL assigns SET clauses left to right and would otherwise see status 'pending'.
+            # p_payload: a retry's call replaces the stored one; NULL keeps it.
             Status.PENDING: {"crashes": t.c.crashes + sa.case((t.c.status == "running",
                                                                 sa.bindparam("p_crashed", type_=sa.Integer)),
                                                                else_=0),
-                             "updated_at": now + self._seconds("p_delay")},
+                             "updated_at": now + self._seconds("p_delay"),
+                             "payload": sa.func.coalesce(sa.bindparam("p_payload", type_=t.c.payload.type),
+                                                         t.c.payload)},
         }
 
         def assignments(status: Status, extra: dict[str, Any]) -> list[tuple[str, Any]]:
