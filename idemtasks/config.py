@@ -23,6 +23,7 @@ that are retried rather than stored as terminal failures), ``transactional`` and
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 from .errors import ConfigurationError
@@ -129,6 +130,14 @@ def transaction_url(task_name: str, url: Any, store_url: Any) -> str:
         raise ConfigurationError(f"{task_name}: a transactional task needs transaction_url, a SQL database URL, "
                                  f"and its database is {problem}")
     return str(url)
+
+
+def is_sql_store(store: Any) -> bool:
+    """Whether ``store`` is a SQL store given as an object, whose engine runs a transactional task's body when it
+    has no ``transaction_url``. (Only once the SQL store's module is loaded can an object be one: SQLAlchemy may be
+    absent.)"""
+    module = sys.modules.get("idemtasks.stores.sql")
+    return module is not None and isinstance(store, module.SQLStore)
 
 
 def sql_problem(url: Any, *, driver: bool = True) -> str | None:

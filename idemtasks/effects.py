@@ -22,10 +22,12 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from .errors import StoreError, StoreUnavailable
+from .errors import ConfigurationError, StoreError, StoreUnavailable
 from .forks import fresh_in_child
 from .models import ErrorInfo
 
@@ -36,7 +38,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("transactional tasks need SQLAlchemy: pip install idemtasks[sql]") from exc
 
-__all__ = ["FAILURE_PREFIX", "EffectsLedger", "effects_table", "failure_of", "ledger_for", "sealed_outcome"]
+__all__ = ["FAILURE_PREFIX", "EffectsLedger", "effects_table", "failure_of", "ledger_for", "ledger_on",
+           "sealed_outcome"]
 
 #: How a failure marker's ``result`` starts: JSON text never starts with ``!``.
 FAILURE_PREFIX = "!failed "
@@ -174,6 +177,8 @@ def _wrapped() -> Iterator[None]:
 
 
 _ledgers: dict[tuple[int, str], EffectsLedger] = {}
+# By store: a store dropped by its application takes its ledger along.
+_store_ledgers: weakref.WeakKeyDictionary[Any, tuple[int, EffectsLedger]] = weakref.WeakKeyDictionary()
 # Held while a ledger opens (its engine, its table): each forked child gets its own (see idemtasks.forks).
 _lock = threading.Lock()
 fresh_in_child(sys.modules[__name__], "_lock", threading.Lock)
@@ -186,5 +191,22 @@ def ledger_for(url: str) -> EffectsLedger:
         ledger = _ledgers.get(key)
         if ledger is None:
             ledger = _ledgers[key] = EffectsLedger(url)
+        return ledger
+
+
+def ledger_on(store: Any) -> EffectsLedger:
+    """The ledger on a SQL store's own engine, its pool and driver settings: the database of a transactional task
+    whose store is given as an object and which names no ``transaction_url``. One per store and per process; the
+    table is created only if the store creates its own."""
+    if store.one_connection:
+        # One connection for every thread (an in-memory SQLite database): the lease keeper's renewals, committed
+        # on it while the body runs, would commit the body's writes with them, halfway.
+        raise ConfigurationError(f"a transactional task cannot run its body on {store.where}, whose one connection "
+                                 "every thread shares; set transaction_url")
+    with _lock:
+        pid, ledger = _store_ledgers.get(store, (None, None))
+        if ledger is None or pid != os.getpid():
+            ledger = EffectsLedger(store.url, engine=store.engine, create_schema=store.create_schema)
+            _store_ledgers[store] = (os.getpid(), ledger)
         return ledger
 

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from .config import sql_problem, transaction_url
+from .config import is_sql_store, sql_problem, transaction_url
 from .errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -436,10 +436,8 @@ def _give_up(task: Any, attempt: Attempt) -> Any:
                                         f"(killed, out of memory, past the hard time limit, or shut down); with "
                                         f"max_crashes={task.max_crashes}, the body is not started again")
     if task.transactional:
-        from .effects import ledger_for
-
         try:
-            attempt.ledger = ledger_for(_transaction_url(task))
+            attempt.ledger = transaction_ledger(task)
         except StoreError as exc:
             # Whether a holder committed cannot be told, and the failure cannot be sealed against a late one: never
             # store it blind. Given back (not a crash), and this message comes back to look again.
@@ -490,9 +488,7 @@ def _fail(task: Any, attempt: Attempt, error: ErrorInfo) -> ErrorInfo | _Committ
 
 
 def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
-    from .effects import ledger_for
-
-    ledger = attempt.ledger = ledger_for(_transaction_url(task))
+    ledger = attempt.ledger = transaction_ledger(task)
     if attempt.operation.attempts > 1:
         # A previous holder may have committed its effects (or sealed its failure) and died before completing the
         # operation.
@@ -536,6 +532,16 @@ def _database_outage(exc: BaseException) -> bool:
     from .stores.sql_schema import is_outage
 
     return is_outage(exc)
+
+
+def transaction_ledger(task: Any) -> Any:
+    """The effects ledger of a transactional task, on the database its body runs in: ``transaction_url``, else its
+    store's (the engine of a SQL store given as an object, or the store URL)."""
+    from .effects import ledger_for, ledger_on
+
+    if not task.transaction_url and is_sql_store(task.store_url):
+        return ledger_on(task.store_url)
+    return ledger_for(_transaction_url(task))
 
 
 def _transaction_url(task: Any) -> str:

@@ -61,7 +61,7 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
 def fail_unrun(task: Any, store: Any, op: Operation, error_type: str, why: str) -> bool:
     """Store ``op``, whose message will not run, as failed (``error_type``, ``why``), under the token it was read
     with; True if it was. A transactional task whose earlier holder committed its effects gets that result instead."""
-    from .execution import _transaction_url  # the worker side, imported by then
+    from .execution import transaction_ledger  # the worker side, imported by then
 
     ttl = float(task.idempotency_ttl)
     scope, key = op.scope, op.key
@@ -70,9 +70,9 @@ def fail_unrun(task: Any, store: Any, op: Operation, error_type: str, why: str) 
     if task.transactional and op.attempts:
         # A holder that died after committing its effects left the operation pending for its copy: what it
         # committed is the outcome, and sealing the failure keeps a holder still alive from committing later.
-        from .effects import ledger_for, sealed_outcome
+        from .effects import sealed_outcome
 
-        outcome = sealed_outcome(ledger_for(_transaction_url(task)), op.id, op.fencing_token, error)
+        outcome = sealed_outcome(transaction_ledger(task), op.id, op.fencing_token, error)
         if isinstance(outcome, str):
             store.finish(scope, key, op.id, op.fencing_token, Status.SUCCEEDED, result_json=outcome, ttl=ttl)
             return False

@@ -235,6 +235,65 @@ def test_without_a_sql_database_each_operation_fails_once_and_is_not_retried() -
     assert "a MemoryStore, not a URL" in op.error.message
 
 
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_a_transactional_task_on_a_sql_store_object_runs_its_body_on_the_stores_engine(backend: str,
+                                                                                       tmp_path: Path) -> None:
+    """A store given as an object is its own URL: without transaction_url, the body, its effects marker and the
+    operation share the store's database, through the store's engine (its pool, its driver settings)."""
+    from tests.conftest import make_store
+
+    store = make_store(backend, tmp_path)
+    assert isinstance(store, SQLStore)
+    payments = sa.Table(f"pay_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("order_id", sa.String(40)))
+    payments.create(store.engine)
+    try:
+        app, _ = transactional_pay(store, None)
+        app.finalize()
+        assert not any("transactional" in w for w in check_settings(app))  # no warning as the worker starts
+        engines: list[sa.Engine] = []
+
+        @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, transactional=True, name="tx.pay2")
+        def pay2(self: IdempotentTask, order: str) -> str:
+            engines.append(self.connection.engine)
+            self.connection.execute(payments.insert().values(order_id=order))
+            return order
+
+        app.conf.task_always_eager = True
+        op_id = pay2.submit(("o-1",), key="order-1").operation.id
+        op = store.get_by_id(op_id)
+        assert op is not None and op.status is Status.SUCCEEDED and op.result == "o-1"
+        assert engines == [store.engine]
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.select(payments.c.order_id)).scalars().all() == ["o-1"]
+            marker = conn.execute(sa.text("SELECT result FROM idemtasks_effects WHERE operation_id = :id"),
+                                  {"id": op_id}).scalar_one()
+        assert marker == '"o-1"'
+    finally:
+        payments.drop(store.engine)
+        drop(store)
+        store.close()
+
+
+def test_a_transactional_task_on_an_in_memory_sqlite_store_object_is_refused_at_its_first_attempt() -> None:
+    """Every thread shares the one connection of an in-memory SQLite database: the lease keeper's commits would
+    commit the body's writes halfway. The operation fails once, without running the body."""
+    store = SQLStore("sqlite://")
+    runs: list[int] = []
+    app, _ = transactional_pay(store, None)
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, transactional=True, name="tx.pay2")
+    def pay2(self: IdempotentTask) -> None:
+        runs.append(1)
+
+    app.finalize()
+    assert any(w.startswith("tx.pay2: a transactional task needs a SQL database") for w in check_settings(app))
+    app.conf.task_always_eager = True
+    op = store.get_by_id(pay2.submit((), key="order-1").operation.id)
+    assert op is not None and op.status is Status.FAILED and op.error is not None and runs == []
+    assert op.error.type == "ConfigurationError" and "set transaction_url" in op.error.message
+    store.close()
+
+
 def test_task_key_function_returning_a_bad_key_fails_without_storing(tmp_path: Path) -> None:
     app = Celery("bad", set_as_current=False)
     app.conf.update(task_always_eager=True, idemtasks_store_url="memory://")

@@ -113,8 +113,10 @@ class SQLStore(Store):
         self.sql = Statements(self.table, self.dialect)
         # A StaticPool (sqlite :memory:) hands every thread the same connection, hence the same transaction: one
         # thread's commit, or the pool's rollback on return, would land in the middle of another's primitive.
+        #: Whether every thread gets the same connection (StaticPool): such an engine cannot run a body's transaction.
+        self.one_connection = isinstance(engine.pool, StaticPool)
         self._serial: contextlib.AbstractContextManager[Any] = (
-            threading.RLock() if isinstance(engine.pool, StaticPool) else contextlib.nullcontext())
+            threading.RLock() if self.one_connection else contextlib.nullcontext())
         self._local = threading.local()
         self._bounds = Bounds(f"SQL store {self.url}")
         if self.dialect != "sqlite":
@@ -125,6 +127,8 @@ class SQLStore(Store):
         #: Whether threads create, claim and complete on lanes (PostgreSQL through psycopg, not under greenlets).
         self.pipelines_completions = self.dialect == "postgresql" and engine.dialect.driver == "psycopg" \
             and lanes_supported()
+        #: Whether the store creates its tables; a transactional task's ledger on this store follows it.
+        self.create_schema = create_schema
         if create_schema:
             self._create_schema()
 
