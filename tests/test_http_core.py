@@ -88,6 +88,15 @@ class TestKeys:
             read_key({"Idempotency-Key": "k1", "X-Idempotency-Key": "k2"}, POLICY)
         assert read_key({"Idempotency-Key": "k1", "X-Idempotency-Key": " k1 "}, POLICY) == "k1"
 
+    @pytest.mark.parametrize("end", ["\xa0", "\x85", "\u2003"])
+    def test_only_spaces_and_tabs_are_taken_off_a_key(self, end: str) -> None:
+        """A Latin-1 NBSP or NEL at either end (what a server hands on for those bytes) is part of the key, which is
+        then not printable ASCII: refused, not read as the key without it, whose operation it would replay."""
+        assert read_key({"Idempotency-Key": " \tk1\t "}, POLICY) == "k1"
+        for value in (f"k1{end}", f"{end}k1"):
+            with pytest.raises(InvalidKey, match="printable ASCII"):
+                read_key({"Idempotency-Key": value}, POLICY)
+
     def test_header_names_are_configurable(self) -> None:
         policy = HttpPolicy(header_names=("Request-Id",))
         assert read_key({"Request-Id": "r1", "Idempotency-Key": "ignored"}, policy) == "r1"
@@ -320,6 +329,23 @@ class TestLimits:
         assert reply.status == 413 and store.round_trips == 0
 
 
+    @pytest.mark.parametrize("value", ["\x01" * 30, '"' * 60, "\\" * 60, "\n" * 60])
+    def test_a_form_whose_description_is_longer_than_its_body_is_not_a_413(self, value: str) -> None:
+        """JSON escapes a control character in six bytes and a quote in two: whether a form is too large must not
+        depend on whether the view read it before submitting."""
+        from idemtasks.http.endpoint import Endpoint, IncomingRequest
+        from idemtasks.http.forms import parsed_form_body
+
+        described = parsed_form_body([("a", value)], [])
+        assert len(described) > 100
+        headers = {"Idempotency-Key": "k", "Content-Length": "90", "Content-Type": "application/x-www-form-urlencoded"}
+        req = IncomingRequest("POST", "/p", "/p", "", described, headers, "alice")
+        assert not isinstance(Endpoint(MemoryStore(), policy=HttpPolicy(max_body_bytes=100)).prepare(req), Reply)
+        # A raw body of the same bytes under another content type is measured as it is.
+        raw = IncomingRequest("POST", "/p", "/p", "", described, {**headers, "Content-Type": "text/plain"}, "alice")
+        reply = Endpoint(MemoryStore(), policy=HttpPolicy(max_body_bytes=100)).prepare(raw)
+        assert isinstance(reply, Reply) and reply.status == 413
+
     @pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "12x", "-1", ""])
     def test_a_content_length_that_is_not_ascii_digits_counts_as_absent(self, length: str) -> None:
         """"²".isdigit() is true, but int() refuses it: that must not become a 500."""
@@ -371,6 +397,18 @@ class TestDefaultCaller:
         assert headers["Authorization"] == "Bearer t1"  # what Starlette's headers.get reads too
         with pytest.raises(InvalidCredentials, match="repeats"):
             bearer_caller(headers)
+
+    @pytest.mark.parametrize("header", ["Bearer\ttok", "Bearer,", "Bearer\xa0tok", "(Bearer) tok", "Bearer\ttok\t"])
+    def test_a_header_that_is_not_a_scheme_and_credentials_is_the_clients_mistake(self, header: str) -> None:
+        """Any client can send garbage: a 400, not the 500 of an application whose callers use a scheme the default
+        identity does not read."""
+        with pytest.raises(InvalidCredentials, match="not a scheme"):
+            bearer_caller({"Authorization": header})
+
+    def test_a_bearer_token_keeps_what_is_not_http_whitespace(self) -> None:
+        assert bearer_caller({"Authorization": "\tBearer tok\t "}) == "tok"
+        with pytest.raises(InvalidCredentials):
+            bearer_caller({"Authorization": "Bearer tok\xa0"})  # not the caller "tok"
 
     @pytest.mark.parametrize("header", ['Digest username="alice"', "HMAC alice:sig", "Token t", "t"])
     def test_another_scheme_needs_a_caller_function(self, header: str) -> None:

@@ -218,6 +218,10 @@ def single(headers: Mapping[str, str], name: str) -> str | None:
     return _header(headers, name)
 
 
+#: The whitespace HTTP allows around a header value.
+_OWS = " \t"
+
+
 def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
     """The request's idempotency key, ``None`` if absent; raises :class:`InvalidKey` if present but unusable.
 
@@ -233,7 +237,9 @@ def read_key(headers: Mapping[str, str], policy: HttpPolicy) -> str | None:
         except RepeatedHeader as exc:
             raise InvalidKey(f"the request repeats its {name} header", value=None) from exc
         if value is not None:
-            found.append((name, value.strip()))
+            # Only what HTTP allows around a value (RFC 9110, 5.5): str.strip() would also take a Latin-1 NBSP or
+            # NEL off the ends, and "k\xa0" would replay k's operation instead of being refused as not ASCII.
+            found.append((name, value.strip(_OWS)))
     if not found:
         return None
     (_, value), *others = found

@@ -12,18 +12,28 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import ConfigurationError, IdempotencyKeyMismatch, IdemtasksError, InvalidKey
 from ..models import Submission
 from ..stores import Store, shared_store
 from . import core
 from .core import HttpPolicy, InvalidCredentials, Reply
+from .forms import is_stand_in
 
 __all__ = ["Caller", "Endpoint", "IncomingRequest", "bearer_caller", "declared_length"]
 
 #: Who a request comes from, from its headers (a :class:`~.core.RequestHeaders` from the adapters: lookups ignore
 #: the case of the name): ``None`` is anonymous.
 Caller = Callable[[Mapping[str, str]], "str | None"]
+
+
+#: What a path keeps unencoded besides letters, digits and ``_.-~`` (RFC 3986's pchar, and the slashes between).
+_PATH_SAFE = "/!$&'()*+,;=:@"
+
+
+#: The characters of an HTTP token (RFC 9110, 5.6.2), which an authentication scheme is.
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 @dataclass(frozen=True)
@@ -71,10 +81,10 @@ def bearer_caller(headers: Mapping[str, str]) -> str | None:
     back to anonymous, for the same reason.
     """
     value = core.single(headers, "Authorization")  # repeated: RepeatedHeader, answered 400
-    if value is None or not value.strip():
+    if value is None or not value.strip(core._OWS):
         return None
-    scheme, _, credentials = value.strip().partition(" ")
-    credentials = credentials.strip()
+    scheme, _, credentials = value.strip(core._OWS).partition(" ")
+    credentials = credentials.strip(core._OWS)  # no more: "tok\xa0" is not the token "tok" (refused below)
     if scheme.lower() == "bearer":
         if not credentials:
             raise InvalidCredentials("the Bearer token is empty")
@@ -90,6 +100,10 @@ def bearer_caller(headers: Mapping[str, str]) -> str | None:
     if scheme.lower() == "basic":
         # Tagged: a Bearer token has no ":" (RFC 6750), so no token can pass for a Basic user of the same name.
         return "basic:" + _basic_user(credentials)
+    if not scheme or not all(ch in _TCHAR for ch in scheme):
+        # Not a scheme at all ("Bearer\ttok", "Bearer,"): the client's mistake (400), not an application's scheme
+        # the default identity does not know (a configuration problem, below), which no client can cause by itself.
+        raise InvalidCredentials("the Authorization header is not a scheme, a space, then credentials")
     raise ConfigurationError(f"the default caller identity reads Bearer and Basic credentials, not {scheme!r}: "
                              f"pass caller= (a function of the request headers) to say who calls")
 
@@ -122,12 +136,17 @@ class Endpoint:
 
     def location(self, operation_id: str, root: str = "") -> str:
         """The status route of ``operation_id``, under ``root`` (where the application is mounted)."""
-        return f"{root.rstrip('/')}{self.status_prefix}/operations/{operation_id}"
+        # Both are decoded paths (ASGI's root_path, Django's request.path, Werkzeug's root path): a header takes
+        # them percent-encoded, and Starlette cannot send a character outside Latin-1 at all (a 500 on every retry).
+        return f"{quote(root.rstrip('/') + self.status_prefix, safe=_PATH_SAFE)}/operations/{operation_id}"
 
     def prepare(self, req: IncomingRequest, policy: HttpPolicy | None = None) -> tuple[str, str, str] | Reply:
         """Key, scope and fingerprint of a write, or the problem reply that ends it (nothing is stored)."""
         policy = policy or self.policy
-        if max(len(req.body), declared_length(req.headers)) > policy.max_body_bytes:
+        # The body's own length for one read without Content-Length (chunked); a form read before submit goes by
+        # Content-Length alone, whatever its stand-in's length.
+        measured = 0 if is_stand_in(req.body, core._header(req.headers, "Content-Type")) else len(req.body)
+        if max(measured, declared_length(req.headers)) > policy.max_body_bytes:
             return core.problem(413, "payload_too_large", "Payload too large",
                                 f"the request body is over {policy.max_body_bytes} bytes")
         try:

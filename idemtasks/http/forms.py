@@ -30,8 +30,8 @@ from typing import IO
 
 from ..errors import ConfigurationError
 
-__all__ = ["FORM_BODY", "Upload", "body_consumed", "canonical_body", "file_digest", "is_form", "parsed_form_body",
-           "upload_digest"]
+__all__ = ["FORM_BODY", "Upload", "body_consumed", "canonical_body", "file_digest", "is_form", "is_stand_in",
+           "parsed_form_body", "upload_digest"]
 
 #: Where an adapter keeps a request's stand-in body (on the request, or its ASGI scope), built once per request.
 FORM_BODY = "idemtasks.form_body"
@@ -94,6 +94,12 @@ def upload_digest(file: IO[bytes]) -> str:
 
 #: An uploaded file as the fingerprint sees it: field name, file name, content type, :func:`file_digest`.
 Upload = tuple[str, "str | None", "str | None", str]
+
+
+def is_stand_in(body: bytes, content_type: str | None) -> bool:
+    """Whether ``body`` is a parsed form's stand-in (:func:`parsed_form_body`), whose length says nothing of the
+    request's: JSON escapes a control character in six bytes, a quote in two."""
+    return body.startswith(_PARSED) and is_form(content_type)
 
 
 def parsed_form_body(fields: Iterable[tuple[str, str]], files: Iterable[Upload]) -> bytes:
