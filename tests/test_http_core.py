@@ -224,6 +224,22 @@ class TestReplies:
         assert r.status == code and r.headers["Idempotent-Replayed"] == "true"
         assert ("Retry-After" in r.headers) == (not status.is_final)
 
+    def test_an_operation_due_later_is_polled_when_it_is_due(self) -> None:
+        """A countdown, an ETA or a retry's back-off sets a pending operation's updated_at ahead: Retry-After says
+        when it is due, not the policy's second, on the first answer, a replay and a status read alike."""
+        now = time.time()
+        later = dataclasses.replace(op(), updated_at=now + 3600.2)
+        sub = Submission(later, True)
+        assert accepted(sub, "/l", POLICY, now=now).headers["Retry-After"] == "3601"
+        assert accepted(Submission(later, False), "/l", POLICY, now=now).headers["Retry-After"] == "3601"
+        assert status_reply(later, "alice", POLICY, now=now).headers["Retry-After"] == "3601"
+        # Due, or running (updated_at is then its claim or a renewal): the policy's interval.
+        assert status_reply(dataclasses.replace(later, updated_at=now - 5), "alice", POLICY, now=now) \
+            .headers["Retry-After"] == "1"
+        running = dataclasses.replace(later, status=Status.RUNNING)
+        assert status_reply(running, "alice", POLICY, now=now).headers["Retry-After"] == "1"
+        assert status_reply(later, "alice", HttpPolicy(retry_after=7200), now=now).headers["Retry-After"] == "7200"
+
     def test_final_statuses_are_configurable(self) -> None:
         policy = HttpPolicy(succeeded_status=201, failed_status=422)
         assert accepted(Submission(op(Status.SUCCEEDED), False), "/l", policy, now=time.time()).status == 201
@@ -295,6 +311,12 @@ class TestErrors:
         assert ("Retry-After" in r.headers) == (status == 503)
         if status == 503:
             assert r.headers["Retry-After"] == "1"
+
+    def test_a_status_read_that_fails_says_so_rather_than_speak_of_recording(self) -> None:
+        for exc, status in ((StoreUnavailable("down"), 503), (StoreError("no table"), 500)):
+            r = error_reply(exc, POLICY, reading=True)
+            assert r.status == status and "could not be read" in r.body["detail"]
+            assert "idempotency key" not in r.body["detail"] and "recorded" not in r.body["detail"]
 
     def test_unknown_exceptions_are_not_swallowed(self) -> None:
         with pytest.raises(KeyError):

@@ -146,5 +146,5 @@ class Idempotency:
         try:
             op = await self._async_store().get_by_id(operation_id)
         except IdemtasksError as exc:
-            return to_response(core.error_reply(exc, self.endpoint.policy))
+            return to_response(core.error_reply(exc, self.endpoint.policy, reading=True))
         return to_response(core.status_reply(op, caller, self.endpoint.policy))

@@ -29,6 +29,8 @@ import datetime
 import hashlib
 import json
 import logging
+import math
+import time
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -64,6 +66,7 @@ __all__ = [
     "earlier_fingerprint",
     "error_reply",
     "owns",
+    "poll_after",
     "problem",
     "read_key",
     "request_fingerprint",
@@ -306,12 +309,20 @@ def earlier_fingerprint(method: str, path: str, query: str, body: bytes, headers
     return request_fingerprint(method, path, query, body, headers, policy, raw_json=True)
 
 
-def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str]) -> Reply:
+def poll_after(op: Operation, policy: HttpPolicy, now: float) -> str:
+    """``Retry-After`` for an unfinished operation: the policy's interval, or the time until a pending operation is
+    due if that is later (a countdown, an ETA, a retry's back-off: its ``updated_at`` is set ahead to then), so that
+    a client does not poll every second for an hour."""
+    due = op.updated_at - now if op.status is Status.PENDING else 0.0
+    return str(max(policy.retry_after, math.ceil(due)))
+
+
+def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str], now: float) -> Reply:
     if op.status is Status.SUCCEEDED:
         return Reply(policy.succeeded_status, op.to_dict(), headers)
     if op.status is Status.FAILED:
         return Reply(policy.failed_status, op.to_dict(), headers)
-    return Reply(202, op.to_dict(), {**headers, "Retry-After": str(policy.retry_after)})
+    return Reply(202, op.to_dict(), {**headers, "Retry-After": poll_after(op, policy, now)})
 
 
 def accepted(sub: Submission, location: str, policy: HttpPolicy, *, now: float) -> Reply:
@@ -319,23 +330,26 @@ def accepted(sub: Submission, location: str, policy: HttpPolicy, *, now: float) 
     first request is still being accepted."""
     op = sub.operation
     if sub.created:
-        return Reply(202, op.to_dict(), {"Location": location, "Retry-After": str(policy.retry_after)})
+        return Reply(202, op.to_dict(), {"Location": location, "Retry-After": poll_after(op, policy, now)})
     if op.status is Status.PENDING and op.needs_publish and now - op.created_at < ACCEPT_WINDOW:
         return problem(409, "idempotency_key_in_use", "Request in progress",
                        "a request with this idempotency key is still being processed; retry later",
                        retry_after=policy.retry_after)
-    return _operation_reply(op, policy, {"Location": location, "Idempotent-Replayed": "true"})
+    return _operation_reply(op, policy, {"Location": location, "Idempotent-Replayed": "true"}, now)
 
 
-def status_reply(op: Operation | None, caller: str | None, policy: HttpPolicy) -> Reply:
+def status_reply(op: Operation | None, caller: str | None, policy: HttpPolicy, *, now: float | None = None) -> Reply:
     if op is None or not owns(caller, op):
         return problem(404, "operation_not_found", "Not found", "no such operation")
     # The status resource itself exists: always 200, with a hint of when to poll again while unfinished.
-    return Reply(200, op.to_dict(), {} if op.is_final else {"Retry-After": str(policy.retry_after)})
+    if op.is_final:
+        return Reply(200, op.to_dict(), {})
+    return Reply(200, op.to_dict(), {"Retry-After": poll_after(op, policy, time.time() if now is None else now)})
 
 
-def error_reply(exc: Exception, policy: HttpPolicy) -> Reply:
-    """Map an idemtasks error to its documented problem response; anything else is re-raised by the caller."""
+def error_reply(exc: Exception, policy: HttpPolicy, *, reading: bool = False) -> Reply:
+    """Map an idemtasks error to its documented problem response; anything else is re-raised by the caller.
+    ``reading``: the error of a status read, which records and queues nothing."""
     if isinstance(exc, InvalidKey):
         return problem(400, "idempotency_key_invalid", "Invalid idempotency key", str(exc))
     if isinstance(exc, InvalidCredentials):
@@ -350,13 +364,15 @@ def error_reply(exc: Exception, policy: HttpPolicy) -> Reply:
     if isinstance(exc, (StoreUnavailable, PublishFailed)):
         logger.warning("idemtasks: answered 503: %s", exc)
         return problem(503, "service_unavailable", "Service unavailable",
+                       "the operation could not be read; retry later" if reading else
                        "the request could not be recorded or queued; retry with the same idempotency key",
                        retry_after=max(policy.retry_after, 1))
     if isinstance(exc, StoreError):
         # The store answered and refused (a missing table, a permission): waiting would not help, so no
         # Retry-After. The store's own message, which names it, goes to the log, not to the client.
         logger.error("idemtasks: answered 500: %s", exc)
-        return problem(500, "store_error", "Store error", "the request could not be recorded")
+        return problem(500, "store_error", "Store error",
+                       "the operation could not be read" if reading else "the request could not be recorded")
     if isinstance(exc, IdemtasksError):
         logger.error("idemtasks: answered 500: %s: %s", type(exc).__name__, exc)
         return problem(500, "internal_error", "Internal error", type(exc).__name__)

@@ -189,7 +189,7 @@ class Endpoint:
         try:
             op = self.store_for(task).get_by_id(operation_id)
         except IdemtasksError as exc:
-            return core.error_reply(exc, self.policy)
+            return core.error_reply(exc, self.policy, reading=True)
         return core.status_reply(op, caller, self.policy)
 
 
