@@ -366,6 +366,17 @@ class HttpRules:
         assert [r.status_code for r in replies[-3:]] == [400, 404, 200]
         assert all(r.headers["cache-control"] == "no-store" for r in replies), [r.headers for r in replies]
 
+    def test_the_status_route_answers_head_as_it_answers_get(self, api: Api) -> None:
+        """RFC 9110: HEAD wherever GET, with the same status and headers and no content."""
+        a = acct()
+        location = api.post({"account": a, "amount": 5}, "k-" + a).headers["location"]
+        done = api.final(location)
+        head = api.send("HEAD", location, b"", {"Authorization": "Bearer alice"})
+        assert (head.status_code, head.body, head.headers["cache-control"]) == (200, b"", "no-store")
+        assert head.headers["content-type"] == done.headers["content-type"]
+        other = api.send("HEAD", location, b"", {"Authorization": "Bearer mallory"})
+        assert other.status_code == 404 and other.body == b""
+
     def test_status_of_unknown_operation_is_404(self, api: Api) -> None:
         r = api.get("/operations/" + "0" * 56)
         assert r.status_code == 404 and r.json()["code"] == "operation_not_found"

@@ -136,9 +136,9 @@ class TestDjango(HttpRules):
         match = resolve("/operations/abc")
         assert match.url_name == "idemtasks-operation" and match.kwargs == {"operation_id": "abc"}
 
-    def test_status_route_answers_get_only(self, served: Served) -> None:
+    def test_status_route_answers_get_and_head_only(self, served: Served) -> None:
         r = served.api.send("POST", "/operations/abc", b"", {"Authorization": "Bearer alice"})
-        assert r.status_code == 405 and r.headers["allow"] == "GET"
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
 
     def test_status_prefix_moves_the_location_to_where_the_urls_are_included(self, served: Served) -> None:
         a = acct()

@@ -101,8 +101,8 @@ class Idempotency:
         return to_response(self.endpoint.submit(req, task, args, kwargs, policy=policy, **options))
 
     def status_view(self, request: HttpRequest, operation_id: str) -> HttpResponse:
-        if request.method != "GET":
-            return HttpResponse(status=405, headers={"Allow": "GET"})
+        if request.method not in ("GET", "HEAD"):  # HEAD wherever GET (RFC 9110, 9.3.2); the server drops its body
+            return HttpResponse(status=405, headers={"Allow": "GET, HEAD"})
         try:
             caller = self.caller(RequestHeaders(request.headers.items()))
         except InvalidCredentials as exc:

@@ -84,7 +84,7 @@ class Idempotency:
         self.caller = caller
         self.router = APIRouter()
         self.router.add_api_route(f"{self.endpoint.status_prefix}/operations/{{operation_id}}", self.status,
-                                  methods=["GET"], name="idemtasks-operation")
+                                  methods=["GET", "HEAD"], name="idemtasks-operation")
 
     def _async_store(self, task: Any | None = None) -> AsyncStore:
         return async_store_for(self.endpoint.store_for(task))
