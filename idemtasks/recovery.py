@@ -59,6 +59,10 @@ DEFAULT_PENDING_AFTER = 60.0
 EXPIRED_SLACK = 5.0
 #: How many stale records this app cannot publish a sweep looks past, beyond its ``limit`` (see ``_sweep_store``).
 LOOK_PAST = 5000
+#: How many failed recoveries a sweeper remembers having logged (see Sweeper._logged).
+_LOGGED_MAX = 10_000
+
+
 @dataclass
 class SweepReport:
     republished: list[str] = field(default_factory=list)
@@ -89,6 +93,9 @@ class Sweeper:
         self.pending_after = float(pending_after if pending_after is not None
                                    else app.conf.get("idemtasks_pending_after", DEFAULT_PENDING_AFTER))
         self.confirm_after = confirm_after
+        #: Operations whose recovery failed and was logged with its traceback: a worker's sweeper meets them again
+        #: at every pass until they expire, and one traceback each is enough (bounded, for a process that lives long).
+        self._logged: set[str] = set()
 
     def stores(self) -> list[Store]:
         """The stores of the app's idempotent tasks. One that cannot be opened now (its database down) is left out
@@ -150,7 +157,13 @@ class Sweeper:
                 except Exception:
                     # One record this sweep cannot handle (a stored call it cannot read, say) would otherwise stop
                     # every operation after it, oldest first, at every sweep.
-                    logger.exception("idemtasks: recovery of operation %s failed; skipped", op.id)
+                    if op.id in self._logged:
+                        logger.debug("idemtasks: recovery of operation %s failed again; skipped", op.id)
+                    else:
+                        if len(self._logged) >= _LOGGED_MAX:
+                            self._logged.clear()
+                        self._logged.add(op.id)
+                        logger.exception("idemtasks: recovery of operation %s failed; skipped (logged once)", op.id)
                     report.skipped.append(op.id)
                     done = False
                 if done:
