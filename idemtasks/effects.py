@@ -196,8 +196,11 @@ def ledger_for(url: str) -> EffectsLedger:
 
 def ledger_on(store: Any) -> EffectsLedger:
     """The ledger on a SQL store's own engine, its pool and driver settings: the database of a transactional task
-    whose store is given as an object and which names no ``transaction_url``. One per store and per process; the
-    table is created only if the store creates its own."""
+    whose store is given as an object and which names no ``transaction_url``. One per store and per process.
+
+    The marker table is created if it is missing, whatever the store's ``create_schema`` says, as it is for a
+    ``transaction_url``: without it no body could ever commit, and every attempt would come back, for ever. (Where
+    it exists, creating it is only a look.)"""
     if store.one_connection:
         # One connection for every thread (an in-memory SQLite database): the lease keeper's renewals, committed
         # on it while the body runs, would commit the body's writes with them, halfway.
@@ -206,7 +209,7 @@ def ledger_on(store: Any) -> EffectsLedger:
     with _lock:
         pid, ledger = _store_ledgers.get(store, (None, None))
         if ledger is None or pid != os.getpid():
-            ledger = EffectsLedger(store.url, engine=store.engine, create_schema=store.create_schema)
+            ledger = EffectsLedger(store.url, engine=store.engine)
             _store_ledgers[store] = (os.getpid(), ledger)
         return ledger
 

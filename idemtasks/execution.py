@@ -261,8 +261,14 @@ def retry_payload(task: Any, attempt: Attempt, args: Any, kwargs: Any) -> str | 
         logger.warning("idemtasks: operation %s keeps its stored call; the retry's cannot be stored: %s",
                        attempt.id, exc)
         return None
-    stored = attempt.operation.payload or _stored_call_of(task, request, call)
-    return retried_call(stored, call, int(request.retries or 0) + 1)
+    retries = int(request.retries or 0) + 1
+    if attempt.operation.payload:
+        try:
+            return retried_call(attempt.operation.payload, call, retries)
+        except (ValueError, TypeError):  # a stored call this release cannot read: the retry still goes out
+            logger.warning("idemtasks: operation %s has a stored call that cannot be read; the retry's replaces it "
+                           "with this delivery's route", attempt.id)
+    return retried_call(_stored_call_of(task, request, call), call, retries)
 
 
 def _stored_call_of(task: Any, request: Any, call: str) -> str:

@@ -464,3 +464,44 @@ def test_a_transactional_body_that_finds_its_pool_exhausted_is_retried_not_faile
     op = store.get_by_id(op_id)
     assert op is not None and op.status is Status.SUCCEEDED and op.result == 7
     assert runs[key] == 2
+
+
+def test_a_retry_of_an_operation_whose_stored_call_cannot_be_read_still_retries() -> None:
+    """A damaged or hand-written record: the retry's call replaces the stored one, rather than the retry failing
+    the payment on a JSON error of the old call."""
+    store = MemoryStore()
+    app = Celery(f"rt{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+    seen: list[tuple[int, int]] = []
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name="rt.step", max_retries=2)
+    def step(self: IdempotentTask, n: int) -> int:
+        seen.append((n, self.request.retries))
+        if self.request.retries == 0:
+            self.retry(args=(n + 1,), countdown=0)
+        return n
+
+    op = store.create("global", "k", "rt.step", "fp", ttl=3600, payload="not a stored call").operation
+    step.publish(op, (1,), {})
+    done = store.get_by_id(op.id)
+    assert done is not None and done.status is Status.SUCCEEDED and done.result == 2
+    assert seen == [(1, 0), (2, 1)] and done.payload == '["rt.step",[2],{},{"retries":1}]'
+
+
+def test_a_transactional_task_on_a_store_that_creates_no_schema_still_gets_its_markers_table(tmp_path: Path) -> None:
+    """Without the markers' table no body could ever commit, and every attempt would come back for ever: it is
+    created if missing, as it is for a transaction_url, even where the store leaves its own schema to migrations."""
+    url = f"sqlite:///{tmp_path / 'shop.sqlite3'}"
+    SQLStore(url, table="ops").close()  # the operations table, as a migration would make it
+    store = SQLStore(url, table="ops", create_schema=False)
+    app = Celery(f"tx{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, transactional=True, name="tx.pay3")
+    def pay3(self: IdempotentTask) -> str:
+        return "paid"
+
+    op = store.get_by_id(pay3.submit((), key="order-1").operation.id)
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == "paid"
+    assert "idemtasks_effects" in sa.inspect(store.engine).get_table_names()
+    store.close()

@@ -228,17 +228,23 @@ class TestReplies:
         """A countdown, an ETA or a retry's back-off sets a pending operation's updated_at ahead: Retry-After says
         when it is due, not the policy's second, on the first answer, a replay and a status read alike."""
         now = time.time()
-        later = dataclasses.replace(op(), updated_at=now + 3600.2)
-        sub = Submission(later, True)
-        assert accepted(sub, "/l", POLICY, now=now).headers["Retry-After"] == "3601"
-        assert accepted(Submission(later, False), "/l", POLICY, now=now).headers["Retry-After"] == "3601"
-        assert status_reply(later, "alice", POLICY, now=now).headers["Retry-After"] == "3601"
+        later = dataclasses.replace(op(), created_at=now, updated_at=now + 3600.2)
+        assert accepted(Submission(later, True), "/l", POLICY, now=now).headers["Retry-After"] == "3601"
+        assert 3599 <= int(accepted(Submission(later, False), "/l", POLICY, now=now).headers["Retry-After"]) <= 3601
+        assert 3599 <= int(status_reply(later, "alice", POLICY).headers["Retry-After"]) <= 3601
         # Due, or running (updated_at is then its claim or a renewal): the policy's interval.
-        assert status_reply(dataclasses.replace(later, updated_at=now - 5), "alice", POLICY, now=now) \
-            .headers["Retry-After"] == "1"
+        assert status_reply(dataclasses.replace(later, updated_at=now - 5), "alice", POLICY).headers["Retry-After"] \
+            == "1"
         running = dataclasses.replace(later, status=Status.RUNNING)
-        assert status_reply(running, "alice", POLICY, now=now).headers["Retry-After"] == "1"
-        assert status_reply(later, "alice", HttpPolicy(retry_after=7200), now=now).headers["Retry-After"] == "7200"
+        assert status_reply(running, "alice", POLICY).headers["Retry-After"] == "1"
+        assert status_reply(later, "alice", HttpPolicy(retry_after=7200)).headers["Retry-After"] == "7200"
+
+    def test_a_store_clock_a_little_ahead_of_this_hosts_does_not_hold_pollers_back(self) -> None:
+        """A replay or a status read compares the store's due time with this host's clock: a few seconds apart
+        (CLOCK_SLACK), a fresh operation is not taken for a scheduled one."""
+        fresh = dataclasses.replace(op(), updated_at=time.time() + 4.0)
+        assert status_reply(fresh, "alice", POLICY).headers["Retry-After"] == "1"
+        assert accepted(Submission(fresh, False), "/l", POLICY, now=time.time()).headers["Retry-After"] == "1"
 
     def test_final_statuses_are_configurable(self) -> None:
         policy = HttpPolicy(succeeded_status=201, failed_status=422)
@@ -363,8 +369,8 @@ class TestLimits:
         headers = {"Idempotency-Key": "k", "Content-Length": "90", "Content-Type": "application/x-www-form-urlencoded"}
         req = IncomingRequest("POST", "/p", "/p", "", described, headers, "alice")
         assert not isinstance(Endpoint(MemoryStore(), policy=HttpPolicy(max_body_bytes=100)).prepare(req), Reply)
-        # A raw body of the same bytes under another content type is measured as it is.
-        raw = IncomingRequest("POST", "/p", "/p", "", described, {**headers, "Content-Type": "text/plain"}, "alice")
+        # A raw body of the same bytes is measured as it is.
+        raw = IncomingRequest("POST", "/p", "/p", "", bytes(described), headers, "alice")
         reply = Endpoint(MemoryStore(), policy=HttpPolicy(max_body_bytes=100)).prepare(raw)
         assert isinstance(reply, Reply) and reply.status == 413
 
@@ -598,3 +604,52 @@ def test_a_retry_at_the_end_of_the_accept_window_is_answered_as_submit_decided()
 
     assert (reply.status, published) == (409, []), (reply.status, reply.body, store.readings)
     assert len(store.readings) == 1
+
+
+@pytest.mark.parametrize("scheduled", ["countdown", "eta"])
+def test_retry_after_of_a_scheduled_submit_is_when_it_is_due_on_the_first_answer_and_on_replays(
+        scheduled: str) -> None:
+    """Through the endpoint as a view calls it: the first answer knows the delay exactly (on the store's clock), a
+    replay and a status read count from this host's clock."""
+    from datetime import timedelta
+
+    from celery import Celery
+
+    from idemtasks import IdempotentTask
+    from idemtasks.http.endpoint import Endpoint, IncomingRequest
+
+    store = MemoryStore()
+    app = Celery("sched", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue=f"sched-{uuid.uuid4().hex}")
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name="sched.t")
+    def t(amount: int) -> int:
+        return amount
+
+    endpoint = Endpoint(store)
+    req = IncomingRequest("POST", "/p", "/p", "", b'{"amount": 1}',
+                          {"Idempotency-Key": "k", "Content-Type": "application/json"}, "alice")
+    options: dict[str, Any] = ({"countdown": 3600} if scheduled == "countdown"
+                               else {"eta": datetime.now(timezone.utc) + timedelta(hours=1)})
+    first = endpoint.submit(req, t, (1,), **options)
+    assert first.status == 202 and int(first.headers["Retry-After"]) in (3599, 3600)
+    replay = endpoint.submit(req, t, (1,), **options)
+    assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert 3590 <= int(replay.headers["Retry-After"]) <= 3600
+    status = endpoint.status(first.body["id"], "alice")
+    assert status.status == 200 and 3590 <= int(status.headers["Retry-After"]) <= 3600
+    # Without a schedule: the policy's second, on every answer.
+    plain = IncomingRequest("POST", "/p", "/p", "", b'{"amount": 2}',
+                            {"Idempotency-Key": "k2", "Content-Type": "application/json"}, "alice")
+    assert endpoint.submit(plain, t, (2,)).headers["Retry-After"] == "1"
+
+
+def test_a_raw_body_that_looks_like_a_form_stand_in_is_still_measured() -> None:
+    """The stand-in is known by its type, not by its first bytes, which any client can send."""
+    from idemtasks.http.endpoint import Endpoint, IncomingRequest
+
+    raw = b"idemtasks-parsed-form:" + b"x" * 5_000
+    headers = {"Idempotency-Key": "k", "Content-Type": "application/x-www-form-urlencoded"}  # chunked: no length
+    reply = Endpoint(MemoryStore(), policy=HttpPolicy(max_body_bytes=100)).prepare(
+        IncomingRequest("POST", "/p", "/p", "", raw, headers, "alice"))
+    assert isinstance(reply, Reply) and reply.status == 413

@@ -83,8 +83,12 @@ class Idempotency:
         # storage).
         self.caller = caller
         self.router = APIRouter()
-        self.router.add_api_route(f"{self.endpoint.status_prefix}/operations/{{operation_id}}", self.status,
-                                  methods=["GET", "HEAD"], name="idemtasks-operation")
+        route = f"{self.endpoint.status_prefix}/operations/{{operation_id}}"
+        self.router.add_api_route(route, self.status, methods=["GET"], name="idemtasks-operation")
+        # HEAD wherever GET (RFC 9110, 9.3.2; the server drops the body), kept out of the OpenAPI schema, where one
+        # route for both methods would give two operations one operationId.
+        self.router.add_api_route(route, self.status, methods=["HEAD"], name="idemtasks-operation-head",
+                                  include_in_schema=False)
 
     def _async_store(self, task: Any | None = None) -> AsyncStore:
         return async_store_for(self.endpoint.store_for(task))

@@ -56,6 +56,7 @@ from .json_body import canonical_json, is_json
 
 __all__ = [
     "ACCEPT_WINDOW",
+    "CLOCK_SLACK",
     "HttpPolicy",
     "InvalidCredentials",
     "RepeatedHeader",
@@ -309,20 +310,31 @@ def earlier_fingerprint(method: str, path: str, query: str, body: bytes, headers
     return request_fingerprint(method, path, query, body, headers, policy, raw_json=True)
 
 
-def poll_after(op: Operation, policy: HttpPolicy, now: float) -> str:
+#: How far ahead of this host's clock a pending operation must be due before ``Retry-After`` says so: its due time
+#: is on the store's clock, and a web host a few seconds behind would otherwise send every fresh operation's poller
+#: away for that long.
+CLOCK_SLACK = 5.0
+
+
+def poll_after(op: Operation, policy: HttpPolicy, now: float | None = None) -> str:
     """``Retry-After`` for an unfinished operation: the policy's interval, or the time until a pending operation is
     due if that is later (a countdown, an ETA, a retry's back-off: its ``updated_at`` is set ahead to then), so that
-    a client does not poll every second for an hour."""
-    due = op.updated_at - now if op.status is Status.PENDING else 0.0
+    a client does not poll every second for an hour. ``now``: the store's clock, if known (a new operation's
+    ``created_at``); otherwise this host's, and only a due time over :data:`CLOCK_SLACK` ahead counts."""
+    if op.status is not Status.PENDING:
+        return str(policy.retry_after)
+    due = op.updated_at - (time.time() if now is None else now)
+    if now is None and due <= CLOCK_SLACK:
+        due = 0.0
     return str(max(policy.retry_after, math.ceil(due)))
 
 
-def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str], now: float) -> Reply:
+def _operation_reply(op: Operation, policy: HttpPolicy, headers: dict[str, str]) -> Reply:
     if op.status is Status.SUCCEEDED:
         return Reply(policy.succeeded_status, op.to_dict(), headers)
     if op.status is Status.FAILED:
         return Reply(policy.failed_status, op.to_dict(), headers)
-    return Reply(202, op.to_dict(), {**headers, "Retry-After": poll_after(op, policy, now)})
+    return Reply(202, op.to_dict(), {**headers, "Retry-After": poll_after(op, policy)})
 
 
 def accepted(sub: Submission, location: str, policy: HttpPolicy, *, now: float) -> Reply:
@@ -330,21 +342,20 @@ def accepted(sub: Submission, location: str, policy: HttpPolicy, *, now: float) 
     first request is still being accepted."""
     op = sub.operation
     if sub.created:
-        return Reply(202, op.to_dict(), {"Location": location, "Retry-After": poll_after(op, policy, now)})
+        # Created just now, on the store's clock: the delay it was created with, exactly.
+        return Reply(202, op.to_dict(), {"Location": location, "Retry-After": poll_after(op, policy, op.created_at)})
     if op.status is Status.PENDING and op.needs_publish and now - op.created_at < ACCEPT_WINDOW:
         return problem(409, "idempotency_key_in_use", "Request in progress",
                        "a request with this idempotency key is still being processed; retry later",
                        retry_after=policy.retry_after)
-    return _operation_reply(op, policy, {"Location": location, "Idempotent-Replayed": "true"}, now)
+    return _operation_reply(op, policy, {"Location": location, "Idempotent-Replayed": "true"})
 
 
-def status_reply(op: Operation | None, caller: str | None, policy: HttpPolicy, *, now: float | None = None) -> Reply:
+def status_reply(op: Operation | None, caller: str | None, policy: HttpPolicy) -> Reply:
     if op is None or not owns(caller, op):
         return problem(404, "operation_not_found", "Not found", "no such operation")
     # The status resource itself exists: always 200, with a hint of when to poll again while unfinished.
-    if op.is_final:
-        return Reply(200, op.to_dict(), {})
-    return Reply(200, op.to_dict(), {"Retry-After": poll_after(op, policy, time.time() if now is None else now)})
+    return Reply(200, op.to_dict(), {} if op.is_final else {"Retry-After": poll_after(op, policy)})
 
 
 def error_reply(exc: Exception, policy: HttpPolicy, *, reading: bool = False) -> Reply:

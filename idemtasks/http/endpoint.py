@@ -145,7 +145,7 @@ class Endpoint:
         policy = policy or self.policy
         # The body's own length for one read without Content-Length (chunked); a form read before submit goes by
         # Content-Length alone, whatever its stand-in's length.
-        measured = 0 if is_stand_in(req.body, core._header(req.headers, "Content-Type")) else len(req.body)
+        measured = 0 if is_stand_in(req.body) else len(req.body)
         if max(measured, declared_length(req.headers)) > policy.max_body_bytes:
             return core.problem(413, "payload_too_large", "Payload too large",
                                 f"the request body is over {policy.max_body_bytes} bytes")

@@ -127,8 +127,6 @@ class SQLStore(Store):
         #: Whether threads create, claim and complete on lanes (PostgreSQL through psycopg, not under greenlets).
         self.pipelines_completions = self.dialect == "postgresql" and engine.dialect.driver == "psycopg" \
             and lanes_supported()
-        #: Whether the store creates its tables; a transactional task's ledger on this store follows it.
-        self.create_schema = create_schema
         if create_schema:
             self._create_schema()
 
