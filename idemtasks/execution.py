@@ -35,6 +35,7 @@ from .identity import (
     dump_json,
     fingerprint_of_call,
     load_json,
+    parse_stored_call,
     retried_call,
     stored_call,
 )
@@ -221,6 +222,16 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
         op = claim.operation
         if claim.outcome is ClaimOutcome.CLAIMED:
             attempt = Attempt(store, op, ttl, request=request, lease=lease)
+            if op.attempts > 1 and _outdated(op, request):
+                # A delivery older than the retry the operation was last given back for: the first message
+                # redelivered (a visibility timeout, a worker lost after the retry went out), or a duplicate sent
+                # back for the due time. Run, it would repeat a step the body finished before retrying, with the
+                # arguments of then, and start a second chain of retries. Given back as it was found, due now: the
+                # retry message, or recovery's copy of the retry's call, runs it.
+                logger.info("idemtasks: delivery %d of operation %s is older than its retry %d; dropped",
+                            int(request.retries or 0), op.id, _stored_retries(op))
+                attempt.release_quietly()
+                raise Ignore()
             if task.max_crashes and _crashes(op) >= task.max_crashes:
                 return _give_up(task, attempt)
             if op.payload is None and call is None:
@@ -232,6 +243,22 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=op.id,
                                          stored_fingerprint=op.fingerprint, fingerprint=fp)
         _wait_for_holder(task, request, claim)
+
+
+def _stored_retries(op: Operation) -> int:
+    """The retry count of the operation's last give-back for a retry (see :func:`retry_payload`), 0 if none."""
+    if not op.payload or '"retries":' not in op.payload:  # the hot path: no retry since the operation was submitted
+        return 0
+    try:
+        retries = parse_stored_call(op.payload)[3].get("retries", 0)
+    except (ValueError, TypeError, AttributeError):  # a stored call this release cannot read: nothing to compare
+        return 0
+    return retries if isinstance(retries, int) and not isinstance(retries, bool) else 0
+
+
+def _outdated(op: Operation, request: Any) -> bool:
+    """Whether this delivery is older than the operation's last give-back for a retry: its retry count is lower."""
+    return int(request.retries or 0) < _stored_retries(op)
 
 
 def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple[Any, ...],

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .config import DEFAULT_TTL
-from .errors import ConfigurationError, IdempotencyKeyMismatch
+from .errors import ConfigurationError, IdempotencyKeyMismatch, StoreUnavailable
 from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
 from .models import Operation
 from .stores import SQL_SCHEMES, Store, public_url, url_scheme
@@ -68,8 +68,15 @@ class Outbox:
         key = validate_key(key)
         scope = validate_scope(scope if scope is not None else task.idempotency_scope)
         call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
-        fp = fingerprint_of_call(call)
         digest = key_digest(scope, key)
+        try:
+            return self._stage(conn, task, args, kwargs, key, scope, call, digest)
+        except SQLAlchemyError as exc:  # the caller's connection: an outage is a 503, a statement's fault a 500
+            raise self.store._wrap(exc) from exc
+
+    def _stage(self, conn: sa.Connection, task: Any, args: Any, kwargs: Any, key: str, scope: str, call: str,
+               digest: str) -> Staged:
+        fp = fingerprint_of_call(call)
         t, store = self.store.table, self.store
         now = float(conn.execute(*store.clock_statement()).scalar_one())
         req = CreateRequest(digest, scope, key, task.name, fp, new_operation_id(digest),
@@ -90,7 +97,13 @@ class Outbox:
             return Staged(op, True, task, args, kwargs)
         except IntegrityError:
             pass
-        row = conn.execute(sa.select(t).where(t.c.key_hash == digest).with_for_update()).one()
+        row = conn.execute(sa.select(t).where(t.c.key_hash == digest).with_for_update()).one_or_none()
+        if row is None:
+            # The record that collided was committed after this transaction took its snapshot (PostgreSQL's
+            # REPEATABLE READ or SERIALIZABLE: a double-click whose second handler began first). Nothing this
+            # transaction can read decides between a replay and a mismatch: a new transaction will see it.
+            raise StoreUnavailable(f"SQL store {store.url}: the key {key!r} was recorded by a transaction that "
+                                   "committed after this one began; roll back and try again")
         if float(row.expires_at) <= now:  # an expired record counts as absent: this call replaces it
             conn.execute(t.update().where(t.c.key_hash == digest).values(**values))
             return Staged(op, True, task, args, kwargs)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import ConfigurationError, IdempotencyKeyMismatch, IdempotentTask, Status
+from idemtasks import ConfigurationError, IdempotencyKeyMismatch, IdempotentTask, Status, StoreUnavailable
 from idemtasks.outbox import Outbox
 from idemtasks.recovery import Sweeper
 from idemtasks.stores.base import Store
@@ -106,6 +106,31 @@ def test_repeat_in_a_later_transaction_replays_and_mismatch_is_refused(sql_store
         assert not again.created and again.operation.id == first.operation.id
         with pytest.raises(IdempotencyKeyMismatch):
             outbox.stage(conn, ship, ("o5",), key="order-o4")
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_double_click_whose_second_transaction_began_first_is_told_to_try_again(isolation: str,
+                                                                                   tmp_path: Path) -> None:
+    """PostgreSQL above READ COMMITTED: the second handler's snapshot predates the first one's commit, so the key
+    collides with a record it cannot read. Neither a replay nor a mismatch can be told from there: StoreUnavailable
+    (a 503, retried), not a raw driver error; its next transaction sees the record and replays it."""
+    store = make_store("postgres", tmp_path)
+    assert isinstance(store, SQLStore)
+    engine = sa.create_engine(store.engine.url.render_as_string(hide_password=False), isolation_level=isolation)
+    try:
+        _, ship, _, _ = setup(store)
+        outbox = Outbox(store)
+        with pytest.raises(StoreUnavailable, match="try again"), engine.begin() as second:
+            second.execute(sa.text("SELECT 1"))  # its snapshot
+            with engine.begin() as first:
+                staged = outbox.stage(first, ship, ("o7",), key="order-o7")
+            outbox.stage(second, ship, ("o7",), key="order-o7")
+        with engine.begin() as retried:
+            again = outbox.stage(retried, ship, ("o7",), key="order-o7")
+        assert not again.created and again.operation.id == staged.operation.id
+    finally:
+        engine.dispose()
+        drop(store)
 
 
 @pytest.mark.parametrize("own_engine", [False, True], ids=["stores_engine", "applications_engine"])

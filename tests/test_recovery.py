@@ -370,6 +370,43 @@ def test_a_lost_retry_comes_back_as_the_retry_not_as_the_first_call(rig: Rig, ne
     assert seen == [(1, 0), (step, 1)] and op.status is Status.SUCCEEDED and op.result == step
 
 
+@pytest.mark.parametrize("rig", ["redis", "postgres"], indirect=True)
+def test_a_delivery_older_than_the_last_retry_is_dropped_not_run(rig: Rig) -> None:
+    """The first message comes again after the body retried with new arguments (a broker's redelivery after its
+    visibility timeout, a worker lost once the retry went out): it does not run the finished step again. The
+    operation is given back as it was, and the retry's call runs once, here from recovery's copy."""
+    lost = f"{rig.app.main}.lost"
+    seen: list[tuple[int, int]] = []
+
+    @rig.app.task(shared=False, base=IdempotentTask, bind=True, store_url=rig.store, name=f"{rig.app.main}.steps",
+                  lease_seconds=0.5, idempotency_ttl=3600.0, max_retries=3)
+    def steps(self: IdempotentTask, key: str, step: int) -> int:
+        seen.append((step, self.request.retries))
+        if step == 1:
+            self.retry(args=(key, 2), countdown=0.1, queue=lost)
+        return step
+
+    key = f"steps-{uuid.uuid4().hex}"
+    op = steps.submit((key, 1), key=key).operation
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        deadline = time.monotonic() + 20
+        while (now := rig.store.get_by_id(op.id)).attempts < 1 or now.status is not Status.PENDING:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, now
+            time.sleep(0.05)
+        time.sleep(0.2)  # the retry is due
+        steps.publish(op, (key, 1), {})  # the first message, again: its arguments, retry 0
+        while (now := rig.store.get_by_id(op.id)).attempts < 2 or now.status is not Status.PENDING:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, now
+            time.sleep(0.05)
+        assert seen == [(1, 0)]  # claimed and given back, unrun
+        with rig.app.connection_for_write() as conn:
+            assert conn.default_channel.queue_purge(lost) == 1  # and the retry message is lost
+        time.sleep(0.4)  # pending_after
+        assert Sweeper(rig.app).sweep().republished == [op.id]
+        done = rig.final(op.id)
+    assert seen == [(1, 0), (2, 1)] and done.status is Status.SUCCEEDED and done.result == 2
+
+
 def test_live_and_finished_operations_are_left_alone(rig: Rig) -> None:
     key, op_id = rig.lost_submit(30)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]
