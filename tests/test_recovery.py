@@ -336,32 +336,47 @@ def test_a_record_recovery_cannot_read_does_not_keep_the_others_from_their_sweep
     assert not any(unreadable in r.getMessage() for r in caplog.records)  # one traceback is enough
 
 
-@pytest.mark.parametrize("new_arguments", [True, False], ids=["new-arguments", "same-arguments"])
-@pytest.mark.parametrize("rig", ["redis", "postgres"], indirect=True)  # every store's release: the store contract
-def test_a_lost_retry_comes_back_as_the_retry_not_as_the_first_call(rig: Rig, new_arguments: bool) -> None:
-    """A body that records its progress in its retry's arguments: the retry message is lost (a worker killed while
-    holding it, a broker that dropped it). The copy recovery publishes asks for what the retry asked for, with its
-    count, so the finished step does not run again and ``max_retries`` still counts."""
-    lost = f"{rig.app.main}.lost"
-    seen: list[tuple[int, int]] = []
+def stepping_task(rig: Rig, seen: list[tuple[int, int]], *, new_arguments: bool = True) -> Any:
+    """A body that records its progress in its retry's arguments: step 1 retries as step 2 (or, without
+    ``new_arguments``, as itself), to a queue no worker consumes (the retry message can then be lost at will)."""
 
     @rig.app.task(shared=False, base=IdempotentTask, bind=True, store_url=rig.store, name=f"{rig.app.main}.steps",
                   lease_seconds=0.5, idempotency_ttl=3600.0, max_retries=1)
     def steps(self: IdempotentTask, key: str, step: int) -> int:
         seen.append((step, self.request.retries))
         if self.request.retries == 0:
-            self.retry(args=(key, 2) if new_arguments else None, countdown=0.2, queue=lost)
+            self.retry(args=(key, 2) if new_arguments else None, countdown=0.2, queue=f"{rig.app.main}.lost")
         return step
 
+    return steps
+
+
+def given_back(rig: Rig, op_id: str, attempts: int) -> None:
+    """Wait until the operation has been claimed ``attempts`` times and is pending again."""
+    deadline = time.monotonic() + 20
+    while (op := rig.store.get_by_id(op_id)) is None or op.attempts < attempts or op.status is not Status.PENDING:
+        assert time.monotonic() < deadline, op
+        time.sleep(0.05)
+
+
+def lose_the_retry(rig: Rig) -> None:
+    with rig.app.connection_for_write() as conn:
+        assert conn.default_channel.queue_purge(f"{rig.app.main}.lost") == 1
+
+
+@pytest.mark.parametrize("new_arguments", [True, False], ids=["new-arguments", "same-arguments"])
+@pytest.mark.parametrize("rig", ["redis", "postgres"], indirect=True)  # every store's release: the store contract
+def test_a_lost_retry_comes_back_as_the_retry_not_as_the_first_call(rig: Rig, new_arguments: bool) -> None:
+    """The retry message is lost (a worker killed while holding it, a broker that dropped it). The copy recovery
+    publishes asks for what the retry asked for, with its count, so the finished step does not run again and
+    ``max_retries`` still counts."""
+    seen: list[tuple[int, int]] = []
+    steps = stepping_task(rig, seen, new_arguments=new_arguments)
     key = f"steps-{uuid.uuid4().hex}"
     op_id = steps.submit((key, 1), key=key).operation.id
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
-        deadline = time.monotonic() + 20
-        while rig.store.get_by_id(op_id).attempts == 0 or rig.store.get_by_id(op_id).status is not Status.PENDING:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, rig.store.get_by_id(op_id)
-            time.sleep(0.05)
-    with rig.app.connection_for_write() as conn:
-        assert conn.default_channel.queue_purge(lost) == 1  # the retry message is lost
+        given_back(rig, op_id, 1)
+    lose_the_retry(rig)
     time.sleep(0.6)  # due (0.2) and pending_after (0.3) past
     assert Sweeper(rig.app).sweep().republished == [op_id]
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
@@ -375,32 +390,17 @@ def test_a_delivery_older_than_the_last_retry_is_dropped_not_run(rig: Rig) -> No
     """The first message comes again after the body retried with new arguments (a broker's redelivery after its
     visibility timeout, a worker lost once the retry went out): it does not run the finished step again. The
     operation is given back as it was, and the retry's call runs once, here from recovery's copy."""
-    lost = f"{rig.app.main}.lost"
     seen: list[tuple[int, int]] = []
-
-    @rig.app.task(shared=False, base=IdempotentTask, bind=True, store_url=rig.store, name=f"{rig.app.main}.steps",
-                  lease_seconds=0.5, idempotency_ttl=3600.0, max_retries=3)
-    def steps(self: IdempotentTask, key: str, step: int) -> int:
-        seen.append((step, self.request.retries))
-        if step == 1:
-            self.retry(args=(key, 2), countdown=0.1, queue=lost)
-        return step
-
+    steps = stepping_task(rig, seen)
     key = f"steps-{uuid.uuid4().hex}"
     op = steps.submit((key, 1), key=key).operation
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
-        deadline = time.monotonic() + 20
-        while (now := rig.store.get_by_id(op.id)).attempts < 1 or now.status is not Status.PENDING:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, now
-            time.sleep(0.05)
+        given_back(rig, op.id, 1)
         time.sleep(0.2)  # the retry is due
         steps.publish(op, (key, 1), {})  # the first message, again: its arguments, retry 0
-        while (now := rig.store.get_by_id(op.id)).attempts < 2 or now.status is not Status.PENDING:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, now
-            time.sleep(0.05)
+        given_back(rig, op.id, 2)
         assert seen == [(1, 0)]  # claimed and given back, unrun
-        with rig.app.connection_for_write() as conn:
-            assert conn.default_channel.queue_purge(lost) == 1  # and the retry message is lost
+        lose_the_retry(rig)
         time.sleep(0.4)  # pending_after
         assert Sweeper(rig.app).sweep().republished == [op.id]
         done = rig.final(op.id)
