@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import ConfigurationError, StoreError, StoreUnavailable
+from .errors import ConfigurationError, IdemtasksError, StoreError, StoreUnavailable
 from .forks import fresh_in_child
 from .models import ErrorInfo
 
@@ -83,6 +83,8 @@ class EffectsLedger:
             engine = make_engine(url)
         self.engine = engine
         self.table = effects_table(sa.MetaData())
+        #: The guard of each transaction under way, by its connection's id (see _Guard).
+        self._guards: dict[int, _Guard] = {}
         if create_schema:
             from .stores.sql_schema import create_tables
 
@@ -102,22 +104,40 @@ class EffectsLedger:
             # fail at once whenever another writer held the lock when it came to write (see SQLITE_IMMEDIATE).
             conn = self.engine.connect().execution_options(**{SQLITE_IMMEDIATE: True})
             tx = conn.begin()
+        guard = self._guards[id(conn)] = _Guard()
+        sa.event.listen(conn, "commit", guard.check)
+        sa.event.listen(conn, "rollback", guard.check)
         try:
             yield conn
+            if guard.refused is not None:  # the body caught the refusal and went on: its writes cannot commit
+                raise guard.refused
         except BaseException:
-            tx.rollback()
+            guard.ours = True
+            if guard.refused is not None:
+                # SQLAlchemy counts the refused commit or rollback as done, though the database never saw it: the
+                # connection would go back to the pool in the body's open transaction, which its next user could
+                # commit. Discarded instead; the server rolls the transaction back as it closes.
+                conn.invalidate()
+            else:
+                tx.rollback()
             raise
         else:
+            guard.ours = True
             with _wrapped():
                 tx.commit()
         finally:
+            guard.ours = True
+            del self._guards[id(conn)]
             conn.close()
 
     def record(self, conn: sa.Connection, operation_id: str, token: int, result_json: str) -> str | None:
         """Insert the marker inside the body's transaction; return ``None`` if this transaction owns the effects,
         or the marker of the holder that got there first, a result or a failure (the caller must then roll back)."""
+        guard = self._guards.get(id(conn))
+        if guard is not None and guard.refused is not None:  # the body caught the refusal of its commit: see _Guard
+            raise guard.refused
         try:
-            with conn.begin_nested():
+            with _wrapped(aborted=_ABORTED), conn.begin_nested():
                 conn.execute(self.table.insert().values(
                     operation_id=operation_id, fencing_token=token, result=result_json, created_at=time.time()))
             return None
@@ -162,8 +182,32 @@ class EffectsLedger:
             return int(conn.execute(self.table.delete().where(self.table.c.created_at < older_than)).rowcount)
 
 
+#: Why the marker cannot be written into a transaction PostgreSQL holds aborted (SQLSTATE 25P02): a statement of the
+#: body failed, and the body caught the error and went on.
+_ABORTED = ("the body's transaction cannot take the effects marker, so nothing it wrote can commit: a statement "
+            "that fails inside it must be rolled back to a savepoint (self.connection.begin_nested()) before the "
+            "body goes on, or PostgreSQL refuses every later one")
+
+
+class _Guard:
+    """Refuses the body's own ``commit()`` or ``rollback()`` of its connection: the transaction is the ledger's to
+    end, with the marker. A body that committed itself would have its writes kept without the marker, so that
+    its operation could fail and run again, writing them twice."""
+
+    def __init__(self) -> None:
+        self.ours = False
+        self.refused: IdemtasksError | None = None
+
+    def check(self, _conn: sa.Connection) -> None:
+        if not self.ours:
+            self.refused = IdemtasksError("a transactional body must not commit or roll back self.connection: the "
+                                          "transaction commits with the effects marker once the body returns (use "
+                                          "self.connection.begin_nested() for a savepoint); nothing was committed")
+            raise self.refused
+
+
 @contextmanager
-def _wrapped() -> Iterator[None]:
+def _wrapped(*, aborted: str | None = None) -> Iterator[None]:
     try:
         yield
     except IntegrityError:
@@ -171,9 +215,14 @@ def _wrapped() -> Iterator[None]:
     except (SQLAlchemyError, DBAPIError) as exc:
         from .stores.sql_schema import is_outage
 
+        orig = getattr(exc, "orig", None) or exc  # the driver's message: SQLAlchemy's quotes statement and values
         if is_outage(exc):
-            raise StoreUnavailable(f"transaction database unreachable: {exc}") from exc
-        raise StoreError(f"transaction database error: {exc}") from exc
+            raise StoreUnavailable(f"transaction database unreachable: {type(orig).__name__}: {orig}") from exc
+        failed_transaction = (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "25P02"
+        why = f"{type(orig).__name__}: {orig}"
+        if aborted and failed_transaction:
+            why = f"{aborted} ({why})"
+        raise StoreError(f"transaction database error: {why}") from exc
 
 
 _ledgers: dict[tuple[int, str], EffectsLedger] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from idemtasks import IdempotentTask, OperationFailed, Status
+from idemtasks import IdempotentTask, IdemtasksError, OperationFailed, Status
 from idemtasks.effects import EffectsLedger, failure_of, ledger_for
 from idemtasks.identity import fingerprint
 from idemtasks.models import Operation
@@ -181,3 +182,83 @@ def test_on_sqlite_the_ledger_table_is_created_while_another_writer_holds_the_da
     finally:
         commit.join()
         other.close()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def paying(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Any, sa.Table, Any]]:
+    """An eager app whose transactional task's body is given as ``body(self, order)``, on a store and ledger of
+    ``request.param``; yields the store, the task, the business table and a setter for the body."""
+    store = make_store(request.param, tmp_path)
+    url = services.POSTGRES_URL if request.param == "postgres" else f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    ledger = ledger_for(url)
+    orders = sa.Table(f"orders_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("id", sa.String(40), unique=True))
+    orders.create(ledger.engine)
+    app = Celery(f"tx{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.task_always_eager = True
+    body: dict[str, Any] = {}
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.pay", transactional=True,
+              transaction_url=url)
+    def pay(self: IdempotentTask, order: str) -> str:
+        return str(body["run"](self, order))
+
+    try:
+        yield store, pay, orders, lambda run: body.__setitem__("run", run)
+    finally:
+        orders.drop(ledger.engine)
+        drop(store)
+
+
+def _rows(pay: Any, orders: sa.Table) -> list[str]:
+    with ledger_for(pay.transaction_url).engine.connect() as conn:
+        return list(conn.execute(sa.select(orders.c.id)).scalars())
+
+
+@pytest.mark.parametrize(("end", "caught"), [("commit", False), ("rollback", False), ("commit", True)])
+def test_a_body_that_ends_its_own_transaction_is_refused_and_commits_nothing(
+        paying: tuple[Store, Any, sa.Table, Any], end: str, caught: bool) -> None:
+    """The transaction commits with the marker: a body's own commit would keep its writes without it, so that the
+    operation could fail, or its holder die, and run again, writing them twice. Refused, even when the body
+    catches the refusal and goes on; and the connection does not go back to the pool in its open transaction."""
+    store, pay, orders, set_body = paying
+    runs: list[str] = []
+
+    def body(task: IdempotentTask, order: str) -> str:
+        runs.append(order)
+        task.connection.execute(orders.insert().values(id=order))
+        if caught:
+            with contextlib.suppress(IdemtasksError):
+                getattr(task.connection, end)()
+        else:
+            getattr(task.connection, end)()
+        return order
+
+    set_body(body)
+    op = store.get_by_id(pay.submit(("o-1",), key="order-1").operation.id)
+    assert op is not None and op.status is Status.FAILED and op.error is not None
+    assert "must not commit or roll back self.connection" in op.error.message
+    assert runs == ["o-1"] and _rows(pay, orders) == []
+
+
+def test_a_body_that_catches_its_own_failed_statement_on_postgresql_fails_with_the_reason(
+        paying: tuple[Store, Any, sa.Table, Any]) -> None:
+    """PostgreSQL aborts the whole transaction at a failed statement; a body that catches the error and goes on
+    cannot commit. Its failure says why and what to do, rather than show the marker's own SAVEPOINT failing."""
+    store, pay, orders, set_body = paying
+
+    def body(task: IdempotentTask, order: str) -> str:
+        task.connection.execute(orders.insert().values(id=order))
+        # (A savepoint around it, conn.begin_nested(), would have kept the transaction usable.)
+        with contextlib.suppress(sa.exc.IntegrityError):
+            task.connection.execute(orders.insert().values(id=order))
+        return order
+
+    set_body(body)
+    op = store.get_by_id(pay.submit(("o-2",), key="order-2").operation.id)
+    assert op is not None
+    if "sqlite" in pay.transaction_url:  # SQLite goes on after a failed statement: the first insert commits
+        assert op.status is Status.SUCCEEDED and _rows(pay, orders) == ["o-2"]
+        return
+    assert op.status is Status.FAILED and op.error is not None and op.error.type == "StoreError"
+    assert "begin_nested" in op.error.message and "SAVEPOINT" not in op.error.message
+    assert _rows(pay, orders) == []
