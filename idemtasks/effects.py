@@ -104,21 +104,25 @@ class EffectsLedger:
             # fail at once whenever another writer held the lock when it came to write (see SQLITE_IMMEDIATE).
             conn = self.engine.connect().execution_options(**{SQLITE_IMMEDIATE: True})
             tx = conn.begin()
-        guard = self._guards[id(conn)] = _Guard()
+        guard = self._guards[id(conn)] = _Guard(tx)
         sa.event.listen(conn, "commit", guard.check)
-        sa.event.listen(conn, "rollback", guard.check)
         try:
             yield conn
-            if guard.refused is not None:  # the body caught the refusal and went on: its writes cannot commit
-                raise guard.refused
-        except BaseException:
+            if (problem := guard.problem()) is not None:  # the body went on past a refusal, or rolled back itself
+                raise problem
+        except BaseException as exc:
             guard.ours = True
             if guard.refused is not None:
-                # SQLAlchemy counts the refused commit or rollback as done, though the database never saw it: the
-                # connection would go back to the pool in the body's open transaction, which its next user could
-                # commit. Discarded instead; the server rolls the transaction back as it closes.
-                conn.invalidate()
-            else:
+                # SQLAlchemy counts the refused commit as done, though the database never saw it: the connection
+                # would go back to the pool in the body's open transaction, which its next user could commit. It
+                # is rolled back on the driver's connection (discarded if even that fails).
+                try:
+                    conn.connection.rollback()
+                except Exception:
+                    conn.invalidate()
+                if exc is not guard.refused:  # what the body met after the refusal (SQLAlchemy's PendingRollback…)
+                    raise guard.refused from exc
+            elif tx.is_active:  # not after a rollback of the body's own (an ORM Session's, as an exception unwinds)
                 tx.rollback()
             raise
         else:
@@ -134,8 +138,8 @@ class EffectsLedger:
         """Insert the marker inside the body's transaction; return ``None`` if this transaction owns the effects,
         or the marker of the holder that got there first, a result or a failure (the caller must then roll back)."""
         guard = self._guards.get(id(conn))
-        if guard is not None and guard.refused is not None:  # the body caught the refusal of its commit: see _Guard
-            raise guard.refused
+        if guard is not None and (problem := guard.problem()) is not None:  # see _Guard
+            raise problem
         try:
             with _wrapped(aborted=_ABORTED), conn.begin_nested():
                 conn.execute(self.table.insert().values(
@@ -190,20 +194,35 @@ _ABORTED = ("the body's transaction cannot take the effects marker, so nothing i
 
 
 class _Guard:
-    """Refuses the body's own ``commit()`` or ``rollback()`` of its connection: the transaction is the ledger's to
-    end, with the marker. A body that committed itself would have its writes kept without the marker, so that
-    its operation could fail and run again, writing them twice."""
+    """The body's transaction is the ledger's to end, with the marker.
 
-    def __init__(self) -> None:
+    A body's own ``commit()`` is refused: its writes would be kept without the marker, so that its operation could
+    fail, or its holder die, and run again, writing them twice. A rollback of its own is let through (an ORM Session
+    bound to the connection rolls it back as an exception unwinds, and nothing is kept), but a body that goes on
+    and returns after one cannot commit: its later writes are not in the transaction the marker closes."""
+
+    def __init__(self, tx: sa.RootTransaction) -> None:
+        self.tx = tx
         self.ours = False
         self.refused: IdemtasksError | None = None
 
     def check(self, _conn: sa.Connection) -> None:
         if not self.ours:
-            self.refused = IdemtasksError("a transactional body must not commit or roll back self.connection: the "
-                                          "transaction commits with the effects marker once the body returns (use "
+            self.refused = IdemtasksError("a transactional body must not commit self.connection: the transaction "
+                                          "commits with the effects marker once the body returns (use "
                                           "self.connection.begin_nested() for a savepoint); nothing was committed")
             raise self.refused
+
+    def problem(self) -> IdemtasksError | None:
+        """Why the body's transaction cannot commit, if it cannot."""
+        if self.refused is not None:
+            return self.refused
+        if not self.tx.is_active:
+            return IdemtasksError("the transactional body rolled back self.connection and went on: its transaction "
+                                  "commits with the effects marker, and what the body wrote after the rollback is "
+                                  "not in it; nothing was committed (use self.connection.begin_nested() for a "
+                                  "savepoint)")
+        return None
 
 
 @contextmanager

@@ -95,9 +95,11 @@ class Outbox:
                 with conn.begin_nested():
                     conn.execute(t.insert().values(**values))
             return Staged(op, True, task, args, kwargs)
-        except IntegrityError:
-            pass
+        except IntegrityError as exc:
+            collision = exc
         row = conn.execute(sa.select(t).where(t.c.key_hash == digest).with_for_update()).one_or_none()
+        if row is None and not _duplicate_key(collision):
+            raise collision  # not the key: a column the table lacks a default for, a CHECK (wrapped by stage)
         if row is None:
             # The record that collided was committed after this transaction took its snapshot (PostgreSQL's
             # REPEATABLE READ or SERIALIZABLE: a double-click whose second handler began first). Nothing this
@@ -112,6 +114,17 @@ class Outbox:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
                                          stored_fingerprint=existing.fingerprint, fingerprint=fp)
         return Staged(existing, False, task, args, kwargs)
+
+
+def _duplicate_key(exc: IntegrityError) -> bool:
+    """Whether the INSERT collided on a unique key (the operation's), rather than broke another constraint."""
+    orig: Any = exc.orig
+    if (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "23505":  # PostgreSQL unique_violation
+        return True
+    if type(orig).__module__.split(".", 1)[0] in ("pymysql", "MySQLdb"):
+        return bool(orig.args) and orig.args[0] == 1062  # ER_DUP_ENTRY
+    # SQLite: SQLITE_CONSTRAINT_PRIMARYKEY / _UNIQUE, or by its message where the driver gives no extended code
+    return getattr(orig, "sqlite_errorcode", None) in (1555, 2067) or "UNIQUE constraint failed" in str(orig)
 
 
 def _other_store(task_store: Any, outbox: SQLStore) -> str | None:

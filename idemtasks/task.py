@@ -223,10 +223,28 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # Quietly: if the store cannot take the release, the retry still goes out, and its claim waits for the
             # lease to run out (busy), then takes the operation over.
             # Eager mode runs the retry at once, in this thread, whatever its countdown: due now.
-            delay = 0.0 if request.is_eager else due_in(eta, countdown, self.default_retry_delay)
+            # Given back as Celery builds the retry's signature (signature_from_request, below), before it sends it:
+            # only there are the retry's arguments what Celery sends (it merges new arguments with the inherited
+            # keyword arguments by parameter name), which the give-back stores for recovery.
+            request.idemtasks_give_back = 0.0 if request.is_eager else due_in(eta, countdown, self.default_retry_delay)
+        try:
+            return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
+                                 max_retries=max_retries, **options)
+        finally:
+            if attempt is not None:
+                request.idemtasks_give_back = None
+
+    def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None,
+                               **extra_options: Any) -> Any:
+        """Celery's, preceded, for the retry that :meth:`retry` is sending, by giving the operation back with the
+        retry's call (see :func:`~idemtasks.execution.retry_payload`)."""
+        req = self.request if request is None else request
+        delay = getattr(req, "idemtasks_give_back", None)
+        if delay is not None:
+            req.idemtasks_give_back = None  # once: this method serves other callers too
+            attempt: Attempt = req.idemtasks_attempt
             attempt.release_quietly(delay=delay, payload=retry_payload(self, attempt, args, kwargs))
-        return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
-                             max_retries=max_retries, **options)
+        return super().signature_from_request(request, args, kwargs, queue, **extra_options)
 
     def replace(self, sig: Any) -> Any:
         """Refused while an operation runs, before anything is sent.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import subprocess
@@ -505,3 +506,29 @@ def test_a_transactional_task_on_a_store_that_creates_no_schema_still_gets_its_m
     assert op is not None and op.status is Status.SUCCEEDED and op.result == "paid"
     assert "idemtasks_effects" in sa.inspect(store.engine).get_table_names()
     store.close()
+
+
+@pytest.mark.parametrize(("submitted", "retry_with", "sent"), [
+    ((), {"a": 1, "b": 2}, ([5], {"b": 2})),  # retry(args=[5]) of a call by keywords: b kept, a replaced
+    ((1, 2), {}, ([5, 2], {})),
+])
+def test_the_call_a_retry_stores_is_the_one_celery_sends(submitted: tuple[int, ...], retry_with: dict[str, int],
+                                                         sent: tuple[list[int], dict[str, int]]) -> None:
+    """Celery merges a retry's new positional arguments with the inherited keyword ones by parameter name: recovery
+    must publish what Celery sent, or Celery's own argument check refuses the copy at every sweep."""
+    store = MemoryStore()
+    app = Celery(f"rt{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+    calls: list[tuple[int, int]] = []
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name="rt.charge", max_retries=1)
+    def charge(self: IdempotentTask, a: int, b: int) -> int:
+        calls.append((a, b))
+        if self.request.retries == 0:
+            self.retry(args=[5] if not submitted else [5, b], countdown=0)
+        return a + b
+
+    op = charge.submit(submitted, retry_with, key="k").operation
+    done = store.get_by_id(op.id)
+    assert done is not None and done.status is Status.SUCCEEDED and calls[-1] == (5, 2)
+    assert done.payload == json.dumps(["rt.charge", sent[0], sent[1], {"retries": 1}], separators=(",", ":"))

@@ -14,7 +14,14 @@ import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import ConfigurationError, IdempotencyKeyMismatch, IdempotentTask, Status, StoreUnavailable
+from idemtasks import (
+    ConfigurationError,
+    IdempotencyKeyMismatch,
+    IdempotentTask,
+    Status,
+    StoreError,
+    StoreUnavailable,
+)
 from idemtasks.outbox import Outbox
 from idemtasks.recovery import Sweeper
 from idemtasks.stores.base import Store
@@ -130,6 +137,22 @@ def test_a_double_click_whose_second_transaction_began_first_is_told_to_try_agai
         assert not again.created and again.operation.id == staged.operation.id
     finally:
         engine.dispose()
+        drop(store)
+
+
+def test_a_constraint_other_than_the_key_is_the_statements_fault_not_a_reason_to_retry(tmp_path: Path) -> None:
+    """A table a migration left with a column the store does not fill: StoreError (a 500, with the cause in the
+    log), not the StoreUnavailable of a key committed by a later transaction, which clients would retry for ever."""
+    store = make_store("postgres", tmp_path)
+    assert isinstance(store, SQLStore)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text(f'ALTER TABLE "{store.table.name}" ADD COLUMN tenant TEXT NOT NULL'))
+        _, ship, _, _ = setup(store)
+        with pytest.raises(StoreError) as raised, store.engine.begin() as conn:
+            Outbox(store).stage(conn, ship, ("o8",), key="order-o8")
+        assert not isinstance(raised.value, StoreUnavailable) and "tenant" in str(raised.value)
+    finally:
         drop(store)
 
 

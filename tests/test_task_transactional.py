@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from celery import Celery
+from sqlalchemy.orm import Session
 
 from idemtasks import IdempotentTask, IdemtasksError, OperationFailed, Status
 from idemtasks.effects import EffectsLedger, failure_of, ledger_for
@@ -236,8 +237,35 @@ def test_a_body_that_ends_its_own_transaction_is_refused_and_commits_nothing(
     set_body(body)
     op = store.get_by_id(pay.submit(("o-1",), key="order-1").operation.id)
     assert op is not None and op.status is Status.FAILED and op.error is not None
-    assert "must not commit or roll back self.connection" in op.error.message
+    assert op.error.type == "IdemtasksError"
+    assert ("must not commit self.connection" if end == "commit" else "rolled back self.connection") in op.error.message
     assert runs == ["o-1"] and _rows(pay, orders) == []
+    set_body(lambda task, order: task.connection.execute(orders.insert().values(id=order)) and order)
+    # The pooled connection came back clean: the next body's writes commit, and only them.
+    again = store.get_by_id(pay.submit(("o-2",), key="order-2").operation.id)
+    assert again is not None and again.status is Status.SUCCEEDED and _rows(pay, orders) == ["o-2"]
+
+
+def test_an_orm_session_on_the_bodys_connection_keeps_the_bodys_own_failure(
+        paying: tuple[Store, Any, sa.Table, Any]) -> None:
+    """A Session bound to self.connection rolls the connection's transaction back as the body's exception unwinds:
+    the body's error stands (and is retried under retry_on), and the next attempt commits once."""
+    store, pay, orders, set_body = paying
+    pay.retry_on = (LookupError,)
+    runs: list[str] = []
+
+    def body(task: IdempotentTask, order: str) -> str:
+        runs.append(order)
+        with Session(bind=task.connection) as session, session.begin():
+            session.execute(orders.insert().values(id=order))
+            if len(runs) == 1:
+                raise LookupError("card issuer busy")
+        return order
+
+    set_body(body)
+    op = store.get_by_id(pay.submit(("o-3",), key="order-3").operation.id)
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == "o-3"
+    assert runs == ["o-3", "o-3"] and _rows(pay, orders) == ["o-3"]
 
 
 def test_a_body_that_catches_its_own_failed_statement_on_postgresql_fails_with_the_reason(
