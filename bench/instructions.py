@@ -49,10 +49,13 @@ def available() -> str | None:
     return None if shutil.which("valgrind") else "valgrind is not on the PATH (apt-get install valgrind)"
 
 
-def run(bench: Bench, scenarios: list[Scenario], iterations: int) -> list[Count]:
+def run(bench: Bench, scenarios: list[Scenario], iterations: int, paths: list[str] | None = None) -> list[Count]:
+    unknown = set(paths or ()) - set(PATHS)
+    if unknown:
+        raise ValueError(f"unknown callgrind paths: {', '.join(sorted(unknown))} (known: {', '.join(PATHS)})")
     out = []
     for s in scenarios:
-        for path in PATHS:
+        for path in paths or PATHS:
             queue = f"bench.instructions.{uuid.uuid4().hex[:8]}"  # nothing consumes it; deleted below
             # A fixed hash seed: with a random one, each process lays its dicts out differently, and the probes of
             # string-keyed lookups alone moved a run's total by a million instructions.

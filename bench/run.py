@@ -51,6 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--growth-stores", default="redis,postgres", help="growth stores (redis, postgres, sqlite)")
     p.add_argument("--http-requests", type=int, help="requests per HTTP phase (default 2000)")
     p.add_argument("--instr-iterations", type=int, help="iterations counted per path under callgrind (default 200)")
+    p.add_argument("--instr-paths", default="worker,publish", help="paths counted under callgrind (worker, publish)")
     p.add_argument("--prefetch", type=int, default=1, help="worker_prefetch_multiplier (default 1, as recommended)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (worker logs)")
@@ -197,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                 skipped["instructions (all scenarios)"] = why
             else:
                 log.info("instructions per task under callgrind, %d iterations per path", a.instr_iterations)
-                res["instructions"] = [asdict(c) for c in instructions.run(bench, scenarios, a.instr_iterations)]
+                paths = [path for path in a.instr_paths.split(",") if path]
+                res["instructions"] = [asdict(c) for c in instructions.run(bench, scenarios, a.instr_iterations,
+                                                                           paths)]
         if "growth" in a.sections:
             stores = [s for s in a.growth_stores.split(",") if s != "postgres" or postgres_reachable()]
             log.info("growth: %s at %s stored operations", ", ".join(stores), a.growth_sizes)
