@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from celery.exceptions import Retry
+
 from .errors import ConfigurationError, IdemtasksError, StoreError, StoreUnavailable
 from .forks import fresh_in_child
 from .models import ErrorInfo
@@ -120,7 +122,9 @@ class EffectsLedger:
                     conn.connection.rollback()
                 except Exception:
                     conn.invalidate()
-                if exc is not guard.refused:  # what the body met after the refusal (SQLAlchemy's PendingRollback…)
+                # What the body met after the refusal (SQLAlchemy's PendingRollback…) gives way to it; a retry the
+                # body sent meanwhile stands (the operation is given back and its message out).
+                if exc is not guard.refused and not isinstance(exc, Retry):
                     raise guard.refused from exc
             elif tx.is_active:  # not after a rollback of the body's own (an ORM Session's, as an exception unwinds)
                 tx.rollback()

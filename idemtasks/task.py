@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from celery import Task
+from celery.exceptions import Retry
 from celery.utils.time import maybe_iso8601
 
 from . import checks, config, revoked  # noqa: F401 - revoked connects the handler of discarded messages
@@ -228,11 +229,27 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # keyword arguments by parameter name), which the give-back stores for recovery.
             request.idemtasks_give_back = 0.0 if request.is_eager else due_in(eta, countdown, self.default_retry_delay)
         try:
-            return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
+            sent = super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
                                  max_retries=max_retries, **options)
+        except Retry:
+            self._give_back_late(request, attempt, args, kwargs)
+            raise
+        else:
+            if isinstance(sent, Retry):  # throw=False
+                self._give_back_late(request, attempt, args, kwargs)
+            return sent
         finally:
             if attempt is not None:
                 request.idemtasks_give_back = None
+
+    def _give_back_late(self, request: Any, attempt: Attempt | None, args: Any, kwargs: Any) -> None:
+        """The give-back of a retry whose signature a subclass built without calling ours (see below): made once
+        the retry went out, with the arguments given to :meth:`retry`. Its claim may come first and be sent back
+        for the due time, busy; left undone, the operation would wait for its lease, then count a crash."""
+        delay = getattr(request, "idemtasks_give_back", None)
+        if attempt is not None and delay is not None:
+            request.idemtasks_give_back = None
+            attempt.release_quietly(delay=delay, payload=retry_payload(self, attempt, args, kwargs))
 
     def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None,
                                **extra_options: Any) -> Any:

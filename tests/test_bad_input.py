@@ -532,3 +532,30 @@ def test_the_call_a_retry_stores_is_the_one_celery_sends(submitted: tuple[int, .
     done = store.get_by_id(op.id)
     assert done is not None and done.status is Status.SUCCEEDED and calls[-1] == (5, 2)
     assert done.payload == json.dumps(["rt.charge", sent[0], sent[1], {"retries": 1}], separators=(",", ":"))
+
+
+def test_a_task_class_that_builds_its_retry_signature_itself_still_gives_the_operation_back() -> None:
+    """The give-back rides on Celery's signature_from_request; a subclass that overrides it without calling super()
+    still gets its operation given back for the retry (once the retry is out), not left to its lease and a crash."""
+    store = MemoryStore()
+    app = Celery(f"rt{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+
+    class Routed(IdempotentTask):
+        def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None,
+                                   queue: Any = None, **extra: Any) -> Any:
+            request = self.request if request is None else request
+            return self.signature(request.args if args is None else args,
+                                  request.kwargs if kwargs is None else kwargs, {"queue": "special", **extra},
+                                  type=self)
+
+    @app.task(shared=False, base=Routed, bind=True, store_url=store, name="rt.routed", max_retries=1,
+              lease_seconds=30.0)
+    def routed(self: IdempotentTask, n: int) -> int:
+        if self.request.retries == 0:
+            self.retry(args=(n + 1,), countdown=0)
+        return n
+
+    op = store.get_by_id(routed.submit((1,), key="k").operation.id)
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == 2 and op.crashes == 0
+    assert op.payload == '["rt.routed",[2],{},{"retries":1}]'
