@@ -236,14 +236,14 @@ def _wrapped(*, aborted: str | None = None) -> Iterator[None]:
     except IntegrityError:
         raise
     except (SQLAlchemyError, DBAPIError) as exc:
+        from .stores.sql import _pg_code
         from .stores.sql_schema import is_outage
 
         orig = getattr(exc, "orig", None) or exc  # the driver's message: SQLAlchemy's quotes statement and values
         if is_outage(exc):
             raise StoreUnavailable(f"transaction database unreachable: {type(orig).__name__}: {orig}") from exc
-        failed_transaction = (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "25P02"
         why = f"{type(orig).__name__}: {orig}"
-        if aborted and failed_transaction:
+        if aborted and _pg_code(exc) == "25P02":  # in_failed_sql_transaction
             why = f"{aborted} ({why})"
         raise StoreError(f"transaction database error: {why}") from exc
 

@@ -26,7 +26,7 @@ from .identity import canonical_call, fingerprint_of_call, key_digest, new_opera
 from .models import Operation
 from .stores import SQL_SCHEMES, Store, public_url, url_scheme
 from .stores.base import CreateRequest, decide_create
-from .stores.sql import DEFAULT_TABLE, SQLStore
+from .stores.sql import _MYSQL_DUPLICATE_KEY, _PG_UNIQUE_VIOLATION, DEFAULT_TABLE, SQLStore, _mysql_code, _pg_code
 
 __all__ = ["Outbox", "Staged"]
 
@@ -118,12 +118,10 @@ class Outbox:
 
 def _duplicate_key(exc: IntegrityError) -> bool:
     """Whether the INSERT collided on a unique key (the operation's), rather than broke another constraint."""
-    orig: Any = exc.orig
-    if (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "23505":  # PostgreSQL unique_violation
+    if _pg_code(exc) == _PG_UNIQUE_VIOLATION or _mysql_code(exc) == _MYSQL_DUPLICATE_KEY:
         return True
-    if type(orig).__module__.split(".", 1)[0] in ("pymysql", "MySQLdb"):
-        return bool(orig.args) and orig.args[0] == 1062  # ER_DUP_ENTRY
     # SQLite: SQLITE_CONSTRAINT_PRIMARYKEY / _UNIQUE, or by its message where the driver gives no extended code
+    orig = exc.orig
     return getattr(orig, "sqlite_errorcode", None) in (1555, 2067) or "UNIQUE constraint failed" in str(orig)
 
 

@@ -232,35 +232,33 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             sent = super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta, countdown=countdown,
                                  max_retries=max_retries, **options)
         except Retry:
-            self._give_back_late(request, attempt, args, kwargs)
+            # A subclass that built the retry's signature without calling ours (below): given back now that the
+            # retry went out, with the arguments given here. Its claim may come first and find the operation busy;
+            # left undone, the operation would wait for its lease, then count a crash.
+            self._give_back(request, args, kwargs)
             raise
         else:
-            if isinstance(sent, Retry):  # throw=False
-                self._give_back_late(request, attempt, args, kwargs)
+            if isinstance(sent, Retry):  # throw=False: as above
+                self._give_back(request, args, kwargs)
             return sent
         finally:
             if attempt is not None:
                 request.idemtasks_give_back = None
 
-    def _give_back_late(self, request: Any, attempt: Attempt | None, args: Any, kwargs: Any) -> None:
-        """The give-back of a retry whose signature a subclass built without calling ours (see below): made once
-        the retry went out, with the arguments given to :meth:`retry`. Its claim may come first and be sent back
-        for the due time, busy; left undone, the operation would wait for its lease, then count a crash."""
+    def _give_back(self, request: Any, args: Any, kwargs: Any) -> None:
+        """The give-back :meth:`retry` asked for, if not made yet: once, with the retry's call (see
+        :func:`~idemtasks.execution.retry_payload`)."""
         delay = getattr(request, "idemtasks_give_back", None)
-        if attempt is not None and delay is not None:
+        if delay is not None:
             request.idemtasks_give_back = None
+            attempt: Attempt = request.idemtasks_attempt
             attempt.release_quietly(delay=delay, payload=retry_payload(self, attempt, args, kwargs))
 
     def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None,
                                **extra_options: Any) -> Any:
         """Celery's, preceded, for the retry that :meth:`retry` is sending, by giving the operation back with the
-        retry's call (see :func:`~idemtasks.execution.retry_payload`)."""
-        req = self.request if request is None else request
-        delay = getattr(req, "idemtasks_give_back", None)
-        if delay is not None:
-            req.idemtasks_give_back = None  # once: this method serves other callers too
-            attempt: Attempt = req.idemtasks_attempt
-            attempt.release_quietly(delay=delay, payload=retry_payload(self, attempt, args, kwargs))
+        retry's call as Celery sends it. (This method serves other callers too: the give-back is made only once.)"""
+        self._give_back(self.request if request is None else request, args, kwargs)
         return super().signature_from_request(request, args, kwargs, queue, **extra_options)
 
     def replace(self, sig: Any) -> Any:

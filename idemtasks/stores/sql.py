@@ -71,7 +71,8 @@ _R = TypeVar("_R")
 # MariaDB: a racing INSERT of the same key won (duplicate key), or a deadlock among such racers. Both roll the
 # transaction back, so the whole read-decide-write is simply run again. (A lock wait timeout is not retried: it
 # took innodb_lock_wait_timeout already, and leaves as StoreUnavailable.)
-_MYSQL_RETRY_CODES = (1062, 1213)
+_MYSQL_DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
+_MYSQL_RETRY_CODES = (_MYSQL_DUPLICATE_KEY, 1213)
 _MYSQL_ATTEMPTS = 8
 #: Seconds a MariaDB locking read may take before the clock it read (at its start) is read again: a wait for the
 #: record's lock, not a round trip; beyond it, one more round trip, only then.
