@@ -254,11 +254,32 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             attempt: Attempt = request.idemtasks_attempt
             attempt.release_quietly(delay=delay, payload=retry_payload(self, attempt, args, kwargs))
 
+    def _sendable(self, args: Any, kwargs: Any) -> bool:
+        """Whether Celery's ``apply_async`` would accept these arguments: its check against the task's signature,
+        which it makes only when ``typing`` is on."""
+        check = getattr(self, "__header__", None) if self.typing else None
+        if check is None:  # typing off, or a task class without Celery's header: Celery checks nothing either
+            return True
+        try:
+            check(*(args or ()), **(kwargs or {}))
+        except TypeError:
+            return False
+        return True
+
     def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None,
                                **extra_options: Any) -> Any:
         """Celery's, preceded, for the retry that :meth:`retry` is sending, by giving the operation back with the
         retry's call as Celery sends it. (This method serves other callers too: the give-back is made only once.)"""
-        self._give_back(self.request if request is None else request, args, kwargs)
+        request = self.request if request is None else request
+        pending = getattr(request, "idemtasks_give_back", None) is not None and not request.is_eager
+        if pending and not self._sendable(request.args if args is None else args,
+                                          request.kwargs if kwargs is None else kwargs):
+            # Celery's own check in apply_async refuses this call, and retry() turns that into Reject(requeue=False).
+            # Given back, the operation would stay pending with a call no copy of which can ever be published
+            # (recovery would fail at every sweep); kept, it fails with that Reject. (Checked only here, where the
+            # arguments are those Celery sends; an eager retry runs through apply(), which checks nothing.)
+            request.idemtasks_give_back = None
+        self._give_back(request, args, kwargs)
         return super().signature_from_request(request, args, kwargs, queue, **extra_options)
 
     def replace(self, sig: Any) -> Any:

@@ -165,6 +165,8 @@ def build(store: Store) -> Harness:
             raise Reject("not now", requeue=True)
         if how == "replace":
             return self.replace(charge.s(tag, 1))  # type: ignore[no-any-return]
+        if how == "bad-retry":  # one argument too many: Celery refuses to send it
+            self.retry(args=(tag, how, "extra"), countdown=0.1)
         return "done"
 
     @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.later", max_retries=1)
@@ -805,6 +807,18 @@ class TestDroppedDeliveries:
         op = h.wait_final(sub.operation.id, timeout=10)
         assert op.status is Status.SUCCEEDED and op.result == "done"
         assert h.runs[tag] == 2
+
+    def test_a_retry_celery_cannot_send_fails_the_operation_rather_than_give_it_back(self, h: Harness) -> None:
+        """Celery checks a retry's arguments against the task's signature before sending it, and turns a refusal
+        into ``Reject(requeue=False)``. Given back, the operation would wait for a retry that never comes, with a
+        call recovery could never publish."""
+        sub = h.tasks["drops"].submit((tag := key(), "bad-retry"), key=key())
+        op = h.wait_final(sub.operation.id, timeout=10)
+        assert op.status is Status.FAILED and op.error is not None
+        assert op.error.type == "Reject" and "positional argument" in op.error.message
+        assert op.payload is not None and '"extra"' not in op.payload  # the call stored is still the first one
+        assert sub.operation.id not in [o.id for o in h.store.stale(pending_after=0.0, limit=10_000)]
+        assert h.runs[tag] == 1
 
     def test_replace_is_refused_before_the_replacement_is_sent(self, h: Harness) -> None:
         sub = h.tasks["drops"].submit((tag := key(), "replace"), key=key())
