@@ -22,7 +22,7 @@ _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def check_settings(app: Any) -> list[str]:
     """Return one warning per idempotent task whose settings undermine exactly-once delivery."""
-    from .config import is_sql_store, sql_problem
+    from .config import body_on_store, sql_problem
     from .task import IdempotentTask
 
     conf = app.conf
@@ -50,8 +50,7 @@ def check_settings(app: Any) -> list[str]:
                                 f"{visibility:g}s; after a crash the redelivered message finds a live lease and "
                                 "waits; lower idemtasks_lease")
         # Without transaction_url, its body runs on the engine of a SQL store given as an object, if it can.
-        store = task.store_url
-        on_store = not task.transaction_url and is_sql_store(store) and not getattr(store, "one_connection", True)
+        on_store = body_on_store(task) and not getattr(task.store_url, "one_connection", True)
         if task.transactional and not on_store \
                 and (problem := sql_problem(task.transaction_url or task.store_url)) is not None:
             if task.transaction_url:  # its driver is missing here: the rest was checked as the task was bound

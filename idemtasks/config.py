@@ -140,6 +140,12 @@ def is_sql_store(store: Any) -> bool:
     return module is not None and isinstance(store, module.SQLStore)
 
 
+def body_on_store(task: Any) -> bool:
+    """Whether a transactional task's body runs on its store's engine: no ``transaction_url``, and a SQL store given
+    as an object. (Otherwise it runs on ``transaction_url``, else on a database opened from the store's URL.)"""
+    return not task.transaction_url and is_sql_store(task.store_url)
+
+
 def sql_problem(url: Any, *, driver: bool = True) -> str | None:
     """Why SQLAlchemy could not open ``url``, or ``None`` if it can (no connection is made). ``driver``: the
     driver must be installed in this process too."""

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from .config import is_sql_store, sql_problem, transaction_url
+from .config import body_on_store, sql_problem, transaction_url
 from .errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -572,7 +572,7 @@ def transaction_ledger(task: Any) -> Any:
     store's (the engine of a SQL store given as an object, or the store URL)."""
     from .effects import ledger_for, ledger_on
 
-    if not task.transaction_url and is_sql_store(task.store_url):
+    if body_on_store(task):
         return ledger_on(task.store_url)
     return ledger_for(_transaction_url(task))
 

@@ -81,9 +81,10 @@ def bearer_caller(headers: Mapping[str, str]) -> str | None:
     back to anonymous, for the same reason.
     """
     value = core.single(headers, "Authorization")  # repeated: RepeatedHeader, answered 400
-    if value is None or not value.strip(core._OWS):
+    value = None if value is None else value.strip(core._OWS)
+    if not value:
         return None
-    scheme, _, credentials = value.strip(core._OWS).partition(" ")
+    scheme, _, credentials = value.partition(" ")
     credentials = credentials.strip(core._OWS)  # no more: "tok\xa0" is not the token "tok" (refused below)
     if scheme.lower() == "bearer":
         if not credentials:
