@@ -23,11 +23,16 @@ _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 def check_settings(app: Any) -> list[str]:
     """Return one warning per idempotent task whose settings undermine exactly-once delivery."""
     from .config import body_on_store, sql_problem
+    from .recovery import DEFAULT_PENDING_AFTER, DEFAULT_SWEEP_INTERVAL
+    from .stores.base import confirm_after_for
     from .task import IdempotentTask
 
     conf = app.conf
     broker = str(conf.broker_url or "").split("://", 1)[0].split("+", 1)[0]
     visibility = float((conf.broker_transport_options or {}).get("visibility_timeout", _DEFAULT_VISIBILITY))
+    pending_after = float(conf.get("idemtasks_pending_after", DEFAULT_PENDING_AFTER))
+    # With the in-worker sweeper off, sweeps come from beat or cron at an interval not known here: assume the default.
+    interval = float(conf.get("idemtasks_sweep_interval", DEFAULT_SWEEP_INTERVAL) or DEFAULT_SWEEP_INTERVAL)
     warnings: list[str] = []
     for name, task in sorted(app.tasks.items()):
         if not isinstance(task, IdempotentTask):
@@ -61,6 +66,17 @@ def check_settings(app: Any) -> list[str]:
                 warnings.append(f"{name}: a transactional task needs a SQL database, and without transaction_url it "
                                 f"would use its store, {problem}: every operation it takes will fail; set "
                                 "transaction_url")
+        # A record expires idempotency_ttl after its last change, and no sweep finds an expired one: an operation
+        # whose message was lost, or whose holder died, must still be there when recovery comes for it, and again
+        # when a first republish failed (the broker away), or the payment it records is never run.
+        ttl = float(task.idempotency_ttl or 0.0)
+        needed = 2 * (max(pending_after, lease + confirm_after_for(lease)) + 2 * interval)
+        if ttl < needed:
+            warnings.append(f"{name}: idempotency_ttl {ttl:g}s leaves recovery too little time: an operation whose "
+                            f"message was lost is republished after pending_after {pending_after:g}s, and one whose "
+                            f"holder died after its lease {lease:g}s and a grace of {confirm_after_for(lease):g}s, by "
+                            f"a sweep every {interval:g}s; one that expires first is never run. Keep "
+                            f"idempotency_ttl at {needed:g}s or more")
         if task.time_limit and lease > float(task.time_limit) * 2:
             warnings.append(f"{name}: lease_seconds {lease:g}s is far longer than time_limit {task.time_limit}s; a "
                             "child killed by the time limit keeps its operation until the lease runs out")

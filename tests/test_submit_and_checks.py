@@ -93,6 +93,21 @@ def test_lease_and_time_limit_against_the_visibility_timeout_are_reported() -> N
     assert any("lease_seconds 60s is not shorter than the visibility_timeout 30s" in w for w in warnings)
 
 
+@pytest.mark.parametrize(("conf", "needed"), [
+    ({"idemtasks_ttl": 240.0}, 280),  # 2 x (lease 60 s + grace 20 s + 2 sweeps of 30 s)
+    ({"idemtasks_ttl": 400.0, "idemtasks_pending_after": 300.0}, 720),  # 2 x (pending_after + 2 sweeps)
+    ({"idemtasks_ttl": 20.0, "idemtasks_lease": 1.0, "idemtasks_pending_after": 2.0, "idemtasks_sweep_interval": 5.0},
+     26),  # 2 x (lease 1 s + the minimum grace of 2 s + 2 sweeps of 5 s)
+])
+def test_a_ttl_too_short_for_recovery_to_find_the_record_is_reported(conf: dict[str, float], needed: int) -> None:
+    """Recovery never finds an expired record: a payment whose message was lost would be gone, unrun."""
+    warnings = checked(broker_url="amqp://localhost//", task_acks_late=True, task_reject_on_worker_lost=True, **conf)
+    assert len(warnings) == 1 and "leaves recovery too little time" in warnings[0]
+    assert warnings[0].endswith(f"Keep idempotency_ttl at {needed}s or more")
+    conf["idemtasks_ttl"] = float(needed)
+    assert checked(broker_url="amqp://localhost//", task_acks_late=True, task_reject_on_worker_lost=True, **conf) == []
+
+
 def test_warnings_are_logged_when_a_worker_starts(caplog: pytest.LogCaptureFixture) -> None:
     from celery import signals
 
