@@ -41,12 +41,22 @@ class Takeover(str, enum.Enum):
     ALIVE = "alive"
 
 
+#: Longest stored error type (an exception's class name), in characters: the SQL stores' column.
+MAX_ERROR_TYPE = 255
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """The stored failure of an operation: the exception's class name and message."""
 
     type: str
     message: str
+
+    def __post_init__(self) -> None:
+        # Cut here, where every store's completion and its check of a resent one both see it: a SQL column holds
+        # MAX_ERROR_TYPE characters, and a longer name stored cut would not match the name a resend compares.
+        if len(self.type) > MAX_ERROR_TYPE:
+            object.__setattr__(self, "type", self.type[:MAX_ERROR_TYPE])
 
 
 def _iso(ts: float | None) -> str | None:

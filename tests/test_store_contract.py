@@ -14,7 +14,7 @@ import pytest
 from idemtasks.config import DEFAULT_MAX_RESULT_BYTES
 from idemtasks.errors import IdempotencyKeyMismatch, LeaseLost
 from idemtasks.identity import digest_from_id, key_digest
-from idemtasks.models import ClaimOutcome, ErrorInfo, Status, Takeover
+from idemtasks.models import MAX_ERROR_TYPE, ClaimOutcome, ErrorInfo, Status, Takeover
 from idemtasks.stores.base import DUE_SLACK, Store
 from tests import services
 
@@ -249,6 +249,18 @@ class TestFinish:
         op = store.get(scope, "k1")
         assert op is not None and op.status is Status.FAILED
         assert op.error == ErrorInfo("CardDeclined", "insufficient funds") and op.result is None
+
+    def test_a_long_error_type_is_stored_cut_alike_and_its_resend_recognised(self, store: Store, scope: str) -> None:
+        """A generated exception class may have a name longer than a SQL column: every store keeps its first
+        MAX_ERROR_TYPE characters, and a resend of that completion (its answer lost) finds it landed."""
+        held = claim(store, scope, "k1").operation
+        error = ErrorInfo("E" * 300, "declined")
+        assert error.type == "E" * MAX_ERROR_TYPE
+        store.fail(held, held.fencing_token, error, ttl=TTL)
+        store.finish(scope, "k1", held.id, held.fencing_token, Status.FAILED, error=ErrorInfo("E" * 300, "declined"),
+                     ttl=TTL, again=True)
+        op = store.get(scope, "k1")
+        assert op is not None and op.error == ErrorInfo("E" * MAX_ERROR_TYPE, "declined")
 
     def test_stale_holder_cannot_overwrite_the_new_holders_result(self, store: Store, scope: str) -> None:
         zombie = claim(store, scope, "k1", lease=0.3).operation

@@ -304,7 +304,7 @@ class SQLStore(Store):
             params["p_result"] = req.result
         if req.status is Status.FAILED:
             error = req.error
-            params.update(p_error_type=error and error.type[:255], p_error_message=error and error.message)
+            params.update(p_error_type=error and error.type, p_error_message=error and error.message)
         if req.status is Status.PENDING:
             params.update(p_delay=req.delay, p_crashed=int(req.crashed), p_payload=req.payload)
         return params
