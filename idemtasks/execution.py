@@ -42,7 +42,7 @@ from .identity import (
 from .lease import Hold, keeper
 from .models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status
 from .stores import public_url
-from .stores.base import Store, confirm_after_for
+from .stores.base import Store, confirm_after_for, held_to
 from .stores.lanes import collector
 
 __all__ = ["HEADER", "MAX_ERROR_MESSAGE", "REQUEUE_PAUSE", "Attempt", "error_info", "header_of", "retry_payload",
@@ -268,7 +268,7 @@ def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple
     the operation again if this holder died (and on Redis it would stay at the head of the index, in every sweep's
     way). One more round trip, only in this case; the body runs whether or not it lands."""
     try:
-        call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+        call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, store))
         store.attach_payload(op, op.fencing_token, _stored_call_of(task, request, call))
     except IdemtasksError as exc:  # arguments that cannot be stored as JSON, or the store gone for a moment
         logger.warning("idemtasks: operation %s has no stored call; recovery cannot publish it again: %s", op.id, exc)
@@ -283,7 +283,7 @@ def retry_payload(task: Any, attempt: Attempt, args: Any, kwargs: Any) -> str | 
     args = request.args if args is None else args
     kwargs = request.kwargs if kwargs is None else kwargs
     try:
-        call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+        call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, attempt.store))
     except IdemtasksError as exc:
         logger.warning("idemtasks: operation %s keeps its stored call; the retry's cannot be stored: %s",
                        attempt.id, exc)
@@ -378,7 +378,7 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                 result, result_json = _run_transactional(task, attempt, args, kwargs)
             else:
                 result = task.run(*args, **kwargs)
-                result_json = dump_json(result, what="result", limit=task.max_result_bytes)
+                result_json = dump_json(result, what="result", limit=held_to(task.max_result_bytes, attempt.store))
         except Retry:
             raise  # retry() gave the operation back before publishing
         except (Ignore, Reject) as exc:
@@ -532,7 +532,7 @@ def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwarg
         with ledger.transaction() as conn:
             attempt.request.idemtasks_connection = conn
             result = task.run(*args, **kwargs)
-            result_json = dump_json(result, what="result", limit=task.max_result_bytes)
+            result_json = dump_json(result, what="result", limit=held_to(task.max_result_bytes, attempt.store))
             prior = ledger.record(conn, attempt.id, attempt.fencing_token, result_json)
             if prior is not None:
                 raise _AlreadyCommitted(prior)  # rolls this holder's writes back

@@ -36,6 +36,7 @@ from .identity import (
 )
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
+from .stores.base import held_to
 
 __all__ = ["IdempotentTask"]
 
@@ -315,9 +316,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         self._settled()
         key = validate_key(key)
         scope = validate_scope(scope if scope is not None else self.idempotency_scope)
-        call = canonical_call(self.name, args, kwargs, limit=self.max_args_bytes)
-        fp = fingerprint or fingerprint_of_call(call)
         store = self.store
+        call = canonical_call(self.name, args, kwargs, limit=held_to(self.max_args_bytes, store))
+        fp = fingerprint or fingerprint_of_call(call)
         # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
         # still waits for the message's time before it presumes the message lost.
         due = message_due(self, options)

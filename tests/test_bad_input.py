@@ -19,7 +19,16 @@ import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import ClaimOutcome, ConfigurationError, IdempotentTask, InvalidKey, Status, StoreUnavailable, open_store
+from idemtasks import (
+    ClaimOutcome,
+    ConfigurationError,
+    IdempotentTask,
+    InvalidKey,
+    Status,
+    StoreUnavailable,
+    TooLarge,
+    open_store,
+)
 from idemtasks.aio import async_store_for
 from idemtasks.checks import check_settings
 from idemtasks.config import validate
@@ -559,3 +568,44 @@ def test_a_task_class_that_builds_its_retry_signature_itself_still_gives_the_ope
     op = store.get_by_id(routed.submit((1,), key="k").operation.id)
     assert op is not None and op.status is Status.SUCCEEDED and op.result == 2 and op.crashes == 0
     assert op.payload == '["rt.routed",[2],{},{"retries":1}]'
+
+
+@pytest.mark.timeout(90)
+def test_a_result_over_the_mariadb_servers_packet_limit_fails_with_too_large_and_runs_once(tmp_path: Path) -> None:
+    """MariaDB cuts a statement over its ``max_allowed_packet`` off with the connection ("server has gone away"), which
+    reads as an outage: a result under the task's own limit but over the server's was sent again and again, and each
+    takeover of the lapsed lease ran the body again, until TooManyCrashes. The store reads the server's limit as a
+    connection opens and holds the task's limits to it."""
+    from idemtasks.stores.sql_schema import packet_value_limit
+    from tests.conftest import make_store
+
+    store = make_store("mysql", tmp_path)
+    try:
+        with store.engine.connect() as conn:  # type: ignore[attr-defined]
+            packet = int(conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar_one())
+        assert store.value_limit == packet_value_limit(packet)
+        app = Celery(f"pkt{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+        app.conf.update(task_ignore_result=True, task_default_queue=app.main, idemtasks_lease=2.0,
+                        idemtasks_max_result_bytes=4 * packet, idemtasks_max_args_bytes=4 * packet)
+        runs: Counter[str] = Counter()
+
+        @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.big")
+        def big(self: IdempotentTask) -> str:
+            runs[self.operation.key] += 1
+            return "x" * (packet + 1)  # under the task's limit, over the server's
+
+        with pytest.raises(TooLarge):  # arguments too: refused before anything is stored
+            big.submit(("y" * (packet + 1),), key="too-big-args")
+        assert store.get("global", "too-big-args") is None
+        with start_worker(app, pool="solo", perform_ping_check=False):
+            sub = big.submit((), key="big-result")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not ((op := store.get_by_id(sub.operation.id)) and op.is_final):
+                time.sleep(0.1)
+            time.sleep(0.5)
+        op = store.get_by_id(sub.operation.id)
+        assert op is not None and op.status is Status.FAILED and op.error is not None
+        assert op.error.type == "TooLarge" and op.attempts == 1
+        assert runs["big-result"] == 1
+    finally:
+        drop(store)

@@ -127,6 +127,15 @@ class FinishRequest:
     payload: str | None = None
 
 
+def held_to(limit: int | None, store: Any) -> int | None:
+    """A task's size limit (``max_result_bytes``, ``max_args_bytes``), held to what ``store``'s server can take (see
+    :attr:`Store.value_limit`)."""
+    server: int | None = getattr(store, "value_limit", None)
+    if server is None:
+        return limit
+    return server if limit is None else min(limit, server)
+
+
 def takeover_phase(op: Operation, now: float, grace: float) -> str:
     """Where a running operation stands in the two-phase takeover of a lapsed lease (see :meth:`Store.requeue`):
     ``"live"`` (its lease has not run out), ``"mark"`` (lapsed and not suspected since its last claim or renewal:
@@ -293,6 +302,10 @@ class Store(abc.ABC):
 
     #: Whether :meth:`finish_pipelined` can send a completion without waiting for its answer.
     pipelines_completions = False
+    #: The longest value (a result or a stored call, in bytes of JSON) the store's server can take, where it has a
+    #: limit of its own below the tasks' (MySQL/MariaDB's ``max_allowed_packet``, read as a connection opens);
+    #: ``None``: none known. A task's ``max_result_bytes`` and ``max_args_bytes`` are held to it as well.
+    value_limit: int | None = None
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,

@@ -58,9 +58,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .sql_errors import driver_outage
 
-__all__ = ["ALTER_LOCK_WAIT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PG_KEEPALIVES", "SQLITE_IMMEDIATE",
-           "add_missing_columns", "create_tables", "dispose_after_fork", "dispose_for_good", "is_outage",
-           "make_engine", "operations_table", "pg_connect_args", "ping_when_idle"]
+__all__ = ["ALTER_LOCK_WAIT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PACKET_OVERHEAD", "PG_KEEPALIVES",
+           "SQLITE_IMMEDIATE", "add_missing_columns", "create_tables", "dispose_after_fork", "dispose_for_good",
+           "is_outage", "make_engine", "operations_table", "packet_value_limit", "pg_connect_args", "ping_when_idle",
+           "watch_packet_limit"]
 
 #: The table of a store opened from a URL alone.
 DEFAULT_TABLE = "idemtasks_operations"
@@ -235,6 +236,36 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     # Otherwise deferred, as the driver's own: a single-statement write takes the lock with that statement, and
     # waits for it there, which is where the store's statements read the clock (see Statements.now).
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(SQLITE_IMMEDIATE) else "BEGIN")
+
+
+#: What a MySQL/MariaDB statement holds besides its one long value (the statement's text, the other values).
+PACKET_OVERHEAD = 16 * 1024
+
+
+def packet_value_limit(packet: int) -> int:
+    """The longest value (a result, a stored call) one statement can carry under MySQL/MariaDB's
+    ``max_allowed_packet``: the driver sends values inside the statement's text, escaped, and escaping can double a
+    JSON text (every quote and backslash)."""
+    return max(0, (packet - PACKET_OVERHEAD) // 2)
+
+
+def watch_packet_limit(engine: sa.Engine, keep: Callable[[int], None]) -> None:
+    """Hand ``keep`` the value limit of every new MySQL/MariaDB connection of ``engine`` (see
+    :func:`packet_value_limit`). A statement over the server's packet limit is cut off with the connection ("server has
+    gone away"), which reads as an outage: a result the server can never take would be sent again for ever, and its
+    body run again by each takeover. Read once per connection, not per statement."""
+
+    def read(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("SELECT @@max_allowed_packet")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        if row and row[0]:
+            keep(packet_value_limit(int(row[0])))
+
+    sa.event.listen(engine, "connect", read)
 
 
 def dispose_for_good(engine: sa.Engine) -> None:
