@@ -345,6 +345,14 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
         # (see Store.claim). Its holder may be dead and this message the operation's only copy, so it is never
         # dropped, whatever on_busy says: it comes back when the grace ends, or sooner if retrying sooner was asked.
         lease_end, keep = op.updated_at + confirm_after_for(float(task.lease_seconds)), policy == "ignore"
+    elif policy == "ignore" and _carries_follow_up(request):
+        # A live lease may be a holder that has just died (a pool child SIGKILLed: with reject_on_worker_lost its
+        # message comes back at once), and this message the only one that carries the follow-up work: a copy
+        # recovery publishes has none of it (nor Celery's chain or chord state). Dropped, the operation would still
+        # finish, by recovery, but the rest of the chain, the chord's body or the callbacks never run. So it comes
+        # back when the lease ends: it then replays the outcome (and sends its follow-up work, as any replay does) or
+        # finds the lease lapsed and goes on as above.
+        keep = True
     if policy == "ignore" and not keep:
         raise Ignore()
 
@@ -365,6 +373,12 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
     # "wait" (and eager mode, which has no queue to come back through): poll until the holder finishes or its
     # lease (or the suspicion's grace) runs out, whichever is first; the next claim then replays or takes over.
     time.sleep(max(0.01, min(countdown, until_end())))
+
+
+def _carries_follow_up(request: Any) -> bool:
+    """Whether a delivery carries work to run after it: callbacks (``link``, ``link_error``), the rest of a chain,
+    or a chord it is a header of."""
+    return bool(request.callbacks or request.errbacks or request.chain or request.chord)
 
 
 def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

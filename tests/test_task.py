@@ -177,8 +177,12 @@ def build(store: Store) -> Harness:
             self.retry(countdown=countdown)
         return "done"
 
+    @app.task(shared=False, name=f"{app.main}.noted")  # a plain task, linked as a callback
+    def noted(result: Any, tag: str) -> None:
+        h.runs[f"noted-{tag}"] += 1
+
     h.tasks.update(charge=charge, flaky=flaky, retry_on=retry_on, weird=weird, keyed=keyed, long=long,
-                   watched=watched, reargs=reargs, keyed_reargs=keyed_reargs, drops=drops, later=later)
+                   watched=watched, reargs=reargs, keyed_reargs=keyed_reargs, drops=drops, later=later, noted=noted)
     return h
 
 
@@ -829,6 +833,30 @@ class TestDroppedDeliveries:
         time.sleep(0.5)
         assert h.runs[tag] == 1
         assert h.runs[sub.operation.id] == 0  # the replacement (keyed by the shared task id) never ran
+
+
+def test_under_ignore_a_busy_delivery_that_carries_follow_up_work_comes_back_at_the_lease_end() -> None:
+    """A pool child SIGKILLed mid-body: with reject_on_worker_lost its message comes back at once and finds the
+    dead holder's lease still live. "ignore" would drop it, and recovery's copy of the operation carries no callbacks
+    (nor a chain's rest, nor a chord): the payment would finish, and its receipt never be sent. Kept, the message
+    comes back when the lease ends, takes the operation over after the grace, and its callback runs once. (The
+    decision is the task's, whatever the store: one store here.)"""
+    h = build(MemoryStore())
+    charge, noted, k = h.tasks["charge"], h.tasks["noted"], key()
+    fp = _fp(charge.name, ("acct", 7))
+    sub = h.store.create("global", k, charge.name, fp, ttl=3600)
+    dead = h.store.claim("global", k, charge.name, fp, owner="dead", lease=1.0, ttl=3600).operation
+    charge.on_busy = "ignore"
+    with start_worker(h.app, pool="threads", concurrency=2, perform_ping_check=False):
+        charge.apply_async(("acct", 7), task_id=sub.operation.id, link=noted.s(k),
+                           headers={"idemtasks": {"scope": "global", "key": k}})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and h.runs[f"noted-{k}"] == 0:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    op = h.store.get_by_id(sub.operation.id)
+    assert op is not None and op.status is Status.SUCCEEDED and op.fencing_token == dead.fencing_token + 1
+    assert h.runs[k] == 1 and h.runs[f"noted-{k}"] == 1
 
 
 def _lapsed(h: Harness, k: str, amount: int, owner: str) -> tuple[Any, Any, dict[str, Any]]:
