@@ -32,7 +32,7 @@ from .identity import (
 )
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
-from .stores.base import CreateRequest
+from .stores.base import CreateRequest, held_to
 from .stores.lanes import pooled_only
 from .task import first_deadline, message_due, record_ttl, with_deadline
 
@@ -185,7 +185,8 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     task._settled()
     key = validate_key(key)
     scope = validate_scope(scope if scope is not None else task.idempotency_scope)
-    call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
+    sync = task.store if store is None else getattr(store, "store", None)  # a wrapped store's server limit holds
+    call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, sync))
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(task.store)
     due = message_due(task, options)

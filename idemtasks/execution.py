@@ -195,19 +195,19 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
     header = header_of(request)
     # A submitted message carries the fingerprint its operation was created with (which may be an HTTP request's
     # hash); other messages are identified by their arguments.
-    call = None
-    fp = header.get("fp")
-    if fp is None:
-        call = canonical_call(task.name, args, kwargs, limit=task.max_args_bytes)
-        fp = fingerprint_of_call(call)
-    # What a claim that creates the record stores, for recovery: the call, where its message came from, its deadline.
-    payload = None if call is None else _stored_call_of(task, request, call)
     try:
         store: Store = task.store
     except StoreError as exc:
         # Opened on first use in this process (its table created, or upgraded): a database that is down or busy
         # then must not cost the message, which Celery would otherwise ack as failed.
         _come_back_later(task, exc)
+    call = None
+    fp = header.get("fp")
+    if fp is None:
+        call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, store))
+        fp = fingerprint_of_call(call)
+    # What a claim that creates the record stores, for recovery: the call, where its message came from, its deadline.
+    payload = None if call is None else _stored_call_of(task, request, call)
     carried = header.get("finish")
     if carried is not None:
         done = _finish_carried(task, store, scope, key, carried, ttl)
@@ -546,7 +546,8 @@ def _run_transactional(task: Any, attempt: Attempt, args: tuple[Any, ...], kwarg
         with ledger.transaction() as conn:
             attempt.request.idemtasks_connection = conn
             result = task.run(*args, **kwargs)
-            result_json = dump_json(result, what="result", limit=held_to(task.max_result_bytes, attempt.store))
+            limit = held_to(held_to(task.max_result_bytes, attempt.store), ledger)  # the ledger's server too
+            result_json = dump_json(result, what="result", limit=limit)
             prior = ledger.record(conn, attempt.id, attempt.fencing_token, result_json)
             if prior is not None:
                 raise _AlreadyCommitted(prior)  # rolls this holder's writes back

@@ -272,15 +272,15 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         """Celery's, preceded, for the retry that :meth:`retry` is sending, by giving the operation back with the
         retry's call as Celery sends it. (This method serves other callers too: the give-back is made only once.)"""
         request = self.request if request is None else request
-        pending = getattr(request, "idemtasks_give_back", None) is not None and not request.is_eager
-        if pending and not self._sendable(request.args if args is None else args,
-                                          request.kwargs if kwargs is None else kwargs):
-            # Celery's own check in apply_async refuses this call, and retry() turns that into Reject(requeue=False).
-            # Given back, the operation would stay pending with a call no copy of which can ever be published
-            # (recovery would fail at every sweep); kept, it fails with that Reject. (Checked only here, where the
-            # arguments are those Celery sends; an eager retry runs through apply(), which checks nothing.)
-            request.idemtasks_give_back = None
-        self._give_back(request, args, kwargs)
+        if getattr(request, "idemtasks_give_back", None) is None or request.is_eager \
+                or self._sendable(request.args if args is None else args, request.kwargs if kwargs is None else kwargs):
+            self._give_back(request, args, kwargs)
+        # Otherwise Celery's own check in apply_async refuses this call, and retry() turns that into
+        # Reject(requeue=False): given back, the operation would stay pending with a call no copy of which can ever be
+        # published (recovery would fail at every sweep); kept, it fails with that Reject. Should the retry go out
+        # after all (an apply_async overridden to mend its arguments), retry() gives the operation back then. (Checked
+        # only here, where the arguments are those Celery sends; an eager retry runs through apply(), which checks
+        # nothing.)
         return super().signature_from_request(request, args, kwargs, queue, **extra_options)
 
     def replace(self, sig: Any) -> Any:

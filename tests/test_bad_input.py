@@ -571,18 +571,29 @@ def test_a_task_class_that_builds_its_retry_signature_itself_still_gives_the_ope
 
 
 @pytest.mark.timeout(90)
-def test_a_result_over_the_mariadb_servers_packet_limit_fails_with_too_large_and_runs_once(tmp_path: Path) -> None:
+def test_values_over_the_mariadb_servers_packet_limit_are_too_large_and_a_body_runs_once() -> None:
     """MariaDB cuts a statement over its ``max_allowed_packet`` off with the connection ("server has gone away"), which
     reads as an outage: a result under the task's own limit but over the server's was sent again and again, and each
-    takeover of the lapsed lease ran the body again, until TooManyCrashes. The store reads the server's limit as a
-    connection opens and holds the task's limits to it."""
-    from idemtasks.stores.sql_schema import packet_value_limit
-    from tests.conftest import make_store
+    takeover of the lapsed lease ran the body again, until TooManyCrashes; such arguments looped the same way. The
+    store learns the server's limit from the connections it uses (an application's engine's, opened before it,
+    included) and holds the task's limits to it, on every path that stores a call or a result."""
+    from celery.signals import task_failure
 
-    store = make_store("mysql", tmp_path)
+    from idemtasks.aio import submit_async
+    from idemtasks.stores.sql_schema import packet_value_limit
+
+    services.require("mysql")
+    engine = sa.create_engine(services.MYSQL_URL)
+    with engine.connect() as conn:  # pooled before the store exists: no new connection will tell it the limit
+        packet = int(conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar_one())
+    store = SQLStore(services.MYSQL_URL, engine=engine, table=f"t{uuid.uuid4().hex[:12]}")
+    failures: list[tuple[str, type[BaseException]]] = []
+
+    def failed(task_id: str, exception: BaseException, **_: Any) -> None:
+        failures.append((task_id, type(exception)))
+
+    task_failure.connect(failed, weak=False)
     try:
-        with store.engine.connect() as conn:  # type: ignore[attr-defined]
-            packet = int(conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar_one())
         assert store.value_limit == packet_value_limit(packet)
         app = Celery(f"pkt{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
         app.conf.update(task_ignore_result=True, task_default_queue=app.main, idemtasks_lease=2.0,
@@ -590,22 +601,32 @@ def test_a_result_over_the_mariadb_servers_packet_limit_fails_with_too_large_and
         runs: Counter[str] = Counter()
 
         @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.big")
-        def big(self: IdempotentTask) -> str:
+        def big(self: IdempotentTask, pad: str = "") -> str:
             runs[self.operation.key] += 1
             return "x" * (packet + 1)  # under the task's limit, over the server's
 
+        over = "y" * (packet + 1)
         with pytest.raises(TooLarge):  # arguments too: refused before anything is stored
-            big.submit(("y" * (packet + 1),), key="too-big-args")
+            big.submit((over,), key="too-big-args")
+        with pytest.raises(TooLarge):
+            asyncio.run(submit_async(big, (over,), key="too-big-args"))
         assert store.get("global", "too-big-args") is None
         with start_worker(app, pool="solo", perform_ping_check=False):
             sub = big.submit((), key="big-result")
+            sent = big.apply_async((over,))  # without submit: its claim would store the call
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not ((op := store.get_by_id(sub.operation.id)) and op.is_final):
+            while time.monotonic() < deadline and not ((op := store.get_by_id(sub.operation.id)) and op.is_final
+                                                       and len(failures) == 2):
                 time.sleep(0.1)
             time.sleep(0.5)
         op = store.get_by_id(sub.operation.id)
         assert op is not None and op.status is Status.FAILED and op.error is not None
         assert op.error.type == "TooLarge" and op.attempts == 1
         assert runs["big-result"] == 1
+        # Each failed once (the second one's message not sent round as in an outage), with TooLarge.
+        assert sorted(failures) == sorted([(sub.operation.id, TooLarge), (sent.id, TooLarge)])
+        assert store.get("celery-task-id", sent.id) is None and runs[sent.id] == 0
     finally:
+        task_failure.disconnect(failed)
         drop(store)
+        engine.dispose()

@@ -835,6 +835,29 @@ class TestDroppedDeliveries:
         assert h.runs[sub.operation.id] == 0  # the replacement (keyed by the shared task id) never ran
 
 
+def test_a_retry_an_overridden_apply_async_mends_is_given_back_once_it_is_out() -> None:
+    """Celery's check would refuse the retry's arguments as given, but the task's own apply_async mends them before
+    Celery checks: the retry goes out, and the operation must be given back for it, not left to its lease (which
+    would count a crash, and fail the operation after max_crashes such retries)."""
+    class Mending(IdempotentTask):
+        def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+            return super().apply_async(tuple(args or ())[:2], kwargs, **options)  # drops a legacy third argument
+
+    h = build(MemoryStore())
+
+    @h.app.task(shared=False, base=Mending, bind=True, store_url=h.store, name=f"{h.app.main}.mended", max_retries=3)
+    def mended(self: IdempotentTask, tag: str, step: int) -> int:
+        h.runs[tag] += 1
+        if step == 0:
+            self.retry(args=(tag, 1, "legacy"), countdown=0.1)
+        return step
+
+    with start_worker(h.app, pool="threads", concurrency=2, perform_ping_check=False):
+        sub = mended.submit((tag := key(), 0), key=key())
+        op = h.wait_final(sub.operation.id, timeout=4)  # a lease (5 s) waited out would be too late
+    assert op.status is Status.SUCCEEDED and op.result == 1 and op.crashes == 0 and h.runs[tag] == 2
+
+
 def test_under_ignore_a_busy_delivery_that_carries_follow_up_work_comes_back_at_the_lease_end() -> None:
     """A pool child SIGKILLed mid-body: with reject_on_worker_lost its message comes back at once and finds the
     dead holder's lease still live. "ignore" would drop it, and recovery's copy of the operation carries no callbacks

@@ -302,10 +302,13 @@ class Store(abc.ABC):
 
     #: Whether :meth:`finish_pipelined` can send a completion without waiting for its answer.
     pipelines_completions = False
-    #: The longest value (a result or a stored call, in bytes of JSON) the store's server can take, where it has a
-    #: limit of its own below the tasks' (MySQL/MariaDB's ``max_allowed_packet``, read as a connection opens);
-    #: ``None``: none known. A task's ``max_result_bytes`` and ``max_args_bytes`` are held to it as well.
-    value_limit: int | None = None
+
+    @property
+    def value_limit(self) -> int | None:
+        """The longest value (a result or a stored call, in bytes of JSON) the store's server can take, where it has
+        a limit of its own (MySQL/MariaDB's ``max_allowed_packet``, learnt from the connections the store uses);
+        ``None``: none known. A task's ``max_result_bytes`` and ``max_args_bytes`` are held to it as well."""
+        return None
 
     def finish_pipelined(self, scope: str, key: str, operation_id: str, token: int, status: Status, *,
                          result_json: str | None = None, error: ErrorInfo | None = None, ttl: float,

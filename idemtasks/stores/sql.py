@@ -59,6 +59,7 @@ from .sql_schema import (
     is_outage,
     make_engine,
     operations_table,
+    packet_limit,
     watch_packet_limit,
 )
 from .sql_statements import Statements
@@ -124,7 +125,7 @@ class SQLStore(Store):
         if self.dialect != "sqlite":
             watch_engine(engine)  # lets a bounded call cut the connection it holds (see promptly)
         if self.dialect in ("mysql", "mariadb"):
-            watch_packet_limit(engine, _keep_limit(weakref.ref(self)))
+            watch_packet_limit(engine)
         self._lane_sql: LaneStatements | None = None
         #: Every thread's lane, so that close() ends them all (a lane otherwise lives as long as its thread).
         self._all_lanes: weakref.WeakSet[PGLane] = weakref.WeakSet()
@@ -137,6 +138,10 @@ class SQLStore(Store):
     @property
     def where(self) -> str:
         return f"{self.url} (table {self.table.name!r})"
+
+    @property
+    def value_limit(self) -> int | None:
+        return packet_limit(self.engine) if self.dialect in ("mysql", "mariadb") else None
 
     def _create_schema(self) -> None:
         try:
@@ -508,15 +513,6 @@ class SQLStore(Store):
 def _pg_code(exc: BaseException) -> str | None:
     orig = getattr(exc, "orig", None)
     return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg, psycopg2
-
-
-def _keep_limit(ref: weakref.ref[SQLStore]) -> Callable[[int], None]:
-    # Through a weak reference: an application's engine may outlive the store.
-    def keep(limit: int) -> None:
-        store = ref()
-        if store is not None:
-            store.value_limit = limit
-    return keep
 
 
 def _mysql_code(exc: BaseException) -> int | None:

@@ -42,7 +42,9 @@ PostgreSQL pads CHAR values when it returns them, and the fingerprint is compare
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -60,8 +62,8 @@ from .sql_errors import driver_outage
 
 __all__ = ["ALTER_LOCK_WAIT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PACKET_OVERHEAD", "PG_KEEPALIVES",
            "SQLITE_IMMEDIATE", "add_missing_columns", "create_tables", "dispose_after_fork", "dispose_for_good",
-           "is_outage", "make_engine", "operations_table", "packet_value_limit", "pg_connect_args", "ping_when_idle",
-           "watch_packet_limit"]
+           "is_outage", "make_engine", "operations_table", "packet_limit", "packet_value_limit", "pg_connect_args",
+           "ping_when_idle", "watch_packet_limit"]
 
 #: The table of a store opened from a URL alone.
 DEFAULT_TABLE = "idemtasks_operations"
@@ -75,6 +77,8 @@ PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 
                  "tcp_user_timeout": 60_000}
 
 _T = TypeVar("_T")
+logger = logging.getLogger("idemtasks.stores")
+_lock = threading.Lock()
 
 # The connection is gone, or the pool has no connection to give: something to wait out, not the statement's fault.
 _OUTAGES = (sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
@@ -240,32 +244,61 @@ def _sqlite_begin(conn: sa.Connection) -> None:
 
 #: What a MySQL/MariaDB statement holds besides its one long value (the statement's text, the other values).
 PACKET_OVERHEAD = 16 * 1024
+_PACKET_INFO = "idemtasks_value_limit"  # in a pooled connection's info: read once per connection
+_packet_limits: weakref.WeakKeyDictionary[sa.Engine, int] = weakref.WeakKeyDictionary()
+_packet_watched: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 
 
 def packet_value_limit(packet: int) -> int:
     """The longest value (a result, a stored call) one statement can carry under MySQL/MariaDB's
-    ``max_allowed_packet``: the driver sends values inside the statement's text, escaped, and escaping can double a
-    JSON text (every quote and backslash)."""
+    ``max_allowed_packet``: what is left of it after :data:`PACKET_OVERHEAD`, halved, since the driver sends values
+    inside the statement's text, escaped, and escaping can double a JSON text (every quote and backslash)."""
     return max(0, (packet - PACKET_OVERHEAD) // 2)
 
 
-def watch_packet_limit(engine: sa.Engine, keep: Callable[[int], None]) -> None:
-    """Hand ``keep`` the value limit of every new MySQL/MariaDB connection of ``engine`` (see
-    :func:`packet_value_limit`). A statement over the server's packet limit is cut off with the connection ("server has
-    gone away"), which reads as an outage: a result the server can never take would be sent again for ever, and its
-    body run again by each takeover. Read once per connection, not per statement."""
+def watch_packet_limit(engine: sa.Engine) -> None:
+    """Learn the value limit (:func:`packet_value_limit`) of a MySQL/MariaDB ``engine`` from each connection it
+    hands out, read once per connection; :func:`packet_limit` tells it.
 
-    def read(dbapi_conn: Any, _record: Any) -> None:
+    A statement over the server's packet limit is cut off with the connection ("server has gone away"), which reads
+    as an outage: a result the server can never take would be sent again for ever, and its body run again by each
+    takeover. Read at checkout, not only when a connection opens: an application's engine may hold connections
+    opened before the store. One listener per engine, however many stores share it."""
+    with _lock:
+        if engine in _packet_watched:
+            return
+        _packet_watched.add(engine)
+    ref = weakref.ref(engine)
+
+    def read(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        limit = record.info.get(_PACKET_INFO)
+        if limit is None:
+            limit = record.info[_PACKET_INFO] = _read_packet(dbapi_conn)
+        target = ref()
+        if limit >= 0 and target is not None:
+            _packet_limits[target] = limit
+
+    sa.event.listen(engine, "checkout", read)
+
+
+def _read_packet(dbapi_conn: Any) -> int:
+    try:
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute("SELECT @@max_allowed_packet")
             row = cursor.fetchone()
         finally:
             cursor.close()
-        if row and row[0]:
-            keep(packet_value_limit(int(row[0])))
+        return packet_value_limit(int(row[0]))
+    except Exception as exc:  # a proxy that refuses the query: the limit stays unknown, the connection works on
+        logger.warning("idemtasks: could not read the server's max_allowed_packet (%s: %s); values are held to the "
+                       "tasks' own limits only", type(exc).__name__, exc)
+        return -1
 
-    sa.event.listen(engine, "connect", read)
+
+def packet_limit(engine: sa.Engine) -> int | None:
+    """The value limit :func:`watch_packet_limit` learnt for ``engine``, or ``None`` before its first checkout."""
+    return _packet_limits.get(engine)
 
 
 def dispose_for_good(engine: sa.Engine) -> None:
