@@ -180,24 +180,6 @@ def test_a_body_declared_over_the_limit_is_refused_without_being_read(policy: Ht
     assert body.tell() == 0  # not a byte of it read
 
 
-def test_a_urlencoded_form_the_view_read_is_described_by_its_fields_as_on_every_framework() -> None:
-    """Django keeps the raw body of a urlencoded form it parsed; Flask and Starlette do not, and describe the fields.
-    Django described the raw bytes: a retry encoding the same fields in another order was a mismatch there alone."""
-    from idemtasks.contrib.django import _body
-
-    def read(data: bytes) -> bytes:
-        request = RequestFactory().post("/payments", data, content_type="application/x-www-form-urlencoded")
-        assert request.POST["amount"] == "7"  # the view reads its form
-        return _body(request)
-
-    first = read(b"account=form&amount=7")
-    assert read(b"amount=7&account=form") == read(b"account=%66orm&amount=7") == first
-    assert read(b"account=form&amount=7&note=x") != first
-    unread = RequestFactory().post("/payments", b"amount=7&account=form",
-                                   content_type="application/x-www-form-urlencoded")
-    assert _body(unread) == b"amount=7&account=form"  # a form the view did not read: its bytes, as elsewhere
-
-
 def test_without_django_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "django.http", None)
     monkeypatch.delitem(sys.modules, "idemtasks.contrib.django")

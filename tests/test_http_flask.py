@@ -8,7 +8,6 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import flask
 import pytest
@@ -174,29 +173,6 @@ def test_a_body_declared_over_the_limit_is_refused_without_being_read(policy: Ht
         r = idem.submit(object(), policy=policy)
     assert r.status_code == 413 and r.get_json()["code"] == "payload_too_large"
     assert body.tell() == 0  # not a byte of it read
-
-
-def test_an_empty_chunked_body_is_an_empty_payload_and_one_the_view_streamed_is_refused() -> None:
-    """A chunked body declares no length: when get_data() finds it empty, only a view that took the stream read it.
-    An empty chunked body was answered 500 as if the view had streamed it."""
-    from idemtasks import ConfigurationError
-    from idemtasks.contrib.flask import _body
-
-    app = flask.Flask(__name__)
-
-    def context(data: bytes) -> Any:
-        return app.test_request_context("/payments", method="POST", input_stream=io.BytesIO(data),
-                                        headers={"Transfer-Encoding": "chunked"},
-                                        environ_base={"wsgi.input_terminated": True})
-
-    with context(b""):
-        assert _body(flask.request) == b""
-    with context(b'{"amount": 7}'):
-        assert _body(flask.request) == b'{"amount": 7}'
-    with context(b'{"amount": 7}'):
-        flask.request.stream.read()  # the view streams the body before submit()
-        with pytest.raises(ConfigurationError, match="read the body after submit"):
-            _body(flask.request)
 
 
 def test_without_flask_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,17 +38,15 @@ def to_response(reply: Reply) -> HttpResponse:
 
 
 def _body(request: HttpRequest) -> bytes:
-    # A form the view read is described by its parsed fields, as on every framework: Django keeps the raw body of a
-    # urlencoded form it parsed, but Flask and Starlette do not, and a client's retry that encodes the same fields in
-    # another order (or escapes them otherwise) must replay on each alike.
+    try:
+        body: bytes = request.body
+        return body
+    except RawPostDataException:  # the view read the stream, through request.POST of a multipart request or not
+        pass
+    # Only a form Django parsed is described: request.POST of any other content type is empty (and parsing it now,
+    # after the view read the stream, would be too), so every payload under a key would look like that empty form.
     if not (is_form(request.content_type) and "_post" in request.__dict__):
-        try:
-            body: bytes = request.body
-            return body
-        except RawPostDataException:  # the view read the stream
-            # Only a form Django parsed is described: request.POST of any other content type is empty (and parsing
-            # it now, after the view read the stream, would be too), so every payload would look like that one.
-            raise body_consumed("request.body (which keeps it)") from None
+        raise body_consumed("request.body (which keeps it)")
     # Kept on the request: a view that calls check() and then submit() reads its uploads once, not twice.
     memo: dict[str, Any] = request.__dict__
     if FORM_BODY not in memo:

@@ -35,16 +35,12 @@ def to_response(reply: Reply) -> flask.Response:
 
 
 def _body(req: flask.Request) -> bytes:
-    # Whether the view took the stream (request.stream) without keeping what it read (get_data() keeps it).
-    streamed = "stream" in req.__dict__ and getattr(req, "_cached_data", None) is None
     body = req.get_data(cache=True)
     if body:
         return body
     if not (is_form(req.content_type) and "form" in req.__dict__):
-        if declared_length(RequestHeaders(req.headers.items())) > 0 or ("Transfer-Encoding" in req.headers
-                                                                         and streamed):
-            # There was a body, and the view read it as a stream: every payload would look like this empty one. (A
-            # chunked body declares no length: empty, it is only one the view read if the view took the stream.)
+        if declared_length(RequestHeaders(req.headers.items())) > 0 or "Transfer-Encoding" in req.headers:
+            # There was a body, and the view read it as a stream: every payload would look like this empty one.
             raise body_consumed("request.get_data() (which keeps it)")
         return body
     # The view read request.form first, which consumed the stream: get_data() has nothing left to give. The stand-in
