@@ -238,6 +238,10 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
                 _keep_call(task, store, op, request, args, kwargs)
             return _execute(task, attempt, args, kwargs)
         if claim.outcome is ClaimOutcome.DONE:
+            if header.get("seen") == op.fencing_token:
+                # Kept under on_busy="ignore" for its follow-up work (see _wait_for_holder), and the holder it saw
+                # finished: that holder sent its own. Dropped, as "ignore" would have dropped it at first.
+                raise Ignore()
             return _replay(op)
         if claim.outcome is ClaimOutcome.MISMATCH:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=op.id,
@@ -334,7 +338,7 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
     op = claim.operation
     lease_end = op.lease_expires_at or 0.0
     # Set when this message must come back at lease_end rather than be dropped, whatever on_busy says.
-    keep = False
+    keep, seen = False, None
     if op.status is Status.PENDING:
         # Given back for a retry, or submitted with a countdown, and not due yet (see DUE_SLACK): this copy came
         # early. It may be the operation's only copy (its clock ahead of the store's), so it is never dropped, and
@@ -345,14 +349,16 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
         # (see Store.claim). Its holder may be dead and this message the operation's only copy, so it is never
         # dropped, whatever on_busy says: it comes back when the grace ends, or sooner if retrying sooner was asked.
         lease_end, keep = op.updated_at + confirm_after_for(float(task.lease_seconds)), policy == "ignore"
-    elif policy == "ignore" and _carries_follow_up(request):
+    elif policy == "ignore" and not request.is_eager and _carries_follow_up(request):
         # A live lease may be a holder that has just died (a pool child SIGKILLed: with reject_on_worker_lost its
         # message comes back at once), and this message the only one that carries the follow-up work: a copy
         # recovery publishes has none of it (nor Celery's chain or chord state). Dropped, the operation would still
         # finish, by recovery, but the rest of the chain, the chord's body or the callbacks never run. So it comes
         # back when the lease ends: it then replays the outcome (and sends its follow-up work, as any replay does) or
-        # finds the lease lapsed and goes on as above.
-        keep = True
+        # finds the lease lapsed and goes on as above. Should the holder it saw finish, though, the outcome is not
+        # replayed: that holder, most often this very message's first delivery, sent its follow-up work itself, and
+        # a replay would send it a second time (see "seen" in run_attempt).
+        keep, seen = True, op.fencing_token
     if policy == "ignore" and not keep:
         raise Ignore()
 
@@ -369,7 +375,7 @@ def _wait_for_holder(task: Any, request: Any, claim: ClaimResult) -> None:
     if keep:
         policy, countdown = "retry", until_end()
     if policy == "retry" and not request.is_eager:
-        _republish(task, countdown)
+        _republish(task, countdown, seen=seen)
     # "wait" (and eager mode, which has no queue to come back through): poll until the holder finishes or its
     # lease (or the suspicion's grace) runs out, whichever is first; the next claim then replays or takes over.
     time.sleep(max(0.01, min(countdown, until_end())))

@@ -882,6 +882,26 @@ def test_under_ignore_a_busy_delivery_that_carries_follow_up_work_comes_back_at_
     assert h.runs[k] == 1 and h.runs[f"noted-{k}"] == 1
 
 
+def test_under_ignore_a_kept_delivery_whose_holder_finished_sends_no_follow_up_work_again() -> None:
+    """The other side: the holder was alive (a redelivery after a broker's visibility timeout, say) and finished. It
+    sent its own callbacks; the kept copy, back at the lease's end, must not replay and send them a second time."""
+    h = build(MemoryStore())
+    charge, noted, k = h.tasks["charge"], h.tasks["noted"], key()
+    fp = _fp(charge.name, ("acct", 8))
+    sub = h.store.create("global", k, charge.name, fp, ttl=3600)
+    alive = h.store.claim("global", k, charge.name, fp, owner="alive", lease=1.0, ttl=3600).operation
+    charge.on_busy = "ignore"
+    with start_worker(h.app, pool="threads", concurrency=2, perform_ping_check=False):
+        charge.apply_async(("acct", 8), task_id=sub.operation.id, link=noted.s(k),
+                           headers={"idemtasks": {"scope": "global", "key": k}})
+        time.sleep(0.5)  # met the live lease, and was published again for its end
+        h.store.succeed(alive, alive.fencing_token, '{"paid": 8}', ttl=3600)
+        time.sleep(1.5)  # back, and found the operation done by the holder it saw
+    op = h.store.get_by_id(sub.operation.id)
+    assert op is not None and op.status is Status.SUCCEEDED and op.result == {"paid": 8}
+    assert h.runs[k] == 0 and h.runs[f"noted-{k}"] == 0
+
+
 def _lapsed(h: Harness, k: str, amount: int, owner: str) -> tuple[Any, Any, dict[str, Any]]:
     """A submitted operation whose holder's lease (0.3 s) lapsed unrenewed: its record, the holder's claim, and the
     headers of its message."""
