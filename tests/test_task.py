@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -858,26 +859,34 @@ def test_a_retry_an_overridden_apply_async_mends_is_given_back_once_it_is_out() 
     assert op.status is Status.SUCCEEDED and op.result == 1 and op.crashes == 0 and h.runs[tag] == 2
 
 
+@contextlib.contextmanager
+def _linked_charge_meets_a_live_holder(amount: int) -> Iterator[tuple[Harness, str, Operation]]:
+    """Under on_busy="ignore", a message with a callback (``noted``) for an operation another holder claimed just
+    before, with a lease of 1 s, sent to a running worker: the harness, the key, and the holder's claim."""
+    h = build(MemoryStore())
+    charge, noted, k = h.tasks["charge"], h.tasks["noted"], key()
+    fp = _fp(charge.name, ("acct", amount))
+    sub = h.store.create("global", k, charge.name, fp, ttl=3600)
+    holder = h.store.claim("global", k, charge.name, fp, owner="holder", lease=1.0, ttl=3600).operation
+    charge.on_busy = "ignore"
+    with start_worker(h.app, pool="threads", concurrency=2, perform_ping_check=False):
+        charge.apply_async(("acct", amount), task_id=sub.operation.id, link=noted.s(k),
+                           headers={"idemtasks": {"scope": "global", "key": k}})
+        yield h, k, holder
+
+
 def test_under_ignore_a_busy_delivery_that_carries_follow_up_work_comes_back_at_the_lease_end() -> None:
     """A pool child SIGKILLed mid-body: with reject_on_worker_lost its message comes back at once and finds the
     dead holder's lease still live. "ignore" would drop it, and recovery's copy of the operation carries no callbacks
     (nor a chain's rest, nor a chord): the payment would finish, and its receipt never be sent. Kept, the message
     comes back when the lease ends, takes the operation over after the grace, and its callback runs once. (The
     decision is the task's, whatever the store: one store here.)"""
-    h = build(MemoryStore())
-    charge, noted, k = h.tasks["charge"], h.tasks["noted"], key()
-    fp = _fp(charge.name, ("acct", 7))
-    sub = h.store.create("global", k, charge.name, fp, ttl=3600)
-    dead = h.store.claim("global", k, charge.name, fp, owner="dead", lease=1.0, ttl=3600).operation
-    charge.on_busy = "ignore"
-    with start_worker(h.app, pool="threads", concurrency=2, perform_ping_check=False):
-        charge.apply_async(("acct", 7), task_id=sub.operation.id, link=noted.s(k),
-                           headers={"idemtasks": {"scope": "global", "key": k}})
+    with _linked_charge_meets_a_live_holder(7) as (h, k, dead):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and h.runs[f"noted-{k}"] == 0:
             time.sleep(0.05)
         time.sleep(0.3)
-    op = h.store.get_by_id(sub.operation.id)
+    op = h.store.get_by_id(dead.id)
     assert op is not None and op.status is Status.SUCCEEDED and op.fencing_token == dead.fencing_token + 1
     assert h.runs[k] == 1 and h.runs[f"noted-{k}"] == 1
 
@@ -885,19 +894,11 @@ def test_under_ignore_a_busy_delivery_that_carries_follow_up_work_comes_back_at_
 def test_under_ignore_a_kept_delivery_whose_holder_finished_sends_no_follow_up_work_again() -> None:
     """The other side: the holder was alive (a redelivery after a broker's visibility timeout, say) and finished. It
     sent its own callbacks; the kept copy, back at the lease's end, must not replay and send them a second time."""
-    h = build(MemoryStore())
-    charge, noted, k = h.tasks["charge"], h.tasks["noted"], key()
-    fp = _fp(charge.name, ("acct", 8))
-    sub = h.store.create("global", k, charge.name, fp, ttl=3600)
-    alive = h.store.claim("global", k, charge.name, fp, owner="alive", lease=1.0, ttl=3600).operation
-    charge.on_busy = "ignore"
-    with start_worker(h.app, pool="threads", concurrency=2, perform_ping_check=False):
-        charge.apply_async(("acct", 8), task_id=sub.operation.id, link=noted.s(k),
-                           headers={"idemtasks": {"scope": "global", "key": k}})
+    with _linked_charge_meets_a_live_holder(8) as (h, k, alive):
         time.sleep(0.5)  # met the live lease, and was published again for its end
         h.store.succeed(alive, alive.fencing_token, '{"paid": 8}', ttl=3600)
         time.sleep(1.5)  # back, and found the operation done by the holder it saw
-    op = h.store.get_by_id(sub.operation.id)
+    op = h.store.get_by_id(alive.id)
     assert op is not None and op.status is Status.SUCCEEDED and op.result == {"paid": 8}
     assert h.runs[k] == 0 and h.runs[f"noted-{k}"] == 0
 
