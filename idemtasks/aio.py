@@ -185,10 +185,10 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     task._settled()
     key = validate_key(key)
     scope = validate_scope(scope if scope is not None else task.idempotency_scope)
-    sync = task.store if store is None else getattr(store, "store", None)  # a wrapped store's server limit holds
+    sync: Any = task.store if store is None else getattr(store, "store", None)  # a wrapped store's limit holds
     call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, sync))
     fingerprint = fingerprint or fingerprint_of_call(call)
-    astore = store or async_store_for(task.store)
+    astore = store or async_store_for(sync)
     due = message_due(task, options)
     options = with_deadline(task, options)
     sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),

@@ -69,12 +69,12 @@ def check_settings(app: Any) -> list[str]:
         # A record expires idempotency_ttl after its last change, and no sweep finds an expired one: an operation
         # whose message was lost, or whose holder died, must still be there when recovery comes for it, and again
         # when a first republish failed (the broker away), or the payment it records is never run.
-        ttl = float(task.idempotency_ttl or 0.0)
-        needed = 2 * (max(pending_after, lease + confirm_after_for(lease)) + 2 * interval)
+        ttl, grace = float(task.idempotency_ttl or 0.0), confirm_after_for(lease)
+        needed = 2 * (max(pending_after, lease + grace) + 2 * interval)
         if ttl < needed:
             warnings.append(f"{name}: idempotency_ttl {ttl:g}s leaves recovery too little time: an operation whose "
                             f"message was lost is republished after pending_after {pending_after:g}s, and one whose "
-                            f"holder died after its lease {lease:g}s and a grace of {confirm_after_for(lease):g}s, by "
+                            f"holder died after its lease {lease:g}s and a grace of {grace:g}s, by "
                             f"a sweep every {interval:g}s; one that expires first is never run. Keep "
                             f"idempotency_ttl at {needed:g}s or more")
         if task.time_limit and lease > float(task.time_limit) * 2:

@@ -84,11 +84,9 @@ class EffectsLedger:
 
             engine = make_engine(url)
         self.engine = engine
-        self._mysql = engine.dialect.name in ("mysql", "mariadb")
-        if self._mysql:  # the result goes into the marker's row: held to the server's packet limit too
-            from .stores.sql_schema import watch_packet_limit
+        from .stores.sql_schema import watch_packet_limit
 
-            watch_packet_limit(engine)
+        watch_packet_limit(engine)  # the result goes into the marker's row: held to the server's packet limit too
         self.table = effects_table(sa.MetaData())
         #: The guard of each transaction under way, by its connection's id (see _Guard).
         self._guards: dict[int, _Guard] = {}
@@ -102,8 +100,6 @@ class EffectsLedger:
     def value_limit(self) -> int | None:
         """The longest result the ledger's server can take (see :attr:`Store.value_limit
         <idemtasks.stores.base.Store.value_limit>`), or ``None``."""
-        if not self._mysql:
-            return None
         from .stores.sql_schema import packet_limit
 
         return packet_limit(self.engine)

@@ -124,8 +124,7 @@ class SQLStore(Store):
         self._bounds = Bounds(f"SQL store {self.url}")
         if self.dialect != "sqlite":
             watch_engine(engine)  # lets a bounded call cut the connection it holds (see promptly)
-        if self.dialect in ("mysql", "mariadb"):
-            watch_packet_limit(engine)
+        watch_packet_limit(engine)
         self._lane_sql: LaneStatements | None = None
         #: Every thread's lane, so that close() ends them all (a lane otherwise lives as long as its thread).
         self._all_lanes: weakref.WeakSet[PGLane] = weakref.WeakSet()
@@ -141,7 +140,7 @@ class SQLStore(Store):
 
     @property
     def value_limit(self) -> int | None:
-        return packet_limit(self.engine) if self.dialect in ("mysql", "mariadb") else None
+        return packet_limit(self.engine)
 
     def _create_schema(self) -> None:
         try:

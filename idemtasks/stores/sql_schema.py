@@ -258,12 +258,14 @@ def packet_value_limit(packet: int) -> int:
 
 def watch_packet_limit(engine: sa.Engine) -> None:
     """Learn the value limit (:func:`packet_value_limit`) of a MySQL/MariaDB ``engine`` from each connection it
-    hands out, read once per connection; :func:`packet_limit` tells it.
+    hands out, read once per connection; :func:`packet_limit` tells it. Nothing to learn of another database's.
 
     A statement over the server's packet limit is cut off with the connection ("server has gone away"), which reads
     as an outage: a result the server can never take would be sent again for ever, and its body run again by each
     takeover. Read at checkout, not only when a connection opens: an application's engine may hold connections
     opened before the store. One listener per engine, however many stores share it."""
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        return
     with _lock:
         if engine in _packet_watched:
             return
@@ -297,7 +299,8 @@ def _read_packet(dbapi_conn: Any) -> int:
 
 
 def packet_limit(engine: sa.Engine) -> int | None:
-    """The value limit :func:`watch_packet_limit` learnt for ``engine``, or ``None`` before its first checkout."""
+    """The value limit :func:`watch_packet_limit` learnt for ``engine``, or ``None``: before its first checkout, or
+    a database without a packet limit."""
     return _packet_limits.get(engine)
 
 
