@@ -606,6 +606,47 @@ def test_a_retry_at_the_end_of_the_accept_window_is_answered_as_submit_decided()
     assert len(store.readings) == 1
 
 
+class ClockReadings(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__("memory://readings")
+        self.readings = 0
+
+    def now(self) -> float:
+        self.readings += 1
+        return super().now()
+
+
+def test_a_replay_of_an_operation_failed_before_any_claim_reads_no_clock() -> None:
+    """Revoked before it ran, by an earlier release that left the record flagged as unpublished: a client's retry
+    is answered with the failure, without a second round trip to read the store's clock."""
+    from celery import Celery
+
+    from idemtasks import IdempotentTask
+    from idemtasks.http.endpoint import Endpoint, IncomingRequest
+
+    store = ClockReadings()
+    app = Celery("legacy", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue="legacy")
+
+    @app.task(shared=False, base=IdempotentTask, store_url=store, name="legacy.t")
+    def t(amount: int) -> int:
+        return amount
+
+    t.publish = lambda *args, **kwargs: None
+    endpoint = Endpoint(store)
+    req = IncomingRequest("POST", "/p", "/p", "", b'{"amount": 1}',
+                          {"Idempotency-Key": "k", "Content-Type": "application/json"}, "alice")
+    assert endpoint.submit(req, t, (1,)).status == 202
+    [(digest, op)] = store._records.items()
+    store.finish(op.scope, op.key, op.id, op.fencing_token, Status.FAILED, error=ErrorInfo("Revoked", "r"), ttl=60)
+    store._records[digest] = dataclasses.replace(store._records[digest], needs_publish=True)
+    store.readings = 0
+
+    reply = endpoint.submit(req, t, (1,))
+
+    assert (reply.status, reply.body["status"], store.readings) == (200, "failed", 0), (reply.status, reply.body)
+
+
 @pytest.mark.parametrize("scheduled", ["countdown", "eta"])
 def test_retry_after_of_a_scheduled_submit_is_when_it_is_due_on_the_first_answer_and_on_replays(
         scheduled: str) -> None:

@@ -68,6 +68,23 @@ def test_a_repeated_create_of_a_published_operation_leaves_the_row_as_it_was(pg_
     assert version(pg_store, "s", "k") == before
 
 
+def test_a_repeated_create_of_an_operation_failed_before_any_claim_leaves_the_row_as_it_was(
+        pg_store: SQLStore) -> None:
+    """Revoked before it ran: a client's retry is a replay read, even of a row an earlier release failed with its
+    "unpublished" flag still set."""
+    op = pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL).operation
+    pg_store.finish("s", "k", op.id, op.fencing_token, Status.FAILED, error=ErrorInfo("Revoked", "revoked"), ttl=TTL)
+    with pg_store.engine.begin() as conn:  # as an earlier release left it
+        conn.execute(sa.text(f"UPDATE {pg_store.table.name} SET needs_publish = true"))
+    failed = pg_store.get("s", "k")
+    before = version(pg_store, "s", "k")
+
+    again = pg_store.create("s", "k", "tasks.charge", "fp-a", ttl=TTL)
+
+    assert not again.created and again.operation == failed
+    assert version(pg_store, "s", "k") == before
+
+
 def in_flight(store: SQLStore, key: str, change: str, call: Callable[[], object]) -> object:
     """Run ``call`` while another transaction holds ``change`` to the record uncommitted, then commit it: ``call``
     must wait for the commit and answer from what it wrote."""

@@ -635,6 +635,19 @@ class TestLookup:
         store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
         assert not claim(store, scope, "k1").operation.needs_publish
 
+    @pytest.mark.parametrize("final", [Status.SUCCEEDED, Status.FAILED])
+    def test_an_operation_finished_before_any_claim_needs_no_publishing(self, store: Store, scope: str,
+                                                                        final: Status) -> None:
+        """A message revoked or expired before it ran fails its operation under the creation's token (and a
+        transactional one may succeed with what an earlier holder committed): nothing is left to publish."""
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        succeeded = final is Status.SUCCEEDED
+        store.finish(scope, "k1", op.id, op.fencing_token, final, result_json="1" if succeeded else None,
+                     error=None if succeeded else ErrorInfo("Revoked", "revoked"), ttl=TTL)
+        again = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL)
+        assert not again.created and again.operation.status is final
+        assert not again.operation.needs_publish
+
     def test_abandon_removes_only_a_never_claimed_pending_operation(self, store: Store, scope: str) -> None:
         op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
         store.abandon(op)

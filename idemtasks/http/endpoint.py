@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import ConfigurationError, IdempotencyKeyMismatch, IdemtasksError, InvalidKey
-from ..models import Submission
+from ..models import Status, Submission
 from ..stores import Store, shared_store
 from . import core
 from .core import HttpPolicy, InvalidCredentials, Reply
@@ -215,4 +215,7 @@ def known_clock(sub: Submission) -> float | None:
     answer would be a replay of an operation that ``submit`` decided not to publish yet."""
     if sub.checked_at is not None:
         return sub.checked_at
-    return None if not sub.created and sub.operation.needs_publish else sub.operation.updated_at
+    op = sub.operation
+    # Only a pending record's flag matters (see core.accepted): a record stored by an earlier release may have kept
+    # it when it failed before any claim.
+    return None if not sub.created and op.status is Status.PENDING and op.needs_publish else op.updated_at

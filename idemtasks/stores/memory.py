@@ -79,6 +79,7 @@ class MemoryStore(Store):
                 updated_at=now + req.delay if req.status is Status.PENDING else now,
                 crashes=op.crashes + (req.crashed and op.status is Status.RUNNING),
                 payload=op.payload if req.payload is None or req.status is not Status.PENDING else req.payload,
+                needs_publish=op.needs_publish and req.status is Status.PENDING,
             )
             return True
 

@@ -246,6 +246,8 @@ if st == 'p' and ARGV[10] and ARGV[10] ~= '' then
   while redis.call('HDEL', k, 'p' .. i) == 1 do i = i + 1 end""" + _put_chunked("w", "p", "ARGV[10]") + """end
 """ + _hset_all("k", "w") + """
 redis.call('HDEL', k, 'lo', 'le')
+-- a final record has no message left to publish (one failed before any claim kept the flag)
+if st ~= 'p' then redis.call('HDEL', k, 'np') end
 if st == 'p' and ARGV[9] == '1' and rec[2] == 'r' then redis.call('HINCRBY', k, 'cr', 1) end
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[3] then redis.call('ZREM', KEYS[3], d) end

@@ -67,8 +67,9 @@ def create(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
     values = {**_NEW, "status": "'pending'", "attempts": "0", "fencing_token": "0", "crashes": "0",
               "lease_owner": "NULL", "lease_expires_at": "NULL", "needs_publish": "true",
               "updated_at": f"{_NOW} + :p_delay"}
+    # A final record answers too: a record stored by an earlier release, failed before any claim, kept its flag.
     return _upsert(table, values, {c: _FRESH.format(c=c) for c in _COLUMNS[1:]}, column_bind, seconds_bind,
-                   answers=" AND NOT c.needs_publish")
+                   answers=" AND (NOT c.needs_publish OR c.status IN ('succeeded', 'failed'))")
 
 
 def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:

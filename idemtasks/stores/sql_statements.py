@@ -155,9 +155,12 @@ class Statements:
         t, now = self.table, self.now()
         common: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now,
                                   "expires_at": now + self._seconds("p_ttl")}
+        # A final record has no message left to publish: one failed before any claim (revoked, expired) would keep
+        # its "unpublished" flag, and every replay of it would then be answered as a request still being accepted.
+        final = {"needs_publish": False}
         stores: dict[Status, dict[str, Any]] = {
-            Status.SUCCEEDED: {"result": self.p("result")},
-            Status.FAILED: {"error_type": self.p("error_type"), "error_message": self.p("error_message")},
+            Status.SUCCEEDED: {"result": self.p("result"), **final},
+            Status.FAILED: {"error_type": self.p("error_type"), "error_message": self.p("error_message"), **final},
             # A release: recovery counts from updated_at, set ahead to when the retry is due (see Store.release).
             # p_crashed (0 or 1) counts a holder going away mid-body, if the record is still running: crashes is
             # set first, since MySQL assigns SET clauses left to right and would otherwise see status 'pending'.
