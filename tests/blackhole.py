@@ -25,6 +25,9 @@ class Blackhole:
         #: request), and those thrown away, for a test to check that they were the reply it meant.
         self.drop_replies = 0
         self.dropped: list[bytes] = []
+        #: Replies still to pass before the connection that reads the next one is cut instead, that reply thrown
+        #: away (a reply lost with its connection, after the server ran the request); ``None``: none to cut.
+        self.sever_after: int | None = None
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._sockets: list[socket.socket] = [self._server]
         self._lock = threading.Lock()
@@ -49,6 +52,8 @@ class Blackhole:
     def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                if replies and self._severing(data):
+                    break
                 if replies and self._dropping(data):
                     continue
                 if not self.cut:
@@ -56,6 +61,17 @@ class Blackhole:
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+    def _severing(self, data: bytes) -> bool:
+        with self._lock:
+            if self.sever_after is None:
+                return False
+            if self.sever_after > 0:
+                self.sever_after -= 1
+                return False
+            self.sever_after = None
+            self.dropped.append(data)
+            return True
 
     def _dropping(self, data: bytes) -> bool:
         with self._lock:  # one pump per direction and connection: several may read at once

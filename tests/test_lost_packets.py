@@ -213,3 +213,37 @@ def test_the_same_completion_from_a_thread_without_a_lane_is_not_reported_lost(
         assert done is not None and done.status is Status.SUCCEEDED and not settled.errors
     finally:
         store.close()
+
+
+# Replies a claim lets through before the one whose loss leaves it landed: PostgreSQL runs it as one statement in
+# autocommit; MariaDB locks and reads the row, writes it, then commits.
+_CLAIM_REPLIES_BEFORE_COMMITTED = {"postgres": 0, "mysql": 2}
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_a_claim_whose_answer_was_lost_with_its_connection_is_still_this_claims(
+        blackhole: Callable[[str], tuple[Blackhole, str]], backend: str) -> None:
+    """The claim landed and its connection broke before the answer came back. Sent again, it finds the operation
+    under its own live lease: claimed, the same token, no crash counted. Before, the claim failed as an outage and
+    left the operation held by an owner no worker was; its message came back, waited out lease and grace, and took
+    the operation over with a crash counted (three such losses failed a payment that never ran)."""
+    relay, holder, other = _store_pair(blackhole, backend)
+    try:
+        with pooled_only():  # a lane sends a claim again on its own
+            holder.create("s", "warm", "tasks.charge", "fp", ttl=60.0)  # the connection is open and set up
+            relay.sever_after = _CLAIM_REPLIES_BEFORE_COMMITTED[backend]
+            res = holder.claim("s", "k", "tasks.charge", "fp", owner="w1", lease=30.0, ttl=60.0)
+        assert relay.sever_after is None and len(relay.dropped) == 1, "no reply was lost"
+        if backend == "postgres":
+            assert b"w1" in relay.dropped[0], "the reply lost was not the claim's row"
+        else:
+            assert relay.dropped[0][4] == 0, "the reply lost was not the commit's OK"
+
+        assert res.outcome is ClaimOutcome.CLAIMED
+        stored = other.get("s", "k")
+        assert stored is not None and stored == res.operation
+        assert (stored.lease_owner, stored.fencing_token, stored.attempts, stored.crashes) == ("w1", 1, 1, 0)
+    finally:
+        relay.sever_after = None
+        _drop(other)
+        holder.close()

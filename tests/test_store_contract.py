@@ -113,6 +113,26 @@ class TestClaim:
         assert res.outcome is ClaimOutcome.BUSY
         assert res.operation.lease_owner == "w1" and res.operation.fencing_token == held.fencing_token
 
+    def test_a_claim_sent_again_by_its_owner_under_its_live_lease_is_still_claimed(self, store: Store,
+                                                                                   scope: str) -> None:
+        """A claim whose answer was lost is sent again (owners are unique per attempt): it landed, so it is this
+        owner's claim, with the same token, and nothing changes."""
+        held = claim(store, scope, "k1", owner="w1").operation
+        again = claim(store, scope, "k1", owner="w1")
+        assert again.outcome is ClaimOutcome.CLAIMED and again.operation == held
+        assert store.get(scope, "k1") == held
+
+    def test_a_claim_sent_again_by_its_owner_after_its_lease_lapsed_is_busy(self, store: Store, scope: str) -> None:
+        """Too late to hand back: the lapsed lease is suspected like any other, and only taken (over) after the
+        grace, with the next token."""
+        held = claim(store, scope, "k1", owner="w1", lease=0.3).operation
+        time.sleep(0.5)
+        marked = claim(store, scope, "k1", owner="w1", grace=0.4)
+        assert marked.outcome is ClaimOutcome.BUSY and marked.operation.fencing_token == held.fencing_token
+        time.sleep(0.5)
+        res = claim(store, scope, "k1", owner="w1", grace=0.4)
+        assert res.outcome is ClaimOutcome.CLAIMED and res.operation.fencing_token == held.fencing_token + 1
+
     def test_expired_lease_is_suspected_first_then_taken_over_with_a_higher_token(self, store: Store,
                                                                                     scope: str) -> None:
         first = claim(store, scope, "k1", owner="w1", lease=0.3).operation

@@ -174,6 +174,11 @@ def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tu
         return ClaimOutcome.DONE, current
     elif current.status is Status.PENDING and current.updated_at > now + DUE_SLACK:
         return ClaimOutcome.BUSY, current  # not due yet (see DUE_SLACK)
+    elif (current.status is Status.RUNNING and current.lease_owner == req.owner
+          and (current.lease_expires_at or 0.0) > now):
+        # This very claim, sent again because its answer was lost (owners are unique per attempt): it landed. A lapsed
+        # one is not handed back: its holder would start the body on a lease that another claim may be taking over.
+        return ClaimOutcome.CLAIMED, current
     elif current.status is Status.RUNNING and (phase := takeover_phase(current, now, req.grace)) != "take":
         return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now) if phase == "mark" else current
     # Taking a running record over means its holder died (or stayed cut off through lease and grace): one crash. A

@@ -238,6 +238,19 @@ class SQLStore(Store):
             p_delay=req.delay)
 
     def _claim(self, req: ClaimRequest) -> ClaimResult:
+        try:
+            return self._claim_once(req)
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
+                raise
+        # The connection broke during the claim (a lane resends on its own: see _call_on_lane). The claim may have
+        # landed with only its answer lost, which would leave the operation held by an owner no worker is, until
+        # lease and grace passed and a crash was counted. Owners are unique per attempt, so the same claim sent once
+        # more finds its own live lease and answers it as claimed, same token (see decide_claim), or is the claim.
+        return self._claim_once(req)
+
+    def _claim_once(self, req: ClaimRequest) -> ClaimResult:
         if self.sql.upsert is None:
             def decide(cur: Operation | None, now: float) -> tuple[ClaimResult, Operation | None]:
                 outcome, op = decide_claim(cur, req, now)
@@ -250,7 +263,10 @@ class SQLStore(Store):
             p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
             p_ttl=req.ttl, p_grace=req.grace)
         op = self._op(self._upsert(self.sql.claim, lambda: self._lanes().claim, params))
-        if op.lease_owner == req.owner and op.status is Status.RUNNING:  # owners are unique per attempt
+        # Owners are unique per attempt: held by this one, it is this claim's win, or the same claim sent again (see
+        # _claim) under its live lease. A lapsed one is busy, as decide_claim has it: the statement just marked it
+        # (updated_at >= lease_expires_at), or found it marked.
+        if op.lease_owner == req.owner and op.status is Status.RUNNING and (op.lease_expires_at or 0) > op.updated_at:
             return ClaimResult(ClaimOutcome.CLAIMED, op)
         if op.fingerprint != req.fingerprint:
             return ClaimResult(ClaimOutcome.MISMATCH, op)
