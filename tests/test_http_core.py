@@ -324,6 +324,13 @@ class TestErrors:
             assert r.status == status and "could not be read" in r.body["detail"]
             assert "idempotency key" not in r.body["detail"] and "recorded" not in r.body["detail"]
 
+    def test_a_write_that_met_an_outage_is_not_said_to_be_unrecorded(self) -> None:
+        """A store that timed out may still apply the creation once it answers again: the client must retry with the
+        same key (and may meet the operation then), not take the 503 as "nothing happened"."""
+        for exc in (StoreUnavailable("timed out"), PublishFailed("broker down", operation_id="o")):
+            detail = error_reply(exc, POLICY).body["detail"]
+            assert "may not have been recorded" in detail and "same idempotency key" in detail
+
     def test_unknown_exceptions_are_not_swallowed(self) -> None:
         with pytest.raises(KeyError):
             error_reply(KeyError("x"), POLICY)

@@ -376,7 +376,7 @@ def error_reply(exc: Exception, policy: HttpPolicy, *, reading: bool = False) ->
         logger.warning("idemtasks: answered 503: %s", exc)
         return problem(503, "service_unavailable", "Service unavailable",
                        "the operation could not be read; retry later" if reading else
-                       "the request could not be recorded or queued; retry with the same idempotency key",
+                       "the request may not have been recorded or queued; retry with the same idempotency key",
                        retry_after=max(policy.retry_after, 1))
     if isinstance(exc, StoreError):
         # The store answered and refused (a missing table, a permission): waiting would not help, so no
