@@ -236,13 +236,31 @@ def test_a_claim_whose_answer_was_lost_with_its_connection_is_still_this_claims(
         assert relay.sever_after is None and len(relay.dropped) == 1, "no reply was lost"
         if backend == "postgres":
             assert b"w1" in relay.dropped[0], "the reply lost was not the claim's row"
-        else:
-            assert relay.dropped[0][4] == 0, "the reply lost was not the commit's OK"
+        else:  # an OK packet that changed no row: the INSERT's changed one
+            assert relay.dropped[0][4:6] == b"\x00\x00", "the reply lost was not the commit's OK"
 
         assert res.outcome is ClaimOutcome.CLAIMED
         stored = other.get("s", "k")
         assert stored is not None and stored == res.operation
         assert (stored.lease_owner, stored.fencing_token, stored.attempts, stored.crashes) == ("w1", 1, 1, 0)
+    finally:
+        relay.sever_after = None
+        _drop(other)
+        holder.close()
+
+
+def test_a_mariadb_claim_cut_off_before_its_commit_is_not_sent_again(
+        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
+    """Its transaction never committed, so there is nothing to find; and a connection dead on this side only may
+    still hold the row's lock on the server, which a claim sent again would wait out for nothing."""
+    relay, holder, other = _store_pair(blackhole, "mysql")
+    try:
+        holder.create("s", "warm", "tasks.charge", "fp", ttl=60.0)
+        relay.sever_after = 0  # the locking read's answer
+        with pytest.raises(StoreUnavailable):
+            holder.claim("s", "k", "tasks.charge", "fp", owner="w1", lease=30.0, ttl=60.0)
+        assert relay.sever_after is None and len(relay.dropped) == 1
+        assert other.get("s", "k") is None
     finally:
         relay.sever_after = None
         _drop(other)

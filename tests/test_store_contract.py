@@ -116,11 +116,18 @@ class TestClaim:
     def test_a_claim_sent_again_by_its_owner_under_its_live_lease_is_still_claimed(self, store: Store,
                                                                                    scope: str) -> None:
         """A claim whose answer was lost is sent again (owners are unique per attempt): it landed, so it is this
-        owner's claim, with the same token, and nothing changes."""
-        held = claim(store, scope, "k1", owner="w1").operation
-        again = claim(store, scope, "k1", owner="w1")
-        assert again.outcome is ClaimOutcome.CLAIMED and again.operation == held
-        assert store.get(scope, "k1") == held
+        owner's claim, with the same token. Its lease starts again from now, as a claim's does: what was left of it
+        might end before the holder's first renewal, a third of a lease after the answer."""
+        held = claim(store, scope, "k1", owner="w1", lease=1.0).operation
+        time.sleep(0.6)
+        sent_at = time.time()
+        again = claim(store, scope, "k1", owner="w1", lease=1.0)
+        assert again.outcome is ClaimOutcome.CLAIMED
+        op = again.operation
+        assert (op.id, op.fencing_token, op.attempts, op.lease_owner, op.crashes) == (held.id, 1, 1, "w1", 0)
+        assert (op.lease_expires_at or 0.0) >= sent_at + 0.9 and op.expires_at > held.expires_at
+        assert store.get(scope, "k1") == op
+        assert claim(store, scope, "k1", owner="w2", lease=1.0).outcome is ClaimOutcome.BUSY
 
     def test_a_claim_sent_again_by_its_owner_after_its_lease_lapsed_is_busy(self, store: Store, scope: str) -> None:
         """Too late to hand back: the lapsed lease is suspected like any other, and only taken (over) after the

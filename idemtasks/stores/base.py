@@ -176,9 +176,11 @@ def decide_claim(current: Operation | None, req: ClaimRequest, now: float) -> tu
         return ClaimOutcome.BUSY, current  # not due yet (see DUE_SLACK)
     elif (current.status is Status.RUNNING and current.lease_owner == req.owner
           and (current.lease_expires_at or 0.0) > now):
-        # This very claim, sent again because its answer was lost (owners are unique per attempt): it landed. A lapsed
-        # one is not handed back: its holder would start the body on a lease that another claim may be taking over.
-        return ClaimOutcome.CLAIMED, current
+        # This very claim, sent again because its answer was lost (owners are unique per attempt): it landed. Its
+        # lease starts again from now, as a claim's does: what was left of it may end before the holder's first
+        # renewal, a third of a lease away. A lapsed one is not handed back: another claim may be taking it over.
+        return ClaimOutcome.CLAIMED, dataclasses.replace(current, lease_expires_at=now + req.lease,
+                                                         expires_at=now + req.ttl)
     elif current.status is Status.RUNNING and (phase := takeover_phase(current, now, req.grace)) != "take":
         return ClaimOutcome.BUSY, dataclasses.replace(current, updated_at=now) if phase == "mark" else current
     # Taking a running record over means its holder died (or stayed cut off through lease and grace): one crash. A
@@ -244,6 +246,9 @@ class Store(abc.ABC):
         grace: float | None = None,
     ) -> ClaimResult:
         """Try to become the holder of ``(scope, key)``; the outcome says whether the body may run.
+
+        ``owner`` must be unique to the attempt: the same claim sent again (its answer lost) is told from another's
+        by it, and answered as claimed under its live lease, which starts again from now.
 
         ``operation_id`` is the id to give the record if the claim must create it (a message whose record expired,
         or a task sent without :meth:`submit`); it is ignored when it does not belong to ``(scope, key)``.

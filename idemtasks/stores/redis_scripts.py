@@ -170,7 +170,16 @@ if (tonumber(r[1]) or 0) > now then
   if r[3] == 'r' then
     local le = tonumber(r[4]) or 0
     if le > now then
-      if r[5] == ARGV[6] then return {'c', r[6], r[7], r[8], r[9], r[10], r[4], r[11], r[1], r[13], r[15] or '0'} end
+      if r[5] == ARGV[6] then
+        -- This claim sent again, its answer lost: it landed. Its lease starts again from now, as a claim's does:
+        -- what was left of it may end before the holder's first renewal (see decide_claim).
+        local le2 = string.format('%d', now + math.floor(ARGV[7] * 1000000 + 0.5))
+        local x2 = now + math.floor(ARGV[8] * 1000000 + 0.5)
+        redis.call('HSET', k, 'le', le2, 'x', string.format('%d', x2))
+        redis.call('PEXPIREAT', k, string.format('%d', math.floor(x2 / 1000) + KEEP_MS))
+        if KEYS[3] then redis.call('ZADD', KEYS[3], le2, d) end
+        return {'c', r[6], r[7], r[8], r[9], r[10], le2, r[11], string.format('%d', x2), r[13], r[15] or '0'}
+      end
       return {'b', redis.call('HGETALL', k)}
     end
     local marked = tonumber(r[11]) or 0
@@ -224,7 +233,7 @@ return {'c', r[6], r[7], r[8], a, tok, le, u, xs, r[13], r[15] or '0'}
 # Running under the token, or pending with it still (given back by REQUEUE, and not claimed since: its holder may
 # still complete it; see _finish in stores.base).
 FINISH = _CLOCK + """
-local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x')
+local rec = redis.call('HMGET', k, 'id', 'st', 'tok', 'x', 'np')
 if rec[1] ~= ARGV[1] or (rec[2] ~= 'r' and rec[2] ~= 'p') or rec[3] ~= ARGV[2] or (tonumber(rec[4]) or 0) <= now then
   return 0
 end
@@ -245,9 +254,8 @@ if st == 'p' and ARGV[10] and ARGV[10] ~= '' then
   redis.call('HDEL', k, 'p')
   while redis.call('HDEL', k, 'p' .. i) == 1 do i = i + 1 end""" + _put_chunked("w", "p", "ARGV[10]") + """end
 """ + _hset_all("k", "w") + """
-redis.call('HDEL', k, 'lo', 'le')
 -- a final record has no message left to publish (one failed before any claim kept the flag)
-if st ~= 'p' then redis.call('HDEL', k, 'np') end
+if st ~= 'p' and rec[5] then redis.call('HDEL', k, 'lo', 'le', 'np') else redis.call('HDEL', k, 'lo', 'le') end
 if st == 'p' and ARGV[9] == '1' and rec[2] == 'r' then redis.call('HINCRBY', k, 'cr', 1) end
 redis.call('PEXPIREAT', k, string.format('%d', math.floor(x / 1000) + KEEP_MS))
 if KEYS[3] then redis.call('ZREM', KEYS[3], d) end

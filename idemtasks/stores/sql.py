@@ -92,6 +92,10 @@ class _Retry(Exception):
     pass
 
 
+class _CommitUnanswered(StoreUnavailable):
+    """MariaDB/MySQL: the connection broke at the COMMIT of a locked write, which may have landed."""
+
+
 class SQLStore(Store):
     """Operations in one SQL table (``table``), created on first use unless ``create_schema=False``."""
 
@@ -244,10 +248,16 @@ class SQLStore(Store):
             cause = exc.__cause__
             if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
                 raise
+            # On MariaDB/MySQL only a lost COMMIT can have landed: a transaction cut off earlier is rolled back, and
+            # a connection half open (dead on this side only) may still hold the row's lock, which a claim sent again
+            # would wait for (innodb_lock_wait_timeout, 50 s by default) before failing all the same.
+            if self.sql.upsert is None and not isinstance(exc, _CommitUnanswered):
+                raise
         # The connection broke during the claim (a lane resends on its own: see _call_on_lane). The claim may have
         # landed with only its answer lost, which would leave the operation held by an owner no worker is, until
         # lease and grace passed and a crash was counted. Owners are unique per attempt, so the same claim sent once
-        # more finds its own live lease and answers it as claimed, same token (see decide_claim), or is the claim.
+        # more finds its own live lease, answers it as claimed with the same token, and starts the lease again from
+        # now (see decide_claim); or it is the claim.
         return self._claim_once(req)
 
     def _claim_once(self, req: ClaimRequest) -> ClaimResult:
@@ -264,8 +274,8 @@ class SQLStore(Store):
             p_ttl=req.ttl, p_grace=req.grace)
         op = self._op(self._upsert(self.sql.claim, lambda: self._lanes().claim, params))
         # Owners are unique per attempt: held by this one, it is this claim's win, or the same claim sent again (see
-        # _claim) under its live lease. A lapsed one is busy, as decide_claim has it: the statement just marked it
-        # (updated_at >= lease_expires_at), or found it marked.
+        # _claim) under its live lease, which that started again. A lapsed one is busy, as decide_claim has it: the
+        # statement just marked it (updated_at >= lease_expires_at), or found it marked.
         if op.lease_owner == req.owner and op.status is Status.RUNNING and (op.lease_expires_at or 0) > op.updated_at:
             return ClaimResult(ClaimOutcome.CLAIMED, op)
         if op.fingerprint != req.fingerprint:
@@ -294,6 +304,7 @@ class SQLStore(Store):
         the loser's duplicate-key error sends it round again to find (and lock) the winner's row.
         """
         for _ in range(_MYSQL_ATTEMPTS):
+            committing = False
             try:
                 with self._tx(retry=True, single=False) as conn:
                     asked = time.monotonic()
@@ -311,9 +322,14 @@ class SQLStore(Store):
                             self._run(conn, self.sql.insert, self._row_values(write, digest))
                         else:
                             self._run(conn, self.sql.replace, {**self._row_values(write, digest), "p_key_hash": digest})
+                    committing = True
                 return result
             except _Retry:
                 continue
+            except StoreUnavailable as exc:
+                if not committing:
+                    raise
+                raise _CommitUnanswered(str(exc)) from exc.__cause__
         raise StoreError(f"SQL store {self.url}: {_MYSQL_ATTEMPTS} conflicting attempts to write one key in a row")
 
     # ----------------------------------------------------------------- fenced transitions

@@ -56,6 +56,7 @@ _CLAIMABLE = (f"o.fingerprint = excluded.fingerprint AND (o.status = 'pending' A
 _SUSPECT = f"o.fingerprint = excluded.fingerprint AND {_LAPSED} AND o.updated_at < coalesce(o.lease_expires_at, 0)"
 _FRESH = f"CASE WHEN {_EXPIRED} THEN excluded.{{c}} ELSE o.{{c}} END"
 _WON = ("status", "lease_owner", "lease_expires_at", "expires_at", "needs_publish")
+_MINE = ("lease_expires_at", "expires_at")  # what a claim sent again by its owner sets
 
 Bind = Callable[[str], Any]
 
@@ -79,7 +80,9 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
     values = {**_NEW, "status": "'running'", "attempts": "1", "fencing_token": "1", "crashes": "0",
               "lease_owner": ":p_lease_owner",
               "lease_expires_at": f"{_NOW} + :p_lease", "needs_publish": "false"}
-    won = ", ".join(f"CASE WHEN w THEN excluded.{c} ELSE o.{c} END" for c in _WON)
+    # m: this claim sent again, its answer lost (owners are unique per attempt): it landed, and its lease starts
+    # again from now, as a claim's does (see decide_claim).
+    won = ", ".join(f"CASE WHEN w{' OR m' if c in _MINE else ''} THEN excluded.{c} ELSE o.{c} END" for c in _WON)
     set_ = {
         **{c: _FRESH.format(c=c) for c in ("id", "scope", "idem_key", "task_name", "fingerprint", "created_at",
                                            "payload")},
@@ -94,7 +97,8 @@ def claim(table: sa.Table, column_bind: Bind, seconds_bind: Bind) -> Any:
             "CASE WHEN w OR s THEN excluded.updated_at ELSE o.updated_at END, "
             "CASE WHEN e OR o.attempts = 0 THEN 0 WHEN w AND o.status = 'running' THEN o.crashes + 1 "
             "ELSE o.crashes END "
-            f"FROM (SELECT e, e OR {_CLAIMABLE} AS w, {_SUSPECT} AS s "
+            f"FROM (SELECT e, e OR {_CLAIMABLE} AS w, {_SUSPECT} AS s, o.lease_owner = excluded.lease_owner AND "
+            "o.lease_expires_at > excluded.created_at AS m "
             f"FROM (SELECT {_EXPIRED} AS e) AS x) AS claim)",
     }
     # What no write in flight can change: a final record, another payload.

@@ -111,6 +111,9 @@ class Statements:
             sa.and_(lapsed, t.c.updated_at >= lease, t.c.updated_at <= now - self._seconds("p_grace")),
         ))
         wins = sa.or_(expired, claimable)
+        # This claim sent again, its answer lost (owners are unique per attempt): it landed, and its lease starts
+        # again from now, as a claim's does (see decide_claim).
+        mine = sa.and_(t.c.lease_owner == owner, lease > now)
         values = self._new_row(now, status="running", attempts=1, fencing_token=1, crashes=0, lease_owner=owner,
                                lease_expires_at=lease_until, needs_publish=False)
         stmt = self.upsert(t).values(**values)
@@ -134,9 +137,10 @@ class Statements:
             "crashes": sa.case((expired, 0), (claimable & (t.c.status == "running"), t.c.crashes + 1),
                                (t.c.attempts == 0, 0), else_=t.c.crashes),
             "status": won("status", "running"), "lease_owner": won("lease_owner", owner),
-            "lease_expires_at": won("lease_expires_at", lease_until),
+            "lease_expires_at": sa.case((wins | mine, lease_until), else_=t.c.lease_expires_at),
             "updated_at": sa.case((wins | suspect, now), else_=t.c.updated_at),
-            "expires_at": won("expires_at", values["expires_at"]), "needs_publish": won("needs_publish", False),
+            "expires_at": sa.case((wins | mine, values["expires_at"]), else_=t.c.expires_at),
+            "needs_publish": won("needs_publish", False),
         }).returning(*t.c)
 
     def _held(self, now: Any, *, given_back: bool = False) -> Any:
