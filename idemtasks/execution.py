@@ -229,7 +229,7 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
                 # arguments of then, and start a second chain of retries. Given back as it was found, due now: the
                 # retry message, or recovery's copy of the retry's call, runs it.
                 logger.info("idemtasks: delivery %d of operation %s is older than its retry %d; dropped",
-                            int(request.retries or 0), op.id, _stored_retries(op))
+                            int(request.retries or 0), op.id, stored_retries(op))
                 attempt.release_quietly()
                 raise Ignore()
             if task.max_crashes and _crashes(op) >= task.max_crashes:
@@ -249,7 +249,7 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
         _wait_for_holder(task, request, claim)
 
 
-def _stored_retries(op: Operation) -> int:
+def stored_retries(op: Operation) -> int:
     """The retry count of the operation's last give-back for a retry (see :func:`retry_payload`), 0 if none."""
     if not op.payload or '"retries":' not in op.payload:  # the hot path: no retry since the operation was submitted
         return 0
@@ -262,7 +262,7 @@ def _stored_retries(op: Operation) -> int:
 
 def _outdated(op: Operation, request: Any) -> bool:
     """Whether this delivery is older than the operation's last give-back for a retry: its retry count is lower."""
-    return int(request.retries or 0) < _stored_retries(op)
+    return int(request.retries or 0) < stored_retries(op)
 
 
 def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple[Any, ...],

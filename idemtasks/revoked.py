@@ -8,9 +8,10 @@ task that was cancelled would run after all. So the operation of a discarded mes
 message of it could be discarded (its message lost, its holder dead, the store down as the message was discarded)
 is failed by recovery instead, which reads the deadline stored with the call (see :mod:`idemtasks.recovery`).
 
-Only an operation still pending under the discarded message's id, or keyed by it (a message sent without
-``submit``), is touched: one that runs, or was created by another message (a duplicate under ``key_func``), belongs
-to a delivery that was not revoked. A message revoked with
+Only an operation still pending under the discarded message's id, keyed by it (a message sent without ``submit``),
+or given back for the retry that this message is (its retry count is the one stored with the give-back) is touched:
+one that runs, or was created by another message (a duplicate under ``key_func``), belongs to a delivery that was
+not revoked. A message revoked with
 ``terminate=True`` while its body runs is not handled here: its holder dies, and the operation is taken over like
 any dead holder's.
 """
@@ -34,7 +35,7 @@ logger = logging.getLogger("idemtasks.task")
 def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
     True if it was."""
-    from .execution import header_of, store_carried  # the worker side, imported by then
+    from .execution import header_of, store_carried, stored_retries  # the worker side, imported by then
     from .task import TASK_ID_SCOPE
 
     scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
@@ -51,7 +52,13 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     # key_func) is keyed by its task id, which its retries keep, while its claim gave the operation an id of the
     # store's. An operation a key_func duplicate shares belongs to other deliveries too, and is left alone.
     keyed_by_it = (scope, key) == (TASK_ID_SCOPE, request.id)
-    if op is None or op.status is not Status.PENDING or not (op.id == request.id or keyed_by_it):
+    if op is None or op.status is not Status.PENDING:
+        return False
+    # Or the retry that its last give-back stored: under key_func, a message sent without submit keeps its task id
+    # through its retries while its operation has an id of the store's. Only that give-back's retry message carries
+    # its retry count: a duplicate that met the operation has the count it was sent with, and gave nothing back.
+    retries = int(request.retries or 0)
+    if not (op.id == request.id or keyed_by_it or (retries > 0 and stored_retries(op) == retries)):
         return False
     what = "expired (expires=)" if expired else "was revoked"
     return fail_unrun(task, store, op, "Expired" if expired else "Revoked",

@@ -178,12 +178,21 @@ def build(store: Store) -> Harness:
             self.retry(countdown=countdown)
         return "done"
 
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=store, name=f"{app.main}.keyed_later",
+              key_func=lambda tag, countdown=1.2: f"later-{tag}")
+    def keyed_later(self: IdempotentTask, tag: str, countdown: float = 1.2) -> str:
+        h.runs[self.operation.key] += 1
+        if h.runs[self.operation.key] == 1:
+            self.retry(countdown=countdown)
+        return "done"
+
     @app.task(shared=False, name=f"{app.main}.noted")  # a plain task, linked as a callback
     def noted(result: Any, tag: str) -> None:
         h.runs[f"noted-{tag}"] += 1
 
     h.tasks.update(charge=charge, flaky=flaky, retry_on=retry_on, weird=weird, keyed=keyed, long=long,
-                   watched=watched, reargs=reargs, keyed_reargs=keyed_reargs, drops=drops, later=later, noted=noted)
+                   watched=watched, reargs=reargs, keyed_reargs=keyed_reargs, drops=drops, later=later,
+                   keyed_later=keyed_later, noted=noted)
     return h
 
 
@@ -1002,6 +1011,22 @@ def _requeued_after_a_death(h: Harness, k: str) -> Any:
     return sub
 
 
+def _revoked_once_given_back(h: Harness, scope: str, key: str, task_id: str) -> Any:
+    """Revoke ``task_id`` once the operation of (``scope``, ``key``) was given back for its retry (due 1.5 s later,
+    as the tests send it); the operation once final."""
+    from celery.worker import state
+
+    deadline = time.monotonic() + 10
+    while (op := h.store.get(scope, key)) is None or op.status is not Status.PENDING:
+        assert time.monotonic() < deadline, op
+        time.sleep(0.02)
+    state.revoked.add(task_id)  # what app.control.revoke(id) does in each worker
+    try:
+        return h.wait_final(op.id)
+    finally:
+        state.revoked.discard(task_id)
+
+
 class TestDiscardedMessages:
     """A message the worker discards unrun (revoked, expired) is never claimed: its operation must not stay pending,
     for recovery to publish it again until a worker that forgot the revoke (or a copy without ``expires``) runs it."""
@@ -1035,20 +1060,21 @@ class TestDiscardedMessages:
         """A plain apply_async (or beat, or send_task) keeps its task id through its retries, while its claim gave
         the operation an id of the store's: revoking that task id once the first attempt gave the operation back
         for a retry must still stop it, not leave it for recovery to publish under another id."""
-        from celery.worker import state
-
         sent = h.tasks["later"].apply_async((1.5,))
-        deadline = time.monotonic() + 10
-        while (op := h.store.get(TASK_ID_SCOPE, sent.id)) is None or op.status is not Status.PENDING:
-            assert time.monotonic() < deadline, op  # released for its retry, due 1.5 s later
-            time.sleep(0.02)
-        state.revoked.add(sent.id)
-        try:
-            op = h.wait_final(op.id)
-        finally:
-            state.revoked.discard(sent.id)
+        op = _revoked_once_given_back(h, TASK_ID_SCOPE, sent.id, sent.id)
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "Revoked"
         assert h.runs[sent.id] == 1
+
+    def test_a_revoked_retry_of_a_key_func_message_fails_its_operation(self, h: Harness) -> None:
+        """Under key_func the operation's id is neither the task id nor keyed by it: the retry message its give-back
+        stored (its retry count) is the operation's own all the same, and revoking the task id the sender knows must
+        stop it, not leave it for recovery to publish under the operation's id and run."""
+        tag = key()
+        sent = h.tasks["keyed_later"].apply_async((tag, 1.5))
+        op = _revoked_once_given_back(h, "global", f"later-{tag}", sent.id)
+        assert op.id != sent.id
+        assert op.status is Status.FAILED and op.error is not None and op.error.type == "Revoked"
+        assert h.runs[f"later-{tag}"] == 1
 
     def test_a_discarded_message_carrying_a_completion_stores_it(self, h: Harness) -> None:
         """The body ran, the store could not take its outcome then, so it rides in a republished message; its
