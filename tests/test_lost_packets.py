@@ -265,3 +265,25 @@ def test_a_mariadb_claim_cut_off_before_its_commit_is_not_sent_again(
         relay.sever_after = None
         _drop(other)
         holder.close()
+
+
+def test_a_mariadb_creation_cut_off_at_its_commit_fails_as_an_outage(
+        blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
+    """Only a claim is sent again (a creation is the caller's to retry, and a retry meets the record as a replay):
+    the creation fails as StoreUnavailable itself, the error a caller and a stored failure name."""
+    relay, holder, other = _store_pair(blackhole, "mysql")
+    try:
+        holder.create("s", "warm", "tasks.charge", "fp", ttl=60.0)
+        relay.sever_after = _CLAIM_REPLIES_BEFORE_COMMITTED["mysql"]
+        with pytest.raises(StoreUnavailable) as caught:
+            holder.create("s", "k", "tasks.charge", "fp", ttl=60.0)
+        assert type(caught.value) is StoreUnavailable
+        assert relay.dropped[0][4:6] == b"\x00\x00", "the reply lost was not the commit's OK"
+        landed = other.get("s", "k")
+        assert landed is not None
+        again = holder.create("s", "k", "tasks.charge", "fp", ttl=60.0)
+        assert not again.created and again.operation.id == landed.id
+    finally:
+        relay.sever_after = None
+        _drop(other)
+        holder.close()

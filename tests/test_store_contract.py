@@ -129,6 +129,14 @@ class TestClaim:
         assert store.get(scope, "k1") == op
         assert claim(store, scope, "k1", owner="w2", lease=1.0).outcome is ClaimOutcome.BUSY
 
+    def test_an_owners_claim_of_another_payload_is_a_mismatch_and_changes_nothing(self, store: Store,
+                                                                                  scope: str) -> None:
+        held = claim(store, scope, "k1", owner="w1", lease=1.0).operation
+        time.sleep(0.3)
+        res = claim(store, scope, "k1", "fp-b", owner="w1", lease=1.0)
+        assert res.outcome is ClaimOutcome.MISMATCH
+        assert store.get(scope, "k1") == held
+
     def test_a_claim_sent_again_by_its_owner_after_its_lease_lapsed_is_busy(self, store: Store, scope: str) -> None:
         """Too late to hand back: the lapsed lease is suspected like any other, and only taken (over) after the
         grace, with the next token."""

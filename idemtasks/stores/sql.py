@@ -92,8 +92,10 @@ class _Retry(Exception):
     pass
 
 
-class _CommitUnanswered(StoreUnavailable):
-    """MariaDB/MySQL: the connection broke at the COMMIT of a locked write, which may have landed."""
+def _connection_broke(exc: StoreUnavailable) -> bool:
+    """Whether the connection broke under the call (its answer lost), rather than the pool or the server refusing."""
+    cause = exc.__cause__
+    return isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated
 
 
 class SQLStore(Store):
@@ -242,44 +244,39 @@ class SQLStore(Store):
             p_delay=req.delay)
 
     def _claim(self, req: ClaimRequest) -> ClaimResult:
-        try:
-            return self._claim_once(req)
-        except StoreUnavailable as exc:
-            cause = exc.__cause__
-            if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
-                raise
-            # On MariaDB/MySQL only a lost COMMIT can have landed: a transaction cut off earlier is rolled back, and
-            # a connection half open (dead on this side only) may still hold the row's lock, which a claim sent again
-            # would wait for (innodb_lock_wait_timeout, 50 s by default) before failing all the same.
-            if self.sql.upsert is None and not isinstance(exc, _CommitUnanswered):
-                raise
-        # The connection broke during the claim (a lane resends on its own: see _call_on_lane). The claim may have
-        # landed with only its answer lost, which would leave the operation held by an owner no worker is, until
-        # lease and grace passed and a crash was counted. Owners are unique per attempt, so the same claim sent once
-        # more finds its own live lease, answers it as claimed with the same token, and starts the lease again from
-        # now (see decide_claim); or it is the claim.
-        return self._claim_once(req)
-
-    def _claim_once(self, req: ClaimRequest) -> ClaimResult:
+        # A claim whose connection broke may have landed with only its answer lost, which would leave the operation
+        # held by an owner no worker is, until lease and grace passed and a crash was counted. So it is sent once
+        # more (a lane does so on its own: see _call_on_lane). Owners are unique per attempt: the same claim finds its
+        # own live lease, answers it as claimed with the same token and starts the lease again from now (see
+        # decide_claim); or it is the claim.
         if self.sql.upsert is None:
             def decide(cur: Operation | None, now: float) -> tuple[ClaimResult, Operation | None]:
                 outcome, op = decide_claim(cur, req, now)
                 # A win, or a lapsed lease's suspicion mark (see Store.claim): anything decide_claim changed.
                 return ClaimResult(outcome, op), None if op is cur else op
 
-            return self._locked(req.digest, decide)
+            return self._locked(req.digest, decide, resend_lost_commit=True)
+        try:
+            return self._claim_upserted(req)
+        except StoreUnavailable as exc:
+            if not _connection_broke(exc):
+                raise
+        return self._claim_upserted(req)
+
+    def _claim_upserted(self, req: ClaimRequest) -> ClaimResult:
+        """PostgreSQL/SQLite: the claim's one statement, and its outcome read from the row it returns."""
         params = self.sql.params(
             p_id=req.new_id, p_key_hash=req.digest, p_scope=req.scope, p_idem_key=req.key, p_task_name=req.task_name,
             p_fingerprint=req.fingerprint, p_payload=req.payload, p_lease_owner=req.owner, p_lease=req.lease,
             p_ttl=req.ttl, p_grace=req.grace)
         op = self._op(self._upsert(self.sql.claim, lambda: self._lanes().claim, params))
+        if op.fingerprint != req.fingerprint:
+            return ClaimResult(ClaimOutcome.MISMATCH, op)
         # Owners are unique per attempt: held by this one, it is this claim's win, or the same claim sent again (see
         # _claim) under its live lease, which that started again. A lapsed one is busy, as decide_claim has it: the
         # statement just marked it (updated_at >= lease_expires_at), or found it marked.
         if op.lease_owner == req.owner and op.status is Status.RUNNING and (op.lease_expires_at or 0) > op.updated_at:
             return ClaimResult(ClaimOutcome.CLAIMED, op)
-        if op.fingerprint != req.fingerprint:
-            return ClaimResult(ClaimOutcome.MISMATCH, op)
         return ClaimResult(ClaimOutcome.DONE if op.is_final else ClaimOutcome.BUSY, op)
 
     def _upsert(self, stmt: Any, on_lane: Callable[[], Prepared], params: dict[str, Any]) -> Any:
@@ -296,12 +293,18 @@ class SQLStore(Store):
                 continue
         raise StoreError(f"SQL store {self.url}: {_PG_ATTEMPTS} duplicate primary keys in a row")
 
-    def _locked(self, digest: str, decide: Callable[[Operation | None, float], tuple[_R, Operation | None]]) -> _R:
+    def _locked(self, digest: str, decide: Callable[[Operation | None, float], tuple[_R, Operation | None]], *,
+                resend_lost_commit: bool = False) -> _R:
         """MariaDB/MySQL: lock the row, decide in Python on the server's clock, write what ``decide`` returns.
 
         The clock is a one-row derived table left-joined to the record, so an absent record still yields ``now``
         in the same statement. Under READ COMMITTED an absent key takes no lock: two racers may both INSERT, and
         the loser's duplicate-key error sends it round again to find (and lock) the winner's row.
+
+        ``resend_lost_commit``: go round once more when the connection broke at the COMMIT of a write, which may
+        have landed (a claim: see ``_claim``). Only then: a transaction cut off before its COMMIT was rolled back, and
+        a connection dead on this side only may still hold the row's lock on the server, which a second round would
+        wait for (``innodb_lock_wait_timeout``, 50 s by default) before failing all the same.
         """
         for _ in range(_MYSQL_ATTEMPTS):
             committing = False
@@ -322,14 +325,14 @@ class SQLStore(Store):
                             self._run(conn, self.sql.insert, self._row_values(write, digest))
                         else:
                             self._run(conn, self.sql.replace, {**self._row_values(write, digest), "p_key_hash": digest})
-                    committing = True
+                        committing = True
                 return result
             except _Retry:
                 continue
             except StoreUnavailable as exc:
-                if not committing:
+                if not (resend_lost_commit and committing and _connection_broke(exc)):
                     raise
-                raise _CommitUnanswered(str(exc)) from exc.__cause__
+                resend_lost_commit = False
         raise StoreError(f"SQL store {self.url}: {_MYSQL_ATTEMPTS} conflicting attempts to write one key in a row")
 
     # ----------------------------------------------------------------- fenced transitions

@@ -113,7 +113,7 @@ class Statements:
         wins = sa.or_(expired, claimable)
         # This claim sent again, its answer lost (owners are unique per attempt): it landed, and its lease starts
         # again from now, as a claim's does (see decide_claim).
-        mine = sa.and_(t.c.lease_owner == owner, lease > now)
+        mine = sa.and_(same, t.c.status == "running", t.c.lease_owner == owner, lease > now)
         values = self._new_row(now, status="running", attempts=1, fencing_token=1, crashes=0, lease_owner=owner,
                                lease_expires_at=lease_until, needs_publish=False)
         stmt = self.upsert(t).values(**values)
