@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -35,31 +36,43 @@ def cluster_ports(n: int) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def running_cluster(workdir: Path, *, replica: bool = False) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """Three masters of this test's own, and the URL of the first; with ``replica``, a fourth node replicating the
+    first, and the URL of that replica (whose processes come last)."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         services.missing("redis-server and redis-cli are needed for a Redis Cluster")
-    workdir = Path(tmp_path_factory.mktemp("cluster"))
-    ports = cluster_ports(3)
+    ports = cluster_ports(4 if replica else 3)
     procs = [subprocess.Popen(["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                                "--cluster-config-file", f"nodes-{p}.conf", "--save", "", "--appendonly", "no",
                                "--dir", str(workdir)], stdout=subprocess.DEVNULL) for p in ports]
     try:
         time.sleep(0.5)
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports[:3]],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            info = subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"], capture_output=True,
-                                  text=True).stdout
-            if "cluster_state:ok" in info:
-                break
-            time.sleep(0.2)
-        yield f"redis://127.0.0.1:{ports[0]}/0"
+        _wait_for(ports[0], "cluster", "info", text="cluster_state:ok")
+        if replica:
+            subprocess.run(["redis-cli", "--cluster", "add-node", f"127.0.0.1:{ports[3]}", f"127.0.0.1:{ports[0]}",
+                            "--cluster-slave"], check=True, capture_output=True, timeout=60)
+            _wait_for(ports[3], "info", "replication", text="master_link_status:up")
+        yield f"redis://127.0.0.1:{ports[-1 if replica else 0]}/0", procs
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def _wait_for(port: int, *command: str, text: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, f"{text} never came"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_cluster(Path(tmp_path_factory.mktemp("cluster"))) as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -121,3 +134,38 @@ def test_the_async_half_routes_each_record_to_its_slot(store: RedisStore) -> Non
     ids = asyncio.run(scenario())
     assert len({store.client.keyslot(store.record_key(f"{i:032x}")) for i in range(20)}) > 5
     assert all(store.get_by_id(op_id) is not None for op_id in ids)
+
+
+def test_clients_built_while_the_urls_node_is_down_reach_the_rest_of_the_cluster(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The URL names one node, here a replica; once it is down, the cluster serves on without it. The clients built
+    after that, the renewals' own and the asyncio half's, started from that node alone: every renewal failed, so
+    live holders were taken over and their bodies ran again, and the asyncio half raised the driver's own error,
+    not StoreUnavailable."""
+    import asyncio
+
+    from idemtasks.aio import async_store_for
+    from idemtasks.errors import StoreUnavailable
+
+    with running_cluster(Path(tmp_path_factory.mktemp("seed")), replica=True) as (url, procs):
+        store = RedisStore(url, cluster=True, namespace=f"c{uuid.uuid4().hex[:6]}")
+        held = store.claim("s", "k", "t", "fp", owner="w1", lease=30, ttl=60).operation
+        procs[-1].terminate()
+        procs[-1].wait(timeout=10)
+
+        assert store.renew(held, held.fencing_token, lease=30, ttl=60)
+
+        async def submits() -> None:
+            astore = async_store_for(store)
+            try:
+                assert (await astore.create("s", "a", "t", "fp", ttl=60)).created
+            finally:
+                await astore.client.aclose()  # type: ignore[attr-defined]
+
+        asyncio.run(submits())
+        for proc in procs[:-1]:  # none left: an outage, in the store's own terms
+            proc.terminate()
+            proc.wait(timeout=10)
+        with pytest.raises(StoreUnavailable):
+            asyncio.run(submits())
+        store.close()

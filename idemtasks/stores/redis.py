@@ -24,7 +24,9 @@ try:
         OutOfMemoryError,
         ReadOnlyError,
         RedisClusterException,
+        RedisClusterUnreachableError,
         RedisError,
+        SlotNotCoveredError,
         TryAgainError,
     )
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -42,7 +44,8 @@ from .base import PURGE_GRACE, RENEW_TIMEOUT, ClaimRequest, CreateRequest, Finis
 from .lanes import opens_lanes, published_answer, settle_own_writes, thread_flag
 from .redis_lane import Lane, client_retry, lanes_supported
 
-__all__ = ["RedisStore", "create_answer", "create_args", "joined", "parse_record", "public_url", "tail"]
+__all__ = ["DRIVER_ERRORS", "RedisStore", "create_answer", "create_args", "joined", "known_nodes", "parse_record",
+           "public_url", "tail"]
 
 logger = logging.getLogger("idemtasks.store")
 
@@ -53,7 +56,19 @@ _TAKEOVER = {0: Takeover.ALIVE, 1: Takeover.REQUEUED, 2: Takeover.SUSPECTED}  # 
 # Failover and resharding answer with errors that a later attempt gets past, unlike a bad command.
 # OOM included: a script refused for memory (maxmemory, noeviction) has written nothing, and passes again once keys
 # expire or the limit is raised.
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError, OutOfMemoryError)
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError, OutOfMemoryError,
+              RedisClusterUnreachableError, SlotNotCoveredError)
+#: What a call may raise: a cluster client's own errors (no node reachable, a slot no node serves) are no RedisError.
+DRIVER_ERRORS = (RedisError, RedisClusterException)
+
+
+def known_nodes(client: Any) -> list[tuple[str, int]]:
+    """The nodes a cluster client knows by now, to start another client from: the URL names one node only, which
+    may be down while the rest of the cluster serves."""
+    try:
+        return [(node.host, int(node.port)) for node in client.get_nodes()]
+    except Exception:  # an application's own client of another kind: the URL's node only
+        return []
 
 
 def _text(value: Any) -> str:
@@ -173,6 +188,7 @@ class RedisStore(Store):
         self._prompt_factory: Callable[[], Any] = lambda: factory(
             _without_query(url, "socket_timeout", "socket_connect_timeout"), decode_responses=True,
             socket_timeout=prompt, socket_connect_timeout=prompt, retry=Retry(NoBackoff(), 0),
+            **self.startup_nodes(redis.cluster.ClusterNode),
         )
         self._create_script = self.client.register_script(lua.CREATE)
         self._claim_script = self.client.register_script(lua.CLAIM)
@@ -191,9 +207,19 @@ class RedisStore(Store):
         self.pipelines_completions = self._lanes
         self._loaded_for = 0  # the pid that loaded the lanes' scripts
 
+    def startup_nodes(self, node: Callable[[str, int], Any]) -> dict[str, Any]:
+        """On a cluster, another client's ``startup_nodes``: every node this store's client knows, made with
+        ``node`` (a sync or an asyncio ``ClusterNode``). A client built later from the URL alone (the renewals' own, or
+        the asyncio half's) could not start while the URL's node is down, though the cluster serves without it: its
+        live holders could then not renew, and were taken over."""
+        if not self.cluster:
+            return {}
+        return {"startup_nodes": [node(host, port) for host, port in known_nodes(self.client)]}
+
     @property
     def where(self) -> str:
         return f"{self.url} (namespace {self.namespace!r})"
+
 
     def record_key(self, digest: str) -> str:
         return f"{self.namespace}:{{{digest}}}"
@@ -204,10 +230,10 @@ class RedisStore(Store):
         self.round_trips += count
         try:
             yield
-        except RedisError as exc:
+        except DRIVER_ERRORS as exc:
             raise self._store_error(exc) from exc
 
-    def _store_error(self, exc: RedisError) -> StoreError:
+    def _store_error(self, exc: Exception) -> StoreError:
         if isinstance(exc, _TRANSIENT):
             return StoreUnavailable(f"Redis store {self.url} unavailable: {exc}")
         return StoreError(f"Redis store {self.url} failed: {exc}")
@@ -226,7 +252,7 @@ class RedisStore(Store):
             if lane is None:
                 return script(keys=keys, args=args)
             return lane.call(script.sha, source, keys, args)
-        except RedisError as exc:
+        except DRIVER_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def _settle_own_writes(self) -> None:

@@ -8,13 +8,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.exceptions import RedisError
 
 from ..aio import AsyncStore
 from ..models import Operation
 from . import redis_scripts as lua
 from .base import CreateRequest
-from .redis import RedisStore, create_answer, create_args, parse_record
+from .redis import DRIVER_ERRORS, RedisStore, create_answer, create_args, parse_record
 from .redis_lane import client_retry
 
 __all__ = ["AsyncRedisStore"]
@@ -30,7 +29,8 @@ class AsyncRedisStore(AsyncStore):
         factory = aioredis.RedisCluster.from_url if store.cluster else aioredis.Redis.from_url
         self.client: Any = factory(
             store._raw_url, decode_responses=True, socket_timeout=store.socket_timeout,
-            socket_connect_timeout=store.socket_timeout, **client_retry(Retry))
+            socket_connect_timeout=store.socket_timeout, **client_retry(Retry),
+            **store.startup_nodes(aioredis.cluster.ClusterNode))
         self._create_script = self.client.register_script(lua.CREATE)
         self._get_script = self.client.register_script(lua.GET)
 
@@ -39,7 +39,7 @@ class AsyncRedisStore(AsyncStore):
         self.sync.round_trips += 1
         try:
             yield
-        except RedisError as exc:
+        except DRIVER_ERRORS as exc:
             raise self.sync._store_error(exc) from exc  # one rule for what is an outage, in both halves
 
     async def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
