@@ -25,6 +25,7 @@ from typing import Any
 from celery import signals
 
 from .errors import LeaseLost
+from .identity import is_past, parse_stored_call
 from .models import ErrorInfo, Operation, Status
 
 __all__ = ["fail_discarded", "fail_unrun"]
@@ -33,9 +34,9 @@ logger = logging.getLogger("idemtasks.task")
 
 
 def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
-    """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id.
-    True if it was."""
-    from .execution import header_of, store_carried, stored_retries  # the worker side, imported by then
+    """Store the operation of ``request``'s discarded message as failed, if it is still pending under its id, keyed
+    by it, or given back for the retry this message is. True if it was."""
+    from .execution import header_of, store_carried  # the worker side, imported by then
     from .task import TASK_ID_SCOPE
 
     scope, key = task._key_of(request, tuple(request.args or ()), dict(request.kwargs or {}))
@@ -54,15 +55,30 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
     keyed_by_it = (scope, key) == (TASK_ID_SCOPE, request.id)
     if op is None or op.status is not Status.PENDING:
         return False
-    # Or the retry that its last give-back stored: under key_func, a message sent without submit keeps its task id
-    # through its retries while its operation has an id of the store's. Only that give-back's retry message carries
-    # its retry count: a duplicate that met the operation has the count it was sent with, and gave nothing back.
-    retries = int(request.retries or 0)
-    if not (op.id == request.id or keyed_by_it or (retries > 0 and stored_retries(op) == retries)):
+    if not (op.id == request.id or keyed_by_it or _carries_it_on(op, request, expired=expired)):
         return False
     what = "expired (expires=)" if expired else "was revoked"
     return fail_unrun(task, store, op, "Expired" if expired else "Revoked",
                       f"the message {what} before this delivery ran")
+
+
+def _carries_it_on(op: Operation, request: Any, *, expired: bool) -> bool:
+    """Whether ``request`` is the retry that ``op``'s last give-back stored: under key_func, a message sent without
+    submit keeps its task id through its retries while its operation has an id of the store's. Only that retry
+    message carries the give-back's retry count: a duplicate that met the operation has the count it was sent with
+    (it gave nothing back), and an earlier delivery a lower one. Whichever message it came from (a duplicate that
+    took the operation over from a dead holder carries it on too), revoking it cancels the operation. Its own
+    deadline passing does only if the operation's passed too: recovery's copy carries the stored deadline (the
+    first message's), which this message, a duplicate's retry, may not share."""
+    from .execution import stored_retries  # the worker side, imported by then
+
+    retries = int(request.retries or 0)
+    if retries == 0 or stored_retries(op) != retries:
+        return False
+    if not expired:
+        return True
+    deadline = parse_stored_call(op.payload)[3].get("expires") if op.payload else None
+    return isinstance(deadline, str) and is_past(deadline)
 
 
 def fail_unrun(task: Any, store: Any, op: Operation, error_type: str, why: str) -> bool:
@@ -99,8 +115,11 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
     try:
         sender._settled()
         if fail_discarded(sender, request, expired=expired):
-            logger.warning("idemtasks: operation %s failed: its message was %s before it ran", request.id,
+            logger.warning("idemtasks: the operation of task %s failed: its message was %s before it ran", request.id,
                            "expired" if expired else "revoked")
+    except LeaseLost:  # another delivery claimed the operation meanwhile: it carries the operation on
+        logger.info("idemtasks: task %s was %s, and another delivery holds its operation", request.id,
+                    "expired" if expired else "revoked")
     except Exception as exc:  # the consumer runs this: a store error must not take the worker's consumer down
         logger.warning("idemtasks: could not record that task %s was %s: %s", getattr(request, "id", "?"),
                        "expired" if expired else "revoked", exc)

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.exceptions import ClusterError, MaxConnectionsError, RedisClusterException, SlotNotCoveredError
 
-from idemtasks.errors import LeaseLost
+from idemtasks.errors import LeaseLost, StoreError, StoreUnavailable
 from idemtasks.models import ClaimOutcome, Status, Takeover
 from idemtasks.stores.redis import RedisStore
 from tests import services
@@ -145,7 +146,6 @@ def test_clients_built_while_the_urls_node_is_down_reach_the_rest_of_the_cluster
     import asyncio
 
     from idemtasks.aio import async_store_for
-    from idemtasks.errors import StoreUnavailable
 
     with running_cluster(Path(tmp_path_factory.mktemp("seed")), replica=True) as (url, procs):
         store = RedisStore(url, cluster=True, namespace=f"c{uuid.uuid4().hex[:6]}")
@@ -169,3 +169,17 @@ def test_clients_built_while_the_urls_node_is_down_reach_the_rest_of_the_cluster
         with pytest.raises(StoreUnavailable):
             asyncio.run(submits())
         store.close()
+
+
+@pytest.mark.parametrize(("error", "outage"), [
+    (ClusterError("TTL exhausted."), True),  # redirected past the client's limit: a resharding under way
+    (SlotNotCoveredError("no node serves slot 7"), True),
+    (MaxConnectionsError(), True),  # the pool's limit reached: it says nothing of itself
+    (RedisClusterException("cluster mode is not enabled on this node"), False),
+], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v))
+def test_a_cluster_clients_own_errors_are_the_stores(store: RedisStore, error: Exception, outage: bool) -> None:
+    """What redis-py raises on a cluster, translated by the rule every call goes through: an outage a later attempt
+    gets past is StoreUnavailable (HTTP 503, a worker waits it out), and every message names its cause."""
+    translated = store._store_error(error)
+    assert type(translated) is (StoreUnavailable if outage else StoreError)
+    assert str(translated).endswith(str(error) or type(error).__name__)

@@ -1076,6 +1076,35 @@ class TestDiscardedMessages:
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "Revoked"
         assert h.runs[f"later-{tag}"] == 1
 
+    @pytest.mark.parametrize("deadline", [None, "past"])
+    def test_a_duplicate_carrying_a_key_func_operation_on_is_stopped_by_its_revoke_not_by_its_own_deadline(
+            self, h: Harness, deadline: str | None) -> None:
+        """A duplicate (task id "T2") took the operation of a sender without a deadline over and gave it back for
+        its retry: that retry message carries the operation on, so revoking it cancels the operation. Its own
+        ``expires`` passing does not, unless the operation's stored deadline passed too: recovery's copy of the
+        stored call would otherwise run it under the first message's terms."""
+        from celery.app.task import Context
+
+        from idemtasks.identity import dump_json, retried_call, stored_call
+        from idemtasks.revoked import fail_discarded
+
+        task, tag = h.tasks["keyed_later"], key()
+        args = [tag, 1.5]
+        call = dump_json([task.name, args, {}], what="arguments", canonical=True)
+        expires = {} if deadline is None else {"expires": "2020-01-01T00:00:00+00:00"}
+        fp = _fp(task.name, tuple(args))
+        held = h.store.claim("global", f"later-{tag}", task.name, fp, owner="T2", lease=30, ttl=3600,
+                             payload=stored_call(call, expires)).operation
+        h.store.release(held, held.fencing_token, ttl=3600, delay=60, payload=retried_call(held.payload or "", call, 1))
+        retry = Context(id="T2", args=args, kwargs={}, retries=1, headers=None)
+
+        assert fail_discarded(task, retry, expired=True) is (deadline is not None)
+        if deadline is None:
+            assert fail_discarded(task, retry, expired=False)
+        op = h.store.get("global", f"later-{tag}")
+        assert op is not None and op.status is Status.FAILED and op.error is not None
+        assert op.error.type == ("Revoked" if deadline is None else "Expired")
+
     def test_a_discarded_message_carrying_a_completion_stores_it(self, h: Harness) -> None:
         """The body ran, the store could not take its outcome then, so it rides in a republished message; its
         holder died, and recovery gave the operation back. That message expiring must store the outcome, never

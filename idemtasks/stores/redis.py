@@ -20,7 +20,7 @@ try:
     import redis
     from redis.backoff import NoBackoff
     from redis.exceptions import (
-        ClusterDownError,
+        ClusterError,
         OutOfMemoryError,
         ReadOnlyError,
         RedisClusterException,
@@ -56,7 +56,9 @@ _TAKEOVER = {0: Takeover.ALIVE, 1: Takeover.REQUEUED, 2: Takeover.SUSPECTED}  # 
 # Failover and resharding answer with errors that a later attempt gets past, unlike a bad command.
 # OOM included: a script refused for memory (maxmemory, noeviction) has written nothing, and passes again once keys
 # expire or the limit is raised.
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError, OutOfMemoryError,
+# On a cluster: no node reachable, a slot no node serves, or redirections that went on past the client's limit (a
+# resharding under way: ClusterError "TTL exhausted"; ClusterDownError is one too).
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterError, OutOfMemoryError,
               RedisClusterUnreachableError, SlotNotCoveredError)
 #: What a call may raise: a cluster client's own errors (no node reachable, a slot no node serves) are no RedisError.
 DRIVER_ERRORS = (RedisError, RedisClusterException)
@@ -220,7 +222,6 @@ class RedisStore(Store):
     def where(self) -> str:
         return f"{self.url} (namespace {self.namespace!r})"
 
-
     def record_key(self, digest: str) -> str:
         return f"{self.namespace}:{{{digest}}}"
 
@@ -234,9 +235,10 @@ class RedisStore(Store):
             raise self._store_error(exc) from exc
 
     def _store_error(self, exc: Exception) -> StoreError:
+        why = str(exc) or type(exc).__name__  # some say nothing of themselves (MaxConnectionsError)
         if isinstance(exc, _TRANSIENT):
-            return StoreUnavailable(f"Redis store {self.url} unavailable: {exc}")
-        return StoreError(f"Redis store {self.url} failed: {exc}")
+            return StoreUnavailable(f"Redis store {self.url} unavailable: {why}")
+        return StoreError(f"Redis store {self.url} failed: {why}")
 
     def _create(self, req: CreateRequest) -> tuple[Operation, bool]:
         keys = [self.record_key(req.digest), *self._indexes[:1]]
