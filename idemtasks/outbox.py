@@ -97,7 +97,17 @@ class Outbox:
             return Staged(op, True, task, args, kwargs)
         except IntegrityError as exc:
             collision = exc
-        row = conn.execute(sa.select(t).where(t.c.key_hash == digest).with_for_update()).one_or_none()
+        # A plain read first: a repeat of a live record only reads it, and a row lock would hold that operation's
+        # holder (its renewals, its completion) until this transaction ends, the business's own time. A cut renewal
+        # sent again would then pile up one waiting connection on the server per try, until none were left.
+        # The record that collided was committed, so a read at READ COMMITTED sees it. Read again under a lock when
+        # it is expired (this call replaces it, and must not overwrite a record a claim re-created meanwhile) or not
+        # visible (MariaDB/MySQL's REPEATABLE READ reads a snapshot older than the commit; a locking read reads the
+        # latest version, at the price of that lock).
+        select = sa.select(t).where(t.c.key_hash == digest)
+        row = conn.execute(select).one_or_none()
+        if row is None or float(row.expires_at) <= now:
+            row = conn.execute(select.with_for_update()).one_or_none()
         if row is None and not _duplicate_key(collision):
             raise collision  # not the key: a column the table lacks a default for, a CHECK (wrapped by stage)
         if row is None:

@@ -231,3 +231,52 @@ class TestTheTasksStore:
         with outbox.store.engine.begin() as conn:
             staged = outbox.stage(conn, task, ("o1",), key="order-o1")
         assert staged.created and outbox.store.get_by_id(staged.operation.id) is not None
+
+
+@pytest.mark.parametrize("service", ["postgres", "mysql"])
+def test_a_repeat_staged_in_an_open_transaction_leaves_the_running_holder_free(service: str, tmp_path: Path) -> None:
+    """The handler's transaction stays open after staging a repeat of an operation a worker runs. The repeat only
+    reads the record: a row lock would hold the holder's renewals and completion until that transaction ended (and
+    each renewal given up and sent again left one more connection waiting on the server, until none were left)."""
+    store = make_store(service, tmp_path)
+    assert isinstance(store, SQLStore)
+    try:
+        _, ship, _, _ = setup(store)
+        outbox = Outbox(store)
+        with store.engine.begin() as conn:
+            staged = outbox.stage(conn, ship, ("o8",), key="order-o8").operation
+        held = store.claim(staged.scope, staged.key, ship.name, staged.fingerprint, owner="w", lease=30,
+                           ttl=3600).operation
+        with store.engine.begin() as conn:
+            again = outbox.stage(conn, ship, ("o8",), key="order-o8")
+            assert not again.created and again.operation.id == staged.id
+            started = time.monotonic()
+            assert store.renew(held, held.fencing_token, lease=30, ttl=3600)
+            store.succeed(held, held.fencing_token, '"shipped o8"', ttl=3600)
+            assert time.monotonic() - started < 2
+        op = store.get_by_id(staged.id)
+        assert op is not None and op.status is Status.SUCCEEDED
+    finally:
+        drop(store)
+
+
+def test_a_mariadb_double_click_whose_second_transaction_began_first_replays(tmp_path: Path) -> None:
+    """MariaDB's REPEATABLE READ (its default, which an application's engine keeps): the second handler's snapshot
+    predates the first one's commit, and a plain read cannot see the record it collided with. The read under a lock
+    sees the latest version: a replay."""
+    store = make_store("mysql", tmp_path)
+    assert isinstance(store, SQLStore)
+    engine = sa.create_engine(store.engine.url.render_as_string(hide_password=False), isolation_level="REPEATABLE READ")
+    try:
+        _, ship, _, _ = setup(store)
+        outbox = Outbox(store)
+        with engine.begin() as second:
+            second.execute(sa.select(sa.func.count()).select_from(store.table)).scalar_one()  # its snapshot
+            with engine.begin() as first:
+                staged = outbox.stage(first, ship, ("o9",), key="order-o9")
+            assert second.execute(sa.select(store.table.c.id)).all() == []  # the snapshot, older than the commit
+            again = outbox.stage(second, ship, ("o9",), key="order-o9")
+        assert not again.created and again.operation.id == staged.operation.id
+    finally:
+        engine.dispose()
+        drop(store)
