@@ -97,15 +97,16 @@ class Outbox:
             return Staged(op, True, task, args, kwargs)
         except IntegrityError as exc:
             collision = exc
-        # A plain read first: a repeat of a live record only reads it, and a row lock would hold that operation's
-        # holder (its renewals, its completion) until this transaction ends, the business's own time. A cut renewal
-        # sent again would then pile up one waiting connection on the server per try, until none were left.
-        # The record that collided was committed, so a read at READ COMMITTED sees it. Read again under a lock when
-        # it is expired (this call replaces it, and must not overwrite a record a claim re-created meanwhile) or not
-        # visible (MariaDB/MySQL's REPEATABLE READ reads a snapshot older than the commit; a locking read reads the
-        # latest version, at the price of that lock).
+        # At READ COMMITTED a plain read first: it sees the latest committed version, the record that collided,
+        # and a row lock would hold that operation's holder (its renewals, its completion) until this transaction
+        # ends, the business's own time; a cut renewal sent again would pile up one waiting connection on the server
+        # per try, until none were left. Read under a lock when the record is expired (this call replaces it, and
+        # must not overwrite a record a claim re-created meanwhile), and at any other level: a plain read there
+        # reads the transaction's snapshot, which may hold an older version (a record deleted and re-created since,
+        # for another payload), while a locking read reads the latest one (MariaDB/MySQL) or fails the transaction
+        # for a retry (PostgreSQL).
         select = sa.select(t).where(t.c.key_hash == digest)
-        row = conn.execute(select).one_or_none()
+        row = conn.execute(select).one_or_none() if conn.get_isolation_level() == "READ COMMITTED" else None
         if row is None or float(row.expires_at) <= now:
             row = conn.execute(select.with_for_update()).one_or_none()
         if row is None and not _duplicate_key(collision):

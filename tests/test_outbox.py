@@ -280,3 +280,29 @@ def test_a_mariadb_double_click_whose_second_transaction_began_first_replays(tmp
     finally:
         engine.dispose()
         drop(store)
+
+
+def test_a_repeat_at_repeatable_read_decides_on_the_latest_record_not_its_snapshot(tmp_path: Path) -> None:
+    """The handler's snapshot holds a record that was abandoned (its publish failed) and made again by the client's
+    retry for another payload since. Decided on the snapshot, the retry's payload would be refused as a mismatch
+    against a record that no longer exists (and the first payload replayed, its call never run)."""
+    store = make_store("mysql", tmp_path)
+    assert isinstance(store, SQLStore)
+    engine = sa.create_engine(store.engine.url.render_as_string(hide_password=False), isolation_level="REPEATABLE READ")
+    try:
+        _, ship, _, _ = setup(store)
+        outbox = Outbox(store)
+        with engine.begin() as conn:
+            first = outbox.stage(conn, ship, ("o10",), key="order-o10").operation
+        with engine.begin() as handler:
+            handler.execute(sa.select(store.table.c.id)).all()  # its snapshot holds the first record
+            store.abandon(first)
+            with engine.begin() as conn:
+                retried = outbox.stage(conn, ship, ("o11",), key="order-o10").operation
+            again = outbox.stage(handler, ship, ("o11",), key="order-o10")
+            assert not again.created and again.operation.id == retried.id
+            with pytest.raises(IdempotencyKeyMismatch):
+                outbox.stage(handler, ship, ("o10",), key="order-o10")
+    finally:
+        engine.dispose()
+        drop(store)
