@@ -260,49 +260,49 @@ def test_a_repeat_staged_in_an_open_transaction_leaves_the_running_holder_free(s
         drop(store)
 
 
-def test_a_mariadb_double_click_whose_second_transaction_began_first_replays(tmp_path: Path) -> None:
-    """MariaDB's REPEATABLE READ (its default, which an application's engine keeps): the second handler's snapshot
-    predates the first one's commit, and a plain read cannot see the record it collided with. The read under a lock
-    sees the latest version: a replay."""
+@pytest.fixture
+def mariadb_repeatable_read(tmp_path: Path) -> Iterator[tuple[SQLStore, sa.Engine, Any, Outbox]]:
+    """A MariaDB store, and an application's engine at REPEATABLE READ (MariaDB's default, which such an engine
+    keeps; the store's own runs at READ COMMITTED), the task and the outbox."""
     store = make_store("mysql", tmp_path)
     assert isinstance(store, SQLStore)
     engine = sa.create_engine(store.engine.url.render_as_string(hide_password=False), isolation_level="REPEATABLE READ")
     try:
         _, ship, _, _ = setup(store)
-        outbox = Outbox(store)
-        with engine.begin() as second:
-            second.execute(sa.select(sa.func.count()).select_from(store.table)).scalar_one()  # its snapshot
-            with engine.begin() as first:
-                staged = outbox.stage(first, ship, ("o9",), key="order-o9")
-            assert second.execute(sa.select(store.table.c.id)).all() == []  # the snapshot, older than the commit
-            again = outbox.stage(second, ship, ("o9",), key="order-o9")
-        assert not again.created and again.operation.id == staged.operation.id
+        yield store, engine, ship, Outbox(store)
     finally:
         engine.dispose()
         drop(store)
 
 
-def test_a_repeat_at_repeatable_read_decides_on_the_latest_record_not_its_snapshot(tmp_path: Path) -> None:
+def test_a_mariadb_double_click_whose_second_transaction_began_first_replays(
+        mariadb_repeatable_read: tuple[SQLStore, sa.Engine, Any, Outbox]) -> None:
+    """The second handler's snapshot predates the first one's commit, and a plain read cannot see the record it
+    collided with. The read under a lock sees the latest version: a replay."""
+    store, engine, ship, outbox = mariadb_repeatable_read
+    with engine.begin() as second:
+        second.execute(sa.select(sa.func.count()).select_from(store.table)).scalar_one()  # its snapshot
+        with engine.begin() as first:
+            staged = outbox.stage(first, ship, ("o9",), key="order-o9")
+        assert second.execute(sa.select(store.table.c.id)).all() == []  # the snapshot, older than the commit
+        again = outbox.stage(second, ship, ("o9",), key="order-o9")
+    assert not again.created and again.operation.id == staged.operation.id
+
+
+def test_a_repeat_at_repeatable_read_decides_on_the_latest_record_not_its_snapshot(
+        mariadb_repeatable_read: tuple[SQLStore, sa.Engine, Any, Outbox]) -> None:
     """The handler's snapshot holds a record that was abandoned (its publish failed) and made again by the client's
     retry for another payload since. Decided on the snapshot, the retry's payload would be refused as a mismatch
     against a record that no longer exists (and the first payload replayed, its call never run)."""
-    store = make_store("mysql", tmp_path)
-    assert isinstance(store, SQLStore)
-    engine = sa.create_engine(store.engine.url.render_as_string(hide_password=False), isolation_level="REPEATABLE READ")
-    try:
-        _, ship, _, _ = setup(store)
-        outbox = Outbox(store)
+    store, engine, ship, outbox = mariadb_repeatable_read
+    with engine.begin() as conn:
+        first = outbox.stage(conn, ship, ("o10",), key="order-o10").operation
+    with engine.begin() as handler:
+        handler.execute(sa.select(store.table.c.id)).all()  # its snapshot holds the first record
+        store.abandon(first)
         with engine.begin() as conn:
-            first = outbox.stage(conn, ship, ("o10",), key="order-o10").operation
-        with engine.begin() as handler:
-            handler.execute(sa.select(store.table.c.id)).all()  # its snapshot holds the first record
-            store.abandon(first)
-            with engine.begin() as conn:
-                retried = outbox.stage(conn, ship, ("o11",), key="order-o10").operation
-            again = outbox.stage(handler, ship, ("o11",), key="order-o10")
-            assert not again.created and again.operation.id == retried.id
-            with pytest.raises(IdempotencyKeyMismatch):
-                outbox.stage(handler, ship, ("o10",), key="order-o10")
-    finally:
-        engine.dispose()
-        drop(store)
+            retried = outbox.stage(conn, ship, ("o11",), key="order-o10").operation
+        again = outbox.stage(handler, ship, ("o11",), key="order-o10")
+        assert not again.created and again.operation.id == retried.id
+        with pytest.raises(IdempotencyKeyMismatch):
+            outbox.stage(handler, ship, ("o10",), key="order-o10")
