@@ -22,7 +22,6 @@ from .config import ACCEPT_WINDOW
 from .errors import IdempotencyKeyMismatch
 from .forks import fresh_in_child
 from .identity import (
-    canonical_call,
     fingerprint_of_call,
     key_digest,
     new_operation_id,
@@ -32,7 +31,7 @@ from .identity import (
 )
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
-from .stores.base import CreateRequest, held_to
+from .stores.base import CreateRequest
 from .stores.lanes import pooled_only
 from .task import first_deadline, message_due, record_ttl, with_deadline
 
@@ -186,7 +185,7 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     key = validate_key(key)
     scope = validate_scope(scope if scope is not None else task.idempotency_scope)
     sync: Any = task.store if store is None else getattr(store, "store", None)  # a wrapped store's limit holds
-    call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, sync))
+    call = task.call_of(args, kwargs, sync)
     fingerprint = fingerprint or fingerprint_of_call(call)
     astore = store or async_store_for(sync)
     due = message_due(task, options)

@@ -30,7 +30,6 @@ from .errors import (
     StoreUnavailable,
 )
 from .identity import (
-    canonical_call,
     delivery_route,
     dump_json,
     fingerprint_of_call,
@@ -204,7 +203,7 @@ def run_attempt(task: Any, request: Any, scope: str, key: str, args: tuple[Any, 
     call = None
     fp = header.get("fp")
     if fp is None:
-        call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, store))
+        call = task.call_of(args, kwargs, store)
         fp = fingerprint_of_call(call)
     # What a claim that creates the record stores, for recovery: the call, where its message came from, its deadline.
     payload = None if call is None else _stored_call_of(task, request, call)
@@ -272,7 +271,7 @@ def _keep_call(task: Any, store: Store, op: Operation, request: Any, args: tuple
     the operation again if this holder died (and on Redis it would stay at the head of the index, in every sweep's
     way). One more round trip, only in this case; the body runs whether or not it lands."""
     try:
-        call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, store))
+        call = task.call_of(args, kwargs, store)
         store.attach_payload(op, op.fencing_token, _stored_call_of(task, request, call))
     except IdemtasksError as exc:  # arguments that cannot be stored as JSON, or the store gone for a moment
         logger.warning("idemtasks: operation %s has no stored call; recovery cannot publish it again: %s", op.id, exc)
@@ -287,7 +286,7 @@ def retry_payload(task: Any, attempt: Attempt, args: Any, kwargs: Any) -> str | 
     args = request.args if args is None else args
     kwargs = request.kwargs if kwargs is None else kwargs
     try:
-        call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, attempt.store))
+        call = task.call_of(args, kwargs, attempt.store)
     except IdemtasksError as exc:
         logger.warning("idemtasks: operation %s keeps its stored call; the retry's cannot be stored: %s",
                        attempt.id, exc)

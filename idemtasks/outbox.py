@@ -22,10 +22,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .config import DEFAULT_TTL
 from .errors import ConfigurationError, IdempotencyKeyMismatch, StoreUnavailable
-from .identity import canonical_call, fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
+from .identity import fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
 from .models import Operation
 from .stores import SQL_SCHEMES, Store, public_url, url_scheme
-from .stores.base import CreateRequest, decide_create, held_to
+from .stores.base import CreateRequest, decide_create
 from .stores.sql import _MYSQL_DUPLICATE_KEY, _PG_UNIQUE_VIOLATION, DEFAULT_TABLE, SQLStore, _mysql_code, _pg_code
 
 __all__ = ["Outbox", "Staged"]
@@ -67,7 +67,7 @@ class Outbox:
                                      f"never see what is staged here")
         key = validate_key(key)
         scope = validate_scope(scope if scope is not None else task.idempotency_scope)
-        call = canonical_call(task.name, args, kwargs, limit=held_to(task.max_args_bytes, self.store))
+        call = task.call_of(args, kwargs, self.store)
         digest = key_digest(scope, key)
         try:
             return self._stage(conn, task, args, kwargs, key, scope, call, digest)

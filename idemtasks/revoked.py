@@ -25,7 +25,7 @@ from typing import Any
 from celery import signals
 
 from .errors import LeaseLost
-from .identity import is_past, parse_stored_call
+from .identity import is_past
 from .models import ErrorInfo, Operation, Status
 
 __all__ = ["fail_discarded", "fail_unrun"]
@@ -71,13 +71,14 @@ def _carries_it_on(op: Operation, request: Any, *, expired: bool) -> bool:
     deadline passing does only if the operation's passed too: recovery's copy carries the stored deadline (the
     first message's), which this message, a duplicate's retry, may not share."""
     from .execution import stored_retries  # the worker side, imported by then
+    from .task import stored_deadline
 
     retries = int(request.retries or 0)
     if retries == 0 or stored_retries(op) != retries:
         return False
     if not expired:
         return True
-    deadline = parse_stored_call(op.payload)[3].get("expires") if op.payload else None
+    deadline = stored_deadline(op)
     return isinstance(deadline, str) and is_past(deadline)
 
 

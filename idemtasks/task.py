@@ -81,10 +81,15 @@ def with_deadline(task: Any, options: dict[str, Any]) -> dict[str, Any]:
     return options if deadline is None else {**options, "expires": deadline}
 
 
+def stored_deadline(op: Operation) -> Any:
+    """The deadline stored with the operation's call (its first message's ``expires``, as a time), or ``None``."""
+    return parse_stored_call(op.payload)[3].get("expires") if op.payload else None
+
+
 def first_deadline(op: Operation, options: dict[str, Any]) -> dict[str, Any]:
     """For a repeat that publishes an operation's message (its first request died before doing so): the deadline
     stored with the operation, not one counted from this repeat."""
-    stored = parse_stored_call(op.payload)[3].get("expires") if op.payload else None
+    stored = stored_deadline(op)
     return options if stored is None else {**options, "expires": stored}
 
 
@@ -255,6 +260,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             attempt: Attempt = request.idemtasks_attempt
             attempt.release_quietly(delay=delay, payload=retry_payload(self, attempt, args, kwargs))
 
+    def call_of(self, args: Any, kwargs: Any, store: Any) -> str:
+        """The call as stored and fingerprinted (:func:`~idemtasks.identity.canonical_call`), refused over
+        ``max_args_bytes`` held to what ``store``'s server can take (see :func:`~idemtasks.stores.base.held_to`)."""
+        return canonical_call(self.name, args, kwargs, limit=held_to(self.max_args_bytes, store))
+
     def _sendable(self, args: Any, kwargs: Any) -> bool:
         """Whether Celery's ``apply_async`` would accept these arguments: its check against the task's signature,
         which it makes only when ``typing`` is on."""
@@ -317,7 +327,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         key = validate_key(key)
         scope = validate_scope(scope if scope is not None else self.idempotency_scope)
         store = self.store
-        call = canonical_call(self.name, args, kwargs, limit=held_to(self.max_args_bytes, store))
+        call = self.call_of(args, kwargs, store)
         fp = fingerprint or fingerprint_of_call(call)
         # The due time goes with the record as well as with the "published" mark: should the mark fail, recovery
         # still waits for the message's time before it presumes the message lost.
