@@ -7,9 +7,10 @@ back, even though the renewal it sent during the loss is still waiting for its a
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -220,6 +221,26 @@ def test_the_same_completion_from_a_thread_without_a_lane_is_not_reported_lost(
 _CLAIM_REPLIES_BEFORE_COMMITTED = {"postgres": 0, "mysql": 2}
 
 
+@contextlib.contextmanager
+def _severable(blackhole: Callable[[str], tuple[Blackhole, str]],
+               backend: str) -> Iterator[tuple[Blackhole, Store, Store]]:
+    """A store through a relay (its connection open and set up, ready to be cut at a reply), another beside it."""
+    relay, holder, other = _store_pair(blackhole, backend)
+    try:
+        with pooled_only():  # a lane sends a claim again on its own
+            holder.create("s", "warm", "tasks.charge", "fp", ttl=60.0)
+        yield relay, holder, other
+    finally:
+        relay.sever_after = None
+        _drop(other)
+        holder.close()
+
+
+def _commits_ok(reply: bytes) -> bool:
+    """Whether a MariaDB reply is the COMMIT's OK: an OK packet that changed no row (the INSERT's changed one)."""
+    return reply[4:6] == b"\x00\x00"
+
+
 @pytest.mark.parametrize("backend", ["postgres", "mysql"])
 def test_a_claim_whose_answer_was_lost_with_its_connection_is_still_this_claims(
         blackhole: Callable[[str], tuple[Blackhole, str]], backend: str) -> None:
@@ -227,63 +248,45 @@ def test_a_claim_whose_answer_was_lost_with_its_connection_is_still_this_claims(
     under its own live lease: claimed, the same token, no crash counted. Before, the claim failed as an outage and
     left the operation held by an owner no worker was; its message came back, waited out lease and grace, and took
     the operation over with a crash counted (three such losses failed a payment that never ran)."""
-    relay, holder, other = _store_pair(blackhole, backend)
-    try:
-        with pooled_only():  # a lane sends a claim again on its own
-            holder.create("s", "warm", "tasks.charge", "fp", ttl=60.0)  # the connection is open and set up
+    with _severable(blackhole, backend) as (relay, holder, other):
+        with pooled_only():
             relay.sever_after = _CLAIM_REPLIES_BEFORE_COMMITTED[backend]
             res = holder.claim("s", "k", "tasks.charge", "fp", owner="w1", lease=30.0, ttl=60.0)
         assert relay.sever_after is None and len(relay.dropped) == 1, "no reply was lost"
         if backend == "postgres":
             assert b"w1" in relay.dropped[0], "the reply lost was not the claim's row"
-        else:  # an OK packet that changed no row: the INSERT's changed one
-            assert relay.dropped[0][4:6] == b"\x00\x00", "the reply lost was not the commit's OK"
+        else:
+            assert _commits_ok(relay.dropped[0]), "the reply lost was not the commit's OK"
 
         assert res.outcome is ClaimOutcome.CLAIMED
         stored = other.get("s", "k")
         assert stored is not None and stored == res.operation
         assert (stored.lease_owner, stored.fencing_token, stored.attempts, stored.crashes) == ("w1", 1, 1, 0)
-    finally:
-        relay.sever_after = None
-        _drop(other)
-        holder.close()
 
 
 def test_a_mariadb_claim_cut_off_before_its_commit_is_not_sent_again(
         blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
     """Its transaction never committed, so there is nothing to find; and a connection dead on this side only may
     still hold the row's lock on the server, which a claim sent again would wait out for nothing."""
-    relay, holder, other = _store_pair(blackhole, "mysql")
-    try:
-        holder.create("s", "warm", "tasks.charge", "fp", ttl=60.0)
+    with _severable(blackhole, "mysql") as (relay, holder, other):
         relay.sever_after = 0  # the locking read's answer
         with pytest.raises(StoreUnavailable):
             holder.claim("s", "k", "tasks.charge", "fp", owner="w1", lease=30.0, ttl=60.0)
         assert relay.sever_after is None and len(relay.dropped) == 1
         assert other.get("s", "k") is None
-    finally:
-        relay.sever_after = None
-        _drop(other)
-        holder.close()
 
 
 def test_a_mariadb_creation_cut_off_at_its_commit_fails_as_an_outage(
         blackhole: Callable[[str], tuple[Blackhole, str]]) -> None:
     """Only a claim is sent again (a creation is the caller's to retry, and a retry meets the record as a replay):
     the creation fails as StoreUnavailable itself, the error a caller and a stored failure name."""
-    relay, holder, other = _store_pair(blackhole, "mysql")
-    try:
-        holder.create("s", "warm", "tasks.charge", "fp", ttl=60.0)
+    with _severable(blackhole, "mysql") as (relay, holder, other):
         relay.sever_after = _CLAIM_REPLIES_BEFORE_COMMITTED["mysql"]
         with pytest.raises(StoreUnavailable) as caught:
             holder.create("s", "k", "tasks.charge", "fp", ttl=60.0)
         assert type(caught.value) is StoreUnavailable
-        assert relay.dropped[0][4:6] == b"\x00\x00", "the reply lost was not the commit's OK"
+        assert _commits_ok(relay.dropped[0]), "the reply lost was not the commit's OK"
         landed = other.get("s", "k")
         assert landed is not None
         again = holder.create("s", "k", "tasks.charge", "fp", ttl=60.0)
         assert not again.created and again.operation.id == landed.id
-    finally:
-        relay.sever_after = None
-        _drop(other)
-        holder.close()
