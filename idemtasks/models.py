@@ -82,6 +82,8 @@ class Operation:
     attempts: int
     fencing_token: int
     lease_owner: str | None
+    #: Running: when the holder's lease ends. Pending: ``None``, or how long recovery waits before its next copy
+    #: (see :meth:`Store.mark_published <idemtasks.stores.base.Store.mark_published>`).
     lease_expires_at: float | None
     created_at: float
     updated_at: float

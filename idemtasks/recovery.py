@@ -25,7 +25,16 @@ and the round trip. A dead holder's operation is therefore taken over about one 
 alone would allow (``lease + confirm_after``, rounded up to the sweeps). A worker's claim of a redelivered message
 follows the same two phases with the same mark (:meth:`Store.claim <idemtasks.stores.base.Store.claim>`).
 
-Publishing again is always safe: the worker's claim turns any extra copy into a replay. The sweeper runs as a
+Publishing again is always safe: the worker's claim turns any extra copy into a replay. But a pending operation
+whose message is merely queued behind a backlog longer than ``pending_after`` (or whose workers are all down while
+beat or cron sweeps) looks lost too, and a copy every ``pending_after`` would multiply the backlog it waits behind.
+So each copy backs off from the last: recovery publishes an operation again no sooner than ``pending_after`` after
+its first copy, then twice that after the second, and so on up to ``idemtasks_republish_backoff_max`` (at most
+about as long again as it already waited). The back-off is kept in the record (:meth:`Store.mark_published
+<idemtasks.stores.base.Store.mark_published>`), so it holds across sweepers; a claim, a retry or a takeover starts
+it afresh.
+
+The sweeper runs as a
 thread in every worker process that has ``idemtasks_sweep_interval`` set (so a plain ``celery worker`` recovers by
 itself, no beat needed), as the ``idemtasks.sweep`` task for beat, and as ``python -m idemtasks sweep -A app``.
 """
@@ -44,8 +53,8 @@ from .revoked import fail_unrun
 from .stores import Store
 from .stores.base import MIN_CONFIRM_AFTER, confirm_after_for
 
-__all__ = ["DEFAULT_PENDING_AFTER", "DEFAULT_SWEEP_INTERVAL", "MIN_CONFIRM_AFTER", "SweepReport", "Sweeper",
-           "confirm_after_for", "install"]
+__all__ = ["DEFAULT_PENDING_AFTER", "DEFAULT_REPUBLISH_BACKOFF_MAX", "DEFAULT_SWEEP_INTERVAL", "MIN_CONFIRM_AFTER",
+           "SweepReport", "Sweeper", "confirm_after_for", "install", "next_backoff"]
 
 logger = logging.getLogger("idemtasks.recovery")
 
@@ -57,6 +66,9 @@ DEFAULT_PENDING_AFTER = 60.0
 #: Seconds past an operation's deadline (its message's ``expires``) before recovery fails it instead of publishing
 #: it: the workers test the deadline on their own clocks, and one behind the sweeper's could still run a copy in time.
 EXPIRED_SLACK = 5.0
+#: The longest back-off between two copies recovery publishes of one pending operation (see above);
+#: ``idemtasks_republish_backoff_max``. Never shorter than ``pending_after``.
+DEFAULT_REPUBLISH_BACKOFF_MAX = 1800.0
 #: How many stale records this app cannot publish a sweep looks past, beyond its ``limit`` (see ``_sweep_store``).
 LOOK_PAST = 5000
 #: How many failed recoveries a sweeper remembers having logged (see Sweeper._logged).
@@ -93,6 +105,8 @@ class Sweeper:
         self.pending_after = float(pending_after if pending_after is not None
                                    else app.conf.get("idemtasks_pending_after", DEFAULT_PENDING_AFTER))
         self.confirm_after = confirm_after
+        self.backoff_max = max(self.pending_after, float(
+            app.conf.get("idemtasks_republish_backoff_max", DEFAULT_REPUBLISH_BACKOFF_MAX)))
         #: Operations whose recovery failed and was logged with its traceback: a worker's sweeper meets them again
         #: at every pass until they expire, and one traceback each is enough (bounded, for a process that lives long).
         self._logged: set[str] = set()
@@ -212,7 +226,7 @@ class Sweeper:
         if not op.needs_publish:
             options = {name: value for name, value in options.items() if name not in CALLBACK_OPTIONS}
         try:
-            task.publish(op, args, kwargs, **options)
+            task.publish(op, args, kwargs, backoff=next_backoff(op, self.pending_after, self.backoff_max), **options)
         except IdemtasksError as exc:
             logger.warning("idemtasks: could not publish operation %s again: %s", op.id, exc)
             return True
@@ -224,6 +238,17 @@ class Sweeper:
             return self.confirm_after
         task._settled()  # as in stores(): the task's settings may not be read yet in this process
         return confirm_after_for(float(task.lease_seconds or 0.0))
+
+
+def next_backoff(op: Operation, pending_after: float, most: float) -> float:
+    """The back-off of the copy recovery publishes of ``op`` as read: twice the last copy's (a pending record's
+    ``lease_expires_at`` less its ``updated_at``, both set by that copy's mark), at least ``pending_after`` and at
+    most ``most``. A record that was running, or pending without a copy of recovery's since its creation, release
+    or takeover, has none: its first copy backs off ``pending_after``, the wait recovery always had."""
+    last = 0.0
+    if op.status is Status.PENDING and op.lease_expires_at is not None:
+        last = op.lease_expires_at - op.updated_at
+    return min(most, max(pending_after, 2.0 * last))
 
 
 def install(app: Any, *, beat_task: bool = True) -> None:

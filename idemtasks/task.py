@@ -348,9 +348,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         return sub
 
     def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,
-                due: float | None = None, **options: Any) -> None:
+                due: float | None = None, backoff: float = 0.0, **options: Any) -> None:
         """Publish the message of a recorded operation (used by :meth:`submit` and by recovery). ``due``: seconds
-        until the message is due, if the caller has already read it from ``options``."""
+        until the message is due, if the caller has already read it from ``options``. ``backoff``: recovery's, see
+        :meth:`Store.mark_published <idemtasks.stores.base.Store.mark_published>`."""
         headers = {**options.pop("headers", {}), HEADER: {"scope": op.scope, "key": op.key, "fp": op.fingerprint}}
         if self.app.conf.task_always_eager:
             # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.
@@ -371,7 +372,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                                 operation_id=op.id) from exc
         try:
             # The due time again, now counted from the publish: the record's, set at its creation, is a moment early.
-            self.store.mark_published(op, delay=due)
+            self.store.mark_published(op, delay=due, backoff=backoff)
         except IdemtasksError as exc:
             # The flag only makes duplicates wait ACCEPT_WINDOW, and the worker's claim clears it; a scheduled
             # message's due time is in the record since its creation.

@@ -98,6 +98,34 @@ def test_pending_operation_whose_message_was_lost_is_published_again(rig: Rig) -
     assert op.status is Status.SUCCEEDED and op.result == 10 and rig.runs[key] == 1
 
 
+@pytest.mark.parametrize(("most", "backoffs"), [(60.0, [0.4, 0.8, 1.6]), (0.6, [0.4, 0.6, 0.6])])
+def test_copies_of_an_operation_queued_behind_a_backlog_back_off(rig: Rig, most: float,
+                                                                  backoffs: list[float]) -> None:
+    """No worker drains the queue (a backlog, or every worker down while beat sweeps): the operation looks lost at
+    every sweep. Each copy waits twice as long as the one before it (up to idemtasks_republish_backoff_max) rather
+    than pending_after, so a long backlog is not multiplied by its own length. When a worker comes, the body runs
+    once and every copy replays."""
+    rig.app.conf.idemtasks_republish_backoff_max = most
+    sweeper = Sweeper(rig.app, pending_after=0.4)
+    key, op_id = rig.lost_submit(40)
+    found, copies = [], []
+    started = time.monotonic()
+    while len(copies) < len(backoffs):
+        assert time.monotonic() - started < 10, f"copies at {copies}"
+        if sweeper.sweep().republished == [op_id]:
+            copies.append(time.monotonic())
+            op = rig.store.get_by_id(op_id)
+            assert op is not None and op.status is Status.PENDING and op.lease_expires_at is not None
+            found.append(round(op.lease_expires_at - op.updated_at, 2))
+        time.sleep(0.05)
+    assert found == backoffs
+    assert copies[2] - copies[1] >= backoffs[1] - 0.05  # not at pending_after
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        op = rig.final(op_id)
+        time.sleep(0.3)  # the copies behind the first one, replayed
+    assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
+
+
 def test_running_operation_whose_holder_died_with_its_message_is_taken_over(rig: Rig) -> None:
     key, op_id = rig.lost_submit(20)
     fp = rig.store.get_by_id(op_id).fingerprint  # type: ignore[union-attr]

@@ -111,6 +111,12 @@ def test_recovery_scans_the_cluster(store: RedisStore) -> None:
     assert store.claim("s", "dead", "t", "fp", owner="copy", lease=5, ttl=60).outcome is ClaimOutcome.CLAIMED
     with pytest.raises(LeaseLost):
         store.succeed(dead, dead.fencing_token, "1", ttl=60)
+    # A copy by recovery backs off, on the cluster's scan as through the index.
+    store.mark_published(lost, backoff=1.0)
+    time.sleep(0.3)
+    assert lost.id not in {op.id for op in store.stale(pending_after=0.1)}
+    time.sleep(0.8)
+    assert lost.id in {op.id for op in store.stale(pending_after=0.1)}
 
 
 def test_the_async_half_routes_each_record_to_its_slot(store: RedisStore) -> None:

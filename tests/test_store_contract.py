@@ -417,6 +417,43 @@ class TestFinish:
         time.sleep(1.0)  # 1.6 s in all: due, and pending_after past
         assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"now", "later"}
 
+    def test_a_copy_by_recovery_is_not_presumed_lost_again_before_its_back_off(self, store: Store,
+                                                                              scope: str) -> None:
+        """Recovery's copy of a pending operation backs off: the operation is stale again only once both
+        ``pending_after`` and the copy's back-off have passed. The copy itself is claimed at once: the back-off
+        delays recovery, never the body."""
+        for key in ("copied", "first", "claimed"):
+            store.create(scope, key, "tasks.charge", "fp-a", ttl=TTL)
+        copied, claimed = store.get(scope, "copied"), store.get(scope, "claimed")
+        assert copied is not None and claimed is not None
+        store.mark_published(copied, backoff=1.0)
+        store.mark_published(claimed, backoff=1.0)
+        marked = store.get(scope, "copied")
+        assert marked is not None and marked.lease_expires_at == pytest.approx(marked.updated_at + 1.0, abs=0.01)
+        time.sleep(0.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"first"}
+        assert claim(store, scope, "claimed").outcome is ClaimOutcome.CLAIMED
+        time.sleep(0.6)  # 1.2 s in all: the back-off has passed too
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"first", "copied"}
+
+    def test_a_release_or_a_mark_without_back_off_keeps_no_back_off_of_its_own(self, store: Store,
+                                                                              scope: str) -> None:
+        """A retry given back starts recovery's clock afresh, with no back-off from an earlier copy; a publisher's
+        own mark (no back-off) leaves recovery's alone."""
+        store.create(scope, "retried", "tasks.charge", "fp-a", ttl=TTL)
+        store.create(scope, "marked", "tasks.charge", "fp-a", ttl=TTL)
+        retried, marked = store.get(scope, "retried"), store.get(scope, "marked")
+        assert retried is not None and marked is not None
+        store.mark_published(retried, backoff=60.0)
+        store.mark_published(marked, backoff=60.0)
+        store.mark_published(marked)
+        held = claim(store, scope, "retried").operation
+        store.release(held, held.fencing_token, ttl=TTL)
+        time.sleep(0.6)
+        assert {op.key for op in store.stale(pending_after=0.5) if op.scope == scope} == {"retried"}
+        again = store.get(scope, "marked")
+        assert again is not None and again.lease_expires_at == pytest.approx(again.updated_at + 60.0, abs=1.0)
+
     def test_renew_extends_only_the_current_holders_lease(self, store: Store, scope: str) -> None:
         held = claim(store, scope, "k1", lease=0.5).operation
         assert store.renew(held, held.fencing_token, lease=30.0, ttl=TTL)

@@ -38,7 +38,8 @@ from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
 __all__ = ["DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "RENEW_TIMEOUT", "ClaimRequest", "CreateRequest",
-           "FinishRequest", "Store", "confirm_after_for", "decide_claim", "decide_create", "takeover_phase"]
+           "FinishRequest", "Store", "confirm_after_for", "decide_claim", "decide_create", "is_stale",
+           "takeover_phase"]
 
 #: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
 #: record's key (``KEEP_MS`` in :mod:`.redis_scripts`). A claim that re-creates an expired record continues its
@@ -134,6 +135,17 @@ def held_to(limit: int | None, store: Any) -> int | None:
     if server is None:
         return limit
     return server if limit is None else min(limit, server)
+
+
+def is_stale(op: Operation, now: float, pending_after: float) -> bool:
+    """What :meth:`Store.stale` returns, for backends that decide in Python: live, and pending since ``pending_after``
+    seconds or more and past the back-off recovery's last copy set (a pending record's ``lease_expires_at``, see
+    :meth:`Store.mark_published`), or running under a lease that ran out."""
+    if op.expires_at <= now:
+        return False
+    if op.status is Status.PENDING:
+        return op.updated_at <= now - pending_after and (op.lease_expires_at or 0.0) <= now
+    return op.status is Status.RUNNING and (op.lease_expires_at or 0.0) <= now
 
 
 def takeover_phase(op: Operation, now: float, grace: float) -> str:
@@ -385,18 +397,23 @@ class Store(abc.ABC):
         self._settle_own_writes()
         return self._renew(key_digest(op.scope, op.key), op.id, token, lease, ttl)
 
-    def mark_published(self, op: Operation, *, delay: float = 0.0) -> None:
+    def mark_published(self, op: Operation, *, delay: float = 0.0, backoff: float = 0.0) -> None:
         """Clear ``needs_publish``: the message of ``op`` is with the broker.
 
         ``delay``: seconds until that message is due (a countdown or ETA). As for a release, ``updated_at`` is set
         that far ahead and recovery waits ``pending_after`` from then: a copy published sooner would run the body
         before its time.
 
+        ``backoff`` (recovery's copies only): recovery publishes the record again no sooner than that many seconds
+        after it is due, even once ``pending_after`` has passed. The time is kept in the pending record's
+        ``lease_expires_at``, which a pending record has no other use for; ``updated_at`` cannot carry it, since a
+        claim takes it for the due time and would turn the copy itself away. 0 leaves it as it is.
+
         Fenced on ``op``'s token: a mark that lands after a worker claimed the operation (the publisher paused
         between its publish and this call) would otherwise undo what the claim did since, such as a retry's
         countdown, and the body would be due at once.
         """
-        self._mark_published(key_digest(op.scope, op.key), op.id, op.fencing_token, max(0.0, delay))
+        self._mark_published(key_digest(op.scope, op.key), op.id, op.fencing_token, max(0.0, delay), max(0.0, backoff))
 
     def attach_payload(self, op: Operation, token: int, payload: str) -> bool:
         """Store the call of an operation whose record a claim created without one, so that recovery can publish it
@@ -412,8 +429,9 @@ class Store(abc.ABC):
         self._abandon(key_digest(op.scope, op.key), op.id)
 
     def stale(self, *, pending_after: float, limit: int = 500) -> list[Operation]:
-        """Operations that may never finish by themselves: pending and unchanged for ``pending_after`` seconds,
-        or running under a lease that ran out (see :mod:`idemtasks.recovery`)."""
+        """Operations that may never finish by themselves: pending and unchanged for ``pending_after`` seconds
+        (and past the back-off of recovery's last copy, see :meth:`mark_published`), or running under a lease that
+        ran out (see :mod:`idemtasks.recovery`)."""
         self._settle_own_writes()
         return self._stale(pending_after, limit)
 
@@ -494,10 +512,11 @@ class Store(abc.ABC):
         Never touches ``updated_at``: a lease pushed above it is how a renewal cancels recovery's suspicion."""
 
     @abc.abstractmethod
-    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float, backoff: float) -> None:
         """If the record is ``operation_id``, still pending and not claimed since (its token is still ``token``):
         clear ``needs_publish`` and set ``updated_at`` to now plus ``delay`` (recovery's clock for pending records
-        restarts with every publish, from when it is due)."""
+        restarts with every publish, from when it is due); with ``backoff`` > 0, set ``lease_expires_at`` to that
+        much later still (see :meth:`mark_published`)."""
 
     @abc.abstractmethod
     def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:
@@ -513,8 +532,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _stale(self, pending_after: float, limit: int) -> list[Operation]:
-        """Up to ``limit`` live records pending and unchanged for ``pending_after`` seconds or more, or running
-        under an expired lease, oldest first."""
+        """Up to ``limit`` live records pending and unchanged for ``pending_after`` seconds or more and past
+        recovery's back-off, or running under an expired lease, oldest first (:func:`is_stale`)."""
 
     @abc.abstractmethod
     def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:

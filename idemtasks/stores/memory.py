@@ -16,6 +16,7 @@ from .base import (
     Store,
     decide_claim,
     decide_create,
+    is_stale,
     takeover_phase,
 )
 
@@ -95,13 +96,16 @@ class MemoryStore(Store):
             )
             return True
 
-    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float, backoff: float) -> None:
         with self._lock:
             self.round_trips += 1
-            op = self._live(digest, time.time())
+            now = time.time()
+            op = self._live(digest, now)
             if (op is not None and op.id == operation_id and op.status is Status.PENDING
                     and op.fencing_token == token):
-                self._records[digest] = dataclasses.replace(op, needs_publish=False, updated_at=time.time() + delay)
+                again = now + delay + backoff if backoff > 0 else op.lease_expires_at
+                self._records[digest] = dataclasses.replace(op, needs_publish=False, updated_at=now + delay,
+                                                            lease_expires_at=again)
 
     def _attach_payload(self, digest: str, operation_id: str, token: int, payload: str) -> bool:
         with self._lock:
@@ -123,9 +127,7 @@ class MemoryStore(Store):
         with self._lock:
             self.round_trips += 1
             now = time.time()
-            found = [op for op in self._records.values() if op.expires_at > now and (
-                (op.status is Status.PENDING and op.updated_at <= now - pending_after)
-                or (op.status is Status.RUNNING and (op.lease_expires_at or 0.0) <= now))]
+            found = [op for op in self._records.values() if is_stale(op, now, pending_after)]
             return sorted(found, key=lambda op: op.updated_at)[:limit]
 
     def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:

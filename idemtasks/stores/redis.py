@@ -40,7 +40,7 @@ from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from . import public_url
 from . import redis_scripts as lua
-from .base import PURGE_GRACE, RENEW_TIMEOUT, ClaimRequest, CreateRequest, FinishRequest, Store
+from .base import PURGE_GRACE, RENEW_TIMEOUT, ClaimRequest, CreateRequest, FinishRequest, Store, is_stale
 from .lanes import opens_lanes, published_answer, settle_own_writes, thread_flag
 from .redis_lane import Lane, client_retry, lanes_supported
 
@@ -346,8 +346,8 @@ class RedisStore(Store):
                     raise RedisConnectionError(str(exc)) from exc
             return self._prompt
 
-    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
-        keys, args = [self.record_key(digest)], [tail(digest, operation_id), str(token), repr(delay)]
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float, backoff: float) -> None:
+        keys, args = [self.record_key(digest)], [tail(digest, operation_id), str(token), repr(delay), repr(backoff)]
         lane = self._lane()
         if lane is None:
             with self._call():
@@ -420,9 +420,7 @@ class RedisStore(Store):
                 if not flat:
                     continue
                 op = parse_record(flat, _text(key)[-33:-1])
-                if op.expires_at > now and (
-                        (op.status is Status.PENDING and op.updated_at <= now - pending_after)
-                        or (op.status is Status.RUNNING and (op.lease_expires_at or 0.0) <= now)):
+                if is_stale(op, now, pending_after):
                     ops.append(op)
         return sorted(ops, key=lambda op: op.updated_at)[:limit]
 

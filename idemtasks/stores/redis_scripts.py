@@ -280,14 +280,19 @@ end
 return 1
 """
 
-# KEYS: record. ARGV: id, token, delay (seconds until the message is due, which 'u' is set ahead by)  ->  1
+# KEYS: record. ARGV: id, token, delay (seconds until the message is due, which 'u' is set ahead by), backoff
+# (recovery's copies: seconds after that before recovery may publish it again, kept in a pending record's 'le'; 0
+# leaves 'le' alone)  ->  1
 # The pending index keeps its score: STALE moves a member whose 'u' turns out later than the score to its true place.
 # Only while the token is the publisher's: a claim since (a late mark) may have given the record back with a later
 # due time, which the mark must not undo.
 MARK_PUBLISHED = _CLOCK + """
 local rec = redis.call('HMGET', k, 'id', 'st', 'x', 'tok')
 if rec[1] == ARGV[1] and rec[2] == 'p' and (tonumber(rec[3]) or 0) > now and rec[4] == ARGV[2] then
-  redis.call('HSET', k, 'u', string.format('%d', now + math.floor(ARGV[3] * 1000000 + 0.5)))
+  local u = now + math.floor(ARGV[3] * 1000000 + 0.5)
+  redis.call('HSET', k, 'u', string.format('%d', u))
+  local backoff = math.floor((tonumber(ARGV[4]) or 0) * 1000000 + 0.5)
+  if backoff > 0 then redis.call('HSET', k, 'le', string.format('%d', u + backoff)) end
   redis.call('HDEL', k, 'np')
 end
 return 1
@@ -361,7 +366,9 @@ _STALE_FIELDS = ", ".join(f"'{field}'" for field in [*_STALE_CALL_PIECES, _LONG_
 # looked at is returned, moved to its true score, or dropped (record gone, expired or in another status), so the
 # next range read starts after what was returned; the work per call is bounded even if the index has much to shed.
 # A running record is scored by its lease expiry 'le', which REQUEUE's mark leaves alone: a suspected record stays
-# due here until a renewal moves its lease on (then it is re-scored) or a later sweep confirms and requeues it.
+# due here until a renewal moves its lease on (then it is re-scored) or a later sweep confirms and requeues it. A
+# pending record's 'le' is the back-off of recovery's last copy (see MARK_PUBLISHED): it is due at the later of 'u'
+# plus pending_after and 'le', so scored at the later of 'u' and 'le' less pending_after.
 # Only the fields recovery reads are read (HMGET), and a call longer than 16 pieces (1 KiB) is left out, marked 'p+':
 # a few hundred stale records with calls near the size limit would otherwise be read whole within this one script,
 # and the server would answer nobody else for seconds. The caller reads each of those records by itself.
@@ -371,6 +378,7 @@ local LONG = '{_LONG_CALL}'""" + """
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local prefix, limit = ARGV[1], tonumber(ARGV[3])
+local after = math.floor(ARGV[2] * 1000000 + 0.5)
 local out = {}
 local function sweep(idx, status, max, field)
   local found, budget = 0, 4 * limit + 100
@@ -383,6 +391,7 @@ local function sweep(idx, status, max, field)
       local rec = {}
       for i, f in ipairs(FIELDS) do rec[f] = v[i] end
       local at = tonumber(rec[field])
+      if at and status == 'p' and rec.le then at = math.max(at, tonumber(rec.le) - after) end
       if rec.st ~= status or (tonumber(rec.x) or 0) <= now or not at then
         redis.call('ZREM', idx, d)
       elseif at > max then
@@ -401,7 +410,7 @@ local function sweep(idx, status, max, field)
     end
   end
 end
-sweep(KEYS[1], 'p', now - math.floor(ARGV[2] * 1000000 + 0.5), 'u')
+sweep(KEYS[1], 'p', now - after, 'u')
 sweep(KEYS[2], 'r', now, 'le')
 return out
 """

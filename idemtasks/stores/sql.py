@@ -465,8 +465,9 @@ class SQLStore(Store):
             return fn(*args)
         return self._bounds.run(lambda: fn(*args), timeout=RENEW_TIMEOUT)
 
-    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float) -> None:
-        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_delay=delay)
+    def _mark_published(self, digest: str, operation_id: str, token: int, delay: float, backoff: float) -> None:
+        params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_delay=delay,
+                                 p_backoff=backoff or None)
         lane = self._lane()
         if lane is None:
             self._count(self.sql.mark_published, params)
@@ -520,7 +521,9 @@ class SQLStore(Store):
         t, now = self.table, self.sql.now()
         query = sa.select(t).where(
             t.c.expires_at > now,
-            sa.or_(sa.and_(t.c.status == "pending", t.c.updated_at <= now - pending_after),
+            # A pending record's lease_expires_at is the back-off of recovery's last copy (Store.mark_published).
+            sa.or_(sa.and_(t.c.status == "pending", t.c.updated_at <= now - pending_after,
+                           sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now),
                    sa.and_(t.c.status == "running", sa.func.coalesce(t.c.lease_expires_at, 0.0) <= now)),
         ).order_by(t.c.updated_at).limit(limit)
         with self._tx() as conn:

@@ -225,11 +225,15 @@ class Statements:
     @cached_property
     def mark_published(self) -> Any:
         t, now = self.table, self.now()
-        # Fenced on the publisher's token: see Store.mark_published.
+        # Fenced on the publisher's token: see Store.mark_published. p_backoff is NULL for no back-off, which keeps
+        # lease_expires_at as it is: a NULL rather than a test of the value, since a prepared statement's parameter
+        # takes its type from where it stands, and one compared with 0 would be taken for an integer.
+        due = now + self._seconds("p_delay")
         return t.update().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
                                 t.c.fencing_token == self.p("fencing_token"),
-                                t.c.expires_at > now).values(needs_publish=False,
-                                                                updated_at=now + self._seconds("p_delay"))
+                                t.c.expires_at > now).values(
+            needs_publish=False, updated_at=due,
+            lease_expires_at=sa.func.coalesce(due + self._seconds("p_backoff"), t.c.lease_expires_at))
 
     @cached_property
     def attach_payload(self) -> Any:
