@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -24,7 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from idemtasks import ClaimOutcome, LeaseLost, Status, StoreUnavailable
 from idemtasks.stores.base import Store
-from idemtasks.stores.lanes import COLLECT_AFTER
+from idemtasks.stores.lanes import COLLECT_AFTER, BaseLane, _Collector
 from idemtasks.stores.redis import RedisStore
 from idemtasks.stores.sql import SQLStore
 from tests import services
@@ -343,3 +344,65 @@ def test_a_read_waits_for_the_completion_the_collector_is_sending_again(private_
     got = store.get("s", "k")
     assert got is not None and got.status is Status.SUCCEEDED and not settled.errors
     store.close()
+
+
+class _IdleLane(BaseLane):
+    """A lane with nothing owed: what the collector meets on the threads that completed long ago."""
+
+    def _collect_pending(self, done: list[Any]) -> None:
+        return None
+
+
+class _EndingLane(_IdleLane):
+    """A lane whose look ends the collector's thread, as what no handler catches would."""
+
+    def collect(self, older_than: float) -> bool:
+        raise SystemExit  # not an Exception: it ends the thread
+
+
+def test_the_collector_lives_through_lanes_added_while_it_looks() -> None:
+    """Threads that start (a web server's, one per request) add their lanes while the collector copies its set of
+    them. Unguarded, the copy raised "changed size during iteration", which ended the collector's thread: from then
+    on no idle lane's answer was read, so a completion whose connection broke was never sent again."""
+    watcher = _Collector()
+    parked = [_IdleLane() for _ in range(2000)]
+    for lane in parked:
+        watcher.wake(lane)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def look() -> None:
+        while not stop.is_set():
+            try:
+                watcher._pass()
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: the race within seconds
+    looker = threading.Thread(target=look)
+    try:
+        looker.start()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not failures:
+            watcher.wake(_IdleLane())
+    finally:
+        stop.set()
+        looker.join()
+        sys.setswitchinterval(switching)
+    assert failures == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the ending, on purpose
+def test_a_collector_whose_thread_ended_is_started_again() -> None:
+    watcher = _Collector()
+    ending = _EndingLane()
+    watcher.wake(ending)
+    first = watcher._thread
+    assert first is not None
+    first.join(timeout=5)
+    assert not first.is_alive()
+    watcher._lanes.discard(ending)
+    watcher.wake(_IdleLane())
+    assert watcher._thread is not first and watcher._thread is not None and watcher._thread.is_alive()

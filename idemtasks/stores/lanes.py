@@ -223,10 +223,16 @@ class _Collector:
         self._pid = 0
 
     def wake(self, lane: BaseLane) -> None:
-        if self._thread is None or self._pid != os.getpid():
+        thread = self._thread
+        # is_alive too: a thread ended by what no handler catches would otherwise leave every idle lane's answer
+        # unread, and every lane owed, for the rest of the process.
+        if thread is None or self._pid != os.getpid() or not thread.is_alive():
             self._start()
         if lane.watched_by != self._pid:  # once per lane and process, not a weak reference per completion
-            self._lanes.add(lane)
+            # Under the lock: a WeakSet that grows while another thread copies it raises "changed size during
+            # iteration" in the copier (the collector, or an exit's drain).
+            with self._lock:
+                self._lanes.add(lane)
             lane.watched_by = self._pid
         self._owed.add(lane)
         if not self._wake.is_set():  # set by the first completion after an idle spell only: cheap on the hot path
@@ -235,13 +241,17 @@ class _Collector:
     def drain_all(self) -> None:
         """Read and settle every answer the lanes of this process are still owed, waiting for each (bounded by the
         stores' socket timeouts): a completion whose connection broke is then sent again before the process ends."""
-        for lane in list(self._lanes):
+        for lane in self._watched():
             if lane.pid != os.getpid():  # a forked child never touches its parent's socket
                 continue
             try:
                 lane.drain()
             except Exception:  # pragma: no cover - lanes resolve their own errors; exit must go on
                 logger.exception("idemtasks: reading a pipelined completion's answer at exit failed")
+
+    def _watched(self) -> list[BaseLane]:
+        with self._lock:  # see wake()
+            return list(self._lanes)
 
     def _start(self) -> None:
         with self._lock:
@@ -261,14 +271,19 @@ class _Collector:
             time.sleep(COLLECT_AFTER)
             # Clear before looking, so a completion written while we look sets it again: none is ever stranded.
             self._wake.clear()
-            if self._pass():
+            try:
+                again = self._pass()
+            except Exception:  # pragma: no cover - a bug here must not end the thread: try again on the next pass
+                logger.exception("idemtasks: collecting pipelined completions failed")
+                again = True
+            if again:
                 self._wake.set()
 
     def _pass(self) -> bool:
         """Collect what every lane is owed; True if some answer is still to come. (A frame of its own, so that no
         lane is kept alive by a loop variable while the thread sleeps.)"""
         waiting = False
-        for lane in list(self._lanes):
+        for lane in self._watched():
             try:
                 waiting = lane.collect(COLLECT_AFTER) or waiting
             except Exception:  # pragma: no cover - lanes resolve their own errors; never let the thread die

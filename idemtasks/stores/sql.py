@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import weakref
@@ -35,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the SQL store needs SQLAlchemy: pip install idemtasks[sql]") from exc
 
 from ..errors import StoreError, StoreUnavailable
+from ..forks import fresh_in_child
 from ..identity import key_digest, load_json
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Takeover
 from . import public_url
@@ -70,6 +72,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TABLE", "PURGE_GRACE", "SQLStore", "make_engine", "operations_table"]
 
 _R = TypeVar("_R")
+#: Guards every store's set of lanes (a lane is made once per thread and store: no contention worth a lock each).
+_lanes_lock = threading.Lock()
+fresh_in_child(sys.modules[__name__], "_lanes_lock", threading.Lock)  # a thread may hold it as a pool child forks
 # MariaDB: a racing INSERT of the same key won (duplicate key), or a deadlock among such racers. Both roll the
 # transaction back, so the whole read-decide-write is simply run again. (A lock wait timeout is not retried: it
 # took innodb_lock_wait_timeout already, and leaves as StoreUnavailable.)
@@ -418,7 +423,8 @@ class SQLStore(Store):
                     dbapi.close()  # detached: nobody else would ever close it
             raise StoreUnavailable(f"SQL store {self.url}: {type(exc).__name__}: {exc}") from exc
         self._local.lane = lane
-        self._all_lanes.add(lane)
+        with _lanes_lock:  # see close()
+            self._all_lanes.add(lane)
         return lane
 
     def _call_on_lane(self, lane: PGLane, stmt: Prepared, params: dict[str, Any]) -> Any:
@@ -540,7 +546,9 @@ class SQLStore(Store):
         # Other threads' lanes too: a thread that outlives the store (a pool's, the keeper's) would keep its
         # connection open. Closed under the lane's lock, it is seen as broken by its thread, which would open a
         # new one if it used the store again.
-        for lane in list(self._all_lanes):
+        with _lanes_lock:  # a WeakSet that grows while it is copied raises in the copier
+            lanes = list(self._all_lanes)
+        for lane in lanes:
             if lane.pid == os.getpid():
                 lane.close()
         if self.owns_engine:  # an engine passed in belongs to the caller, who may still be using it
