@@ -406,3 +406,40 @@ def test_a_collector_whose_thread_ended_is_started_again() -> None:
     watcher._lanes.discard(ending)
     watcher.wake(_IdleLane())
     assert watcher._thread is not first and watcher._thread is not None and watcher._thread.is_alive()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the ending, on purpose
+def test_a_collector_started_again_still_reads_what_idle_lanes_are_owed(store: Store) -> None:
+    """A lane is watched once per process: the thread started after one that ended must keep the lanes it watched,
+    and read the answer of a completion such a lane's thread then left while it idles."""
+    from idemtasks.stores.lanes import collector
+    lanes: list[Any] = []
+    ended, idle = threading.Event(), threading.Event()
+
+    def complete_twice_then_idle() -> None:
+        finish_pipelined(store, held(store, "k1"), Settled())  # the collector now watches this thread's lane
+        lanes.append(getattr(store._local, "lane", None))  # type: ignore[attr-defined]
+        ended.wait(10)
+        finish_pipelined(store, held(store, "k2"), Settled())  # starts the collector again
+        idle.wait(10)  # alive, and idle: nobody but the collector reads its lane's answer
+
+    worker = threading.Thread(target=complete_twice_then_idle)
+    worker.start()
+    try:
+        assert wait_for(lambda: bool(lanes) and lanes[0].pending is None)
+        lane = lanes[0]
+        ending = _EndingLane()
+        collector.wake(ending)  # ends the collector's thread at its next look
+        thread = collector._thread
+        assert thread is not None
+        thread.join(timeout=5)
+        collector._lanes.discard(ending)
+        ended.set()
+        assert wait_for(lambda: collector._thread is not thread)
+        assert wait_for(lambda: lane.pending is None), "the answer was never read"
+        op = store.get("s", "k2")
+        assert op is not None and op.status is Status.SUCCEEDED
+    finally:
+        ended.set()
+        idle.set()
+        worker.join()

@@ -258,9 +258,12 @@ class _Collector:
             # A forked pool child inherits this object but not the thread.
             if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
                 return
-            self._pid = os.getpid()
-            self._lanes = weakref.WeakSet()
-            self._owed = set()
+            if self._pid != os.getpid():
+                # A forked child's lanes are its own; a thread that ended in this process leaves its lanes, and
+                # what they are owed, to the next (they are added once per process: see wake()).
+                self._pid = os.getpid()
+                self._lanes = weakref.WeakSet()
+                self._owed = set()
             self._wake = threading.Event()
             self._thread = threading.Thread(target=self._run, name="idemtasks-collector", daemon=True)
             self._thread.start()
