@@ -30,7 +30,9 @@ whose message is merely queued behind a backlog longer than ``pending_after`` (o
 beat or cron sweeps) looks lost too, and a copy every ``pending_after`` would multiply the backlog it waits behind.
 So each copy backs off from the last: recovery publishes an operation again no sooner than ``pending_after`` after
 its first copy, then twice that after the second, and so on up to ``idemtasks_republish_backoff_max`` (at most
-about as long again as it already waited). The back-off is kept in the record (:meth:`Store.mark_published
+about as long again as it already waited), and never past half of what is left of the record's life: a copy lost
+late (a broker that lost its queue, a purge) must still have one behind it before the record expires unrun. The
+back-off is kept in the record (:meth:`Store.mark_published
 <idemtasks.stores.base.Store.mark_published>`), so it holds across sweepers; a claim, a retry or a takeover starts
 it afresh.
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +109,7 @@ class Sweeper:
                                    else app.conf.get("idemtasks_pending_after", DEFAULT_PENDING_AFTER))
         self.confirm_after = confirm_after
         self.backoff_max = max(self.pending_after, float(
-            app.conf.get("idemtasks_republish_backoff_max", DEFAULT_REPUBLISH_BACKOFF_MAX)))
+            app.conf.get("idemtasks_republish_backoff_max") or DEFAULT_REPUBLISH_BACKOFF_MAX))
         #: Operations whose recovery failed and was logged with its traceback: a worker's sweeper meets them again
         #: at every pass until they expire, and one traceback each is enough (bounded, for a process that lives long).
         self._logged: set[str] = set()
@@ -240,15 +243,18 @@ class Sweeper:
         return confirm_after_for(float(task.lease_seconds or 0.0))
 
 
-def next_backoff(op: Operation, pending_after: float, most: float) -> float:
+def next_backoff(op: Operation, pending_after: float, most: float, now: float | None = None) -> float:
     """The back-off of the copy recovery publishes of ``op`` as read: twice the last copy's (a pending record's
-    ``lease_expires_at`` less its ``updated_at``, both set by that copy's mark), at least ``pending_after`` and at
-    most ``most``. A record that was running, or pending without a copy of recovery's since its creation, release
-    or takeover, has none: its first copy backs off ``pending_after``, the wait recovery always had."""
+    ``lease_expires_at`` less its ``updated_at``, both set by that copy's mark), at most ``most`` and half of what
+    is left of the record's life, and at least ``pending_after``. A record that was running, or pending without a
+    copy of recovery's since its creation, release or takeover, has none: its first copy backs off
+    ``pending_after``, the wait recovery always had. ``now``: this host's clock by default, which only moves the
+    half-life bound by the clocks' difference."""
     last = 0.0
     if op.status is Status.PENDING and op.lease_expires_at is not None:
         last = op.lease_expires_at - op.updated_at
-    return min(most, max(pending_after, 2.0 * last))
+    left = op.expires_at - (time.time() if now is None else now)
+    return max(pending_after, min(most, 2.0 * last, left / 2.0))
 
 
 def install(app: Any, *, beat_task: bool = True) -> None:

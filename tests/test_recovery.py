@@ -19,7 +19,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from idemtasks import IdempotentTask, LeaseLost, Status, recovery
+from idemtasks import IdempotentTask, LeaseLost, Operation, Status, recovery
 from idemtasks.identity import canonical_call, fingerprint_of_call, parse_stored_call, stored_call
 from idemtasks.lease import RENEW_RETRY_MAX
 from idemtasks.recovery import MIN_CONFIRM_AFTER, Sweeper, confirm_after_for, install
@@ -124,6 +124,25 @@ def test_copies_of_an_operation_queued_behind_a_backlog_back_off(rig: Rig, most:
         op = rig.final(op_id)
         time.sleep(0.3)  # the copies behind the first one, replayed
     assert op.status is Status.SUCCEEDED and rig.runs[key] == 1
+
+
+def test_a_copy_never_backs_off_past_half_of_what_is_left_of_its_record() -> None:
+    """A copy lost late (a broker that lost its queue after recovery had published several) must still have one
+    behind it before its record expires unrun: the back-off yields to half the record's remaining life, but never
+    goes below pending_after, the wait recovery always had."""
+    now = 1_000_000.0
+
+    def copied(last: float | None, life: float) -> Operation:
+        return Operation(id="op", scope="s", key="k", task_name="t", fingerprint="fp", status=Status.PENDING,
+                         result=None, error=None, attempts=0, fencing_token=0, lease_owner=None,
+                         lease_expires_at=None if last is None else now + last, created_at=now - 100,
+                         updated_at=now, expires_at=now + life)
+
+    assert recovery.next_backoff(copied(None, 86400), 60, 1800, now=now) == 60  # recovery's first copy
+    assert recovery.next_backoff(copied(240, 86400), 60, 1800, now=now) == 480
+    assert recovery.next_backoff(copied(1200, 86400), 60, 1800, now=now) == 1800
+    assert recovery.next_backoff(copied(1200, 1000), 60, 1800, now=now) == 500
+    assert recovery.next_backoff(copied(1200, 100), 60, 1800, now=now) == 60
 
 
 def test_running_operation_whose_holder_died_with_its_message_is_taken_over(rig: Rig) -> None:

@@ -368,7 +368,9 @@ _STALE_FIELDS = ", ".join(f"'{field}'" for field in [*_STALE_CALL_PIECES, _LONG_
 # A running record is scored by its lease expiry 'le', which REQUEUE's mark leaves alone: a suspected record stays
 # due here until a renewal moves its lease on (then it is re-scored) or a later sweep confirms and requeues it. A
 # pending record's 'le' is the back-off of recovery's last copy (see MARK_PUBLISHED): it is due at the later of 'u'
-# plus pending_after and 'le', so scored at the later of 'u' and 'le' less pending_after.
+# plus pending_after and 'le', so scored at the later of 'u' and 'le' less pending_after. That score follows this
+# caller's pending_after: a sweeper with a longer one (another app sharing the namespace) finds the record later by
+# the difference, and an older sweeper, which ignores 'le', once its back-off is over. Late, never lost.
 # Only the fields recovery reads are read (HMGET), and a call longer than 16 pieces (1 KiB) is left out, marked 'p+':
 # a few hundred stale records with calls near the size limit would otherwise be read whole within this one script,
 # and the server would answer nobody else for seconds. The caller reads each of those records by itself.
