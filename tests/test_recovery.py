@@ -521,10 +521,11 @@ def test_a_pool_child_forked_while_a_store_opens_opens_its_own(tmp_path: Path) -
 import os, signal, threading, time
 from idemtasks import effects, lease, task
 from idemtasks import stores
-from idemtasks.stores import lanes
+from idemtasks.stores import lanes, sql
 held = threading.Event()
 def opener():  # the parent's sweeper, stuck opening a store: holds every lock a store or ledger opens under
-    with stores._shared_lock, effects._lock, task._configure_lock, lanes.collector._lock, lease.keeper._cond:
+    with (stores._shared_lock, effects._lock, task._configure_lock, lanes.collector._lock, lease.keeper._cond,
+          sql._lanes_lock):
         held.set()
         time.sleep(30)
 threading.Thread(target=opener, daemon=True).start()
@@ -533,7 +534,7 @@ pid = os.fork()
 if pid == 0:
     signal.alarm(10)
     store = stores.shared_store("memory://")
-    with effects._lock, task._configure_lock, lanes.collector._lock, lease.keeper._cond:
+    with effects._lock, task._configure_lock, lanes.collector._lock, lease.keeper._cond, sql._lanes_lock:
         pass
     os._exit(0 if store.url == "memory://" else 3)
 _, status = os.waitpid(pid, 0)

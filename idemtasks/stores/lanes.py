@@ -227,7 +227,10 @@ class _Collector:
         # is_alive too: a thread ended by what no handler catches would otherwise leave every idle lane's answer
         # unread, and every lane owed, for the rest of the process.
         if thread is None or self._pid != os.getpid() or not thread.is_alive():
-            self._start()
+            try:
+                self._start()
+            except RuntimeError as exc:  # "can't start new thread": the write went out; its owner's next call reads
+                logger.warning("idemtasks: cannot start the thread that reads pipelined answers: %s", exc)
         if lane.watched_by != self._pid:  # once per lane and process, not a weak reference per completion
             # Under the lock: a WeakSet that grows while another thread copies it raises "changed size during
             # iteration" in the copier (the collector, or an exit's drain).
@@ -265,8 +268,9 @@ class _Collector:
                 self._lanes = weakref.WeakSet()
                 self._owed = set()
             self._wake = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="idemtasks-collector", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="idemtasks-collector", daemon=True)
+            thread.start()
+            self._thread = thread
 
     def _run(self) -> None:
         while True:
