@@ -140,7 +140,21 @@ def create_answer(reply: list[Any], req: CreateRequest) -> tuple[Operation, bool
 def _without_query(url: str, *names: str) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    rebuilt = urlunsplit(parts._replace(query=urlencode(query)))
+    # urlunsplit drops the "//" of an empty host ("unix:///tmp/r.sock" becomes "unix:/tmp/r.sock"), which redis-py
+    # refuses: every renewal of a store on a socket then failed, and live holders were taken over.
+    if not parts.netloc and url.startswith(f"{parts.scheme}://"):
+        rebuilt = f"{parts.scheme}://" + rebuilt[len(parts.scheme) + 1:]
+    return rebuilt
+
+
+def _plain_pool(client: Any) -> bool:
+    """Whether a lane may open its own connection from ``client``'s pool settings: a plain pool's connections go
+    where those settings say. A Sentinel pool's look their master up as they connect, which a lane's connection,
+    connected as it sends, skips: it went to the pool's default host (localhost:6379) instead of the master."""
+    pool: Any = getattr(client, "connection_pool", None)
+    return type(pool) in (redis.ConnectionPool, redis.BlockingConnectionPool) and pool.connection_class in (
+        redis.Connection, redis.UnixDomainSocketConnection, redis.SSLConnection)
 
 
 def finish_args(req: FinishRequest) -> list[str]:
@@ -203,9 +217,11 @@ class RedisStore(Store):
         self._stale_script = self.client.register_script(lua.STALE)
         self._get_script = self.client.register_script(lua.GET)
         # A worker thread's claims and completions go through its own connection (see redis_lane); a cluster
-        # routes by slot, and an application's own client may not be a plain pool, so those stay synchronous.
+        # routes by slot, and an application's own client may not be a plain pool (Sentinel), so those stay
+        # synchronous.
         self._local = threading.local()
-        self._lanes = not cluster and isinstance(self.client, redis.Redis) and lanes_supported()
+        self._lanes = not cluster and isinstance(self.client, redis.Redis) and _plain_pool(self.client) \
+            and lanes_supported()
         self.pipelines_completions = self._lanes
         self._loaded_for = 0  # the pid that loaded the lanes' scripts
 

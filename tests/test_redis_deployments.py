@@ -1,0 +1,120 @@
+"""The Redis store on deployments other than one server on a TCP port: a Unix socket, Sentinel."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.sentinel import Sentinel
+
+from idemtasks import ClaimOutcome, Status
+from idemtasks.stores.redis import RedisStore
+from tests import services
+from tests.private_redis import PrivateRedis, free_port
+
+
+def _wait_for(ready: object, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if ready():  # type: ignore[operator]
+                return
+        except (OSError, redis.RedisError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not start")
+
+
+@pytest.fixture
+def socket_path(tmp_path: Path) -> Iterator[Path]:
+    if shutil.which("redis-server") is None:
+        services.missing("redis-server is not installed")
+    path = tmp_path / "redis.sock"
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(path), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: redis.Redis(unix_socket_path=str(path)).ping(), "redis-server on a socket")
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_store_on_a_unix_socket_renews_its_leases(socket_path: Path) -> None:
+    """The lease keeper's renewals go through a client built from the store's URL without its timeouts. Rebuilt,
+    ``unix:///path`` lost its "//" and redis-py refused it: every renewal failed, and live holders were taken
+    over while their bodies ran."""
+    store = RedisStore(f"unix://{socket_path}?socket_timeout=3")
+    try:
+        held = store.claim("s", "k", "tasks.t", "fp", owner="w", lease=5, ttl=60).operation
+        with store.promptly():  # as the keeper renews
+            assert store.renew(held, held.fencing_token, lease=30, ttl=60)
+        store.succeed(held, held.fencing_token, "1", ttl=60)
+        op = store.get("s", "k")
+        assert op is not None and op.status is Status.SUCCEEDED
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[tuple[PrivateRedis, int]]:
+    """A master of this test's own and one Sentinel watching it as ``mym``."""
+    if shutil.which("redis-server") is None:
+        services.missing("redis-server is not installed")
+    master = PrivateRedis(tmp_path)
+    master.start()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor mym 127.0.0.1 {master.port} 1\n")
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: redis.Redis(port=port).sentinel_get_master_addr_by_name("mym"), "sentinel")
+        yield master, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        master.stop()
+
+
+def test_a_store_on_a_sentinel_client_writes_to_the_master(sentinel: tuple[PrivateRedis, int]) -> None:
+    """A worker thread's claims and completions went through a connection of its own, built from the pool's
+    settings. A Sentinel pool's connections look the master up as they connect; that one did not, and went to the
+    pool's default host instead (here a port nothing listens on; by default localhost:6379, where a development
+    Redis may well answer and keep the records)."""
+    master, port = sentinel
+    nowhere = free_port()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", nowhere)) != 0
+    client = Sentinel([("127.0.0.1", port)], socket_timeout=2).master_for(
+        "mym", socket_timeout=2, decode_responses=True, host="127.0.0.1", port=nowhere)
+    store = RedisStore(master.url, client=client)
+    outcomes: list[object] = []
+
+    def worker_thread() -> None:
+        try:
+            created = store.create("s", "k", "tasks.t", "fp", ttl=60)
+            store.mark_published(created.operation)
+            claim = store.claim("s", "k", "tasks.t", "fp", owner="w", lease=30, ttl=60)
+            outcomes.append(claim.outcome)
+            store.succeed(claim.operation, claim.operation.fencing_token, "1", ttl=60)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    thread = threading.Thread(target=worker_thread)
+    thread.start()
+    thread.join()
+    try:
+        assert outcomes == [ClaimOutcome.CLAIMED]
+        op = store.get("s", "k")
+        assert op is not None and op.status is Status.SUCCEEDED and op.result == 1
+        assert redis.Redis.from_url(master.url).exists(store.record_key(op.id[:32])) == 1
+    finally:
+        store.close()
