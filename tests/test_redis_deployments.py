@@ -47,11 +47,12 @@ def socket_path(tmp_path: Path) -> Iterator[Path]:
         proc.wait(timeout=10)
 
 
-def test_a_store_on_a_unix_socket_renews_its_leases(socket_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["unix", "UNIX"])  # redis-py takes the scheme in any case
+def test_a_store_on_a_unix_socket_renews_its_leases(socket_path: Path, scheme: str) -> None:
     """The lease keeper's renewals go through a client built from the store's URL without its timeouts. Rebuilt,
     ``unix:///path`` lost its "//" and redis-py refused it: every renewal failed, and live holders were taken
     over while their bodies ran."""
-    store = RedisStore(f"unix://{socket_path}?socket_timeout=3")
+    store = RedisStore(f"{scheme}://{socket_path}?socket_timeout=3")
     try:
         held = store.claim("s", "k", "tasks.t", "fp", owner="w", lease=5, ttl=60).operation
         with store.promptly():  # as the keeper renews

@@ -143,7 +143,7 @@ def _without_query(url: str, *names: str) -> str:
     rebuilt = urlunsplit(parts._replace(query=urlencode(query)))
     # urlunsplit drops the "//" of an empty host ("unix:///tmp/r.sock" becomes "unix:/tmp/r.sock"), which redis-py
     # refuses: every renewal of a store on a socket then failed, and live holders were taken over.
-    if not parts.netloc and url.startswith(f"{parts.scheme}://"):
+    if not parts.netloc and url[:len(parts.scheme) + 3].lower() == f"{parts.scheme}://":  # redis-py takes any case
         rebuilt = f"{parts.scheme}://" + rebuilt[len(parts.scheme) + 1:]
     return rebuilt
 
