@@ -1,7 +1,8 @@
-"""Start-up checks: lease and delivery settings that would quietly weaken the guarantees.
+"""Start-up checks: lease and delivery settings, and store servers' own settings, that would quietly weaken the
+guarantees.
 
 Run once when a worker starts (``worker_init``), logged as warnings that say what to change; also callable
-directly as :func:`check_settings`.
+directly as :func:`check_settings` (the app's settings alone) and :func:`check_stores` (asks each store's server).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import logging
 import weakref
 from typing import Any
 
-__all__ = ["check_settings", "watch"]
+__all__ = ["check_settings", "check_stores", "watch"]
 
 logger = logging.getLogger("idemtasks.checks")
 
 #: Brokers that redeliver an unacked message after a visibility timeout, even while the first copy still runs.
 _VISIBILITY_BROKERS = ("redis", "rediss", "sqs", "sentinel")
 _DEFAULT_VISIBILITY = 3600.0
+#: Store URL schemes whose servers have settings of their own to check (see Store.server_warnings).
+_SERVERS_THAT_TELL = ("redis", "rediss", "unix")
 _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
@@ -83,6 +86,31 @@ def check_settings(app: Any) -> list[str]:
     return warnings
 
 
+def check_stores(app: Any) -> list[str]:
+    """Return one warning per setting of a store's server that undermines exactly-once delivery (a Redis that evicts
+    keys). A store that cannot be opened now is left out: the worker reports it as it uses it."""
+    from .stores import url_scheme
+    from .task import IdempotentTask
+
+    warnings: list[str] = []
+    asked: set[int] = set()
+    for task in list(app.tasks.values()):
+        if not isinstance(task, IdempotentTask):
+            continue
+        try:
+            task._settled()
+            url = task.store_url
+            if isinstance(url, str) and url_scheme(url) not in _SERVERS_THAT_TELL:
+                continue  # not opened in the worker's parent only to learn nothing
+            store = task.store
+        except Exception:  # down, or its driver missing here: not this check's to report
+            continue
+        if id(store) not in asked:
+            asked.add(id(store))
+            warnings.extend(store.server_warnings())
+    return warnings
+
+
 def watch(app: Any) -> None:
     """Arrange for :func:`check_settings` to be logged when a worker for ``app`` starts."""
     if app in _watched:
@@ -93,7 +121,7 @@ def watch(app: Any) -> None:
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", app) is not app:
             return
-        for warning in check_settings(app):
+        for warning in check_settings(app) + check_stores(app):
             logger.warning("idemtasks: %s", warning)
 
     signals.worker_init.connect(on_worker_init, weak=False)

@@ -1,4 +1,5 @@
-"""The Redis store on deployments other than one server on a TCP port: a Unix socket, Sentinel."""
+"""The Redis store on deployments other than one plain server on a TCP port: a Unix socket, Sentinel, a server that
+evicts keys."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from redis.sentinel import Sentinel
 
-from idemtasks import ClaimOutcome, Status
+from idemtasks import ClaimOutcome, IdempotentTask, Status
+from idemtasks.checks import check_stores
 from idemtasks.stores.redis import RedisStore
 from tests import services
 from tests.private_redis import PrivateRedis, free_port
@@ -119,3 +123,48 @@ def test_a_store_on_a_sentinel_client_writes_to_the_master(sentinel: tuple[Priva
         assert redis.Redis.from_url(master.url).exists(store.record_key(op.id[:32])) == 1
     finally:
         store.close()
+
+
+@pytest.fixture
+def evicting_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own that evicts keys with an expiry when full, as some managed services do,
+    with a user who may not use CONFIG."""
+    if shutil.which("redis-server") is None:
+        services.missing("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path), "--maxmemory", "64mb",
+                             "--maxmemory-policy", "volatile-lru"], stdout=subprocess.DEVNULL)
+    try:
+        admin = redis.Redis(port=port)
+        _wait_for(admin.ping, "redis-server")
+        admin.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-config"])
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _app_on(url: str, name: str = "t") -> Celery:
+    app = Celery(f"dep{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+    @app.task(shared=False, base=IdempotentTask, store_url=url, name=f"{app.main}.{name}")
+    def charge() -> None:
+        return None
+
+    return app
+
+
+def test_a_worker_is_warned_of_a_redis_that_evicts_records(evicting_redis: str) -> None:
+    """Every record has an expiry, so a volatile-* policy evicts records too: a duplicate would run its body again."""
+    [warning] = check_stores(_app_on(evicting_redis))
+    assert "maxmemory-policy volatile-lru" in warning and "set maxmemory-policy noeviction" in warning
+
+
+def test_a_redis_that_keeps_its_keys_or_will_not_say_is_no_warning(evicting_redis: str, tmp_path: Path) -> None:
+    no_config = evicting_redis.replace("redis://", "redis://app:pw@")
+    assert check_stores(_app_on(no_config)) == []  # CONFIG refused: nothing to tell, nothing raised
+    assert check_stores(_app_on(services.REDIS_URL)) == []  # the shared server: noeviction
+    # Nor is a SQL store opened for nothing in the worker's parent process.
+    database = tmp_path / "never-opened.sqlite3"
+    assert check_stores(_app_on(f"sqlite:///{database}")) == [] and not database.exists()

@@ -475,6 +475,11 @@ class Store(abc.ABC):
         lane, the calls above go through other connections: without this, a thread could read its own completion
         as still running (PostgreSQL commits it a moment later) or act on a state it had already changed."""
 
+    def server_warnings(self) -> list[str]:
+        """What the server's own settings undermine, each a sentence saying what to change; asked once as a worker
+        starts (see :mod:`idemtasks.checks`). A server that cannot say (down, or the question refused) has none."""
+        return []
+
     def promptly(self) -> contextlib.AbstractContextManager[None]:
         """Within this context, this thread's renewals and completions wait at most :data:`RENEW_TIMEOUT` for the
         store's answer where the backend can bound the wait (Redis, PostgreSQL, MariaDB), and fail as

@@ -157,6 +157,16 @@ def _plain_pool(client: Any) -> bool:
         redis.Connection, redis.UnixDomainSocketConnection, redis.SSLConnection)
 
 
+def _policies(answer: Any) -> Iterator[str]:
+    """The eviction policies in a ``CONFIG GET maxmemory-policy`` answer: one server's, or a cluster's per node."""
+    if isinstance(answer, dict):
+        for name, value in answer.items():
+            if isinstance(value, dict):
+                yield from _policies(value)
+            elif _text(name) == "maxmemory-policy":
+                yield _text(value)
+
+
 def finish_args(req: FinishRequest) -> list[str]:
     err = req.error
     return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
@@ -452,6 +462,22 @@ class RedisStore(Store):
 
     def purge_expired(self, *, grace: float = PURGE_GRACE) -> int:
         return 0  # Redis expires records by itself, KEEP_MS after their expiry
+
+    def server_warnings(self) -> list[str]:
+        # Every record has an expiry, so volatile-* policies evict records as surely as allkeys-*: a record evicted
+        # is a duplicate that runs its body again, or an unpublished operation recovery can no longer find.
+        try:
+            with self._call(count=False):  # the short-timeout client: a server away must not hold a worker's start
+                answer = self._prompt_client().config_get("maxmemory-policy")
+        except StoreError:  # CONFIG refused (a managed service, an ACL user) or the server away: cannot tell
+            return []
+        policies = sorted(set(_policies(answer)) - {"noeviction"})
+        if not policies:
+            return []
+        return [f"the Redis server of store {self.url} evicts keys when its memory is full (maxmemory-policy "
+                f"{', '.join(policies)}): an evicted record's duplicate runs its body again, and an evicted "
+                "unpublished operation is never recovered; set maxmemory-policy noeviction (a full server then "
+                "refuses new operations instead)"]
 
     def close(self) -> None:
         lane: Lane | None = getattr(self._local, "lane", None)
