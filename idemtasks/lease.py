@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import IdemtasksError, LeaseLost
+from .errors import IdemtasksError, LeaseLost, StoreUnavailable
 from .forks import fresh_in_child
 from .models import Operation
 from .stores.base import Store
@@ -113,13 +113,21 @@ class LeaseKeeper:
                     self._wake_at = min((h.due for h in self._holds), default=now + 3600.0)
                     self._cond.wait(timeout=max(self._wake_at - now, 0.01))
                     continue
+            # One thread renews every hold in turn, and a store that does not answer costs each of its holds
+            # RENEW_TIMEOUT: asked for all of them, it would hold the renewals of the healthy stores' holds behind
+            # it, whose leases then lapse (16 such holds make a pass 8 s long). So a store that just failed is not
+            # asked again in this pass: its other holds are tried at the next, as if they had failed too.
+            failing: set[int] = set()
             for h in due:
-                self._renew(h)
+                if id(h.store) in failing:
+                    h.due = time.monotonic() + _retry_interval(h.lease)
+                elif not self._renew(h):
+                    failing.add(id(h.store))
 
-    def _renew(self, h: Hold) -> None:
+    def _renew(self, h: Hold) -> bool:
+        """Renew (or finish) ``h``; False if its store did not answer."""
         if h.finish is not None:
-            self._finish(h)
-            return
+            return self._finish(h)
         try:
             ok = h.store.renew(h.operation, h.token, lease=h.lease, ttl=h.ttl)
         except Exception as exc:
@@ -131,13 +139,13 @@ class LeaseKeeper:
             log = logger.warning if isinstance(exc, IdemtasksError) else logger.exception
             log("idemtasks: could not renew the lease of operation %s: %s", h.operation.id, exc)
             h.due = time.monotonic() + _retry_interval(h.lease)
-            return
+            return not isinstance(exc, StoreUnavailable)
         # Refused: taken over, or the holder's own completion landed just before its thread released the hold (a
         # race, not a loss). Tell them apart before an error log says "taken over".
         finished = not ok and _finished_by(h)
         with self._cond:
             if h.released:
-                return
+                return True
             if ok:
                 h.due = time.monotonic() + h.lease / 3
             elif finished:
@@ -147,9 +155,10 @@ class LeaseKeeper:
                 self._holds.discard(h)
                 logger.error("idemtasks: operation %s was taken over by another worker (fencing token %d is stale); "
                              "this holder's result will be refused", h.operation.id, h.token)
+        return True
 
 
-    def _finish(self, h: Hold) -> None:
+    def _finish(self, h: Hold) -> bool:
         assert h.finish is not None
         try:
             with h.store.promptly():  # sent again within a suspected lease's grace, as renewals are (RENEW_TIMEOUT)
@@ -168,7 +177,7 @@ class LeaseKeeper:
                                    _retry_interval(h.lease))
                     h.warned = True
                 h.due = time.monotonic() + _retry_interval(h.lease)
-                return
+                return not isinstance(exc, StoreUnavailable)
             logger.error("idemtasks: gave up storing the %s of operation %s: its record has expired", h.what,
                          h.operation.id)
         else:
@@ -176,6 +185,7 @@ class LeaseKeeper:
                         h.operation.id)
         with self._cond:
             self._holds.discard(h)
+        return True
 
 
 def _finished_by(h: Hold) -> bool:

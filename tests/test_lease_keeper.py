@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import time
+import uuid
 
 import pytest
 
 from idemtasks.errors import StoreUnavailable
-from idemtasks.lease import RENEW_RETRY_MAX, LeaseKeeper
+from idemtasks.lease import RENEW_RETRY_MAX, Hold, LeaseKeeper
 from idemtasks.models import Operation
 from idemtasks.recovery import MIN_CONFIRM_AFTER
 from idemtasks.stores.memory import MemoryStore
+from idemtasks.stores.redis import RedisStore
+from tests import services
+from tests.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,3 +136,34 @@ def test_a_renewal_refused_after_a_takeover_marks_the_hold_lost(caplog: pytest.L
     time.sleep(LEASE)
 
     assert hold.lost and "taken over" in caplog.text
+
+
+def test_a_store_that_does_not_answer_does_not_hold_the_renewals_of_another(private_redis: PrivateRedis) -> None:
+    """One keeper thread renews every hold of a process, in turn, and each renewal to a store that does not answer
+    waits RENEW_TIMEOUT. Asked for each of its 12 holds, a stalled store made a pass 6 s long, and a hold on a store
+    that answered at once lapsed (its lease of 3 s) while its body ran."""
+    stalled, healthy = RedisStore(private_redis.url), RedisStore(services.REDIS_URL, namespace=f"k{uuid.uuid4().hex}")
+    keeper = LeaseKeeper()
+
+    def held(store: RedisStore) -> Hold:
+        op = store.claim("s", uuid.uuid4().hex, "t", "fp", owner=uuid.uuid4().hex, lease=3.0, ttl=60.0).operation
+        return keeper.hold(store, op, op.fencing_token, lease=3.0, ttl=60.0)
+
+    stuck = [held(stalled) for _ in range(12)]
+    assert private_redis.proc is not None
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        kept = held(healthy)
+        started = time.monotonic()
+        while time.monotonic() - started < 7.0:
+            op = healthy.get(kept.operation.scope, kept.operation.key)
+            assert op is not None and op.lease_expires_at is not None
+            assert op.lease_expires_at > healthy.now(), "the healthy store's lease lapsed"
+            time.sleep(0.1)
+        assert not kept.lost
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+        for hold in [*stuck, kept]:
+            keeper.release(hold)
+        stalled.close()
+        healthy.close()
