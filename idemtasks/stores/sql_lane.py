@@ -149,6 +149,10 @@ class PGLane(BaseLane):
         # A thread's lane goes when the thread does: close its connection then (only in the process that opened
         # it, since a forked child would otherwise end its parent's session).
         self._closer = weakref.finalize(self, _close, self.pid, dbapi_connection)
+        # Not at exit: the collector's exit hook still reads what the lane is owed (a completion whose answer says it
+        # must be sent again), and finalize's own hook, registered later, would run first and close it under it.
+        # The process's end closes the socket anyway.
+        self._closer.atexit = False
 
     def call(self, stmt: Prepared, params: Mapping[str, Any]) -> Any:
         """Run a statement and return its result (reading a pending completion's answer first)."""
