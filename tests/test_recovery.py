@@ -25,6 +25,7 @@ from idemtasks.lease import RENEW_RETRY_MAX
 from idemtasks.recovery import MIN_CONFIRM_AFTER, Sweeper, confirm_after_for, install
 from idemtasks.stores.base import Store
 from idemtasks.task import TASK_ID_SCOPE
+from tests import services
 from tests.conftest import BACKENDS, drop, make_store
 from tests.private_redis import free_port
 from tests.workers import ROOT
@@ -511,6 +512,39 @@ def test_a_store_that_cannot_be_opened_does_not_keep_the_others_from_their_sweep
     assert report.republished == [op_id]
     for name in ("elsewhere", "nodriver"):
         assert any(f"cannot sweep the store of {rig.app.main}.{name} now" in r.getMessage() for r in caplog.records)
+
+
+_STARTING_WORKER = """
+import sys
+from celery import Celery, signals
+from idemtasks import IdempotentTask, recovery
+app = Celery("starting", broker="memory://", set_as_current=False)
+app.conf.update(idemtasks_sweep_interval=sys.argv[2] == "sweeper" and 600)
+@app.task(base=IdempotentTask, store_url=sys.argv[1], name="starting.t")
+def t():
+    return None
+recovery.install(app)
+app.finalize()
+watched = ("idemtasks.stores.sql", "idemtasks.stores.sql_lane", "psycopg", "idemtasks.effects", "idemtasks.revoked")
+assert not any(name in sys.modules for name in watched[:2]), "imported too soon to tell"
+signals.worker_init.send(sender=None)  # as the worker's main process starts, before its pool forks
+print(" ".join(name for name in watched if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("sweeper", ["sweeper", "no sweeper"])
+def test_a_worker_imports_and_opens_its_stores_before_its_pool_forks(sweeper: str) -> None:
+    """Python's import locks are not made anew in a forked child: a pool child forked while the parent's sweeper
+    thread imported the store's backend or driver at its first sweep inherited that lock held, and hung at its
+    first task for ever (every child of a worker recycling them, in a black-box test). And a child that imported
+    them itself could be cut off mid-import by its first task's soft time limit, broken for the rest of its life.
+    So the worker's main process imports and opens them as it starts."""
+    services.require("postgres")
+    out = subprocess.run([sys.executable, "-c", _STARTING_WORKER, services.POSTGRES_URL, sweeper], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["idemtasks.stores.sql", "idemtasks.stores.sql_lane", "psycopg", "idemtasks.effects",
+                                  "idemtasks.revoked"], out.stdout + out.stderr
 
 
 def test_a_pool_child_forked_while_a_store_opens_opens_its_own(tmp_path: Path) -> None:

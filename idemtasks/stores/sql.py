@@ -142,6 +142,11 @@ class SQLStore(Store):
         #: Whether threads create, claim and complete on lanes (PostgreSQL through psycopg, not under greenlets).
         self.pipelines_completions = self.dialect == "postgresql" and engine.dialect.driver == "psycopg" \
             and lanes_supported()
+        if self.pipelines_completions:
+            # Now, on the thread that opens the store (a worker's main process, before its pool forks), not on the
+            # first thread that sends on a lane: the prefork parent's sweeper does, and a child forked while it
+            # imported would inherit the module's import lock held (see idemtasks.forks).
+            from . import sql_lane  # noqa: F401
         if create_schema:
             self._create_schema()
 
