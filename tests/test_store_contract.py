@@ -730,6 +730,17 @@ class TestLookup:
         store.abandon(held)
         assert store.get(scope, "k1") is not None
 
+    def test_abandon_keeps_an_operation_another_submit_published_meanwhile(self, store: Store, scope: str) -> None:
+        """A publish that failed late (a broker that hung past ACCEPT_WINDOW): meanwhile the client's retry found the
+        record unpublished, published it and was answered 202 with its id. Deleting it then lost accepted work: its
+        Location answered 404, and another payload under the key was taken as new while the message was refused."""
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        again = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation  # the retry, which publishes
+        store.mark_published(again)
+        store.abandon(op)  # the first publisher, failing at last
+        kept = store.get(scope, "k1")
+        assert kept is not None and kept.id == op.id and kept.status is Status.PENDING
+
     def test_purge_removes_expired_records(self, store: Store, scope: str) -> None:
         store.create(scope, "old", "tasks.charge", "fp", ttl=0.5)
         live = store.create(scope, "live", "tasks.charge", "fp", ttl=TTL).operation

@@ -423,8 +423,10 @@ class Store(abc.ABC):
         return self._attach_payload(key_digest(op.scope, op.key), op.id, token, payload)
 
     def abandon(self, op: Operation) -> None:
-        """Delete ``op`` if it is still pending and never claimed: its message could not be published, and a
-        retry of the request must be free to start over rather than find a record that nothing will run."""
+        """Delete ``op`` if it is still pending, never claimed and still flagged unpublished: its message could not
+        be published, and a retry of the request must be free to start over rather than find a record that nothing
+        will run. A record another submit (a client's retry past ACCEPT_WINDOW) or recovery published meanwhile has
+        a message on the broker, and that retry was answered with its id: it stays."""
         self._settle_own_writes()
         self._abandon(key_digest(op.scope, op.key), op.id)
 
@@ -529,7 +531,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _abandon(self, digest: str, operation_id: str) -> None:
-        """Delete the record if it is ``operation_id``, pending, and has never been claimed (attempts 0)."""
+        """Delete the record if it is ``operation_id``, pending, never claimed (attempts 0) and still flagged
+        ``needs_publish``."""
 
     @abc.abstractmethod
     def _get(self, digest: str) -> Operation | None:

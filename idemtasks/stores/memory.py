@@ -120,7 +120,8 @@ class MemoryStore(Store):
         with self._lock:
             self.round_trips += 1
             op = self._records.get(digest)
-            if op is not None and op.id == operation_id and op.status is Status.PENDING and op.attempts == 0:
+            if (op is not None and op.id == operation_id and op.status is Status.PENDING and op.attempts == 0
+                    and op.needs_publish):
                 del self._records[digest]
 
     def _stale(self, pending_after: float, limit: int) -> list[Operation]:

@@ -318,10 +318,11 @@ return 1
 """
 
 # KEYS: record, pending index. ARGV: id  ->  1
-# No clock: deleting a record that expired a moment ago changes nothing anybody can observe.
+# No clock: deleting a record that expired a moment ago changes nothing anybody can observe. Only while still flagged
+# unpublished ('np'): a duplicate's submit or recovery that published it since has a message on the broker.
 ABANDON = """
-local rec = redis.call('HMGET', KEYS[1], 'id', 'st', 'a')
-if rec[1] == ARGV[1] and rec[2] == 'p' and rec[3] == '0' then
+local rec = redis.call('HMGET', KEYS[1], 'id', 'st', 'a', 'np')
+if rec[1] == ARGV[1] and rec[2] == 'p' and rec[3] == '0' and rec[4] then
   redis.call('DEL', KEYS[1])
   if KEYS[2] then redis.call('ZREM', KEYS[2], string.sub(KEYS[1], -33, -2)) end
 end

@@ -245,8 +245,9 @@ class Statements:
     @cached_property
     def abandon(self) -> Any:
         t = self.table
+        # Only while still flagged unpublished: see Store.abandon.
         return t.delete().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
-                                t.c.attempts == 0)
+                                t.c.attempts == 0, t.c.needs_publish.is_(True))
 
     @cached_property
     def get(self) -> Any:
