@@ -364,6 +364,24 @@ class TestLimits:
         assert reply.status == 413 and store.round_trips == 0
 
 
+    def test_a_body_shorter_than_its_content_length_is_refused_and_nothing_is_stored(self) -> None:
+        """A client that stopped sending mid-upload: gunicorn hands the application what came. Recorded, the cut-off
+        payload ran, and its key refused the client's whole retry as a mismatch."""
+        from idemtasks.http.endpoint import Endpoint, IncomingRequest
+
+        store = MemoryStore()
+        endpoint = Endpoint(store)
+        headers = {"Idempotency-Key": "k", "Content-Length": "17", "Content-Type": "application/x-www-form-urlencoded"}
+        cut = IncomingRequest("POST", "/p", "/p", "", b"tag=trunc&n=1", headers, "alice")
+        reply = endpoint.submit(cut, object(), ())
+        assert reply.status == 400 and reply.body["code"] == "body_incomplete" and store.round_trips == 0
+        whole = IncomingRequest("POST", "/p", "/p", "", b"tag=trunc&n=12345", headers, "alice")
+        assert not isinstance(endpoint.prepare(whole), Reply)
+        # Beside Transfer-Encoding a Content-Length means nothing (RFC 9112): the body is what the chunks carried.
+        chunked = IncomingRequest("POST", "/p", "/p", "", b"tag=x", {**headers, "Transfer-Encoding": "chunked"},
+                                  "alice")
+        assert not isinstance(endpoint.prepare(chunked), Reply)
+
     @pytest.mark.parametrize("value", ["\x01" * 30, '"' * 60, "\\" * 60, "\n" * 60])
     def test_a_form_whose_description_is_longer_than_its_body_is_not_a_413(self, value: str) -> None:
         """JSON escapes a control character in six bytes and a quote in two: whether a form is too large must not

@@ -12,6 +12,7 @@ replay, operation succeeded / failed                   200 / 200   ``Idempotent-
 key missing on an endpoint that requires one           400         ``idempotency_key_required``
 key invalid (empty, > 255, not printable ASCII, ",")   400         ``idempotency_key_invalid``
 Authorization unreadable (bad Basic, empty Bearer)     400         ``credentials_invalid``
+body shorter than its Content-Length (cut off)         400         ``body_incomplete``
 same key, different request                            422 (409)   ``idempotency_key_mismatch``
 same key, first request still being accepted           409         ``idempotency_key_in_use``
 body or arguments over the size limit                  413         ``payload_too_large``

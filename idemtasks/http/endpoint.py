@@ -147,9 +147,17 @@ class Endpoint:
         # The body's own length for one read without Content-Length (chunked); a form read before submit goes by
         # Content-Length alone, whatever its stand-in's length.
         measured = 0 if is_stand_in(req.body) else len(req.body)
-        if max(measured, declared_length(req.headers)) > policy.max_body_bytes:
+        declared = declared_length(req.headers)
+        if max(measured, declared) > policy.max_body_bytes:
             return core.problem(413, "payload_too_large", "Payload too large",
                                 f"the request body is over {policy.max_body_bytes} bytes")
+        if not is_stand_in(req.body) and measured < declared and core._header(req.headers, "Transfer-Encoding") is None:
+            # The client stopped sending (a dropped upload): some servers (gunicorn) hand the application what came,
+            # and the cut-off payload would be recorded and run, its key then refusing the whole one as a mismatch.
+            # (Content-Length means nothing beside Transfer-Encoding, RFC 9112.)
+            return core.problem(400, "body_incomplete", "Incomplete request body",
+                                f"the request body is {measured} bytes, not the {declared} its Content-Length "
+                                "says: nothing was recorded; send the whole request again")
         try:
             key = core.read_key(req.headers, policy)
         except InvalidKey as exc:
