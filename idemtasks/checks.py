@@ -124,7 +124,12 @@ def watch(app: Any) -> None:
         if getattr(sender, "app", app) is not app:
             return
         open_before_forking(app)  # even without the sweeper: a child's first task would import it all otherwise
-        for warning in check_settings(app) + check_stores(app):
+        for warning in check_settings(app):
             logger.warning("idemtasks: %s", warning)
+        try:
+            for warning in check_stores(app):
+                logger.warning("idemtasks: %s", warning)
+        except Exception:  # a check must never keep a worker from starting
+            logger.exception("idemtasks: checking the stores' servers failed")
 
     signals.worker_init.connect(on_worker_init, weak=False)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from redis.exceptions import ClusterError, MaxConnectionsError, RedisClusterException, SlotNotCoveredError
 
 from idemtasks.errors import LeaseLost, StoreError, StoreUnavailable
@@ -189,3 +190,20 @@ def test_a_cluster_clients_own_errors_are_the_stores(store: RedisStore, error: E
     translated = store._store_error(error)
     assert type(translated) is (StoreUnavailable if outage else StoreError)
     assert str(translated).endswith(str(error) or type(error).__name__)
+
+
+def test_a_worker_is_warned_of_any_cluster_node_that_evicts_records(store: RedisStore) -> None:
+    """CONFIG GET goes to one node of a cluster: the others must be asked too, each on its own."""
+    nodes = store.client.get_primaries()
+    last = redis.Redis(host=nodes[-1].host, port=nodes[-1].port)
+    last.config_set("maxmemory", "1gb")
+    last.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        [warning] = store.server_warnings()
+        assert "maxmemory-policy allkeys-lru" in warning
+        last.config_set("maxmemory", "0")  # no limit: nothing is ever evicted, whatever the policy
+        assert store.server_warnings() == []
+    finally:
+        last.config_set("maxmemory-policy", "noeviction")
+        last.config_set("maxmemory", "0")
+        last.close()

@@ -168,3 +168,19 @@ def test_a_redis_that_keeps_its_keys_or_will_not_say_is_no_warning(evicting_redi
     # Nor is a SQL store opened for nothing in the worker's parent process.
     database = tmp_path / "never-opened.sqlite3"
     assert check_stores(_app_on(f"sqlite:///{database}")) == [] and not database.exists()
+
+
+def test_the_check_waits_briefly_for_a_server_that_never_answers_and_asks_no_own_client(
+        evicting_redis: str) -> None:
+    """It runs as the worker starts, before the pool consumes anything: a server that accepts and never answers
+    costs it the short timeout, once; an application's own client (its own timeouts and retries, a minute by
+    redis-py's defaults) is not asked at all."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        assert RedisStore(f"redis://127.0.0.1:{silent.getsockname()[1]}/0").server_warnings() == []
+        assert time.monotonic() - started < 2.0
+    own = RedisStore(evicting_redis, client=redis.Redis.from_url(evicting_redis))
+    assert own.server_warnings() == []
+    assert RedisStore(evicting_redis).server_warnings() != []  # the same server, by URL

@@ -157,16 +157,6 @@ def _plain_pool(client: Any) -> bool:
         redis.Connection, redis.UnixDomainSocketConnection, redis.SSLConnection)
 
 
-def _policies(answer: Any) -> Iterator[str]:
-    """The eviction policies in a ``CONFIG GET maxmemory-policy`` answer: one server's, or a cluster's per node."""
-    if isinstance(answer, dict):
-        for name, value in answer.items():
-            if isinstance(value, dict):
-                yield from _policies(value)
-            elif _text(name) == "maxmemory-policy":
-                yield _text(value)
-
-
 def finish_args(req: FinishRequest) -> list[str]:
     err = req.error
     return [tail(req.digest, req.operation_id), str(req.token), _STATUS_CODE[req.status], req.result or "",
@@ -466,16 +456,31 @@ class RedisStore(Store):
     def server_warnings(self) -> list[str]:
         # Every record has an expiry, so volatile-* policies evict records as surely as allkeys-*: a record evicted
         # is a duplicate that runs its body again, or an unpublished operation recovery can no longer find.
-        try:
-            with self._call(count=False):  # the short-timeout client: a server away must not hold a worker's start
-                answer = self._prompt_client().config_get("maxmemory-policy")
-        except StoreError:  # CONFIG refused (a managed service, an ACL user) or the server away: cannot tell
+        if not self._own_client:
+            # An application's client waits as long as its own timeouts and retries say (a minute, by redis-py's
+            # defaults, for a server that accepts and never answers): it must not hold a worker's start.
             return []
-        policies = sorted(set(_policies(answer)) - {"noeviction"})
-        if not policies:
+        prompt = self._prompt_client()  # waits RENEW_TIMEOUT at most, and never retries
+        # CONFIG GET goes to one node of a cluster: each primary is asked on its own, and one that cannot say (down,
+        # or refusing CONFIG) does not silence the others.
+        nodes = prompt.get_primaries() if self.cluster else [None]
+        evicting: set[str] = set()
+        for node in nodes:
+            try:
+                with self._call(count=False):
+                    answer = prompt.config_get("maxmemory*", **({} if node is None else {"target_nodes": node}))
+            except StoreError:  # CONFIG refused (a managed service, an ACL user) or the server away: cannot tell
+                continue
+            settings = {_text(name): _text(value) for name, value in dict(answer).items()}
+            # maxmemory 0 is no limit: nothing is ever evicted, whatever the policy says.
+            if settings.get("maxmemory", "0") != "0" and settings.get("maxmemory-policy", "noeviction") != "noeviction":
+                evicting.add(settings["maxmemory-policy"])
+        if not self.cluster:
+            prompt.connection_pool.disconnect()  # asked once, in the worker's main process: no idle connection kept
+        if not evicting:
             return []
         return [f"the Redis server of store {self.url} evicts keys when its memory is full (maxmemory-policy "
-                f"{', '.join(policies)}): an evicted record's duplicate runs its body again, and an evicted "
+                f"{', '.join(sorted(evicting))}): an evicted record's duplicate runs its body again, and an evicted "
                 "unpublished operation is never recovered; set maxmemory-policy noeviction (a full server then "
                 "refuses new operations instead)"]
 
