@@ -418,11 +418,13 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                     # Given back, but the retry message could not be published (Celery raised Reject): it stays given
                     # back for recovery to publish, rather than stored as failed for a passing error.
                     raise
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or _cold_shutdown():
                 # SystemExit/KeyboardInterrupt (or a pool's own BaseException, as gevent's time limit): the body was
                 # cut short from outside, and this process is usually going away (a shutdown, or the prefork pool's
                 # hard time limit, whose SIGTERM comes a moment before its SIGKILL). Given back at once rather than
-                # left to its lease, and counted as a crash, as a takeover of the lease would have been.
+                # left to its lease, and counted as a crash, as a takeover of the lease would have been. So is
+                # whatever a cold shutdown raises in the body: a solo worker's signal handler runs on the body's
+                # thread, and the pool's refusal to cancel its job (NotImplementedError) surfaces there.
                 attempt.release_quietly(crashed=True)
                 raise
             if task.transactional and (isinstance(exc, StoreUnavailable) or _database_outage(exc)):
@@ -440,6 +442,14 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         keeper.release(attempt.hold)
         request.idemtasks_attempt = None
         request.idemtasks_connection = None
+
+
+def _cold_shutdown() -> bool:
+    """Whether this worker process is in a cold shutdown (SIGQUIT, a second Ctrl-C): Celery sets the flag as its
+    signal handler ends, before what it raised reaches the body's frames."""
+    from celery.worker import state
+
+    return state.should_terminate not in (None, False)
 
 
 def _dropped(task: Any, attempt: Attempt, exc: Ignore | Reject) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ import redis
 import sqlalchemy as sa
 
 from idemtasks import LeaseLost, Status
+from idemtasks.recovery import Sweeper
 from idemtasks.stores.base import Store
 from tests import services
 from tests.conftest import SERVER_BACKENDS, drop, make_store
@@ -53,7 +55,7 @@ class Rig:
 
 
 def _rig(backend: str, tmp_path: Path, *, concurrency: int = 2, lease: float = 2.0,
-         ledger_url: str | None = None) -> Iterator[Rig]:
+         ledger_url: str | None = None, pool: str = "prefork") -> Iterator[Rig]:
     services.require("redis")
     store = make_store(backend, tmp_path)
     queue = f"q{uuid.uuid4().hex[:10]}"
@@ -61,7 +63,7 @@ def _rig(backend: str, tmp_path: Path, *, concurrency: int = 2, lease: float = 2
     ledger_table = f"ledger_{queue}"
     env = {**store_env(store), "PROCAPP_BROKER": BROKER, "PROCAPP_QUEUE": queue, "PROCAPP_LEASE": str(lease),
            "PROCAPP_COUNTER": services.REDIS_URL, "PROCAPP_LEDGER": ledger_url, "PROCAPP_LEDGER_TABLE": ledger_table}
-    worker = Worker(env, tmp_path / "worker.log", concurrency=concurrency).start()
+    worker = Worker(env, tmp_path / "worker.log", concurrency=concurrency, pool=pool).start()
     _, tasks = client_app(BROKER, queue, store)
     counter = redis.Redis.from_url(services.REDIS_URL)
     try:
@@ -240,3 +242,31 @@ def test_stale_holder_cannot_commit_effects_twice(tmp_path: Path) -> None:
     with ledger.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(rows)).scalar_one() == 1
 
+
+
+@pytest.mark.timeout(180)
+def test_a_cold_shutdown_of_a_solo_worker_gives_the_operation_back(tmp_path: Path) -> None:
+    """SIGQUIT (or a second Ctrl-C) makes Celery cancel the running tasks from the main process's signal handler; in
+    a solo worker that is the body's own thread, and the pool's refusal to kill a job (NotImplementedError) is
+    raised inside the body. That is the worker going away, not the body failing: the operation was stored as
+    failed with that error, and every duplicate replayed it."""
+    rig_iter = _rig("redis", tmp_path, pool="solo")
+    rig = next(rig_iter)
+    try:
+        key = f"cold-{uuid.uuid4().hex}"
+        op_id = rig.tasks["charge"].submit(("acct", 7, 6.0), key=key).operation.id
+        wait_until(lambda: rig.runs(key) == 1, 60, "the body to start")
+        assert rig.worker.proc is not None
+        rig.worker.proc.send_signal(signal.SIGQUIT)
+        rig.worker.proc.wait(timeout=30)
+        given_back = rig.store.get_by_id(op_id)
+        assert given_back is not None and given_back.status is Status.PENDING and given_back.crashes == 1
+        rig.worker.start()  # the operation runs again, as after any crash of its holder
+        client = rig.tasks["charge"].app
+        Sweeper(client, pending_after=0.0).sweep()  # whether or not the broker kept the cancelled message
+        op = rig.final(op_id)
+        assert op.status is Status.SUCCEEDED and op.result == {"account": "acct", "amount": 7}
+        assert rig.runs(key) == 2
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(rig_iter)

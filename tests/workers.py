@@ -41,16 +41,17 @@ def store_env(store: Store) -> dict[str, str]:
 class Worker:
     """One ``celery -A tests.apps.procapp worker`` process on its own queue."""
 
-    def __init__(self, env: dict[str, str], log: Path, *, concurrency: int = 2) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *, concurrency: int = 2, pool: str = "prefork") -> None:
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
         self.log = log
         self.concurrency = concurrency
+        self.pool = pool
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         with self.log.open("ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.apps.procapp", "worker", "--pool", "prefork",
+                [sys.executable, "-m", "celery", "-A", "tests.apps.procapp", "worker", "--pool", self.pool,
                  "-c", str(self.concurrency), "-l", "info", "--without-gossip", "--without-mingle",
                  "--without-heartbeat", "-n", f"w{uuid.uuid4().hex[:6]}@%h"],
                 cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
