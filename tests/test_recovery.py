@@ -227,11 +227,14 @@ def test_a_submitted_message_whose_record_is_gone_stores_its_call_when_claimed(r
     """The record was lost (expired, purged, or a store restarted empty) while the message waited: the claim creates
     a new one, and the holder stores the call in it, so recovery could still publish it again."""
     key = f"gone-{uuid.uuid4().hex}"
-    sub = rig.task.submit((key, 60), key=key)
-    rig.store.abandon(sub.operation)  # the record is gone; its message is still on the broker
-    assert rig.store.get_by_id(sub.operation.id) is None
+    call = canonical_call(rig.task.name, (key, 60), {})
+    created = rig.store.create("global", key, rig.task.name, fingerprint_of_call(call), ttl=3600,
+                               payload=stored_call(call, {})).operation
+    rig.store.abandon(created)  # the record is gone ...
+    assert rig.store.get_by_id(created.id) is None
+    rig.task.publish(created, (key, 60), {})  # ... while its message is on the broker
     with start_worker(rig.app, pool="solo", perform_ping_check=False):
-        op = rig.final(sub.operation.id)
+        op = rig.final(created.id)
     assert op.status is Status.SUCCEEDED and op.result == 60 and rig.runs[key] == 1
     assert op.payload == canonical_call(rig.task.name, (key, 60), {})
 

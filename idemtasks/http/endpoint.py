@@ -151,10 +151,12 @@ class Endpoint:
         if max(measured, declared) > policy.max_body_bytes:
             return core.problem(413, "payload_too_large", "Payload too large",
                                 f"the request body is over {policy.max_body_bytes} bytes")
-        if not is_stand_in(req.body) and measured < declared and core._header(req.headers, "Transfer-Encoding") is None:
+        if not is_stand_in(req.body) and measured < declared and not any(
+                core._header(req.headers, name) is not None for name in ("Transfer-Encoding", "Content-Encoding")):
             # The client stopped sending (a dropped upload): some servers (gunicorn) hand the application what came,
             # and the cut-off payload would be recorded and run, its key then refusing the whole one as a mismatch.
-            # (Content-Length means nothing beside Transfer-Encoding, RFC 9112.)
+            # Content-Length means nothing beside Transfer-Encoding (RFC 9112), and beside Content-Encoding it counts
+            # the encoded bytes, which an application that decodes the body itself (gzip) does not hand on.
             return core.problem(400, "body_incomplete", "Incomplete request body",
                                 f"the request body is {measured} bytes, not the {declared} its Content-Length "
                                 "says: nothing was recorded; send the whole request again")
