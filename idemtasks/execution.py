@@ -406,6 +406,12 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         except BaseException as exc:
             if attempt.released:
                 raise
+            if _raised_by_cold_shutdown(exc):
+                # The worker going away, not the body failing (nor a passing error to retry): given back as a crash,
+                # as SystemExit is below. A solo worker's cold-shutdown handler runs on the body's thread, and the
+                # pool's refusal to cancel its job (NotImplementedError) surfaces in the body.
+                attempt.release_quietly(crashed=True)
+                raise
             # A misconfiguration (no SQL database for a transactional task) does not pass with time: never retried.
             if task.retry_on and isinstance(exc, task.retry_on) and not isinstance(exc, ConfigurationError):
                 try:
@@ -418,13 +424,11 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
                     # Given back, but the retry message could not be published (Celery raised Reject): it stays given
                     # back for recovery to publish, rather than stored as failed for a passing error.
                     raise
-            if not isinstance(exc, Exception) or _cold_shutdown():
+            if not isinstance(exc, Exception):
                 # SystemExit/KeyboardInterrupt (or a pool's own BaseException, as gevent's time limit): the body was
                 # cut short from outside, and this process is usually going away (a shutdown, or the prefork pool's
                 # hard time limit, whose SIGTERM comes a moment before its SIGKILL). Given back at once rather than
-                # left to its lease, and counted as a crash, as a takeover of the lease would have been. So is
-                # whatever a cold shutdown raises in the body: a solo worker's signal handler runs on the body's
-                # thread, and the pool's refusal to cancel its job (NotImplementedError) surfaces there.
+                # left to its lease, and counted as a crash, as a takeover of the lease would have been.
                 attempt.release_quietly(crashed=True)
                 raise
             if task.transactional and (isinstance(exc, StoreUnavailable) or _database_outage(exc)):
@@ -444,12 +448,21 @@ def _execute(task: Any, attempt: Attempt, args: tuple[Any, ...], kwargs: dict[st
         request.idemtasks_connection = None
 
 
-def _cold_shutdown() -> bool:
-    """Whether this worker process is in a cold shutdown (SIGQUIT, a second Ctrl-C): Celery sets the flag as its
-    signal handler ends, before what it raised reaches the body's frames."""
+def _raised_by_cold_shutdown(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of Celery's cold-shutdown signal handler (SIGQUIT, a second Ctrl-C) run on the body's
+    own thread, as in a solo worker. Only that: in a threads pool the handler runs on the main thread and the
+    bodies run on, and a body's own failure then is still its failure, not the worker going away."""
     from celery.worker import state
 
-    return state.should_terminate not in (None, False)
+    if state.should_terminate in (None, False):  # set as the handler ends, before its error reaches the body
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_handle_request" and frame.f_globals.get("__name__") == "celery.apps.worker":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _dropped(task: Any, attempt: Attempt, exc: Ignore | Reject) -> None:

@@ -270,3 +270,24 @@ def test_a_cold_shutdown_of_a_solo_worker_gives_the_operation_back(tmp_path: Pat
     finally:
         with contextlib.suppress(StopIteration):
             next(rig_iter)
+
+
+@pytest.mark.timeout(180)
+def test_a_body_that_fails_by_itself_during_a_cold_shutdown_of_a_threads_pool_is_failed(tmp_path: Path) -> None:
+    """A threads pool's bodies run on while the main thread shuts down: a body that fails then failed by itself, and
+    must be stored so, not given back as a crash and run a second time."""
+    rig_iter = _rig("redis", tmp_path, pool="threads")
+    rig = next(rig_iter)
+    try:
+        key = f"cold-{uuid.uuid4().hex}"
+        op_id = rig.tasks["charge"].submit(("acct", 2_000_000, 3.0), key=key).operation.id  # declined, after 3 s
+        wait_until(lambda: rig.runs(key) == 1, 60, "the body to start")
+        assert rig.worker.proc is not None
+        rig.worker.proc.send_signal(signal.SIGQUIT)
+        rig.worker.proc.wait(timeout=60)
+        op = rig.store.get_by_id(op_id)
+        assert op is not None and op.status is Status.FAILED and op.error is not None
+        assert op.error.type == "ValueError" and op.crashes == 0 and rig.runs(key) == 1
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(rig_iter)
