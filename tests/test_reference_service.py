@@ -44,7 +44,9 @@ class Service:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.base}/accounts/warm-up", timeout=1).status_code == 200:
+                # The status route: it touches neither the ledger nor its table, which the first payment must find
+                # made by the worker (the web process makes it too, as it shows an account).
+                if httpx.get(f"{self.base}/operations/warm-up", timeout=1).status_code == 404:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.2)

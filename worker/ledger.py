@@ -21,11 +21,21 @@ _engine: sa.Engine | None = None
 
 
 def engine() -> sa.Engine:
+    """The ledger's engine, its table created on first use (every process may be first)."""
     global _engine
     if _engine is None:
-        _engine = sa.create_engine(settings.DATABASE_URL, pool_pre_ping=True)
-        create_tables(_engine, [ledger])  # every worker process may be first
+        made = sa.create_engine(settings.DATABASE_URL, pool_pre_ping=True)
+        create_tables(made, [ledger])
+        _engine = made  # only once the table exists: a process whose first try failed tries again
     return _engine
+
+
+def ensure_table(conn: sa.Connection) -> None:
+    """Create the table through ``conn``, the charge's own transaction, unless this process made sure of it already.
+    Never through another connection: on SQLite the charge's transaction holds the database's write lock, and a
+    second connection's CREATE TABLE would wait on it until the busy timeout."""
+    if _engine is None:
+        metadata.create_all(conn, checkfirst=True)
 
 
 def account(name: str) -> dict[str, object]:

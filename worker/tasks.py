@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from celery import signals
 
 from idemtasks import IdempotentTask
 
 from . import ledger, settings
 from .celery_app import app
+
+logger = logging.getLogger(__name__)
+
+
+@signals.worker_init.connect(weak=False)
+def _create_ledger(**_: Any) -> None:
+    # As the worker starts, outside any charge's transaction (see ledger.ensure_table).
+    try:
+        ledger.engine()
+    except Exception:  # the database is away: the first charge creates the table through its own transaction
+        logger.warning("the ledger's table could not be made as the worker started", exc_info=True)
 
 
 class Declined(Exception):
@@ -25,7 +39,7 @@ def charge(self: IdempotentTask, account: str, amount: int) -> dict[str, Any]:
         raise Declined(f"amount {amount} is over the limit of {settings.DECLINE_ABOVE}")
     if account.startswith("flaky-") and self.request.retries == 0:
         raise Transient("the payment provider timed out; retrying")
-    ledger.engine()  # creates the table on first use
+    ledger.ensure_table(self.connection)  # made as the worker started, unless its database was away then
     # Written through the task's connection: committed together with the operation's completion marker.
     self.connection.execute(ledger.ledger.insert().values(operation_id=self.operation.id, account=account,
                                                           amount=amount))
