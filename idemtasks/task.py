@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -41,6 +42,9 @@ from .stores.base import held_to
 __all__ = ["IdempotentTask"]
 
 logger = logging.getLogger("idemtasks.task")
+#: How much sooner than ACCEPT_WINDOW a publish must have failed for submit to remove its record: a duplicate judges
+#: the window by the store's clock from the creation, a moment before this process starts its own count.
+_ABANDON_MARGIN = 1.0
 _configure_lock = threading.RLock()
 fresh_in_child(sys.modules[__name__], "_configure_lock", threading.RLock)  # the parent's sweeper may hold it
 
@@ -318,7 +322,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         another payload raises :class:`~idemtasks.errors.IdempotencyKeyMismatch`. ``fingerprint`` replaces the
         hash of the arguments when something else defines "the same request" (the HTTP layer hashes the request).
         ``options`` go to ``apply_async`` (queue, countdown, …). If publishing fails, the new record is removed
-        and :class:`~idemtasks.errors.PublishFailed` is raised, so submitting again starts afresh.
+        and :class:`~idemtasks.errors.PublishFailed` is raised, so submitting again starts afresh (unless the publish
+        outlasted ACCEPT_WINDOW: a duplicate may have published the record since, and it is kept).
 
         With a ``countdown`` or ``eta`` the record lives ``idempotency_ttl`` beyond the time the message is due, and
         recovery waits ``idemtasks_pending_after`` from that time before it presumes the message lost.
@@ -359,10 +364,17 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             return
         if due is None or options.get("eta") is not None:  # an ETA is counted from now, after the create
             due = due_in(options.get("eta"), options.get("countdown"))
+        started = time.monotonic()
         try:
             self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)
         except Exception as exc:
-            if abandon_on_failure:
+            if abandon_on_failure and time.monotonic() - started > ACCEPT_WINDOW - _ABANDON_MARGIN:
+                # The publish outlasted ACCEPT_WINDOW: a duplicate may have found the record unpublished since, and
+                # be publishing it now (its "published" mark not landed yet), its client answered with this id. Left
+                # pending and flagged for that duplicate, the client's retry, or recovery.
+                logger.warning("idemtasks: operation %s kept after its publish failed late: a duplicate may have "
+                               "published it meanwhile", op.id)
+            elif abandon_on_failure:
                 try:
                     self.store.abandon(op)
                 except IdemtasksError as cleanup_exc:

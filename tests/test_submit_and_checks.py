@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 
@@ -10,6 +11,7 @@ import pytest
 from celery import Celery
 
 from idemtasks import IdempotentTask, PublishFailed, Status
+from idemtasks import task as task_module
 from idemtasks.checks import check_settings
 from idemtasks.stores.base import Store
 from tests.test_bad_input import free_port
@@ -46,6 +48,24 @@ def test_failed_publish_leaves_nothing_behind_and_a_repeat_publishes(server_stor
         received = conn.SimpleQueue(up_app.conf.task_default_queue).get(timeout=5)
         assert received.headers["id"] == sub.operation.id
         received.ack()
+
+
+def test_a_publish_that_fails_after_the_accept_window_keeps_its_record(server_store: Store,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that hangs, then fails: meanwhile a duplicate past ACCEPT_WINDOW found the record unpublished and
+    may be publishing it, its client answered with this id. Removed, that accepted work was lost (its Location a
+    404, another payload under the key taken as new). Kept, the duplicate's message, the client's retry or recovery
+    runs it."""
+    monkeypatch.setattr(task_module, "ACCEPT_WINDOW", 1.5)  # the window less the margin: 0.5 s
+    with socket.socket() as silent:  # accepts, never answers: the publish waits for the broker's socket timeout
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        app, hung = app_with(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", server_store)
+        app.conf.broker_transport_options = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        with pytest.raises(PublishFailed) as info:
+            hung.submit((5,), key="k-late")
+    kept = server_store.get_by_id(info.value.operation_id)
+    assert kept is not None and kept.status is Status.PENDING and kept.needs_publish
 
 
 def test_repeat_submit_publishes_nothing(server_store: Store) -> None:
