@@ -11,7 +11,7 @@ import logging
 import weakref
 from typing import Any
 
-from .forks import open_before_forking
+from .forks import import_before_forking
 
 __all__ = ["check_settings", "check_stores", "watch"]
 
@@ -123,7 +123,7 @@ def watch(app: Any) -> None:
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", app) is not app:
             return
-        open_before_forking(app)  # even without the sweeper: a child's first task would import it all otherwise
+        import_before_forking(app)  # even without the sweeper: a child's first task would import it all otherwise
         for warning in check_settings(app):
             logger.warning("idemtasks: %s", warning)
         try:

@@ -108,7 +108,8 @@ class LeaseKeeper:
         while True:
             with self._cond:
                 now = time.monotonic()
-                due = [h for h in self._holds if h.due <= now]
+                # Longest overdue first: a hold passed over in the last pass (below) is not passed over again.
+                due = sorted((h for h in self._holds if h.due <= now), key=lambda h: h.due)
                 if not due:
                     self._wake_at = min((h.due for h in self._holds), default=now + 3600.0)
                     self._cond.wait(timeout=max(self._wake_at - now, 0.01))
@@ -116,12 +117,12 @@ class LeaseKeeper:
             # One thread renews every hold in turn, and a store that does not answer costs each of its holds
             # RENEW_TIMEOUT: asked for all of them, it would hold the renewals of the healthy stores' holds behind
             # it, whose leases then lapse (16 such holds make a pass 8 s long). So a store that just failed is not
-            # asked again in this pass: its other holds are tried at the next, as if they had failed too.
+            # asked again in this pass. Its other holds stay due, and come first in the next pass, before the one
+            # that failed (moved back by its retry interval): a store that fails for some records only (a cluster
+            # with a node down) still has its other holds renewed, one failure per pass at most.
             failing: set[int] = set()
             for h in due:
-                if id(h.store) in failing:
-                    h.due = time.monotonic() + _retry_interval(h.lease)
-                elif not self._renew(h):
+                if id(h.store) not in failing and not self._renew(h):
                     failing.add(id(h.store))
 
     def _renew(self, h: Hold) -> bool:

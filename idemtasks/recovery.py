@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import IdemtasksError, LeaseLost, StoreError
-from .forks import open_before_forking
+from .forks import import_before_forking
 from .identity import CALLBACK_OPTIONS, is_past, parse_stored_call
 from .models import Operation, Status, Takeover
 from .revoked import fail_unrun
@@ -275,7 +275,7 @@ def install(app: Any, *, beat_task: bool = True) -> None:
         if not interval:
             return
         # Before the thread: what it would import at its first sweep must not be imported while the pool forks.
-        open_before_forking(app)
+        import_before_forking(app)
         sweeper = Sweeper(app)
         stop = threading.Event()
 

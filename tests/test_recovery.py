@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import socket
 import subprocess
 import sys
 import threading
@@ -518,7 +519,9 @@ def test_a_store_that_cannot_be_opened_does_not_keep_the_others_from_their_sweep
 
 
 _STARTING_WORKER = """
-import sys
+import sys, threading, time
+if sys.argv[3] == "without sqlalchemy":
+    sys.modules["sqlalchemy"] = None  # an idemtasks[redis] install: no SQL, no ledger
 from celery import Celery, signals
 from idemtasks import IdempotentTask, recovery
 app = Celery("starting", broker="memory://", set_as_current=False)
@@ -528,26 +531,47 @@ def t():
     return None
 recovery.install(app)
 app.finalize()
-watched = ("idemtasks.stores.sql", "idemtasks.stores.sql_lane", "psycopg", "idemtasks.effects", "idemtasks.revoked")
+watched = ("idemtasks.stores.sql", "idemtasks.stores.sql_lane", "psycopg", "idemtasks.stores.redis",
+           "idemtasks.effects")
 assert not any(name in sys.modules for name in watched[:2]), "imported too soon to tell"
+started = time.monotonic()
 signals.worker_init.send(sender=None)  # as the worker's main process starts, before its pool forks
-print(" ".join(name for name in watched if name in sys.modules))
+took = time.monotonic() - started
+sweeping = any(thread.name == "idemtasks-sweeper" for thread in threading.enumerate())
+print(" ".join(name for name in watched if name in sys.modules), "|", f"{took:.1f}", sweeping)
 """
 
 
 @pytest.mark.parametrize("sweeper", ["sweeper", "no sweeper"])
-def test_a_worker_imports_and_opens_its_stores_before_its_pool_forks(sweeper: str) -> None:
+def test_a_worker_imports_its_stores_before_its_pool_forks(sweeper: str) -> None:
     """Python's import locks are not made anew in a forked child: a pool child forked while the parent's sweeper
     thread imported the store's backend or driver at its first sweep inherited that lock held, and hung at its
     first task for ever (every child of a worker recycling them, in a black-box test). And a child that imported
     them itself could be cut off mid-import by its first task's soft time limit, broken for the rest of its life.
-    So the worker's main process imports and opens them as it starts."""
-    services.require("postgres")
-    out = subprocess.run([sys.executable, "-c", _STARTING_WORKER, services.POSTGRES_URL, sweeper], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    So the worker's main process imports them as it starts, connecting to nothing: a database that accepts and
+    never answers (here) must not hold the worker's start."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test"
+        out = subprocess.run([sys.executable, "-c", _STARTING_WORKER, url, sweeper, "with sqlalchemy"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["idemtasks.stores.sql", "idemtasks.stores.sql_lane", "psycopg", "idemtasks.effects",
-                                  "idemtasks.revoked"], out.stdout + out.stderr
+    imported, timing = out.stdout.split("|")
+    assert imported.split() == ["idemtasks.stores.sql", "idemtasks.stores.sql_lane", "psycopg", "idemtasks.effects"]
+    took, sweeping = timing.split()
+    assert float(took) < 2.0 and sweeping == str(sweeper == "sweeper"), out.stdout + out.stderr
+
+
+def test_a_worker_without_sqlalchemy_still_sweeps() -> None:
+    """An idemtasks[redis] install has no SQLAlchemy: importing the ledger's module fails there, which must not keep
+    the sweeper from starting."""
+    services.require("redis")
+    out = subprocess.run([sys.executable, "-c", _STARTING_WORKER, services.REDIS_URL, "sweeper", "without sqlalchemy"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    imported, timing = out.stdout.split("|")
+    assert imported.split() == ["idemtasks.stores.redis"] and timing.split()[1] == "True", out.stdout + out.stderr
 
 
 def test_a_pool_child_forked_while_a_store_opens_opens_its_own(tmp_path: Path) -> None:
