@@ -33,7 +33,7 @@ from .models import Operation, Status, Submission
 from .stores import Store, shared_store
 from .stores.base import CreateRequest
 from .stores.lanes import pooled_only
-from .task import first_deadline, message_due, record_ttl, with_deadline
+from .task import abandon_deadline, first_deadline, message_due, record_ttl, with_deadline
 
 _T = TypeVar("_T")
 
@@ -190,6 +190,7 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     astore = store or async_store_for(sync)
     due = message_due(task, options)
     options = with_deadline(task, options)
+    abandon_by = abandon_deadline()  # see IdempotentTask.submit
     sub = await astore.create(scope, key, task.name, fingerprint, ttl=record_ttl(task, due),
                               payload=stored_call(call, options), delay=due)
     op = sub.operation
@@ -197,7 +198,7 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     # takes a pooled connection and waits for its answer there, off the loop, rather than pipelined on a connection
     # each of those threads would keep for its whole life.
     if sub.created:
-        await asyncio.to_thread(_pooled, task.publish, op, args, kwargs, abandon_on_failure=True, due=due, **options)
+        await asyncio.to_thread(_pooled, task.publish, op, args, kwargs, abandon_by=abandon_by, due=due, **options)
     elif op.status is Status.PENDING and op.needs_publish:  # see IdempotentTask.submit
         checked_at = await astore.now()
         sub = dataclasses.replace(sub, checked_at=checked_at)

@@ -456,12 +456,17 @@ def _raised_by_cold_shutdown(exc: BaseException) -> bool:
 
     if state.should_terminate in (None, False):  # set as the handler ends, before its error reaches the body
         return False
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name == "_handle_request" and frame.f_globals.get("__name__") == "celery.apps.worker":
-            return True
-        tb = tb.tb_next
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:  # the body may have wrapped it (raise ... from, or within)
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code.co_name == "_handle_request" and frame.f_globals.get("__name__") == "celery.apps.worker":
+                return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
     return False
 
 

@@ -32,6 +32,7 @@ def import_before_forking(app: Any) -> None:
     held by a thread it does not have, and hangs at its first task for ever; and a child that made those imports in
     its own first task could be cut off mid-import by that task's soft time limit, leaving them half-made for the
     rest of its life. Nothing is connected: a database away at the worker's start must not hold it."""
+    import codecs
     import importlib
 
     from .stores import SQL_SCHEMES, url_scheme
@@ -39,6 +40,7 @@ def import_before_forking(app: Any) -> None:
 
     with contextlib.suppress(ImportError):  # SQLAlchemy is not installed: no ledger, nothing of it to import
         importlib.import_module(f"{__package__}.effects")
+    codecs.lookup("idna")  # a driver connecting to a host name (PyMySQL) loads this codec, and the modules it needs
     for task in list(app.tasks.values()):
         if not isinstance(task, IdempotentTask):
             continue

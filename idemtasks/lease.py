@@ -105,25 +105,32 @@ class LeaseKeeper:
                     self._thread = None
 
     def _loop(self) -> None:
+        # One thread renews every hold in turn, and a store that does not answer costs each of its holds
+        # RENEW_TIMEOUT: asked for all of them, it would hold the renewals of the healthy stores' holds behind it,
+        # whose leases then lapse (16 such holds make a pass 8 s long). So a store whose renewal failed as
+        # unavailable is not asked again until that hold's retry interval, counted from the failed call, is over:
+        # its other holds stay due, and it is asked then for the longest overdue of them. A store failing for some
+        # records only (a cluster with a node down) still has its other holds renewed, one failure per interval at
+        # most; and one that fails at once is not asked for every hold, over and over.
+        resting: dict[int, float] = {}  # id(store) -> monotonic time it is asked again
         while True:
             with self._cond:
                 now = time.monotonic()
-                # Longest overdue first: a hold passed over in the last pass (below) is not passed over again.
-                due = sorted((h for h in self._holds if h.due <= now), key=lambda h: h.due)
+                resting = {store: until for store, until in resting.items() if until > now}
+                due = sorted((h for h in self._holds if max(h.due, resting.get(id(h.store), 0.0)) <= now),
+                             key=lambda h: h.due)
                 if not due:
-                    self._wake_at = min((h.due for h in self._holds), default=now + 3600.0)
+                    self._wake_at = min((max(h.due, resting.get(id(h.store), 0.0)) for h in self._holds),
+                                        default=now + 3600.0)
                     self._cond.wait(timeout=max(self._wake_at - now, 0.01))
                     continue
-            # One thread renews every hold in turn, and a store that does not answer costs each of its holds
-            # RENEW_TIMEOUT: asked for all of them, it would hold the renewals of the healthy stores' holds behind
-            # it, whose leases then lapse (16 such holds make a pass 8 s long). So a store that just failed is not
-            # asked again in this pass. Its other holds stay due, and come first in the next pass, before the one
-            # that failed (moved back by its retry interval): a store that fails for some records only (a cluster
-            # with a node down) still has its other holds renewed, one failure per pass at most.
-            failing: set[int] = set()
             for h in due:
-                if id(h.store) not in failing and not self._renew(h):
-                    failing.add(id(h.store))
+                if id(h.store) in resting:
+                    continue
+                asked = time.monotonic()
+                if not self._renew(h):
+                    # From when it was asked: a store that timed out has rested already, one that failed at once not.
+                    resting[id(h.store)] = asked + _retry_interval(h.lease)
 
     def _renew(self, h: Hold) -> bool:
         """Renew (or finish) ``h``; False if its store did not answer."""

@@ -42,9 +42,16 @@ from .stores.base import held_to
 __all__ = ["IdempotentTask"]
 
 logger = logging.getLogger("idemtasks.task")
-#: How much sooner than ACCEPT_WINDOW a publish must have failed for submit to remove its record: a duplicate judges
-#: the window by the store's clock from the creation, a moment before this process starts its own count.
+#: How much sooner than ACCEPT_WINDOW after its creation a publish must have failed for submit to remove its record
+#: (see abandon_deadline): the clocks of this process and of the store, by which a duplicate judges, never agree.
 _ABANDON_MARGIN = 1.0
+
+
+def abandon_deadline() -> float:
+    """The monotonic time until which a submit about to create a record may remove it, should its publish fail: a
+    duplicate finds the record unpublished once ACCEPT_WINDOW has passed since the creation, and may then publish it
+    and answer its client with its id. Taken before the create, whose answer may come late."""
+    return time.monotonic() + ACCEPT_WINDOW - _ABANDON_MARGIN
 _configure_lock = threading.RLock()
 fresh_in_child(sys.modules[__name__], "_configure_lock", threading.RLock)  # the parent's sweeper may hold it
 
@@ -339,10 +346,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         due = message_due(self, options)
         options = with_deadline(self, options)
         payload = stored_call(call, options)  # its deadline already a time, with its offset (with_deadline)
+        abandon_by = abandon_deadline()  # counted from before the create, whose answer may come late
         sub = store.create(scope, key, self.name, fp, ttl=record_ttl(self, due), payload=payload, delay=due)
         op = sub.operation
         if sub.created:
-            self.publish(op, args, kwargs, abandon_on_failure=True, due=due, **options)
+            self.publish(op, args, kwargs, abandon_by=abandon_by, due=due, **options)
         elif op.status is Status.PENDING and op.needs_publish:
             # Created by a request that died before publishing, once it had ACCEPT_WINDOW to do so: the claim makes
             # a second copy harmless. The reading goes with the answer (an HTTP 409 or a replay is decided on it).
@@ -352,11 +360,12 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 self.publish(op, args, kwargs, due=due, **first_deadline(op, options))
         return sub
 
-    def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_on_failure: bool = False,
+    def publish(self, op: Operation, args: Any, kwargs: Any, *, abandon_by: float | None = None,
                 due: float | None = None, backoff: float = 0.0, **options: Any) -> None:
         """Publish the message of a recorded operation (used by :meth:`submit` and by recovery). ``due``: seconds
         until the message is due, if the caller has already read it from ``options``. ``backoff``: recovery's, see
-        :meth:`Store.mark_published <idemtasks.stores.base.Store.mark_published>`."""
+        :meth:`Store.mark_published <idemtasks.stores.base.Store.mark_published>`. ``abandon_by``: the
+        :func:`abandon_deadline` of the caller that created ``op``, which removes it if its publish fails sooner."""
         headers = {**options.pop("headers", {}), HEADER: {"scope": op.scope, "key": op.key, "fp": op.fingerprint}}
         if self.app.conf.task_always_eager:
             # Eager mode runs the body right here: what it raises is the body's outcome, not a publishing failure.
@@ -364,17 +373,16 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             return
         if due is None or options.get("eta") is not None:  # an ETA is counted from now, after the create
             due = due_in(options.get("eta"), options.get("countdown"))
-        started = time.monotonic()
         try:
             self.apply_async(args, kwargs, task_id=op.id, headers=headers, **options)
         except Exception as exc:
-            if abandon_on_failure and time.monotonic() - started > ACCEPT_WINDOW - _ABANDON_MARGIN:
-                # The publish outlasted ACCEPT_WINDOW: a duplicate may have found the record unpublished since, and
-                # be publishing it now (its "published" mark not landed yet), its client answered with this id. Left
-                # pending and flagged for that duplicate, the client's retry, or recovery.
+            if abandon_by is not None and time.monotonic() >= abandon_by:
+                # Past ACCEPT_WINDOW since the creation: a duplicate may have found the record unpublished since,
+                # and be publishing it now (its "published" mark not landed yet), its client answered with this id.
+                # Left pending and flagged for that duplicate, the client's retry, or recovery.
                 logger.warning("idemtasks: operation %s kept after its publish failed late: a duplicate may have "
                                "published it meanwhile", op.id)
-            elif abandon_on_failure:
+            elif abandon_by is not None:
                 try:
                     self.store.abandon(op)
                 except IdemtasksError as cleanup_exc:

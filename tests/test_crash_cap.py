@@ -9,6 +9,7 @@ outages waited out are not crashes. The real-worker version (a hard time limit i
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 import uuid
 from collections import Counter
@@ -319,3 +320,39 @@ def test_a_give_back_the_store_cannot_take_yet_is_sent_again_and_is_no_crash(tmp
     finally:
         store.close()
         server.stop()
+
+
+@pytest.mark.parametrize("how", ["as raised", "wrapped with from", "raised while handling it"])
+def test_what_a_cold_shutdowns_handler_raises_in_a_body_is_the_worker_going_away(how: str) -> None:
+    """Celery's cold-shutdown handler runs on the main thread, which in a solo worker is the body's: what it raises
+    there (the pool's refusal to cancel the job) is the worker going away, even if the body wrapped it."""
+    from celery.apps.worker import _shutdown_handler
+    from celery.worker import state
+
+    from idemtasks.execution import _raised_by_cold_shutdown
+
+    def cancel(worker: object) -> None:
+        raise NotImplementedError("solo.TaskPool does not implement kill_job")
+
+    before, flag = signal.getsignal(signal.SIGQUIT), state.should_terminate
+    # Celery's own handler, as it installs it for SIGQUIT (EX_FAILURE)
+    _shutdown_handler(object(), sig="SIGQUIT", how="Cold", callback=cancel, exitcode=1, verbose=False)
+    handler = signal.getsignal(signal.SIGQUIT)
+    assert callable(handler)
+    try:
+        try:
+            try:
+                handler(signal.SIGQUIT, None)  # as the signal would, in the body's frame
+            except NotImplementedError as exc:
+                if how == "as raised":
+                    raise
+                if how == "wrapped with from":
+                    raise RuntimeError("charge interrupted") from exc
+                raise RuntimeError("charge interrupted")  # noqa: B904 - the implicit context, on purpose
+        except Exception as exc:
+            assert _raised_by_cold_shutdown(exc)
+        # A body's own failure meanwhile (a threads pool's bodies run on) is its own.
+        assert not _raised_by_cold_shutdown(ValueError("declined"))
+    finally:
+        signal.signal(signal.SIGQUIT, before)
+        state.should_terminate = flag

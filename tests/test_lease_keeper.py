@@ -205,3 +205,29 @@ def test_records_of_one_store_that_answer_are_renewed_beside_those_that_do_not()
     finally:
         for hold in holds:
             keeper.release(hold)
+
+
+class Refusing(MemoryStore):
+    """A store that refuses every renewal at once, as a server whose port is closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
+        self.asked += 1
+        raise StoreUnavailable("connection refused")
+
+
+def test_a_store_that_refuses_at_once_is_asked_once_per_retry_interval_not_for_every_hold() -> None:
+    store, keeper = Refusing(), LeaseKeeper()
+    holds = [keeper.hold(store, op, op.fencing_token, lease=3.0, ttl=60.0)
+             for op in (store.claim("s", f"k{i}", "t", "fp", owner=f"k{i}", lease=3.0, ttl=60.0).operation
+                        for i in range(20))]
+    try:
+        time.sleep(1.0 + 3.0)  # the first renewals are due after a third of the lease; then 3 s of refusals
+        # One call per retry interval (0.3 s here), give or take the first pass: not 20 holds' worth each time.
+        assert 5 <= store.asked <= 16, store.asked
+    finally:
+        for hold in holds:
+            keeper.release(hold)

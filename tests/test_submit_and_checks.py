@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -14,6 +17,7 @@ from idemtasks import IdempotentTask, PublishFailed, Status
 from idemtasks import task as task_module
 from idemtasks.checks import check_settings
 from idemtasks.stores.base import Store
+from tests.conftest import drop, make_store
 from tests.test_bad_input import free_port
 
 
@@ -66,6 +70,28 @@ def test_a_publish_that_fails_after_the_accept_window_keeps_its_record(server_st
             hung.submit((5,), key="k-late")
     kept = server_store.get_by_id(info.value.operation_id)
     assert kept is not None and kept.status is Status.PENDING and kept.needs_publish
+
+
+def test_a_publish_that_fails_at_once_after_a_late_creation_keeps_its_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window runs from the creation, not from the publish: a creation whose answer came late (here, waiting
+    for another writer's lock) leaves a duplicate as long to find the record past ACCEPT_WINDOW and publish it."""
+    monkeypatch.setattr(task_module, "ACCEPT_WINDOW", 4.5)  # the window less the margin: 3.5 s
+    store = make_store("sqlite", tmp_path)
+    path = str(store.engine.url.database)  # type: ignore[attr-defined]
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # another process's write, holding the lock for 4 s
+    threading.Timer(4.0, writer.commit).start()
+    try:
+        # Refused: the publish fails within about 2 s (under the 3.5 s), but 4 s or more after the creation began.
+        _, down = app_with(f"redis://127.0.0.1:{free_port()}/0", store)
+        with pytest.raises(PublishFailed) as info:
+            down.submit((5,), key="k-slow-create")
+        kept = store.get_by_id(info.value.operation_id)
+        assert kept is not None and kept.status is Status.PENDING and kept.needs_publish
+    finally:
+        writer.close()
+        drop(store)
 
 
 def test_repeat_submit_publishes_nothing(server_store: Store) -> None:

@@ -17,10 +17,14 @@ logger = logging.getLogger(__name__)
 
 @signals.worker_init.connect(weak=False)
 def _create_ledger(**_: Any) -> None:
-    # As the worker starts, outside any charge's transaction (see ledger.ensure_table).
+    # An embedded SQLite ledger's table is made as the worker starts, outside any charge's transaction (see
+    # ledger.ensure_table): a file, which cannot keep the start waiting as a database server that does not answer
+    # would. A server's table is made by the first charge.
+    if not settings.DATABASE_URL.startswith("sqlite"):
+        return
     try:
-        ledger.engine()
-    except Exception:  # the database is away: the first charge creates the table through its own transaction
+        ledger.engine().dispose()  # the table made; the pool children open connections of their own
+    except Exception:
         logger.warning("the ledger's table could not be made as the worker started", exc_info=True)
 
 
