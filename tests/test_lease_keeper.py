@@ -207,15 +207,11 @@ def test_records_of_one_store_that_answer_are_renewed_beside_those_that_do_not()
             keeper.release(hold)
 
 
-class Refusing(MemoryStore):
-    """A store that refuses every renewal at once, as a server whose port is closed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked = 0
+class Refusing(FaultyRenewals):
+    """A store that refuses every renewal at once, as a server whose port is closed (counted in ``renewals``)."""
 
     def _renew(self, digest: str, operation_id: str, token: int, lease: float, ttl: float) -> bool:
-        self.asked += 1
+        self.renewals += 1
         raise StoreUnavailable("connection refused")
 
 
@@ -227,7 +223,7 @@ def test_a_store_that_refuses_at_once_is_asked_once_per_retry_interval_not_for_e
     try:
         time.sleep(1.0 + 3.0)  # the first renewals are due after a third of the lease; then 3 s of refusals
         # One call per retry interval (0.3 s here), give or take the first pass: not 20 holds' worth each time.
-        assert 5 <= store.asked <= 16, store.asked
+        assert 5 <= store.renewals <= 16, store.renewals
     finally:
         for hold in holds:
             keeper.release(hold)
