@@ -456,9 +456,13 @@ def _raised_by_cold_shutdown(exc: BaseException) -> bool:
 
     if state.should_terminate in (None, False):  # set as the handler ends, before its error reaches the body
         return False
+    # The body may have wrapped it: raise ... from, raised while handling it, or gathered it in an exception group.
     seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:  # the body may have wrapped it (raise ... from, or within)
+    pending: list[BaseException] = [exc]
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
         seen.add(id(error))
         tb = error.__traceback__
         while tb is not None:
@@ -466,7 +470,10 @@ def _raised_by_cold_shutdown(exc: BaseException) -> bool:
             if frame.f_code.co_name == "_handle_request" and frame.f_globals.get("__name__") == "celery.apps.worker":
                 return True
             tb = tb.tb_next
-        error = error.__cause__ or error.__context__
+        pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+        members = getattr(error, "exceptions", ())  # an exception group's
+        if isinstance(members, (list, tuple)):
+            pending.extend(e for e in members if isinstance(e, BaseException))
     return False
 
 

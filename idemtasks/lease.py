@@ -108,7 +108,7 @@ class LeaseKeeper:
         # One thread renews every hold in turn, and a store that does not answer costs each of its holds
         # RENEW_TIMEOUT: asked for all of them, it would hold the renewals of the healthy stores' holds behind it,
         # whose leases then lapse (16 such holds make a pass 8 s long). So a store whose renewal failed as
-        # unavailable is not asked again until that hold's retry interval, counted from the failed call, is over:
+        # unavailable is not asked again until a retry interval, counted from the failed call, is over:
         # its other holds stay due, and it is asked then for the longest overdue of them. A store failing for some
         # records only (a cluster with a node down) still has its other holds renewed, one failure per interval at
         # most; and one that fails at once is not asked for every hold, over and over.
@@ -119,6 +119,11 @@ class LeaseKeeper:
                 resting = {store: until for store, until in resting.items() if until > now}
                 due = sorted((h for h in self._holds if max(h.due, resting.get(id(h.store), 0.0)) <= now),
                              key=lambda h: h.due)
+                # A store rests no longer than the shortest retry interval among its holds: one with a short lease
+                # would lapse behind a long lease's longer interval.
+                interval: dict[int, float] = {}
+                for h in self._holds:
+                    interval[id(h.store)] = min(interval.get(id(h.store), RENEW_RETRY_MAX), _retry_interval(h.lease))
                 if not due:
                     self._wake_at = min((max(h.due, resting.get(id(h.store), 0.0)) for h in self._holds),
                                         default=now + 3600.0)
@@ -130,7 +135,7 @@ class LeaseKeeper:
                 asked = time.monotonic()
                 if not self._renew(h):
                     # From when it was asked: a store that timed out has rested already, one that failed at once not.
-                    resting[id(h.store)] = asked + _retry_interval(h.lease)
+                    resting[id(h.store)] = asked + interval.get(id(h.store), _retry_interval(h.lease))
 
     def _renew(self, h: Hold) -> bool:
         """Renew (or finish) ``h``; False if its store did not answer."""

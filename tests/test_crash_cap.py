@@ -8,6 +8,7 @@ outages waited out are not crashes. The real-worker version (a hard time limit i
 
 from __future__ import annotations
 
+import builtins
 import shutil
 import signal
 import time
@@ -322,7 +323,7 @@ def test_a_give_back_the_store_cannot_take_yet_is_sent_again_and_is_no_crash(tmp
         server.stop()
 
 
-@pytest.mark.parametrize("how", ["as raised", "wrapped with from", "raised while handling it"])
+@pytest.mark.parametrize("how", ["as raised", "wrapped with from", "raised while handling it", "in a group"])
 def test_what_a_cold_shutdowns_handler_raises_in_a_body_is_the_worker_going_away(how: str) -> None:
     """Celery's cold-shutdown handler runs on the main thread, which in a solo worker is the body's: what it raises
     there (the pool's refusal to cancel the job) is the worker going away, even if the body wrapped it."""
@@ -334,6 +335,9 @@ def test_what_a_cold_shutdowns_handler_raises_in_a_body_is_the_worker_going_away
     def cancel(worker: object) -> None:
         raise NotImplementedError("solo.TaskPool does not implement kill_job")
 
+    group_of = getattr(builtins, "ExceptionGroup", None)
+    if how == "in a group" and group_of is None:
+        pytest.skip("exception groups came with Python 3.11")
     before, flag = signal.getsignal(signal.SIGQUIT), state.should_terminate
     # Celery's own handler, as it installs it for SIGQUIT (EX_FAILURE)
     _shutdown_handler(object(), sig="SIGQUIT", how="Cold", callback=cancel, exitcode=1, verbose=False)
@@ -348,7 +352,12 @@ def test_what_a_cold_shutdowns_handler_raises_in_a_body_is_the_worker_going_away
                     raise
                 if how == "wrapped with from":
                     raise RuntimeError("charge interrupted") from exc
-                raise RuntimeError("charge interrupted")  # noqa: B904 - the implicit context, on purpose
+                if how == "in a group":
+                    caught = exc
+                else:
+                    raise RuntimeError("charge interrupted")  # noqa: B904 - the implicit context, on purpose
+            # As asyncio.TaskGroup gathers its tasks' errors, once out of their handlers: no cause, no context.
+            raise group_of("charge interrupted", [caught])
         except Exception as exc:
             assert _raised_by_cold_shutdown(exc)
         # A body's own failure meanwhile (a threads pool's bodies run on) is its own.

@@ -227,3 +227,25 @@ def test_a_store_that_refuses_at_once_is_asked_once_per_retry_interval_not_for_e
     finally:
         for hold in holds:
             keeper.release(hold)
+
+
+def test_a_short_lease_is_renewed_in_time_beside_a_failing_long_one_on_the_same_store() -> None:
+    """A store rests after a failed renewal for the shortest retry interval among its holds: resting for a 30 s
+    lease's (a second), a 0.9 s lease on the same store lapsed between its renewals."""
+    store, keeper = NodeDown(), LeaseKeeper()
+    failing = store.claim("s", "down", "t", "fp", owner="down", lease=30.0, ttl=60.0).operation
+    short = store.claim("s", "up", "t", "fp", owner="up", lease=0.9, ttl=60.0).operation
+    store.down = {"down"}
+    holds = [keeper.hold(store, failing, failing.fencing_token, lease=30.0, ttl=60.0),
+             keeper.hold(store, short, short.fencing_token, lease=0.9, ttl=60.0)]
+    with keeper._cond:  # the failing one due now, not in 10 s
+        holds[0].due = time.monotonic()
+        keeper._cond.notify()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 5.0:
+            assert _lease_left(store, "up") > 0, "the short lease lapsed"
+            time.sleep(0.02)
+    finally:
+        for hold in holds:
+            keeper.release(hold)
