@@ -611,7 +611,8 @@ def _wait_for_database(task: Any, attempt: Attempt, exc: BaseException) -> NoRet
     """The transaction's database is out of reach: give the operation back (not a crash) and have this message come
     back later, as for the store's own outages."""
     attempt.release_quietly()
-    _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"))
+    _come_back_later(task, StoreUnavailable(f"transaction database unavailable: {exc}"),
+                     what="the transaction's database")
 
 
 def _database_outage(exc: BaseException) -> bool:
@@ -808,7 +809,7 @@ def _finish_carried(task: Any, store: Store, scope: str, key: str, carried: dict
 
 
 def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] | None = None,
-                     request: Any = None, in_delivery: bool = True) -> NoReturn:
+                     request: Any = None, in_delivery: bool = True, what: str | None = None) -> NoReturn:
     """The store is unreachable or failed: never run the body unclaimed; publish this message again with back-off."""
     request = request or task.request
     if request.is_eager:
@@ -817,9 +818,11 @@ def _come_back_later(task: Any, exc: IdemtasksError, *, finish: dict[str, Any] |
     countdown = min(float(task.store_retry_max_delay), 0.5 * 2.0 ** outages)
     # A store that refuses (a missing table, a permission) is waited out like an outage: its message is never lost,
     # and the log says which of the two it was.
-    logger.error("idemtasks: store %s %s for %s[%s] (%s); the body did not run%s, trying again in %.1fs",
-                 _store_label(task), "unreachable" if isinstance(exc, StoreUnavailable) else "failed", task.name,
-                 request.id, exc, "" if finish is None else " again", countdown)
+    # ``what`` failed: the store by default, or the transaction's database, which the log must not blame on the store
+    how = "unreachable" if isinstance(exc, StoreUnavailable) else "failed"
+    logger.error("idemtasks: %s %s for %s[%s] (%s); the body did not run%s, trying again in %.1fs",
+                 what or f"store {_store_label(task)}", how, task.name, request.id, exc,
+                 "" if finish is None else " again", countdown)
     _republish(task, countdown, request=request, in_delivery=in_delivery, outages=outages, finish=finish)
 
 

@@ -212,6 +212,10 @@ def test_a_transactional_body_whose_database_connection_is_killed_is_retried_not
         assert op.status is Status.SUCCEEDED, op.error  # an outage is ridden out, never stored as a failure
         assert r.runs(key) == 2 and op.attempts == 2
         assert r.ledger_rows(op_id) == 1
+        # The log blames the transaction's database, not the store, which answered throughout.
+        log = r.worker.log.read_text()
+        assert "the transaction's database unreachable" in log and "unreachable for procapp.ledger_charge" in log
+        assert not any("store " in line and "unreachable for" in line for line in log.splitlines())
     finally:
         next(rig, None)
 
