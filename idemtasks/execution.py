@@ -168,6 +168,10 @@ class Attempt:
         self.released = True
         self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed,
                            payload=payload)
+        if self.hold is not None:
+            # Given back: no lease to renew. Left to the keeper until the body returned (a retry's message still
+            # being sent, on a slow broker), a renewal would find the record pending and log a takeover.
+            keeper.release(self.hold)
 
     def release_quietly(self, *, delay: float = 0.0, crashed: bool = False, payload: str | None = None) -> None:
         """:meth:`release`, or if the store cannot take it now, have this process's lease keeper send it again until

@@ -1159,3 +1159,31 @@ def _fp(name: str, args: tuple[Any, ...]) -> str:
     from idemtasks.identity import fingerprint
 
     return fingerprint(name, args, {})
+
+
+def test_a_retry_gives_the_lease_back_to_the_keeper_before_its_message_is_sent() -> None:
+    """Once given back for a retry, the operation has no lease to renew. The keeper used to hold on until the body
+    returned, and while a slow broker took the retry's message, its renewal found the record pending and logged a
+    takeover by another worker that never was."""
+    app = Celery(f"t{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue=app.main, task_acks_late=True)
+    released: list[bool] = []
+
+    @app.task(shared=False, base=IdempotentTask, bind=True, store_url=MemoryStore(), name=f"{app.main}.again",
+              default_retry_delay=0.05)
+    def again(self: IdempotentTask) -> str:
+        attempt = self.request.idemtasks_attempt
+        if self.request.retries == 0:
+            try:
+                self.retry()
+            finally:
+                released.append(attempt.hold.released)  # the retry's message is out by now
+        return "done"
+
+    sub = again.submit((), key="k")
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        deadline = time.monotonic() + 20
+        while (op := again.store.get_by_id(sub.operation.id)) is None or not op.is_final:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert released == [True] and op.status is Status.SUCCEEDED
