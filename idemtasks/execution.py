@@ -166,6 +166,8 @@ class Attempt:
         this process is going away with the body unfinished; ``payload``: the retry's call, stored in place of the
         operation's (see :meth:`Store.release`)."""
         self.released = True
+        if self.hold is not None:
+            self.hold.giving_back = True  # before the store takes it: a renewal refused from then on is no takeover
         self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed,
                            payload=payload)
         if self.hold is not None:
@@ -475,7 +477,10 @@ def _raised_by_cold_shutdown(exc: BaseException) -> bool:
                 return True
             tb = tb.tb_next
         pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
-        members = getattr(error, "exceptions", ())  # an exception group's
+        try:
+            members = getattr(error, "exceptions", ())  # an exception group's
+        except Exception:  # a property of some exception class's own that raises: not a group
+            members = ()
         if isinstance(members, (list, tuple)):
             pending.extend(e for e in members if isinstance(e, BaseException))
     return False

@@ -50,6 +50,13 @@ class Hold:
     warned: bool = field(default=False, repr=False)
     #: What ``finish`` stores, for the log: the outcome, or a give-back (a release).
     what: str = field(default="outcome", repr=False)
+    #: Set by the holder as it gives the operation back: a renewal refused from then on is its own doing, not a
+    #: takeover (the give-back may land before the hold is released, or, through an outage, much later).
+    giving_back: bool = field(default=False, repr=False)
+    #: When the lease was last granted (monotonic): it runs out a lease later, whatever ``due`` says.
+    granted: float = field(default_factory=time.monotonic, repr=False)
+    #: Its last renewal failed: it goes after the others (see LeaseKeeper._loop).
+    failing: bool = field(default=False, repr=False)
 
 
 class LeaseKeeper:
@@ -108,8 +115,8 @@ class LeaseKeeper:
         # One thread renews every hold in turn, and a store that does not answer costs each of its holds
         # RENEW_TIMEOUT: asked for all of them, it would hold the renewals of the healthy stores' holds behind it,
         # whose leases then lapse (16 such holds make a pass 8 s long). So a store whose renewal failed as
-        # unavailable is not asked again until a retry interval, counted from the failed call, is over:
-        # its other holds stay due, and it is asked then for the longest overdue of them. A store failing for some
+        # unavailable is not asked again until a retry interval, counted from the failed call, is over: its other
+        # holds stay due, and it is asked then for the one whose lease runs out first. A store failing for some
         # records only (a cluster with a node down) still has its other holds renewed, one failure per interval at
         # most; and one that fails at once is not asked for every hold, over and over.
         resting: dict[int, float] = {}  # id(store) -> monotonic time it is asked again
@@ -117,8 +124,11 @@ class LeaseKeeper:
             with self._cond:
                 now = time.monotonic()
                 resting = {store: until for store, until in resting.items() if until > now}
+                # The holds whose last renewal went through come first, the lease that runs out first first: a short
+                # one is not kept waiting behind long ones whose store keeps failing (each failure costs up to
+                # RENEW_TIMEOUT), nor passed over again.
                 due = sorted((h for h in self._holds if max(h.due, resting.get(id(h.store), 0.0)) <= now),
-                             key=lambda h: h.due)
+                             key=lambda h: (h.failing, h.granted + h.lease))
                 # A store rests no longer than the shortest retry interval among its holds: one with a short lease
                 # would lapse behind a long lease's longer interval.
                 interval: dict[int, float] = {}
@@ -152,15 +162,17 @@ class LeaseKeeper:
             log = logger.warning if isinstance(exc, IdemtasksError) else logger.exception
             log("idemtasks: could not renew the lease of operation %s: %s", h.operation.id, exc)
             h.due = time.monotonic() + _retry_interval(h.lease)
+            h.failing = True
             return not isinstance(exc, StoreUnavailable)
         # Refused: taken over, or the holder's own completion landed just before its thread released the hold (a
         # race, not a loss). Tell them apart before an error log says "taken over".
-        finished = not ok and _finished_by(h)
+        finished = not ok and (h.giving_back or _finished_by(h))
         with self._cond:
             if h.released:
                 return True
             if ok:
-                h.due = time.monotonic() + h.lease / 3
+                h.granted, h.failing = time.monotonic(), False
+                h.due = h.granted + h.lease / 3
             elif finished:
                 self._holds.discard(h)
             else:

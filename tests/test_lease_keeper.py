@@ -229,17 +229,20 @@ def test_a_store_that_refuses_at_once_is_asked_once_per_retry_interval_not_for_e
             keeper.release(hold)
 
 
-def test_a_short_lease_is_renewed_in_time_beside_a_failing_long_one_on_the_same_store() -> None:
-    """A store rests after a failed renewal for the shortest retry interval among its holds: resting for a 30 s
-    lease's (a second), a 0.9 s lease on the same store lapsed between its renewals."""
+def test_a_short_lease_is_renewed_in_time_beside_failing_long_ones_on_the_same_store() -> None:
+    """A store rests after a failed renewal for the shortest retry interval among its holds, and the lease that runs
+    out first is renewed first: resting for a 30 s lease's interval (a second), or queued behind four overdue 30 s
+    leases whose renewals each waited half a second, a 0.9 s lease on the same store lapsed."""
     store, keeper = NodeDown(), LeaseKeeper()
-    failing = store.claim("s", "down", "t", "fp", owner="down", lease=30.0, ttl=60.0).operation
+    failing = [store.claim("s", f"down{i}", "t", "fp", owner=f"down{i}", lease=30.0, ttl=60.0).operation
+               for i in range(4)]
     short = store.claim("s", "up", "t", "fp", owner="up", lease=0.9, ttl=60.0).operation
-    store.down = {"down"}
-    holds = [keeper.hold(store, failing, failing.fencing_token, lease=30.0, ttl=60.0),
+    store.down = {op.key for op in failing}
+    holds = [*(keeper.hold(store, op, op.fencing_token, lease=30.0, ttl=60.0) for op in failing),
              keeper.hold(store, short, short.fencing_token, lease=0.9, ttl=60.0)]
-    with keeper._cond:  # the failing one due now, not in 10 s
-        holds[0].due = time.monotonic()
+    with keeper._cond:  # the failing ones due now, not in 10 s
+        for hold in holds[:-1]:
+            hold.due = time.monotonic()
         keeper._cond.notify()
     try:
         started = time.monotonic()
@@ -249,3 +252,17 @@ def test_a_short_lease_is_renewed_in_time_beside_a_failing_long_one_on_the_same_
     finally:
         for hold in holds:
             keeper.release(hold)
+
+
+def test_a_renewal_refused_once_the_holder_gives_the_operation_back_is_no_takeover(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The holder gives the operation back (a retry) and the keeper renews before it hears of it, or the give-back
+    lands long after, through an outage: the refusal is the holder's own doing, not another worker's takeover."""
+    store, keeper = MemoryStore(), LeaseKeeper()
+    op = _claimed(store, "k")
+    hold = keeper.hold(store, op, op.fencing_token, lease=LEASE, ttl=60.0)
+    hold.giving_back = True  # as Attempt.release marks it, before the store takes the give-back
+    store.release(op, op.fencing_token, ttl=60.0, delay=5.0)
+    time.sleep(3 * LEASE)  # renewals come due, and are refused: the record is pending
+    assert not hold.lost and "taken over" not in caplog.text
+    keeper.release(hold)
