@@ -168,8 +168,13 @@ class Attempt:
         self.released = True
         if self.hold is not None:
             self.hold.giving_back = True  # before the store takes it: a renewal refused from then on is no takeover
-        self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed,
-                           payload=payload)
+        try:
+            self.store.release(self.operation, self.fencing_token, ttl=self.ttl, delay=delay, crashed=crashed,
+                               payload=payload)
+        except LeaseLost:
+            if self.hold is not None:
+                self.hold.giving_back = False  # refused: taken over, which a refused renewal then rightly reports
+            raise
         if self.hold is not None:
             # Given back: no lease to renew. Left to the keeper until the body returned (a retry's message still
             # being sent, on a slow broker), a renewal would find the record pending and log a takeover.

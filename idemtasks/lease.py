@@ -202,6 +202,7 @@ class LeaseKeeper:
                                    _retry_interval(h.lease))
                     h.warned = True
                 h.due = time.monotonic() + _retry_interval(h.lease)
+                h.failing = True  # after the holds that renew (see _loop)
                 return not isinstance(exc, StoreUnavailable)
             logger.error("idemtasks: gave up storing the %s of operation %s: its record has expired", h.what,
                          h.operation.id)

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from idemtasks.errors import StoreUnavailable
+from idemtasks.errors import LeaseLost, StoreUnavailable
 from idemtasks.lease import RENEW_RETRY_MAX, Hold, LeaseKeeper
 from idemtasks.models import Operation
 from idemtasks.recovery import MIN_CONFIRM_AFTER
@@ -266,3 +266,50 @@ def test_a_renewal_refused_once_the_holder_gives_the_operation_back_is_no_takeov
     time.sleep(3 * LEASE)  # renewals come due, and are refused: the record is pending
     assert not hold.lost and "taken over" not in caplog.text
     keeper.release(hold)
+
+
+def test_a_give_back_refused_as_taken_over_leaves_the_takeover_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """The holder's give-back is refused (another worker took the operation over): the renewals refused from then on
+    are that takeover, not the holder's own give-back, and say so."""
+    from idemtasks.execution import Attempt
+
+    store, keeper = MemoryStore(), LeaseKeeper()
+    op = _claimed(store, "k")
+    time.sleep(LEASE + 0.1)  # the lease lapses (no keeper yet), and another worker takes the operation over
+    store.claim("s", "k", "t", "fp", owner="other", lease=30.0, ttl=60.0, grace=0.0)
+    taken = store.claim("s", "k", "t", "fp", owner="other", lease=30.0, ttl=60.0, grace=0.0).operation
+    assert taken.fencing_token == op.fencing_token + 1
+    hold = keeper.hold(store, op, op.fencing_token, lease=LEASE, ttl=60.0)
+    attempt = Attempt(store, op, ttl=60.0, hold=hold, lease=LEASE)
+    with pytest.raises(LeaseLost):
+        attempt.release(delay=5.0)
+    time.sleep(3 * LEASE)  # its renewals come due, and are refused
+    assert hold.lost and "taken over by another worker" in caplog.text
+    keeper.release(hold)
+
+
+def test_a_short_lease_is_renewed_in_time_beside_give_backs_waiting_for_stores_that_are_down() -> None:
+    """A completion or give-back that waits for its store goes after the holds that renew, as a failing renewal
+    does: its lease was granted long ago, and by that time alone it came first, every round."""
+    healthy, keeper = MemoryStore(), LeaseKeeper()
+
+    def down() -> None:
+        time.sleep(0.5)
+        raise StoreUnavailable("the store is down")
+
+    waiting = []
+    for i in range(2):
+        store = MemoryStore()
+        op = _claimed(store, f"w{i}")
+        waiting.append(keeper.keep_finishing(store, op, op.fencing_token, down, lease=1.0, ttl=60.0))
+    short = healthy.claim("s", "up", "t", "fp", owner="up", lease=0.9, ttl=60.0).operation
+    hold = keeper.hold(healthy, short, short.fencing_token, lease=0.9, ttl=60.0)
+    try:
+        time.sleep(1.5)  # the first round, in which the give-backs have not failed yet
+        started = time.monotonic()
+        while time.monotonic() - started < 4.0:
+            assert _lease_left(healthy, "up") > 0, "the short lease lapsed"
+            time.sleep(0.02)
+    finally:
+        for h in [*waiting, hold]:
+            keeper.release(h)
