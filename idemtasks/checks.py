@@ -20,8 +20,6 @@ logger = logging.getLogger("idemtasks.checks")
 #: Brokers that redeliver an unacked message after a visibility timeout, even while the first copy still runs.
 _VISIBILITY_BROKERS = ("redis", "rediss", "sqs", "sentinel")
 _DEFAULT_VISIBILITY = 3600.0
-#: Store URL schemes whose servers have settings of their own to check (see Store.server_warnings).
-_SERVERS_THAT_TELL = ("redis", "rediss", "unix")
 _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
@@ -91,7 +89,7 @@ def check_settings(app: Any) -> list[str]:
 def check_stores(app: Any) -> list[str]:
     """Return one warning per setting of a store's server that undermines exactly-once delivery (a Redis that evicts
     keys). A store that cannot be opened now is left out: the worker reports it as it uses it."""
-    from .stores import url_scheme
+    from .stores import REDIS_SCHEMES, url_scheme
     from .task import IdempotentTask
 
     warnings: list[str] = []
@@ -102,8 +100,8 @@ def check_stores(app: Any) -> list[str]:
         try:
             task._settled()
             url = task.store_url
-            if isinstance(url, str) and url_scheme(url) not in _SERVERS_THAT_TELL:
-                continue  # not opened in the worker's parent only to learn nothing
+            if isinstance(url, str) and url_scheme(url) not in REDIS_SCHEMES:
+                continue  # only Redis servers have settings to check: others are not opened in the parent for nothing
             store = task.store
         except Exception:  # down, or its driver missing here: not this check's to report
             continue

@@ -35,7 +35,7 @@ def import_before_forking(app: Any) -> None:
     import codecs
     import importlib
 
-    from .stores import SQL_SCHEMES, url_scheme
+    from .stores import REDIS_SCHEMES, SQL_SCHEMES, url_scheme
     from .task import IdempotentTask
 
     with contextlib.suppress(ImportError):  # SQLAlchemy is not installed: no ledger, nothing of it to import
@@ -50,7 +50,7 @@ def import_before_forking(app: Any) -> None:
             # What is not installed here is reported where it is used, as before.
             with contextlib.suppress(Exception):
                 scheme = url_scheme(url)
-                if scheme in ("redis", "rediss", "unix"):
+                if scheme in REDIS_SCHEMES:
                     importlib.import_module(f"{__package__}.stores.redis")
                 elif scheme in SQL_SCHEMES:
                     _import_sql(url)

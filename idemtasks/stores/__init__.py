@@ -19,10 +19,12 @@ from ..errors import ConfigurationError
 from ..forks import fresh_in_child
 from .base import Store
 
-__all__ = ["SQL_SCHEMES", "Store", "open_store", "public_url", "shared_store", "url_scheme"]
+__all__ = ["REDIS_SCHEMES", "SQL_SCHEMES", "Store", "open_store", "public_url", "shared_store", "url_scheme"]
 
 #: URL schemes (before any "+driver") that open a SQL store.
 SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
+#: URL schemes that open a Redis store.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def url_scheme(url: str) -> str:
@@ -36,7 +38,7 @@ def open_store(url: str, **options: Any) -> Store:
         raise ConfigurationError(f"store URL {url!r} is not a URL (expected e.g. redis://, postgresql+psycopg://, "
                                  "sqlite:///, mysql+pymysql://, memory://)")
     scheme = url_scheme(url)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in REDIS_SCHEMES:
         from .redis import RedisStore
 
         return RedisStore(url, **options)
