@@ -129,11 +129,6 @@ class LeaseKeeper:
                 # RENEW_TIMEOUT), nor passed over again.
                 due = sorted((h for h in self._holds if max(h.due, resting.get(id(h.store), 0.0)) <= now),
                              key=lambda h: (h.failing, h.granted + h.lease))
-                # A store rests no longer than the shortest retry interval among its holds: one with a short lease
-                # would lapse behind a long lease's longer interval.
-                interval: dict[int, float] = {}
-                for h in self._holds:
-                    interval[id(h.store)] = min(interval.get(id(h.store), RENEW_RETRY_MAX), _retry_interval(h.lease))
                 if not due:
                     self._wake_at = min((max(h.due, resting.get(id(h.store), 0.0)) for h in self._holds),
                                         default=now + 3600.0)
@@ -145,7 +140,14 @@ class LeaseKeeper:
                 asked = time.monotonic()
                 if not self._renew(h):
                     # From when it was asked: a store that timed out has rested already, one that failed at once not.
-                    resting[id(h.store)] = asked + interval.get(id(h.store), _retry_interval(h.lease))
+                    resting[id(h.store)] = asked + self._rest_of(h)
+
+    def _rest_of(self, failed: Hold) -> float:
+        """How long the store of ``failed`` rests: the shortest retry interval among its holds, so that one with a
+        short lease does not lapse behind a long lease's longer interval. Worked out on a failure only."""
+        with self._cond:
+            return min((_retry_interval(h.lease) for h in self._holds if h.store is failed.store),
+                       default=_retry_interval(failed.lease))
 
     def _renew(self, h: Hold) -> bool:
         """Renew (or finish) ``h``; False if its store did not answer."""
