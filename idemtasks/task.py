@@ -329,8 +329,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         another payload raises :class:`~idemtasks.errors.IdempotencyKeyMismatch`. ``fingerprint`` replaces the
         hash of the arguments when something else defines "the same request" (the HTTP layer hashes the request).
         ``options`` go to ``apply_async`` (queue, countdown, …). If publishing fails, the new record is removed
-        and :class:`~idemtasks.errors.PublishFailed` is raised, so submitting again starts afresh (unless the publish
-        outlasted ACCEPT_WINDOW: a duplicate may have published the record since, and it is kept).
+        and :class:`~idemtasks.errors.PublishFailed` is raised, so submitting again starts afresh (unless it failed
+        ACCEPT_WINDOW or more after the creation began: a duplicate may have published the record since, and it is
+        kept).
 
         With a ``countdown`` or ``eta`` the record lives ``idempotency_ttl`` beyond the time the message is due, and
         recovery waits ``idemtasks_pending_after`` from that time before it presumes the message lost.
