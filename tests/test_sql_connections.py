@@ -171,6 +171,42 @@ def test_mariadb_idle_connections_are_pinged_too() -> None:
         store.close()
 
 
+def test_racing_creations_on_an_applications_repeatable_read_engine_are_replays_not_errors() -> None:
+    """An application's own engine may run at MariaDB's default level, REPEATABLE READ, where the locking read of an
+    absent key takes a gap lock and racing creations of that key deadlock. Such double clicks are replays all the
+    same: the store's statements run at READ COMMITTED, and the application's connections keep their own level."""
+    require("mysql")
+    threads = 16
+    engine = sa.create_engine(MYSQL_URL, isolation_level="REPEATABLE READ", pool_size=threads)
+    store = SQLStore(MYSQL_URL, engine=engine, table=f"idemtasks_rr_{uuid.uuid4().hex[:10]}")
+    errors: list[BaseException] = []
+
+    def racer(key: str, barrier: threading.Barrier, created: list[bool]) -> None:
+        barrier.wait()
+        try:
+            created.append(store.create("s", key, "t", "f" * 32, ttl=60).created)
+        except Exception as exc:  # counted, so that one error does not hide the others
+            errors.append(exc)
+
+    try:
+        for i in range(30):
+            created: list[bool] = []
+            barrier = threading.Barrier(threads)
+            workers = [threading.Thread(target=racer, args=(f"k{i}", barrier, created)) for _ in range(threads)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            assert created.count(True) == 1
+        assert errors == []
+        with engine.connect() as conn:
+            assert conn.get_isolation_level() == "REPEATABLE READ"
+    finally:
+        store.table.drop(engine, checkfirst=True)
+        store.close()
+        engine.dispose()
+
+
 @pytest.mark.parametrize(("threshold", "prepared"), [(5, 1), (None, 0)])
 def test_a_lane_prepares_its_statements_unless_the_connection_says_not_to(threshold: int | None,
                                                                           prepared: int) -> None:

@@ -122,8 +122,14 @@ class SQLStore(Store):
         self.url = public_url(engine.url.render_as_string(hide_password=True))
         self.table = operations_table(sa.MetaData(), table)
         self.dialect = engine.dialect.name
+        #: What the store's own transactions go through: the engine, or on MariaDB/MySQL a view of an application's
+        #: engine at READ COMMITTED. At its default, REPEATABLE READ, a locking read of an absent key takes a gap lock,
+        #: and racing creations of one key deadlock round after round instead of colliding. The view shares the pool;
+        #: it sets the level as it takes a connection and puts the application's back as it returns it.
+        self._transactional = (engine.execution_options(isolation_level="READ COMMITTED")
+                               if self.dialect in ("mysql", "mariadb") and not self.owns_engine else engine)
         self._autocommit = (engine.execution_options(isolation_level="AUTOCOMMIT")
-                            if self.dialect == "postgresql" else engine)
+                            if self.dialect == "postgresql" else self._transactional)
         self.sql = Statements(self.table, self.dialect)
         # A StaticPool (sqlite :memory:) hands every thread the same connection, hence the same transaction: one
         # thread's commit, or the pool's rollback on return, would land in the middle of another's primitive.
@@ -191,7 +197,7 @@ class SQLStore(Store):
     def _tx(self, *, retry: bool = False, single: bool = True) -> Iterator[sa.Connection]:
         """One short transaction, committed on exit. A ``single`` statement on PostgreSQL runs in autocommit: it is
         atomic on its own, and skipping BEGIN and COMMIT saves two network round trips per state change."""
-        engine = self._autocommit if single else self.engine
+        engine = self._autocommit if single else self._transactional
         with self._guarded(retry=retry), self._serial, engine.begin() as conn:
             if given_up_here():  # a bounded call given up while it found this connection: it goes back unused
                 raise StoreUnavailable(f"SQL store {self.url}: a call given up before its statement")
