@@ -14,6 +14,7 @@ the commit and the publish, the operation is pending with its call stored, and r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,28 +23,38 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .config import DEFAULT_TTL
 from .errors import ConfigurationError, IdempotencyKeyMismatch, StoreUnavailable
-from .identity import fingerprint_of_call, key_digest, new_operation_id, validate_key, validate_scope
-from .models import Operation
+from .identity import fingerprint_of_call, key_digest, new_operation_id, stored_call, validate_key, validate_scope
+from .models import Operation, Status
 from .stores import SQL_SCHEMES, Store, public_url, url_scheme
 from .stores.base import CreateRequest, decide_create
 from .stores.sql import _MYSQL_DUPLICATE_KEY, _PG_UNIQUE_VIOLATION, DEFAULT_TABLE, SQLStore, _mysql_code, _pg_code
+from .task import first_deadline, with_deadline
 
 __all__ = ["Outbox", "Staged"]
+
+#: Rounds of stage for one key whose record changes under it (removed by its creator, published, or claimed).
+_ATTEMPTS = 3
 
 
 @dataclass
 class Staged:
-    """An operation recorded in a transaction; :meth:`publish` sends its message once that transaction committed."""
+    """An operation recorded in a transaction; :meth:`publish` sends its message once that transaction committed.
+
+    ``adopted``: the operation was another caller's, created and not yet published (a ``submit`` still publishing,
+    or one that died first); this transaction took the publishing over, and :meth:`publish` sends it too."""
 
     operation: Operation
     created: bool
     task: Any
     args: Any
     kwargs: Any
+    adopted: bool = False
 
     def publish(self) -> None:
-        if self.created:
-            self.task.publish(self.operation, self.args, self.kwargs)
+        if self.created or self.adopted:
+            # With the deadline stored with the operation (the task's own expires, as a time), which recovery's
+            # copies carry as well: not one counted from this publish.
+            self.task.publish(self.operation, self.args, self.kwargs, **first_deadline(self.operation, {}))
 
 
 class Outbox:
@@ -70,19 +81,28 @@ class Outbox:
         call = task.call_of(args, kwargs, self.store)
         digest = key_digest(scope, key)
         try:
-            return self._stage(conn, task, args, kwargs, key, scope, call, digest)
+            for _ in range(_ATTEMPTS):
+                staged = self._stage(conn, task, args, kwargs, key, scope, call, digest)
+                if staged is not None:
+                    return staged
         except SQLAlchemyError as exc:  # the caller's connection: an outage is a 503, a statement's fault a 500
             raise self.store._wrap(exc) from exc
+        raise StoreUnavailable(f"SQL store {self.store.url}: the record of key {key!r} changed under this transaction "
+                               f"{_ATTEMPTS} times in a row; roll back and try again")
 
     def _stage(self, conn: sa.Connection, task: Any, args: Any, kwargs: Any, key: str, scope: str, call: str,
-               digest: str) -> Staged:
+               digest: str) -> Staged | None:
+        """The staged operation, or ``None`` when the record it found changed before it could adopt it: go round."""
         fp = fingerprint_of_call(call)
         t, store = self.store.table, self.store
         now = float(conn.execute(*store.clock_statement()).scalar_one())
+        # The deadline (the task's own expires) as a time, stored with the call as submit stores it: recovery fails
+        # an operation past it rather than run it late, and its copies carry that time, not one counted anew.
+        payload = stored_call(call, with_deadline(task, {}))
         req = CreateRequest(digest, scope, key, task.name, fp, new_operation_id(digest),
-                            float(task.idempotency_ttl or DEFAULT_TTL), call)
+                            float(task.idempotency_ttl or DEFAULT_TTL), payload)
         op, _ = decide_create(None, req, now)
-        values = {**store._row_values(op, digest), "payload": call}
+        values = {**store._row_values(op, digest), "payload": payload}
         try:
             if conn.dialect.name == "sqlite":
                 # No savepoint: a failed statement leaves SQLite's transaction as it was. And an application's own
@@ -124,6 +144,18 @@ class Outbox:
         if existing.fingerprint != fp:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
                                          stored_fingerprint=existing.fingerprint, fingerprint=fp)
+        if existing.status is Status.PENDING and existing.attempts == 0 and existing.needs_publish:
+            # Created and not yet published, by a submit elsewhere that may still be publishing it. Should that publish
+            # fail, the submit removes the record (Store.abandon), while this transaction commits rows that name it.
+            # Adopt it instead: with its flag cleared here, the removal misses it (it waits for this transaction's
+            # row lock, then finds the flag cleared), and this caller publishes after its commit. A second message,
+            # if the first went out after all, is a duplicate delivery: a replay. A rollback puts the flag back.
+            adopted = conn.execute(t.update().where(
+                t.c.key_hash == digest, t.c.id == existing.id, t.c.status == "pending", t.c.attempts == 0,
+                t.c.needs_publish.is_(True)).values(needs_publish=False)).rowcount
+            if adopted != 1:
+                return None  # removed meanwhile (then this call records its own), or published, or claimed: read again
+            return Staged(dataclasses.replace(existing, needs_publish=False), False, task, args, kwargs, adopted=True)
         return Staged(existing, False, task, args, kwargs)
 
 

@@ -220,7 +220,8 @@ class Sweeper:
             # whose message TTL Celery sets from it, before any worker sees it), again at every sweep. Failed as the
             # worker fails a discarded message, under the token read (the requeue kept it).
             try:
-                if fail_unrun(task, store, op, "Expired", "the message expired (expires=) before a copy of it ran"):
+                message = f"the message expired (expires={expires}) before a copy of it ran"
+                if fail_unrun(task, store, op, "Expired", message):
                     report.expired.append(op.id)
             except LeaseLost:
                 pass  # claimed meanwhile, by a message without the deadline: that delivery decides

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.signals import before_task_publish
 
 from idemtasks import (
     ConfigurationError,
@@ -22,11 +26,13 @@ from idemtasks import (
     StoreError,
     StoreUnavailable,
 )
+from idemtasks.identity import fingerprint_of_call, stored_call
 from idemtasks.outbox import Outbox
 from idemtasks.recovery import Sweeper
 from idemtasks.stores.base import Store
 from idemtasks.stores.memory import MemoryStore
 from idemtasks.stores.sql import SQLStore
+from idemtasks.task import stored_deadline, with_deadline
 from tests.conftest import drop, make_store
 
 
@@ -306,3 +312,99 @@ def test_a_repeat_at_repeatable_read_decides_on_the_latest_record_not_its_snapsh
         assert not again.created and again.operation.id == retried.id
         with pytest.raises(IdempotencyKeyMismatch):
             outbox.stage(handler, ship, ("o10",), key="order-o10")
+
+
+def _created_by_a_submit(store: SQLStore, ship: Any, order: str, key: str) -> Any:
+    """The record as a ``submit`` of the same call has left it by the time its publish is under way: created, and
+    flagged unpublished."""
+    call = ship.call_of((order,), None, store)
+    return store.create(SCOPE, key, ship.name, fingerprint_of_call(call), ttl=3600,
+                        payload=stored_call(call, with_deadline(ship, {}))).operation
+
+
+SCOPE = "orders"
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_record_a_submit_is_still_publishing_is_adopted_and_its_failed_publish_cannot_remove_it(
+        sql_store: SQLStore, outcome: str) -> None:
+    """A submit elsewhere created the key's record and is still publishing it when a handler stages the same call
+    and commits rows that name it. Should that publish fail, the submit removes what it created, so that its client's
+    retry starts afresh; not once a committed transaction adopted it: the handler publishes it. A rollback leaves the
+    record to its submit."""
+    app, ship, orders, runs = setup(sql_store)
+    outbox = Outbox(sql_store)
+    submitted = _created_by_a_submit(sql_store, ship, "o12", "order-o12")
+    removal: threading.Thread | None = None
+    with contextlib.suppress(RuntimeError), sql_store.engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o12"))
+        staged = outbox.stage(conn, ship, ("o12",), key="order-o12", scope=SCOPE)
+        assert not staged.created and staged.operation.id == submitted.id
+        # The submit's publish fails now: its removal waits for this transaction (the row's lock, or SQLite's).
+        removal = threading.Thread(target=sql_store.abandon, args=(submitted,))
+        removal.start()
+        removal.join(0.5)
+        assert removal.is_alive()
+        if outcome == "rollback":
+            raise RuntimeError("the handler failed after staging")
+    removal.join(30)
+    assert not removal.is_alive()
+    if outcome == "rollback":
+        assert sql_store.get_by_id(submitted.id) is None and count(sql_store, orders) == 0
+        return
+    assert sql_store.get_by_id(submitted.id) is not None and count(sql_store, orders) == 1
+    assert staged.adopted  # so its publish() sends it
+    with start_worker(app, pool="solo", perform_ping_check=False):
+        staged.publish()
+        op = final(sql_store, submitted.id)
+    assert op.status is Status.SUCCEEDED and runs["o12"] == 1
+
+
+def test_a_record_removed_by_its_submit_just_before_the_adoption_is_recorded_anew(tmp_path: Path) -> None:
+    """The handler read the submit's unpublished record, and the submit removed it (its publish failed) before the
+    handler's transaction could adopt it: nothing left to adopt, so the handler records the operation itself.
+    (PostgreSQL: on MariaDB the colliding insert's lock, and on SQLite the transaction's, make the removal wait.)"""
+    store = make_store("postgres", tmp_path)
+    assert isinstance(store, SQLStore)
+    try:
+        _, ship, orders, _ = setup(store)
+        submitted = _created_by_a_submit(store, ship, "o13", "order-o13")
+        with store.engine.begin() as conn:
+            def remove_first(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+                if statement.lstrip().upper().startswith("UPDATE") and store.get_by_id(submitted.id) is not None:
+                    store.abandon(submitted)
+
+            sa.event.listen(conn, "before_cursor_execute", remove_first)
+            conn.execute(orders.insert().values(id="o13"))
+            staged = Outbox(store).stage(conn, ship, ("o13",), key="order-o13", scope=SCOPE)
+        assert staged.created and staged.operation.id != submitted.id
+        op = store.get(SCOPE, "order-o13")
+        assert op is not None and op.id == staged.operation.id and op.needs_publish
+    finally:
+        drop(store)
+
+
+def test_a_staged_operation_keeps_the_tasks_own_deadline_as_a_submitted_one_does(sql_store: SQLStore) -> None:
+    """The task's ``expires`` is stored with the operation as a time, and the message published after the commit
+    carries that time, not one counted from the publish: recovery fails an operation past it instead of running it
+    late, and its copies carry the same deadline."""
+    _, ship, _, _ = setup(sql_store)
+    ship.expires = 60
+    with sql_store.engine.begin() as conn:
+        staged = Outbox(sql_store).stage(conn, ship, ("o14",), key="order-o14")
+    stored = sql_store.get_by_id(staged.operation.id)
+    assert stored is not None and stored_deadline(stored) is not None
+    deadline = datetime.fromisoformat(stored_deadline(stored))
+    assert abs(deadline.timestamp() - (time.time() + 60)) < 5
+    sent: list[Any] = []
+
+    def watch(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        sent.append((headers or {}).get("expires"))
+
+    time.sleep(1.1)  # a deadline counted from the publish would differ by this much
+    before_task_publish.connect(watch, weak=False)
+    try:
+        staged.publish()
+    finally:
+        before_task_publish.disconnect(watch)
+    assert len(sent) == 1 and datetime.fromisoformat(sent[0]) == deadline

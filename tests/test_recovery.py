@@ -649,6 +649,7 @@ class TestDeadlines:
         op = rig.store.get_by_id(op_id)
         assert op is not None and op.status is Status.FAILED and op.error is not None and op.error.type == "Expired"
         assert "before a copy of it ran" in op.error.message and "had started" not in op.error.message
+        assert "(expires=)" not in op.error.message  # it names the deadline
         assert rig.runs[key] == 0
         assert Sweeper(rig.app, pending_after=0.0).sweep().expired == []  # failed once, and final
 
