@@ -7,6 +7,7 @@ everything else through the pool; both must survive a connection the server clos
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from idemtasks.stores.base import CreateRequest
 from idemtasks.stores.sql import SQLStore
 from idemtasks.stores.sql_async import AsyncSQLStore
 from idemtasks.stores.sql_lane import Prepared
+from idemtasks.stores.sql_schema import PG_KEEPALIVES
 
 from .services import MYSQL_URL, POSTGRES_URL, pg_sessions, require
 
@@ -167,6 +169,25 @@ def test_mariadb_idle_connections_are_pinged_too() -> None:
             conn.execute(sa.text("SET SESSION wait_timeout = 1"))  # the server drops it once idle for 1 s
         time.sleep(max(sql_schema.IDLE_BEFORE_PING, 1.0) + 1.5)
         _round(store)
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux's TCP settings")
+def test_mariadb_connections_find_a_vanished_server_within_a_minute_as_postgresql_ones_do() -> None:
+    """PyMySQL has no setting for it: the store sets the keepalives' timing and the bound on unacknowledged data on
+    each connection's socket (the kernel's own wait 15 minutes or more before a thread waiting for an answer from a
+    server that vanished without closing the connection gets an error)."""
+    require("mysql")
+    store = SQLStore(MYSQL_URL, table="idemtasks_ping_ops")
+    try:
+        with store.engine.connect() as conn:
+            sock = conn.connection.dbapi_connection._sock  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert [sock.getsockopt(socket.IPPROTO_TCP, option) for option in (
+                socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)] == [
+                PG_KEEPALIVES["keepalives_idle"], PG_KEEPALIVES["keepalives_interval"],
+                PG_KEEPALIVES["keepalives_count"], PG_KEEPALIVES["tcp_user_timeout"]]
     finally:
         store.close()
 
