@@ -30,14 +30,14 @@ from .identity import (
     validate_scope,
 )
 from .models import Operation, Status, Submission
-from .stores import Store, shared_store
+from .stores import Store, opened_store, shared_store
 from .stores.base import CreateRequest
 from .stores.lanes import pooled_only
 from .task import abandon_deadline, first_deadline, message_due, record_ttl, with_deadline
 
 _T = TypeVar("_T")
 
-__all__ = ["AsyncStore", "ThreadedAsyncStore", "async_store_for", "submit_async"]
+__all__ = ["AsyncStore", "ThreadedAsyncStore", "async_store_for", "open_off_the_loop", "submit_async"]
 
 
 class AsyncStore(abc.ABC):
@@ -109,6 +109,19 @@ class _LoopStores:
     loop: weakref.ref[asyncio.AbstractEventLoop]
     closer: AsyncGenerator[None, None]
     stores: dict[str, AsyncStore] = dataclasses.field(default_factory=dict)
+
+
+async def open_off_the_loop(*stores: Any) -> None:
+    """Open on a worker thread the stores given by URL among ``stores`` (URLs, stores or ``None``) that this process
+    has not opened yet, as :func:`~idemtasks.stores.shared_store` does.
+
+    A store opens on its first use: it connects, and a SQL store makes its table. Against a database that does not
+    answer that takes the connect timeout (5 s by default); on the loop, it held every other request of the process
+    meanwhile, and again at each request while the database stayed away (a store that failed to open is not kept).
+    """
+    urls = [str(s) for s in stores if s is not None and not isinstance(s, Store) and opened_store(str(s)) is None]
+    if urls:
+        await asyncio.to_thread(lambda: [shared_store(url) for url in urls])
 
 
 def async_store_for(store: Store | str) -> AsyncStore:
@@ -184,6 +197,8 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     task._settled()
     key = validate_key(key)
     scope = validate_scope(scope if scope is not None else task.idempotency_scope)
+    if store is None:
+        await open_off_the_loop(task.store_url)
     sync: Any = task.store if store is None else getattr(store, "store", None)  # a wrapped store's limit holds
     call = task.call_of(args, kwargs, sync)
     fingerprint = fingerprint or fingerprint_of_call(call)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
+import socket
 import sys
 import threading
+import time
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +18,7 @@ import pytest
 import redis
 from celery import Celery
 
-from idemtasks import IdempotencyKeyMismatch, IdempotentTask
+from idemtasks import IdempotencyKeyMismatch, IdempotentTask, StoreUnavailable
 from idemtasks.aio import async_store_for, submit_async
 from idemtasks.identity import parse_stored_call
 from idemtasks.stores.base import Store
@@ -233,3 +236,31 @@ def test_a_store_on_an_applications_own_engine_is_used_through_that_engine() -> 
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         engine.dispose()
+
+
+def test_a_submit_that_opens_its_tasks_store_leaves_the_loop_free_meanwhile() -> None:
+    """The task's store, given by URL, opens on its first use; against a database that does not answer that takes
+    the connect timeout, during which the loop goes on running everything else."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # accepted by the kernel, never answered
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test?connect_timeout=1"
+        app = Celery(f"a{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+        @app.task(shared=False, base=IdempotentTask, store_url=url, name=f"{app.main}.pay")
+        def pay(amount: int) -> int:
+            return amount
+
+        async def scenario() -> float:
+            ticks: list[float] = []
+
+            async def ticker() -> None:
+                while True:
+                    ticks.append(time.monotonic())
+                    await asyncio.sleep(0.05)
+
+            beat = asyncio.create_task(ticker())
+            with pytest.raises(StoreUnavailable):
+                await submit_async(pay, (1,), key="k1")
+            beat.cancel()
+            return max(b - a for a, b in itertools.pairwise(ticks))
+
+        assert asyncio.run(scenario()) < 0.5  # the longest the loop went without running the ticker

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
+from celery import Celery
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.testclient import TestClient
 from starlette.responses import Response
 
 import idemtasks.contrib.fastapi
+from idemtasks import IdempotentTask
 from idemtasks.contrib.fastapi import Idempotency
 from idemtasks.http.core import HttpPolicy
 from idemtasks.stores.memory import MemoryStore
@@ -211,3 +219,49 @@ def test_a_request_that_repeats_its_credentials_or_its_key_is_refused(name: str)
     assert r.json()["code"] == codes[name]
     assert name in r.json()["detail"]
     assert not store._records  # nothing recorded, under anyone's scope
+
+
+@contextlib.contextmanager
+def _silent_server() -> Iterator[int]:
+    """A port whose connections are accepted (by the kernel, into the backlog) and never answered: a database
+    server that is frozen, or behind a network that drops what it sends."""
+    with socket.create_server(("127.0.0.1", 0), backlog=32) as server:
+        yield server.getsockname()[1]
+
+
+def test_a_store_given_by_url_is_opened_off_the_loop_so_other_requests_go_on() -> None:
+    """The first request opens the store: it connects, which against a database that does not answer takes the
+    connect timeout. Meanwhile the process answers its other requests; the request itself gets a 503."""
+    with _silent_server() as port:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/test?connect_timeout=1"
+        celery = Celery(f"f{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+        @celery.task(shared=False, base=IdempotentTask, store_url=url, name=f"{celery.main}.pay")
+        def pay(amount: int) -> int:
+            return amount
+
+        app = FastAPI()
+        idem = Idempotency(store=url)
+        app.include_router(idem.router)
+
+        @app.post("/payments")
+        async def payments(request: Request) -> Response:
+            return await idem.submit(request, pay, (1,))
+
+        @app.get("/health")
+        async def health() -> dict[str, bool]:
+            return {"ok": True}
+
+        async def scenario() -> tuple[int, float, int, int]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                posted = asyncio.create_task(client.post("/payments", headers={"Idempotency-Key": "k1"}))
+                polled = asyncio.create_task(client.get(f"/operations/{'ab' * 28}"))
+                started = time.monotonic()
+                await asyncio.sleep(0.3)  # both are opening the store by now
+                answer = await client.get("/health")
+                waited = time.monotonic() - started - 0.3
+                return answer.status_code, waited, (await posted).status_code, (await polled).status_code
+
+        status, waited, posted, polled = asyncio.run(scenario())
+    assert status == 200 and waited < 1.0
+    assert posted == polled == 503

@@ -359,3 +359,13 @@ def test_a_connection_handed_back_after_the_store_closed_is_closed_not_left_open
 
 def _is_open(dbapi: Any) -> bool:
     return bool(dbapi.open) if hasattr(dbapi, "open") else not dbapi.closed  # PyMySQL, psycopg
+
+
+def test_opening_a_store_on_a_server_that_does_not_answer_gives_up_after_one_connect_timeout() -> None:
+    """Making the table is tried again when processes starting together collide; a connection that could not be made
+    is not, or each try would cost the connect timeout again (five of them, opening a store on the web side)."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # accepted by the kernel, never answered
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            SQLStore(f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test?connect_timeout=1")
+        assert time.monotonic() - started < 2.5

@@ -23,7 +23,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the FastAPI adapter needs FastAPI: pip install idemtasks[fastapi]") from exc
 
-from ..aio import AsyncStore, async_store_for, submit_async
+from ..aio import AsyncStore, async_store_for, open_off_the_loop, submit_async
 from ..errors import ConfigurationError, IdempotencyKeyMismatch, IdemtasksError
 from ..http import core
 from ..http.core import HttpPolicy, InvalidCredentials, Reply, RequestHeaders
@@ -90,7 +90,10 @@ class Idempotency:
         self.router.add_api_route(route, self.status, methods=["HEAD"], name="idemtasks-operation-head",
                                   include_in_schema=False)
 
-    def _async_store(self, task: Any | None = None) -> AsyncStore:
+    async def _async_store(self, task: Any | None = None) -> AsyncStore:
+        if task is not None:
+            task._settled()  # its store_url is read from the app's configuration
+        await open_off_the_loop(self.endpoint.given_store, None if task is None else task.store_url)
         return async_store_for(self.endpoint.store_for(task))
 
     async def incoming(self, request: Request, policy: HttpPolicy | None = None) -> IncomingRequest:
@@ -125,7 +128,7 @@ class Idempotency:
             return to_response(prepared)
         key, scope, fp = prepared
         try:
-            astore = self._async_store(task)  # inside: a store given by URL is opened on first use (see Endpoint)
+            astore = await self._async_store(task)  # inside: a store given by URL is opened on first use
             try:
                 sub = await submit_async(task, args, kwargs, key=key, scope=scope, fingerprint=fp, store=astore,
                                          **options)
@@ -148,7 +151,7 @@ class Idempotency:
         except InvalidCredentials as exc:
             return to_response(core.error_reply(exc, self.endpoint.policy))
         try:
-            op = await self._async_store().get_by_id(operation_id)
+            op = await (await self._async_store()).get_by_id(operation_id)
         except IdemtasksError as exc:
             return to_response(core.error_reply(exc, self.endpoint.policy, reading=True))
         return to_response(core.status_reply(op, caller, self.endpoint.policy))

@@ -121,13 +121,14 @@ class Endpoint:
         if store is None:
             # The status route has no task to take a store from: refuse now rather than 500 on every poll.
             raise ConfigurationError("an idempotent endpoint needs the store its tasks use (store=URL or Store)")
-        self._store = store
+        #: The store as given: a :class:`Store`, or the URL :meth:`store_for` opens on first use.
+        self.given_store = store
         self.policy = policy or HttpPolicy()
         self.status_prefix = status_prefix.rstrip("/")
 
     def store_for(self, task: Any | None = None) -> Store:
         """The endpoint's store; a ``task`` writing elsewhere would hand out locations that answer 404."""
-        store = self._store if isinstance(self._store, Store) else shared_store(str(self._store))
+        store = self.given_store if isinstance(self.given_store, Store) else shared_store(str(self.given_store))
         if task is not None:
             task._settled()
             if not store.same_place(task.store):

@@ -19,7 +19,8 @@ from ..errors import ConfigurationError
 from ..forks import fresh_in_child
 from .base import Store
 
-__all__ = ["REDIS_SCHEMES", "SQL_SCHEMES", "Store", "open_store", "public_url", "shared_store", "url_scheme"]
+__all__ = ["REDIS_SCHEMES", "SQL_SCHEMES", "Store", "open_store", "opened_store", "public_url", "shared_store",
+           "url_scheme"]
 
 #: URL schemes (before any "+driver") that open a SQL store.
 SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
@@ -71,6 +72,11 @@ def shared_store(url: str) -> Store:
             if store is None:
                 store = _shared[cache_key] = open_store(url)
     return store
+
+
+def opened_store(url: str) -> Store | None:
+    """The store :func:`shared_store` opened for ``url`` in this process, or ``None``: it never opens one."""
+    return _shared.get((os.getpid(), url))
 
 
 def public_url(url: str) -> str:

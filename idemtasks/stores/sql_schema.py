@@ -379,15 +379,22 @@ def create_tables(engine: sa.Engine, tables: Sequence[sa.Table], *, attempts: in
 
 def _retrying(work: Callable[[], _T], attempts: int) -> _T:
     """``work()``, tried again (after a short pause) when it fails: schema changes by processes starting together
-    collide, and the losers find the winner's work done on their next look."""
+    collide, and the losers find the winner's work done on their next look. Not when no connection could be had: a
+    server that does not answer would cost the caller the connect timeout once per attempt (25 s, opening a store
+    on the web side), for nothing a next look could find."""
     for attempt in range(attempts):
         try:
             return work()
-        except SQLAlchemyError:
-            if attempt == attempts - 1:
+        except SQLAlchemyError as exc:
+            if attempt == attempts - 1 or _not_connected(exc):
                 raise
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+
+def _not_connected(exc: SQLAlchemyError) -> bool:
+    """Whether ``exc`` came before any statement: connecting failed, or the pool had no connection to give."""
+    return isinstance(exc, sa.exc.TimeoutError) or (isinstance(exc, sa.exc.DBAPIError) and exc.statement is None)
 
 
 def add_missing_columns(engine: sa.Engine, table: sa.Table, *, attempts: int = 5) -> list[str]:
