@@ -14,14 +14,13 @@ the commit and the publish, the operation is pending with its call stored, and r
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from .config import DEFAULT_TTL
+from .config import ACCEPT_WINDOW, DEFAULT_TTL
 from .errors import ConfigurationError, IdempotencyKeyMismatch, StoreUnavailable
 from .identity import fingerprint_of_call, key_digest, new_operation_id, stored_call, validate_key, validate_scope
 from .models import Operation, Status
@@ -32,26 +31,19 @@ from .task import first_deadline, with_deadline
 
 __all__ = ["Outbox", "Staged"]
 
-#: Rounds of stage for one key whose record changes under it (removed by its creator, published, or claimed).
-_ATTEMPTS = 3
-
 
 @dataclass
 class Staged:
-    """An operation recorded in a transaction; :meth:`publish` sends its message once that transaction committed.
-
-    ``adopted``: the operation was another caller's, created and not yet published (a ``submit`` still publishing,
-    or one that died first); this transaction took the publishing over, and :meth:`publish` sends it too."""
+    """An operation recorded in a transaction; :meth:`publish` sends its message once that transaction committed."""
 
     operation: Operation
     created: bool
     task: Any
     args: Any
     kwargs: Any
-    adopted: bool = False
 
     def publish(self) -> None:
-        if self.created or self.adopted:
+        if self.created:
             # With the deadline stored with the operation (the task's own expires, as a time), which recovery's
             # copies carry as well: not one counted from this publish.
             self.task.publish(self.operation, self.args, self.kwargs, **first_deadline(self.operation, {}))
@@ -81,18 +73,12 @@ class Outbox:
         call = task.call_of(args, kwargs, self.store)
         digest = key_digest(scope, key)
         try:
-            for _ in range(_ATTEMPTS):
-                staged = self._stage(conn, task, args, kwargs, key, scope, call, digest)
-                if staged is not None:
-                    return staged
+            return self._stage(conn, task, args, kwargs, key, scope, call, digest)
         except SQLAlchemyError as exc:  # the caller's connection: an outage is a 503, a statement's fault a 500
             raise self.store._wrap(exc) from exc
-        raise StoreUnavailable(f"SQL store {self.store.url}: the record of key {key!r} changed under this transaction "
-                               f"{_ATTEMPTS} times in a row; roll back and try again")
 
     def _stage(self, conn: sa.Connection, task: Any, args: Any, kwargs: Any, key: str, scope: str, call: str,
-               digest: str) -> Staged | None:
-        """The staged operation, or ``None`` when the record it found changed before it could adopt it: go round."""
+               digest: str) -> Staged:
         fp = fingerprint_of_call(call)
         t, store = self.store.table, self.store
         now = float(conn.execute(*store.clock_statement()).scalar_one())
@@ -144,18 +130,13 @@ class Outbox:
         if existing.fingerprint != fp:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
                                          stored_fingerprint=existing.fingerprint, fingerprint=fp)
-        if existing.status is Status.PENDING and existing.attempts == 0 and existing.needs_publish:
-            # Created and not yet published, by a submit elsewhere that may still be publishing it. Should that publish
-            # fail, the submit removes the record (Store.abandon), while this transaction commits rows that name it.
-            # Adopt it instead: with its flag cleared here, the removal misses it (it waits for this transaction's
-            # row lock, then finds the flag cleared), and this caller publishes after its commit. A second message,
-            # if the first went out after all, is a duplicate delivery: a replay. A rollback puts the flag back.
-            adopted = conn.execute(t.update().where(
-                t.c.key_hash == digest, t.c.id == existing.id, t.c.status == "pending", t.c.attempts == 0,
-                t.c.needs_publish.is_(True)).values(needs_publish=False)).rowcount
-            if adopted != 1:
-                return None  # removed meanwhile (then this call records its own), or published, or claimed: read again
-            return Staged(dataclasses.replace(existing, needs_publish=False), False, task, args, kwargs, adopted=True)
+        if existing.status is Status.PENDING and existing.needs_publish and now - existing.created_at < ACCEPT_WINDOW:
+            # Created and not yet published, by a caller that may still be publishing it: a submit whose publish fails
+            # removes the record (Store.abandon), and rows this transaction commits would name an operation that is
+            # gone. Such a repeat is what HTTP answers 409 for; here: roll back and try again, and by then the record
+            # is published (a replay) or removed (this call records its own). Past ACCEPT_WINDOW no submit removes it.
+            raise StoreUnavailable(f"SQL store {store.url}: the key {key!r} is being recorded by another request that "
+                                   "has not published it yet; roll back and try again")
         return Staged(existing, False, task, args, kwargs)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 import uuid
 from collections import Counter
@@ -26,6 +24,7 @@ from idemtasks import (
     StoreError,
     StoreUnavailable,
 )
+from idemtasks.config import ACCEPT_WINDOW
 from idemtasks.identity import fingerprint_of_call, stored_call
 from idemtasks.outbox import Outbox
 from idemtasks.recovery import Sweeper
@@ -114,6 +113,7 @@ def test_repeat_in_a_later_transaction_replays_and_mismatch_is_refused(sql_store
     outbox = Outbox(sql_store)
     with sql_store.engine.begin() as conn:
         first = outbox.stage(conn, ship, ("o4",), key="order-o4")
+    first.publish()
     with sql_store.engine.begin() as conn:
         again = outbox.stage(conn, ship, ("o4",), key="order-o4")
         assert not again.created and again.operation.id == first.operation.id
@@ -138,6 +138,8 @@ def test_a_double_click_whose_second_transaction_began_first_is_told_to_try_agai
             with engine.begin() as first:
                 staged = outbox.stage(first, ship, ("o7",), key="order-o7")
             outbox.stage(second, ship, ("o7",), key="order-o7")
+        staged.publish()  # the first handler's, after its commit
+        _published(store, staged.operation.id)
         with engine.begin() as retried:
             again = outbox.stage(retried, ship, ("o7",), key="order-o7")
         assert not again.created and again.operation.id == staged.operation.id
@@ -290,6 +292,7 @@ def test_a_mariadb_double_click_whose_second_transaction_began_first_replays(
         second.execute(sa.select(sa.func.count()).select_from(store.table)).scalar_one()  # its snapshot
         with engine.begin() as first:
             staged = outbox.stage(first, ship, ("o9",), key="order-o9")
+        staged.publish()
         assert second.execute(sa.select(store.table.c.id)).all() == []  # the snapshot, older than the commit
         again = outbox.stage(second, ship, ("o9",), key="order-o9")
     assert not again.created and again.operation.id == staged.operation.id
@@ -307,11 +310,22 @@ def test_a_repeat_at_repeatable_read_decides_on_the_latest_record_not_its_snapsh
         handler.execute(sa.select(store.table.c.id)).all()  # its snapshot holds the first record
         store.abandon(first)
         with engine.begin() as conn:
-            retried = outbox.stage(conn, ship, ("o11",), key="order-o10").operation
+            staged = outbox.stage(conn, ship, ("o11",), key="order-o10")
+        staged.publish()
+        retried = staged.operation
         again = outbox.stage(handler, ship, ("o11",), key="order-o10")
         assert not again.created and again.operation.id == retried.id
         with pytest.raises(IdempotencyKeyMismatch):
             outbox.stage(handler, ship, ("o10",), key="order-o10")
+
+
+def _published(store: SQLStore, op_id: str) -> None:
+    """Wait for the "published" mark, which the store may send without waiting for its answer: a transaction that
+    takes its snapshot before the mark commits is told to try again by its next locking read (PostgreSQL)."""
+    deadline = time.monotonic() + 10
+    while (op := store.get_by_id(op_id)) is not None and op.needs_publish and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert op is not None and not op.needs_publish
 
 
 def _created_by_a_submit(store: SQLStore, ship: Any, order: str, key: str) -> Any:
@@ -325,63 +339,40 @@ def _created_by_a_submit(store: SQLStore, ship: Any, order: str, key: str) -> An
 SCOPE = "orders"
 
 
-@pytest.mark.parametrize("outcome", ["commit", "rollback"])
-def test_a_record_a_submit_is_still_publishing_is_adopted_and_its_failed_publish_cannot_remove_it(
-        sql_store: SQLStore, outcome: str) -> None:
-    """A submit elsewhere created the key's record and is still publishing it when a handler stages the same call
-    and commits rows that name it. Should that publish fail, the submit removes what it created, so that its client's
-    retry starts afresh; not once a committed transaction adopted it: the handler publishes it. A rollback leaves the
-    record to its submit."""
-    app, ship, orders, runs = setup(sql_store)
+@pytest.mark.parametrize("then", ["published", "removed"])
+def test_a_repeat_of_a_record_not_published_yet_is_told_to_try_again(sql_store: SQLStore, then: str) -> None:
+    """A submit elsewhere created the key's record and is still publishing it. Should its publish fail, it removes
+    the record, so that its client's retry starts afresh: rows committed beside a replay of it would name an operation
+    that is gone. The handler is told to roll back and try again (HTTP answers such a repeat 409); by then the record
+    is published, and the repeat replays it, or removed, and the repeat records its own."""
+    _, ship, orders, _ = setup(sql_store)
     outbox = Outbox(sql_store)
     submitted = _created_by_a_submit(sql_store, ship, "o12", "order-o12")
-    removal: threading.Thread | None = None
-    with contextlib.suppress(RuntimeError), sql_store.engine.begin() as conn:
+    with pytest.raises(StoreUnavailable, match="try again"), sql_store.engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o12"))
+        outbox.stage(conn, ship, ("o12",), key="order-o12", scope=SCOPE)
+    assert count(sql_store, orders) == 0
+    if then == "published":
+        sql_store.mark_published(submitted)
+    else:
+        sql_store.abandon(submitted)  # its publish failed
+    with sql_store.engine.begin() as conn:
         conn.execute(orders.insert().values(id="o12"))
         staged = outbox.stage(conn, ship, ("o12",), key="order-o12", scope=SCOPE)
-        assert not staged.created and staged.operation.id == submitted.id
-        # The submit's publish fails now: its removal waits for this transaction (the row's lock, or SQLite's).
-        removal = threading.Thread(target=sql_store.abandon, args=(submitted,))
-        removal.start()
-        removal.join(0.5)
-        assert removal.is_alive()
-        if outcome == "rollback":
-            raise RuntimeError("the handler failed after staging")
-    removal.join(30)
-    assert not removal.is_alive()
-    if outcome == "rollback":
-        assert sql_store.get_by_id(submitted.id) is None and count(sql_store, orders) == 0
-        return
-    assert sql_store.get_by_id(submitted.id) is not None and count(sql_store, orders) == 1
-    assert staged.adopted  # so its publish() sends it
-    with start_worker(app, pool="solo", perform_ping_check=False):
-        staged.publish()
-        op = final(sql_store, submitted.id)
-    assert op.status is Status.SUCCEEDED and runs["o12"] == 1
+    assert staged.created is (then == "removed")
+    assert (staged.operation.id == submitted.id) is (then == "published")
+    assert sql_store.get_by_id(staged.operation.id) is not None
 
 
-def test_a_record_removed_by_its_submit_just_before_the_adoption_is_recorded_anew(tmp_path: Path) -> None:
-    """The handler read the submit's unpublished record, and the submit removed it (its publish failed) before the
-    handler's transaction could adopt it: nothing left to adopt, so the handler records the operation itself.
-    (PostgreSQL: on MariaDB the colliding insert's lock, and on SQLite the transaction's, make the removal wait.)"""
-    store = make_store("postgres", tmp_path)
-    assert isinstance(store, SQLStore)
-    try:
-        _, ship, orders, _ = setup(store)
-        submitted = _created_by_a_submit(store, ship, "o13", "order-o13")
-        with store.engine.begin() as conn:
-            def remove_first(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-                if statement.lstrip().upper().startswith("UPDATE") and store.get_by_id(submitted.id) is not None:
-                    store.abandon(submitted)
-
-            sa.event.listen(conn, "before_cursor_execute", remove_first)
-            conn.execute(orders.insert().values(id="o13"))
-            staged = Outbox(store).stage(conn, ship, ("o13",), key="order-o13", scope=SCOPE)
-        assert staged.created and staged.operation.id != submitted.id
-        op = store.get(SCOPE, "order-o13")
-        assert op is not None and op.id == staged.operation.id and op.needs_publish
-    finally:
-        drop(store)
+def test_a_repeat_of_a_record_left_unpublished_past_the_accept_window_replays(sql_store: SQLStore) -> None:
+    """Its creator died before publishing it, and no submit removes a record that old: recovery publishes it."""
+    _, ship, _, _ = setup(sql_store)
+    submitted = _created_by_a_submit(sql_store, ship, "o13", "order-o13")
+    with sql_store.engine.begin() as conn:  # created ACCEPT_WINDOW ago
+        t = sql_store.table
+        conn.execute(t.update().where(t.c.id == submitted.id).values(created_at=t.c.created_at - ACCEPT_WINDOW))
+        staged = Outbox(sql_store).stage(conn, ship, ("o13",), key="order-o13", scope=SCOPE)
+    assert not staged.created and staged.operation.id == submitted.id
 
 
 def test_a_staged_operation_keeps_the_tasks_own_deadline_as_a_submitted_one_does(sql_store: SQLStore) -> None:
