@@ -30,6 +30,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .identity import (
+    LIMIT_OPTIONS,
     delivery_route,
     dump_json,
     fingerprint_of_call,
@@ -314,6 +315,9 @@ def retry_payload(task: Any, attempt: Attempt, args: Any, kwargs: Any) -> str | 
 
 def _stored_call_of(task: Any, request: Any, call: str) -> str:
     options = _route_of(task, request)
+    # The message's own time limits (hard, soft), which a copy recovery publishes keeps (the task's are its own).
+    limits = getattr(request, "timelimit", None) or (None, None)
+    options.update(zip(LIMIT_OPTIONS, limits, strict=False))
     if getattr(request, "expires", None) is None:
         return stored_call(call, options)
     options["expires"] = request.expires  # the message's deadline: a copy recovery publishes keeps it

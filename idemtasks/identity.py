@@ -178,6 +178,10 @@ ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
 #: The callbacks given to ``submit`` (signatures, or lists of them): stored too, or the follow-up work chained to a
 #: payment (its receipt, its notification) would be lost with the message that recovery replaces.
 CALLBACK_OPTIONS = ("link", "link_error")
+#: The per-call time limits (seconds): stored too, or a copy would run a body its first message bounded without the
+#: bound (the pool kills a body past its hard limit, and max_crashes then fails the operation; a copy without the
+#: limit ran a hung body for good).
+LIMIT_OPTIONS = ("time_limit", "soft_time_limit")
 
 
 def absolute_expires(value: Any, tz: Any = None) -> str | None:
@@ -208,8 +212,8 @@ def is_past(expires: str, *, by: float = 0.0) -> bool:
 
 
 def stored_call(call: str, options: dict[str, Any], *, tz: Any = None) -> str:
-    """The payload an operation stores: its ``call``, followed by the routing and callback ``options`` it was
-    published with, and its ``expires`` deadline as a time (``tz``: the app's ``timezone``).
+    """The payload an operation stores: its ``call``, followed by the routing, callback and time limit ``options`` it
+    was published with, and its ``expires`` deadline as a time (``tz``: the app's ``timezone``).
 
     The fingerprint stays the call's alone: where a message goes, and what follows it, is not what it asks for, so a
     repeat sent to another queue is a replay. A kombu ``Queue`` or ``Exchange`` is kept by name; a value that is
@@ -221,6 +225,10 @@ def stored_call(call: str, options: dict[str, Any], *, tz: Any = None) -> str:
         value = options.get(option)
         value = getattr(value, "name", value)
         if isinstance(value, (str, int)) and not isinstance(value, bool):
+            kept[option] = value
+    for option in LIMIT_OPTIONS:
+        value = options.get(option)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             kept[option] = value
     if options.get("expires") is not None and (expires := absolute_expires(options["expires"], tz)) is not None:
         kept["expires"] = expires

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.signals import before_task_publish
 
 from idemtasks import IdempotentTask, LeaseLost, Operation, Status, recovery
 from idemtasks.identity import canonical_call, fingerprint_of_call, parse_stored_call, stored_call
@@ -285,6 +286,36 @@ def test_a_message_sent_without_submit_is_recovered_to_the_queue_it_came_from(ri
     with start_worker(rig.app, pool="solo", perform_ping_check=False, queues=[special]):
         done = rig.final(lost.id)
     assert done.status is Status.SUCCEEDED and done.result == 91 and rig.runs[lost_key] == 1
+
+
+def test_a_copy_by_recovery_keeps_the_time_limits_of_the_call(rig: Rig) -> None:
+    """A call bounded by ``time_limit``/``soft_time_limit``: the pool kills a body past the hard limit (a crash, and
+    max_crashes fails the operation) and interrupts it at the soft one. A copy that recovery publishes keeps both:
+    without them a hung body would run unbounded, renewing its lease for good. So does the record a plain message's
+    claim creates."""
+    key = f"bounded-{uuid.uuid4().hex}"
+    sub = rig.task.submit((key, 75), key=key, time_limit=7, soft_time_limit=5.5)
+    assert parse_stored_call(sub.operation.payload or "")[3] == {"time_limit": 7, "soft_time_limit": 5.5}
+    with rig.app.connection_for_write() as conn:
+        assert conn.default_channel.queue_purge(rig.app.conf.task_default_queue) == 1  # the broker lost the message
+    time.sleep(0.4)  # pending_after
+    limits: list[Any] = []
+
+    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        limits.append((headers or {}).get("timelimit"))
+
+    before_task_publish.connect(record, weak=False)
+    try:
+        assert Sweeper(rig.app).sweep().republished == [sub.operation.id]
+    finally:
+        before_task_publish.disconnect(record)
+    assert [list(limit) for limit in limits] == [[7, 5.5]]
+    plain = f"plain-{uuid.uuid4().hex}"
+    sent = rig.task.apply_async((plain, 76), time_limit=8, soft_time_limit=6)
+    with start_worker(rig.app, pool="solo", perform_ping_check=False):
+        assert rig.final(sub.operation.id).result == 75
+        op = rig.final_of_message(sent.id)
+    assert parse_stored_call(op.payload or "")[3] == {"time_limit": 8, "soft_time_limit": 6}
 
 
 def test_a_message_on_the_default_queue_stores_no_route(rig: Rig) -> None:
