@@ -30,7 +30,7 @@ from .identity import (
     validate_scope,
 )
 from .models import Operation, Status, Submission
-from .stores import Store, opened_store, shared_store
+from .stores import Store, open_in_background, opened_store, shared_store
 from .stores.base import CreateRequest
 from .stores.lanes import pooled_only
 from .task import abandon_deadline, first_deadline, message_due, record_ttl, with_deadline
@@ -112,16 +112,16 @@ class _LoopStores:
 
 
 async def open_off_the_loop(*stores: Any) -> None:
-    """Open on a worker thread the stores given by URL among ``stores`` (URLs, stores or ``None``) that this process
-    has not opened yet, as :func:`~idemtasks.stores.shared_store` does.
+    """Open off the loop the stores given by URL among ``stores`` (URLs, stores or ``None``) that this process has not
+    opened yet, as :func:`~idemtasks.stores.shared_store` does (see :func:`~idemtasks.stores.open_in_background`).
 
     A store opens on its first use: it connects, and a SQL store makes its table. Against a database that does not
     answer that takes the connect timeout (5 s by default); on the loop, it held every other request of the process
     meanwhile, and again at each request while the database stayed away (a store that failed to open is not kept).
     """
-    urls = [str(s) for s in stores if s is not None and not isinstance(s, Store) and opened_store(str(s)) is None]
-    if urls:
-        await asyncio.to_thread(lambda: [shared_store(url) for url in urls])
+    for url in dict.fromkeys(str(s) for s in stores if s is not None and not isinstance(s, Store)):
+        if opened_store(url) is None:
+            await asyncio.wrap_future(open_in_background(url))
 
 
 def async_store_for(store: Store | str) -> AsyncStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import socket
@@ -264,3 +265,36 @@ def test_a_submit_that_opens_its_tasks_store_leaves_the_loop_free_meanwhile() ->
             return max(b - a for a, b in itertools.pairwise(ticks))
 
         assert asyncio.run(scenario()) < 0.5  # the longest the loop went without running the ticker
+
+
+def test_requests_for_a_store_that_does_not_answer_share_one_open_and_hold_up_no_other_store() -> None:
+    """Ten requests at once for a task whose database does not answer wait for one open between them (one connect
+    timeout, not ten in a row), and a request for a task on another store, opened meanwhile, is not held up."""
+    with socket.create_server(("127.0.0.1", 0), backlog=32) as silent:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test?connect_timeout=1"
+        app = Celery(f"a{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+
+        @app.task(shared=False, base=IdempotentTask, store_url=url, name=f"{app.main}.stuck")
+        def stuck(amount: int) -> int:
+            return amount
+
+        @app.task(shared=False, base=IdempotentTask, store_url=f"memory://{app.main}", name=f"{app.main}.fine")
+        def fine(amount: int) -> int:
+            return amount
+
+        async def scenario() -> tuple[list[float], float]:
+            started = time.monotonic()
+
+            async def timed(coro: Any) -> float:
+                with contextlib.suppress(StoreUnavailable):
+                    await coro
+                return time.monotonic() - started
+
+            dead = [asyncio.create_task(timed(submit_async(stuck, (i,), key=f"k{i}"))) for i in range(10)]
+            await asyncio.sleep(0.1)  # the open is under way
+            healthy = await timed(submit_async(fine, (1,), key="k"))
+            return list(await asyncio.gather(*dead)), healthy
+
+        dead, healthy = asyncio.run(scenario())
+    assert healthy < 1.0
+    assert max(dead) < 3.0

@@ -615,9 +615,10 @@ from idemtasks import effects, lease, task
 from idemtasks import stores
 from idemtasks.stores import lanes, sql
 held = threading.Event()
+url_lock = stores._opening_locks.setdefault((os.getpid(), "memory://"), threading.Lock())
 def opener():  # the parent's sweeper, stuck opening a store: holds every lock a store or ledger opens under
-    with (stores._shared_lock, effects._lock, task._configure_lock, lanes.collector._lock, lease.keeper._cond,
-          sql._lanes_lock):
+    with (stores._shared_lock, url_lock, effects._lock, task._configure_lock, lanes.collector._lock,
+          lease.keeper._cond, sql._lanes_lock):
         held.set()
         time.sleep(30)
 threading.Thread(target=opener, daemon=True).start()

@@ -8,6 +8,7 @@ neither redis-py nor SQLAlchemy.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import sys
@@ -19,8 +20,8 @@ from ..errors import ConfigurationError
 from ..forks import fresh_in_child
 from .base import Store
 
-__all__ = ["REDIS_SCHEMES", "SQL_SCHEMES", "Store", "open_store", "opened_store", "public_url", "shared_store",
-           "url_scheme"]
+__all__ = ["REDIS_SCHEMES", "SQL_SCHEMES", "Store", "open_in_background", "open_store", "opened_store", "public_url",
+           "shared_store", "url_scheme"]
 
 #: URL schemes (before any "+driver") that open a SQL store.
 SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
@@ -56,8 +57,13 @@ def open_store(url: str, **options: Any) -> Store:
 
 
 _shared: dict[tuple[int, str], Store] = {}
-# Held while a store opens, which may take as long as its connect timeouts and retries (a database that accepts
-# connections and never answers): each forked child gets its own (see idemtasks.forks).
+# One lock per URL and process, held while its store opens, which may take as long as its connect timeouts (a
+# database that accepts connections and never answers): one such store holds up only the callers of its own URL.
+# Keyed by the process too, so that a forked child never meets a lock its parent held as it forked.
+_opening_locks: dict[tuple[int, str], threading.Lock] = {}
+# Opens under way on threads of their own, for the asyncio side (see open_in_background).
+_opening: dict[tuple[int, str], concurrent.futures.Future[Store]] = {}
+# Guards the two dicts above, only for as long as a lookup: each forked child gets its own (see idemtasks.forks).
 _shared_lock = threading.Lock()
 fresh_in_child(sys.modules[__name__], "_shared_lock", threading.Lock)
 
@@ -68,6 +74,8 @@ def shared_store(url: str) -> Store:
     store = _shared.get(cache_key)
     if store is None:
         with _shared_lock:
+            lock = _opening_locks.setdefault(cache_key, threading.Lock())
+        with lock:
             store = _shared.get(cache_key)
             if store is None:
                 store = _shared[cache_key] = open_store(url)
@@ -77,6 +85,32 @@ def shared_store(url: str) -> Store:
 def opened_store(url: str) -> Store | None:
     """The store :func:`shared_store` opened for ``url`` in this process, or ``None``: it never opens one."""
     return _shared.get((os.getpid(), url))
+
+
+def open_in_background(url: str) -> concurrent.futures.Future[Store]:
+    """:func:`shared_store` of ``url`` on a thread of its own, one at a time per URL and process: whoever asks while
+    it is under way shares its outcome. Against a database that does not answer, requests arriving together then
+    wait for one open, and the threads that run store calls and publishes are not taken up by them."""
+    key = (os.getpid(), url)
+    with _shared_lock:
+        future = _opening.get(key)
+        if future is None:
+            future = _opening[key] = concurrent.futures.Future()
+            # Running: a waiter that gives up (its request cancelled) cannot cancel it for the others.
+            future.set_running_or_notify_cancel()
+            threading.Thread(target=_open_into, args=(url, key, future), name="idemtasks-open-store",
+                             daemon=True).start()
+    return future
+
+
+def _open_into(url: str, key: tuple[int, str], future: concurrent.futures.Future[Store]) -> None:
+    try:
+        future.set_result(shared_store(url))
+    except BaseException as exc:  # the caller's to see: StoreUnavailable, ConfigurationError…
+        future.set_exception(exc)
+    finally:
+        with _shared_lock:
+            _opening.pop(key, None)  # a store that failed to open is tried again by the next request
 
 
 def public_url(url: str) -> str:
