@@ -369,3 +369,28 @@ def test_opening_a_store_on_a_server_that_does_not_answer_gives_up_after_one_con
         with pytest.raises(StoreUnavailable):
             SQLStore(f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test?connect_timeout=1")
         assert time.monotonic() - started < 2.5
+
+
+def test_opening_a_mariadb_store_on_a_server_that_never_greets_gives_up_after_the_connect_timeout() -> None:
+    """PyMySQL's connect_timeout bounds the TCP connect only; the server's greeting is waited for within it too (the
+    opening held its URL's lock for good), and statements are not bounded by it once connected."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # accepted by the kernel, never answered
+        outcome: list[BaseException] = []
+
+        def open_it() -> None:
+            try:
+                SQLStore(f"mysql+pymysql://root@127.0.0.1:{silent.getsockname()[1]}/test?connect_timeout=1")
+            except BaseException as exc:  # reported below
+                outcome.append(exc)
+
+        opener = threading.Thread(target=open_it, daemon=True)
+        opener.start()
+        opener.join(5)
+        assert not opener.is_alive() and len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable)
+    require("mysql")
+    store = SQLStore(MYSQL_URL + ("&" if "?" in MYSQL_URL else "?") + "connect_timeout=1", table="idemtasks_ping_ops")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT SLEEP(1.5)").scalar_one() == 0  # longer than the connect timeout
+    finally:
+        store.close()

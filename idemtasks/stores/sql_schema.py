@@ -169,10 +169,14 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
         # READ COMMITTED: no gap locks, so two racing inserts of one key collide instead of deadlocking. (No session
         # time zone: the store's clock reads UTC_TIMESTAMP(), so a caller's engine or init_command may set any.)
         kwargs.update(pool_recycle=3600, isolation_level="READ COMMITTED")
-        connect_args.update(connect_timeout=5)
+        if "connect_timeout" not in u.query:  # the URL's own wins, as on PostgreSQL
+            connect_args.update(connect_timeout=5)
     kwargs.update(options)
     kwargs["connect_args"] = {**connect_args, **options.get("connect_args", {})}
+    handshake = _pymysql_handshake_bound(u, kwargs["connect_args"])
     engine = sa.create_engine(u, **kwargs)
+    if handshake:
+        sa.event.listen(engine, "connect", _unbounded_reads)
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         sa.event.listen(engine, "begin", _sqlite_begin)
@@ -182,6 +186,23 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
         sa.event.listen(engine, "connect", _tcp_keepalives)
     dispose_after_fork(engine)
     return engine
+
+
+def _pymysql_handshake_bound(url: sa.URL, connect_args: dict[str, Any]) -> bool:
+    """PyMySQL bounds only the TCP connect by ``connect_timeout``: the server's greeting and the login then wait for
+    as long as it takes, and a server that accepts connections and never answers held the store's opening (and the
+    lock other openers of that URL wait on) for good. Bound those reads by the connect timeout too, unless the caller
+    set a ``read_timeout`` of their own; :func:`_unbounded_reads` lifts it once connected (statements may be long)."""
+    if url.get_driver_name() != "pymysql" or "read_timeout" in url.query or "read_timeout" in connect_args:
+        return False
+    given: Any = connect_args.get("connect_timeout") or url.query.get("connect_timeout") or 5
+    connect_args["read_timeout"] = float(given if not isinstance(given, tuple) else given[-1])
+    return True
+
+
+def _unbounded_reads(dbapi_conn: Any, _record: Any) -> None:
+    if hasattr(dbapi_conn, "_read_timeout"):  # PyMySQL's: the next read sets the socket's timeout from it
+        dbapi_conn._read_timeout = None
 
 
 def _tcp_keepalives(dbapi_conn: Any, _record: Any) -> None:
