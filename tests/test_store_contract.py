@@ -741,6 +741,18 @@ class TestLookup:
         kept = store.get(scope, "k1")
         assert kept is not None and kept.id == op.id and kept.status is Status.PENDING
 
+    def test_abandon_keeps_an_operation_created_longer_ago_than_it_may_remove(self, store: Store, scope: str) -> None:
+        """The submit decided in time to remove its record, but its call reached the store late (a stalled store):
+        meanwhile a duplicate found the record unpublished past ACCEPT_WINDOW, published it and answered its client
+        with its id, its "published" mark not landed yet. The store's clock decides: it stays."""
+        op = store.create(scope, "k1", "tasks.charge", "fp-a", ttl=TTL).operation
+        time.sleep(0.4)
+        store.abandon(op, within=0.3)
+        kept = store.get(scope, "k1")
+        assert kept is not None and kept.id == op.id and kept.needs_publish
+        store.abandon(op, within=5.0)
+        assert store.get(scope, "k1") is None
+
     def test_purge_removes_expired_records(self, store: Store, scope: str) -> None:
         store.create(scope, "old", "tasks.charge", "fp", ttl=0.5)
         live = store.create(scope, "live", "tasks.charge", "fp", ttl=TTL).operation

@@ -33,12 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import ACCEPT_WINDOW
 from ..errors import IdempotencyKeyMismatch, IdemtasksError, LeaseLost
 from ..identity import digest_from_id, key_digest, load_json, new_operation_id
 from ..models import ClaimOutcome, ClaimResult, ErrorInfo, Operation, Status, Submission, Takeover
 
-__all__ = ["DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "RENEW_TIMEOUT", "ClaimRequest", "CreateRequest",
-           "FinishRequest", "Store", "confirm_after_for", "decide_claim", "decide_create", "is_stale",
+__all__ = ["ABANDON_WITHIN", "DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "RENEW_TIMEOUT", "ClaimRequest",
+           "CreateRequest", "FinishRequest", "Store", "confirm_after_for", "decide_claim", "decide_create", "is_stale",
            "takeover_phase"]
 
 #: Seconds an expired record is kept before :meth:`Store.purge_expired` deletes it: as long as Redis keeps an expired
@@ -47,6 +48,10 @@ __all__ = ["DUE_SLACK", "MIN_CONFIRM_AFTER", "PURGE_GRACE", "RENEW_TIMEOUT", "Cl
 #: stalled past the expiry, whose message was redelivered) may hold too, so that its renewals and completion would be
 #: accepted and the new holder's refused.
 PURGE_GRACE = 600.0
+
+#: Seconds after its creation (on the store's clock) past which :meth:`Store.abandon` keeps a record: a second short of
+#: ACCEPT_WINDOW, from which a duplicate finding it unpublished takes it over (publishes it and answers with its id).
+ABANDON_WITHIN = ACCEPT_WINDOW - 1.0
 
 #: Fewest seconds between suspecting a lapsed lease and taking the operation over (by a claim or by recovery): twice
 #: the keeper's longest wait between renewal retries (:data:`idemtasks.lease.RENEW_RETRY_MAX`), so a holder that lost
@@ -422,13 +427,16 @@ class Store(abc.ABC):
         a new one without it. Fenced on ``token``; a record that already holds a call keeps it. True if stored."""
         return self._attach_payload(key_digest(op.scope, op.key), op.id, token, payload)
 
-    def abandon(self, op: Operation) -> None:
+    def abandon(self, op: Operation, *, within: float = ABANDON_WITHIN) -> None:
         """Delete ``op`` if it is still pending, never claimed and still flagged unpublished: its message could not
         be published, and a retry of the request must be free to start over rather than find a record that nothing
         will run. A record another submit (a client's retry past ACCEPT_WINDOW) or recovery published meanwhile has
-        a message on the broker, and that retry was answered with its id: it stays."""
+        a message on the broker, and that retry was answered with its id: it stays. So does one created ``within``
+        seconds ago or longer, by the store's clock: a duplicate finds a record that old abandoned by its creator,
+        and may publish it and answer with its id before its "published" mark lands; this call, decided in time by
+        its sender, may still reach the store after that."""
         self._settle_own_writes()
-        self._abandon(key_digest(op.scope, op.key), op.id)
+        self._abandon(key_digest(op.scope, op.key), op.id, within)
 
     def stale(self, *, pending_after: float, limit: int = 500) -> list[Operation]:
         """Operations that may never finish by themselves: pending and unchanged for ``pending_after`` seconds
@@ -530,9 +538,9 @@ class Store(abc.ABC):
         """If the live record is ``operation_id`` under ``token`` and holds no payload: store ``payload``."""
 
     @abc.abstractmethod
-    def _abandon(self, digest: str, operation_id: str) -> None:
-        """Delete the record if it is ``operation_id``, pending, never claimed (attempts 0) and still flagged
-        ``needs_publish``."""
+    def _abandon(self, digest: str, operation_id: str, within: float) -> None:
+        """Delete the record if it is ``operation_id``, pending, never claimed (attempts 0), still flagged
+        ``needs_publish``, and created less than ``within`` seconds ago (the store's clock)."""
 
     @abc.abstractmethod
     def _get(self, digest: str) -> Operation | None:

@@ -116,12 +116,12 @@ class MemoryStore(Store):
             self._records[digest] = dataclasses.replace(op, payload=payload)
             return True
 
-    def _abandon(self, digest: str, operation_id: str) -> None:
+    def _abandon(self, digest: str, operation_id: str, within: float) -> None:
         with self._lock:
             self.round_trips += 1
             op = self._records.get(digest)
             if (op is not None and op.id == operation_id and op.status is Status.PENDING and op.attempts == 0
-                    and op.needs_publish):
+                    and op.needs_publish and op.created_at > time.time() - within):
                 del self._records[digest]
 
     def _stale(self, pending_after: float, limit: int) -> list[Operation]:

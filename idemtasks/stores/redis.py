@@ -397,9 +397,10 @@ class RedisStore(Store):
             return bool(int(self._attach_script(keys=[self.record_key(digest)],
                                                 args=[tail(digest, operation_id), str(token), payload])))
 
-    def _abandon(self, digest: str, operation_id: str) -> None:
+    def _abandon(self, digest: str, operation_id: str, within: float) -> None:
         with self._call():
-            self._abandon_script(keys=[self.record_key(digest), *self._indexes[:1]], args=[tail(digest, operation_id)])
+            self._abandon_script(keys=[self.record_key(digest), *self._indexes[:1]],
+                                 args=[tail(digest, operation_id), repr(float(within))])
 
     def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:
         with self._call():

@@ -317,14 +317,16 @@ local w = {}""" + _put_chunked("w", "p", "ARGV[3]") + _hset_all("k", "w") + """
 return 1
 """
 
-# KEYS: record, pending index. ARGV: id  ->  1
-# No clock: deleting a record that expired a moment ago changes nothing anybody can observe. Only while still flagged
-# unpublished ('np'): a duplicate's submit or recovery that published it since has a message on the broker.
-ABANDON = """
-local rec = redis.call('HMGET', KEYS[1], 'id', 'st', 'a', 'np')
-if rec[1] == ARGV[1] and rec[2] == 'p' and rec[3] == '0' and rec[4] then
-  redis.call('DEL', KEYS[1])
-  if KEYS[2] then redis.call('ZREM', KEYS[2], string.sub(KEYS[1], -33, -2)) end
+# KEYS: record, pending index. ARGV: id, within (seconds)  ->  1
+# Only while still flagged unpublished ('np'): a duplicate's submit or recovery that published it since has a message
+# on the broker. And only within 'within' of its creation, on this clock: past ACCEPT_WINDOW a duplicate may publish
+# it and answer its client with its id before its mark lands, and this delete may arrive later than it was decided.
+ABANDON = _CLOCK + """
+local rec = redis.call('HMGET', k, 'id', 'st', 'a', 'np', 'c')
+if rec[1] == ARGV[1] and rec[2] == 'p' and rec[3] == '0' and rec[4]
+   and (tonumber(rec[5]) or 0) > now - math.floor(ARGV[2] * 1000000 + 0.5) then
+  redis.call('DEL', k)
+  if KEYS[2] then redis.call('ZREM', KEYS[2], d) end
 end
 return 1
 """

@@ -498,8 +498,8 @@ class SQLStore(Store):
         params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token, p_payload=payload)
         return self._count(self.sql.attach_payload, params) == 1
 
-    def _abandon(self, digest: str, operation_id: str) -> None:
-        self._count(self.sql.abandon, {"p_key_hash": digest, "p_id": operation_id})
+    def _abandon(self, digest: str, operation_id: str, within: float) -> None:
+        self._count(self.sql.abandon, self.sql.params(p_key_hash=digest, p_id=operation_id, p_within=within))
 
     def _requeue(self, digest: str, operation_id: str, token: int, confirm_after: float) -> Takeover:
         params = self.sql.params(p_key_hash=digest, p_id=operation_id, p_fencing_token=token,

@@ -244,10 +244,11 @@ class Statements:
 
     @cached_property
     def abandon(self) -> Any:
-        t = self.table
-        # Only while still flagged unpublished: see Store.abandon.
+        t, now = self.table, self.now()
+        # Only while still flagged unpublished, and within p_within of its creation: see Store.abandon.
         return t.delete().where(t.c.key_hash == self.p("key_hash"), t.c.id == self.p("id"), t.c.status == "pending",
-                                t.c.attempts == 0, t.c.needs_publish.is_(True))
+                                t.c.attempts == 0, t.c.needs_publish.is_(True),
+                                t.c.created_at > now - self._seconds("p_within"))
 
     @cached_property
     def get(self) -> Any:
