@@ -315,9 +315,13 @@ def retry_payload(task: Any, attempt: Attempt, args: Any, kwargs: Any) -> str | 
 
 def _stored_call_of(task: Any, request: Any, call: str) -> str:
     options = _route_of(task, request)
-    # The message's own time limits (hard, soft), which a copy recovery publishes keeps (the task's are its own).
-    limits = getattr(request, "timelimit", None) or (None, None)
-    options.update(zip(LIMIT_OPTIONS, limits, strict=False))
+    # The call's own time limits (hard, soft), which a copy recovery publishes keeps. Celery puts the task's own (or
+    # the app's task_time_limit) in every message: those are left out, and a copy takes the task's as they are then.
+    limits = getattr(request, "timelimit", None)
+    if limits:
+        own = (getattr(task, "time_limit", None), getattr(task, "soft_time_limit", None))
+        options.update((option, limit) for option, limit, default in zip(LIMIT_OPTIONS, limits, own, strict=False)
+                       if limit and limit != default)
     if getattr(request, "expires", None) is None:
         return stored_call(call, options)
     options["expires"] = request.expires  # the message's deadline: a copy recovery publishes keeps it

@@ -20,8 +20,9 @@ import redis
 from celery import Celery
 
 from idemtasks import IdempotencyKeyMismatch, IdempotentTask, StoreUnavailable
-from idemtasks.aio import async_store_for, submit_async
+from idemtasks.aio import async_store_for, open_off_the_loop, submit_async
 from idemtasks.identity import parse_stored_call
+from idemtasks.stores import opened_store
 from idemtasks.stores.base import Store
 from idemtasks.stores.memory import MemoryStore
 from idemtasks.stores.redis import RedisStore
@@ -298,3 +299,23 @@ def test_requests_for_a_store_that_does_not_answer_share_one_open_and_hold_up_no
         dead, healthy = asyncio.run(scenario())
     assert healthy < 1.0
     assert max(dead) < 3.0
+
+
+def test_an_open_whose_thread_cannot_start_fails_that_request_and_the_next_one_opens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread to be had (a process at its limit): the request that asked is told, and the URL is not left waiting
+    for good on an open that never started."""
+    url = f"memory://open-{uuid.uuid4().hex}"
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if self.name == "idemtasks-open-store":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        asyncio.run(open_off_the_loop(url))
+    monkeypatch.setattr(threading.Thread, "start", start)
+    asyncio.run(asyncio.wait_for(open_off_the_loop(url), 5))
+    assert opened_store(url) is not None

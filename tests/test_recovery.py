@@ -318,6 +318,20 @@ def test_a_copy_by_recovery_keeps_the_time_limits_of_the_call(rig: Rig) -> None:
     assert parse_stored_call(op.payload or "")[3] == {"time_limit": 8, "soft_time_limit": 6}
 
 
+def test_a_plain_message_stores_no_time_limit_that_is_the_tasks_own(rig: Rig) -> None:
+    """Celery sends the task's own limits (or the app's task_time_limit) in every message: those are not the call's,
+    and a copy takes the task's limits as they are then (a deploy may have raised them). A call's own are stored."""
+    rig.task.time_limit, rig.task.soft_time_limit = 30, 20
+    try:
+        plain, bounded = f"plain-{uuid.uuid4().hex}", f"bounded-{uuid.uuid4().hex}"
+        sent = [rig.task.apply_async((plain, 77)), rig.task.apply_async((bounded, 78), time_limit=8)]
+        with start_worker(rig.app, pool="solo", perform_ping_check=False):
+            ops = [rig.final_of_message(s.id) for s in sent]
+    finally:
+        del rig.task.time_limit, rig.task.soft_time_limit  # back to the class's
+    assert [parse_stored_call(op.payload or "")[3] for op in ops] == [{}, {"time_limit": 8}]
+
+
 def test_a_message_on_the_default_queue_stores_no_route(rig: Rig) -> None:
     """Without a route, a copy goes to the task's own: the default queue needs no bytes in every record."""
     key = f"plain-{uuid.uuid4().hex}"

@@ -7,7 +7,9 @@ everything else through the pool; both must survive a connection the server clos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -371,21 +373,45 @@ def test_opening_a_store_on_a_server_that_does_not_answer_gives_up_after_one_con
         assert time.monotonic() - started < 2.5
 
 
-def test_opening_a_mariadb_store_on_a_server_that_never_greets_gives_up_after_the_connect_timeout() -> None:
-    """PyMySQL's connect_timeout bounds the TCP connect only; the server's greeting is waited for within it too (the
-    opening held its URL's lock for good), and statements are not bounded by it once connected."""
-    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # accepted by the kernel, never answered
+def _mysql_greeting(tls: bool) -> bytes:
+    """A MariaDB server's first packet (protocol 10), offering TLS or not."""
+    caps = 0x0200 | 0x8000 | 0x80000 | 0x0008 | 0x0001 | (0x0800 if tls else 0)
+    body = (b"\x0a" + b"10.11.0-test\x00" + struct.pack("<I", 7) + b"abcdefgh" + b"\x00"
+            + struct.pack("<H", caps & 0xFFFF) + b"\x21" + struct.pack("<H", 2) + struct.pack("<H", caps >> 16)
+            + b"\x15" + b"\x00" * 10 + b"ijklmnopqrst\x00" + b"mysql_native_password\x00")
+    return struct.pack("<I", len(body))[:3] + b"\x00" + body
+
+
+@pytest.mark.parametrize("server", ["never greets", "greets, offers TLS, then goes silent"])
+def test_opening_a_mariadb_store_on_a_server_that_stops_answering_gives_up_after_the_connect_timeout(
+        server: str) -> None:
+    """PyMySQL's connect_timeout bounds the TCP connect only; the server's greeting, the TLS handshake (tried
+    whenever the server offers TLS) and the login are waited for within it too (the opening held its URL's lock for
+    good), and statements are not bounded by it once connected."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as fake:
+        held: list[socket.socket] = []
+
+        def greet() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = fake.accept()
+                held.append(conn)
+                conn.sendall(_mysql_greeting(tls=True))  # then nothing more
+
+        if server != "never greets":  # otherwise accepted by the kernel, never answered
+            threading.Thread(target=greet, daemon=True).start()
         outcome: list[BaseException] = []
 
         def open_it() -> None:
             try:
-                SQLStore(f"mysql+pymysql://root@127.0.0.1:{silent.getsockname()[1]}/test?connect_timeout=1")
+                SQLStore(f"mysql+pymysql://root@127.0.0.1:{fake.getsockname()[1]}/test?connect_timeout=1")
             except BaseException as exc:  # reported below
                 outcome.append(exc)
 
         opener = threading.Thread(target=open_it, daemon=True)
         opener.start()
         opener.join(5)
+        for conn in held:
+            conn.close()
         assert not opener.is_alive() and len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable)
     require("mysql")
     store = SQLStore(MYSQL_URL + ("&" if "?" in MYSQL_URL else "?") + "connect_timeout=1", table="idemtasks_ping_ops")

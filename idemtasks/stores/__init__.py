@@ -98,8 +98,12 @@ def open_in_background(url: str) -> concurrent.futures.Future[Store]:
             future = _opening[key] = concurrent.futures.Future()
             # Running: a waiter that gives up (its request cancelled) cannot cancel it for the others.
             future.set_running_or_notify_cancel()
-            threading.Thread(target=_open_into, args=(url, key, future), name="idemtasks-open-store",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=_open_into, args=(url, key, future), name="idemtasks-open-store",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: this caller is told, and the next one tries again
+                del _opening[key]
+                future.set_exception(exc)
     return future
 
 

@@ -189,20 +189,27 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
 
 
 def _pymysql_handshake_bound(url: sa.URL, connect_args: dict[str, Any]) -> bool:
-    """PyMySQL bounds only the TCP connect by ``connect_timeout``: the server's greeting and the login then wait for
-    as long as it takes, and a server that accepts connections and never answers held the store's opening (and the
-    lock other openers of that URL wait on) for good. Bound those reads by the connect timeout too, unless the caller
-    set a ``read_timeout`` of their own; :func:`_unbounded_reads` lifts it once connected (statements may be long)."""
-    if url.get_driver_name() != "pymysql" or "read_timeout" in url.query or "read_timeout" in connect_args:
+    """PyMySQL bounds only the TCP connect by ``connect_timeout``: the server's greeting, the TLS handshake (which
+    PyMySQL tries whenever the server offers TLS) and the login then wait for as long as it takes, and a server that
+    accepts connections and never answers held the store's opening (and the lock other openers of that URL wait on)
+    for good. Bound those reads and writes by the connect timeout too, unless the caller set timeouts of their own;
+    :func:`_unbounded_reads` lifts them once connected (statements may be long)."""
+    if url.get_driver_name() != "pymysql" or any(name in url.query or name in connect_args for name in _PYMYSQL_BOUNDS):
         return False
     given: Any = connect_args.get("connect_timeout") or url.query.get("connect_timeout") or 5
-    connect_args["read_timeout"] = float(given if not isinstance(given, tuple) else given[-1])
+    bound = float(given if not isinstance(given, tuple) else given[-1])
+    connect_args.update(dict.fromkeys(_PYMYSQL_BOUNDS, bound))
     return True
 
 
+_PYMYSQL_BOUNDS = ("read_timeout", "write_timeout")
+
+
 def _unbounded_reads(dbapi_conn: Any, _record: Any) -> None:
-    if hasattr(dbapi_conn, "_read_timeout"):  # PyMySQL's: the next read sets the socket's timeout from it
-        dbapi_conn._read_timeout = None
+    # PyMySQL's own: its next read or write sets the socket's timeout from them.
+    for name in ("_read_timeout", "_write_timeout"):
+        if hasattr(dbapi_conn, name):
+            setattr(dbapi_conn, name, None)
 
 
 def _tcp_keepalives(dbapi_conn: Any, _record: Any) -> None:
