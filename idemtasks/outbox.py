@@ -22,15 +22,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .config import ACCEPT_WINDOW, DEFAULT_TTL
 from .errors import ConfigurationError, IdempotencyKeyMismatch, StoreUnavailable
-from .identity import (
-    fingerprint_of_call,
-    key_digest,
-    new_operation_id,
-    parse_stored_call,
-    stored_call,
-    validate_key,
-    validate_scope,
-)
+from .identity import fingerprint_of_call, key_digest, new_operation_id, stored_call, validate_key, validate_scope
 from .models import Operation, Status
 from .stores import SQL_SCHEMES, Store, public_url, url_scheme
 from .stores.base import CreateRequest, decide_create
@@ -49,19 +41,12 @@ class Staged:
     task: Any
     args: Any
     kwargs: Any
-    #: Another caller's operation, left unpublished past ACCEPT_WINDOW (it died before publishing): :meth:`publish`
-    #: sends it, as a repeated submit does, rather than leave it to recovery.
-    unpublished: bool = False
 
     def publish(self) -> None:
         if self.created:
             # With the deadline stored with the operation (the task's own expires, as a time), which recovery's
             # copies carry as well: not one counted from this publish.
             self.task.publish(self.operation, self.args, self.kwargs, **first_deadline(self.operation, {}))
-        elif self.unpublished:
-            # Where its creator would have sent it: the route, time limits, callbacks and deadline stored with it.
-            options = parse_stored_call(self.operation.payload)[3] if self.operation.payload else {}
-            self.task.publish(self.operation, self.args, self.kwargs, **options)
 
 
 class Outbox:
@@ -145,15 +130,14 @@ class Outbox:
         if existing.fingerprint != fp:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
                                          stored_fingerprint=existing.fingerprint, fingerprint=fp)
-        unpublished = existing.status is Status.PENDING and existing.needs_publish
-        if unpublished and now - existing.created_at < ACCEPT_WINDOW:
+        if existing.status is Status.PENDING and existing.needs_publish and now - existing.created_at < ACCEPT_WINDOW:
             # Created and not yet published, by a caller that may still be publishing it: a submit whose publish fails
             # removes the record (Store.abandon), and rows this transaction commits would name an operation that is
             # gone. Such a repeat is what HTTP answers 409 for; here: roll back and try again, and by then the record
             # is published (a replay) or removed (this call records its own). Past ACCEPT_WINDOW no submit removes it.
             raise StoreUnavailable(f"SQL store {store.url}: the key {key!r} is being recorded by another request that "
                                    "has not published it yet; roll back and try again")
-        return Staged(existing, False, task, args, kwargs, unpublished=unpublished)
+        return Staged(existing, False, task, args, kwargs)
 
 
 def _duplicate_key(exc: IntegrityError) -> bool:

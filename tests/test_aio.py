@@ -314,7 +314,7 @@ def test_an_open_whose_thread_cannot_start_fails_that_request_and_the_next_one_o
         start(self)
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
-    with pytest.raises(RuntimeError, match="can't start new thread"):
+    with pytest.raises(StoreUnavailable, match="can't start new thread"):  # a 503 for an HTTP request
         asyncio.run(open_off_the_loop(url))
     monkeypatch.setattr(threading.Thread, "start", start)
     asyncio.run(asyncio.wait_for(open_off_the_loop(url), 5))

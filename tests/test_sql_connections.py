@@ -29,7 +29,7 @@ from idemtasks.stores.base import CreateRequest
 from idemtasks.stores.sql import SQLStore
 from idemtasks.stores.sql_async import AsyncSQLStore
 from idemtasks.stores.sql_lane import Prepared
-from idemtasks.stores.sql_schema import PG_KEEPALIVES
+from idemtasks.stores.sql_schema import PG_KEEPALIVES, make_engine
 
 from .services import MYSQL_URL, POSTGRES_URL, pg_sessions, require
 
@@ -382,12 +382,14 @@ def _mysql_greeting(tls: bool) -> bytes:
     return struct.pack("<I", len(body))[:3] + b"\x00" + body
 
 
-@pytest.mark.parametrize("server", ["never greets", "greets, offers TLS, then goes silent"])
+@pytest.mark.parametrize(("server", "given"), [
+    ("never greets", ""), ("greets, offers TLS, then goes silent", ""),
+    ("never greets", "&write_timeout=30"), ("greets, offers TLS, then goes silent", "&read_timeout=30")])
 def test_opening_a_mariadb_store_on_a_server_that_stops_answering_gives_up_after_the_connect_timeout(
-        server: str) -> None:
+        server: str, given: str) -> None:
     """PyMySQL's connect_timeout bounds the TCP connect only; the server's greeting, the TLS handshake (tried
-    whenever the server offers TLS) and the login are waited for within it too (the opening held its URL's lock for
-    good), and statements are not bounded by it once connected."""
+    whenever the server offers TLS, under the write timeout) and the login are waited for within it too (the opening
+    held its URL's lock for good), whichever of the read and write timeouts the caller left unset."""
     with socket.create_server(("127.0.0.1", 0), backlog=8) as fake:
         held: list[socket.socket] = []
 
@@ -403,7 +405,7 @@ def test_opening_a_mariadb_store_on_a_server_that_stops_answering_gives_up_after
 
         def open_it() -> None:
             try:
-                SQLStore(f"mysql+pymysql://root@127.0.0.1:{fake.getsockname()[1]}/test?connect_timeout=1")
+                SQLStore(f"mysql+pymysql://root@127.0.0.1:{fake.getsockname()[1]}/test?connect_timeout=1{given}")
             except BaseException as exc:  # reported below
                 outcome.append(exc)
 
@@ -413,10 +415,21 @@ def test_opening_a_mariadb_store_on_a_server_that_stops_answering_gives_up_after
         for conn in held:
             conn.close()
         assert not opener.is_alive() and len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable)
+
+
+def test_once_connected_mariadb_statements_are_not_bounded_by_the_connect_timeout() -> None:
+    """Nor SQLAlchemy's first statements on a new connection (an application's first_connect listener here, the
+    dialect's own set-up otherwise), which a loaded server may take longer than the connect timeout to answer."""
     require("mysql")
-    store = SQLStore(MYSQL_URL + ("&" if "?" in MYSQL_URL else "?") + "connect_timeout=1", table="idemtasks_ping_ops")
+    engine = make_engine(MYSQL_URL + ("&" if "?" in MYSQL_URL else "?") + "connect_timeout=1")
+
+    def slow_setup(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute("SELECT SLEEP(1.2)")
+
+    sa.event.listen(engine, "first_connect", slow_setup)
     try:
-        with store.engine.connect() as conn:
+        with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT SLEEP(1.5)").scalar_one() == 0  # longer than the connect timeout
     finally:
-        store.close()
+        engine.dispose()

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StoreUnavailable
 from ..forks import fresh_in_child
 from .base import Store
 
@@ -101,9 +101,11 @@ def open_in_background(url: str) -> concurrent.futures.Future[Store]:
             try:
                 threading.Thread(target=_open_into, args=(url, key, future), name="idemtasks-open-store",
                                  daemon=True).start()
-            except RuntimeError as exc:  # no thread to be had: this caller is told, and the next one tries again
+            except Exception as exc:  # no thread to be had: this caller is told, and the next one tries again
                 del _opening[key]
-                future.set_exception(exc)
+                failed = StoreUnavailable(f"store {public_url(url)} could not be opened: no thread to open it: {exc}")
+                failed.__cause__ = exc
+                future.set_exception(failed)
     return future
 
 

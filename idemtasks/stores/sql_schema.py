@@ -42,6 +42,7 @@ PostgreSQL pads CHAR values when it returns them, and the fingerprint is compare
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -173,10 +174,14 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
             connect_args.update(connect_timeout=5)
     kwargs.update(options)
     kwargs["connect_args"] = {**connect_args, **options.get("connect_args", {})}
-    handshake = _pymysql_handshake_bound(u, kwargs["connect_args"])
+    bounded = _pymysql_handshake_bounds(u, kwargs["connect_args"])
     engine = sa.create_engine(u, **kwargs)
-    if handshake:
-        sa.event.listen(engine, "connect", _unbounded_reads)
+    if bounded:
+        # First among the listeners of both events: before SQLAlchemy's first queries on a new connection (the
+        # dialect's initialize on the first, its session set-up on each), which are statements like any other.
+        lift = functools.partial(_lift_bounds, bounded)
+        sa.event.listen(engine, "first_connect", lift, insert=True)
+        sa.event.listen(engine, "connect", lift, insert=True)
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         sa.event.listen(engine, "begin", _sqlite_begin)
@@ -188,28 +193,27 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
     return engine
 
 
-def _pymysql_handshake_bound(url: sa.URL, connect_args: dict[str, Any]) -> bool:
+def _pymysql_handshake_bounds(url: sa.URL, connect_args: dict[str, Any]) -> tuple[str, ...]:
     """PyMySQL bounds only the TCP connect by ``connect_timeout``: the server's greeting, the TLS handshake (which
-    PyMySQL tries whenever the server offers TLS) and the login then wait for as long as it takes, and a server that
-    accepts connections and never answers held the store's opening (and the lock other openers of that URL wait on)
-    for good. Bound those reads and writes by the connect timeout too, unless the caller set timeouts of their own;
-    :func:`_unbounded_reads` lifts them once connected (statements may be long)."""
-    if url.get_driver_name() != "pymysql" or any(name in url.query or name in connect_args for name in _PYMYSQL_BOUNDS):
-        return False
+    PyMySQL tries whenever the server offers TLS, under its write timeout) and the login then wait for as long as it
+    takes, and a server that accepts connections and never answers held the store's opening (and the lock other
+    openers of that URL wait on) for good. Bound the reads and writes the caller left unbounded by the connect timeout
+    too; :func:`_lift_bounds` lifts those again once connected (statements may be long). The names set, if any."""
+    if url.get_driver_name() != "pymysql":
+        return ()
     given: Any = connect_args.get("connect_timeout") or url.query.get("connect_timeout") or 5
     bound = float(given if not isinstance(given, tuple) else given[-1])
-    connect_args.update(dict.fromkeys(_PYMYSQL_BOUNDS, bound))
-    return True
+    unset = tuple(name for name in ("read_timeout", "write_timeout")
+                  if name not in url.query and name not in connect_args)
+    connect_args.update(dict.fromkeys(unset, bound))
+    return unset
 
 
-_PYMYSQL_BOUNDS = ("read_timeout", "write_timeout")
-
-
-def _unbounded_reads(dbapi_conn: Any, _record: Any) -> None:
-    # PyMySQL's own: its next read or write sets the socket's timeout from them.
-    for name in ("_read_timeout", "_write_timeout"):
-        if hasattr(dbapi_conn, name):
-            setattr(dbapi_conn, name, None)
+def _lift_bounds(names: tuple[str, ...], dbapi_conn: Any, _record: Any) -> None:
+    # PyMySQL's own attributes: its next read or write sets the socket's timeout from them.
+    for name in names:
+        if hasattr(dbapi_conn, f"_{name}"):
+            setattr(dbapi_conn, f"_{name}", None)
 
 
 def _tcp_keepalives(dbapi_conn: Any, _record: Any) -> None:
