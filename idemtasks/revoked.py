@@ -57,7 +57,7 @@ def fail_discarded(task: Any, request: Any, *, expired: bool) -> bool:
         return False
     if not (op.id == request.id or keyed_by_it or _carries_it_on(op, request, expired=expired)):
         return False
-    what = "expired (expires=)" if expired else "was revoked"
+    what = f"expired (expires={getattr(request, 'expires', None)})" if expired else "was revoked"
     return fail_unrun(task, store, op, "Expired" if expired else "Revoked",
                       f"the message {what} before this delivery ran")
 

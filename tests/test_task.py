@@ -1036,6 +1036,7 @@ class TestDiscardedMessages:
         sub = charge.submit(("acct", 7), key=k, countdown=1.0, expires=0.3)
         op = h.wait_final(sub.operation.id)
         assert op.status is Status.FAILED and op.error is not None and op.error.type == "Expired"
+        assert "(expires=)" not in op.error.message  # it names the deadline
         assert h.runs[k] == 0
         again = charge.submit(("acct", 7), key=k)  # the client's retry: a replay of the failure, nothing runs
         assert not again.created and again.operation.status is Status.FAILED
