@@ -23,6 +23,7 @@ that are retried rather than stored as terminal failures), ``transactional`` and
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any
 
@@ -41,6 +42,8 @@ __all__ = [
     "DEFAULT_STORE_RETRY_MAX_DELAY",
     "DEFAULT_STORE_URL",
     "DEFAULT_TTL",
+    "MAX_TASK_NAME",
+    "MAX_TTL",
     "ON_BUSY_POLICIES",
     "SETTINGS",
 ]
@@ -99,11 +102,49 @@ SETTINGS: tuple[tuple[str, str, Any], ...] = (
 VALIDATED = (*(attr for attr, _, _ in SETTINGS), "transactional", "transaction_url")
 
 
+#: Longest ``idempotency_ttl`` (seconds): ten years. Stores keep times to the microsecond in 64-bit integers (Redis),
+#: and a longer TTL (``inf``, ``1e300``) was stored as none: every duplicate ran again.
+MAX_TTL = 10 * 365 * 24 * 3600.0
+
+
+def _number(task_name: str, name: str, value: Any, *, zero: bool = False) -> float:
+    """``value`` as seconds, if it is a finite number above 0 (or 0, with ``zero``): a string from the environment,
+    NaN (every comparison with it is false: a lease of NaN never ran out) and infinity are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (value == 0 and not zero):
+        raise ConfigurationError(f"{task_name}: {name} must be a finite number of seconds, "
+                                 f"{'0 or more' if zero else 'above 0'}, not {value!r}")
+    return float(value)
+
+
+def _byte_limit(task_name: str, name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(f"{task_name}: {name} must be a whole number of bytes above 0, or None, not {value!r}")
+
+
+#: Longest task name: what the SQL stores' ``task_name`` column holds.
+MAX_TASK_NAME = 255
+
+
 def validate(task_name: str, values: dict[str, Any]) -> None:
     """Refuse settings that would break the guarantees rather than discover it under load."""
-    lease, ttl = float(values["lease_seconds"]), float(values["idempotency_ttl"])
-    if lease <= 0:
-        raise ConfigurationError(f"{task_name}: lease_seconds must be positive, not {lease}")
+    if len(task_name) > MAX_TASK_NAME:
+        # A SQL store refused every record of such a task: each claim failed, and its message went round for ever.
+        raise ConfigurationError(f"{task_name[:80]}…: a task name must be at most {MAX_TASK_NAME} characters, not "
+                                 f"{len(task_name)}")
+    lease = _number(task_name, "lease_seconds", values["lease_seconds"])
+    ttl = _number(task_name, "idempotency_ttl", values["idempotency_ttl"])
+    if ttl > MAX_TTL:
+        raise ConfigurationError(f"{task_name}: idempotency_ttl must be at most {MAX_TTL:.0f} s (ten years), not {ttl}")
+    for name in ("busy_countdown", "store_retry_max_delay"):
+        if name in values:
+            _number(task_name, name, values[name], zero=name == "busy_countdown")
+    for name in ("max_args_bytes", "max_result_bytes"):
+        if name in values:
+            _byte_limit(task_name, name, values[name])
+    if "pipeline_completions" in values and not isinstance(values["pipeline_completions"], bool):
+        raise ConfigurationError(f"{task_name}: pipeline_completions must be True or False, not "
+                                 f"{values['pipeline_completions']!r}")
     # The record must outlive any lease on it, or a running operation could expire and its key start a second one.
     if ttl < 2 * lease:
         raise ConfigurationError(f"{task_name}: idempotency_ttl ({ttl}) must be at least twice lease_seconds ({lease})")

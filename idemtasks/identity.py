@@ -118,8 +118,8 @@ def dump_json(value: Any, *, what: str, limit: int | None = None, canonical: boo
         return "null"
     try:
         text: str = _ENCODERS[canonical].encode(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise NotSerializable(f"{what} cannot be stored as JSON: {exc}", what=what) from exc
+    except Exception as exc:  # TypeError, ValueError, RecursionError; or whatever a type's own hook raised
+        raise NotSerializable(f"{what} cannot be stored as JSON: {type(exc).__name__}: {exc}", what=what) from exc
     if text.isascii():  # most values: one byte per character, and nothing to check
         size = len(text)
     else:
