@@ -49,6 +49,15 @@ def test_unknown_store_url_is_a_configuration_error(url: str) -> None:
         open_store(url)
 
 
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:99999/0", "redis://127.0.0.1:6379/0?socket_timeout=abc", "redis://[::1/0",
+    "postgresql+nodriver://127.0.0.1/x", "postgresql+asyncpg://postgres@127.0.0.1:1/test"])
+def test_a_store_url_that_cannot_be_used_as_written_is_a_configuration_error(url: str) -> None:
+    """Not the driver's own ValueError, TypeError or "no such module": the URL, which no retry will mend."""
+    with pytest.raises(ConfigurationError, match="cannot be opened"):
+        open_store(url)
+
+
 @pytest.mark.parametrize(("url", "shown"), [
     ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
     ("postgresql://app:s3cret@h/db", "postgresql://app:***@h/db"),

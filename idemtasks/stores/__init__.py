@@ -40,14 +40,25 @@ def open_store(url: str, **options: Any) -> Store:
         raise ConfigurationError(f"store URL {url!r} is not a URL (expected e.g. redis://, postgresql+psycopg://, "
                                  "sqlite:///, mysql+pymysql://, memory://)")
     scheme = url_scheme(url)
-    if scheme in REDIS_SCHEMES:
-        from .redis import RedisStore
+    try:
+        if scheme in REDIS_SCHEMES:
+            from .redis import RedisStore
 
-        return RedisStore(url, **options)
-    if scheme in SQL_SCHEMES:
-        from .sql import SQLStore
+            return RedisStore(url, **options)
+        if scheme in SQL_SCHEMES:
+            # .sql first: without SQLAlchemy, its ImportError says what to install.
+            from .sql import SQLStore  # noqa: I001
 
-        return SQLStore(url, **options)
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                return SQLStore(url, **options)
+            except ArgumentError as exc:  # no such dialect or driver, a URL SQLAlchemy cannot read
+                raise ValueError(str(exc)) from exc
+    except (TypeError, ValueError) as exc:
+        # What the URL says cannot be used: a port out of range, a query value of the wrong type, a driver that
+        # takes other arguments.
+        raise ConfigurationError(f"store URL {public_url(url)} cannot be opened: {type(exc).__name__}: {exc}") from exc
     if scheme == "memory":
         from .memory import MemoryStore
 
@@ -122,7 +133,10 @@ def _open_into(url: str, key: tuple[int, str], future: concurrent.futures.Future
 def public_url(url: str) -> str:
     """The URL without its passwords (in the user info, or a query parameter such as libpq's ``password=`` and
     ``sslpassword=`` or PyMySQL's ``passwd=``), for logs."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not one urllib can read (an unclosed IPv6 bracket): its password hidden, its query left out
+        return _USERINFO.sub(r"\1:***@", url.split("?", 1)[0], count=1)
     params = parts.query.split("&")
     userinfo = _USERINFO.match(url)
     if userinfo is None and not any(_is_secret(p) for p in params):
