@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis.exceptions import ClusterError, MaxConnectionsError, RedisClusterException, SlotNotCoveredError
+from redis.exceptions import (
+    ClusterError,
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterException,
+    SlotNotCoveredError,
+)
 
 from idemtasks.errors import LeaseLost, StoreError, StoreUnavailable
 from idemtasks.models import ClaimOutcome, Status, Takeover
@@ -182,6 +188,8 @@ def test_clients_built_while_the_urls_node_is_down_reach_the_rest_of_the_cluster
     (ClusterError("TTL exhausted."), True),  # redirected past the client's limit: a resharding under way
     (SlotNotCoveredError("no node serves slot 7"), True),
     (MaxConnectionsError(), True),  # the pool's limit reached: it says nothing of itself
+    # A node without the script: a replica just promoted, or a node restarted (scripts are not replicated)
+    (NoScriptError("No matching script. Please use EVAL."), True),
     (RedisClusterException("cluster mode is not enabled on this node"), False),
 ], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v))
 def test_a_cluster_clients_own_errors_are_the_stores(store: RedisStore, error: Exception, outage: bool) -> None:

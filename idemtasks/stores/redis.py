@@ -21,6 +21,7 @@ try:
     from redis.backoff import NoBackoff
     from redis.exceptions import (
         ClusterError,
+        NoScriptError,
         OutOfMemoryError,
         ReadOnlyError,
         RedisClusterException,
@@ -58,8 +59,10 @@ _TAKEOVER = {0: Takeover.ALIVE, 1: Takeover.REQUEUED, 2: Takeover.SUSPECTED}  # 
 # expire or the limit is raised.
 # On a cluster: no node reachable, a slot no node serves, or redirections that went on past the client's limit (a
 # resharding under way: ClusterError "TTL exhausted"; ClusterDownError is one too).
+# And a script the node does not have (NOSCRIPT): a replica just promoted, or a node restarted (scripts are neither
+# replicated nor kept), which a cluster client's redirections can reach before it loads the script there.
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterError, OutOfMemoryError,
-              RedisClusterUnreachableError, SlotNotCoveredError)
+              RedisClusterUnreachableError, SlotNotCoveredError, NoScriptError)
 #: What a call may raise: a cluster client's own errors (no node reachable, a slot no node serves) are no RedisError.
 DRIVER_ERRORS = (RedisError, RedisClusterException)
 
