@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import sys
 from typing import Any
 
@@ -108,17 +109,22 @@ MAX_TTL = 10 * 365 * 24 * 3600.0
 
 
 def _number(task_name: str, name: str, value: Any, *, zero: bool = False) -> float:
-    """``value`` as seconds, if it is a finite number above 0 (or 0, with ``zero``): a string from the environment,
-    NaN (every comparison with it is false: a lease of NaN never ran out) and infinity are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-            or (value == 0 and not zero):
+    """``value`` as seconds, if it reads as a finite number above 0 (or 0, with ``zero``): any number type, or a
+    string of one (from the environment). NaN (every comparison with it is false: a lease of NaN never ran out) and
+    infinity are refused."""
+    try:
+        seconds = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
         raise ConfigurationError(f"{task_name}: {name} must be a finite number of seconds, "
                                  f"{'0 or more' if zero else 'above 0'}, not {value!r}")
-    return float(value)
+    return seconds
 
 
 def _byte_limit(task_name: str, name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    # Whole numbers of any type (numpy's too), not strings: the limit is compared with sizes as it is.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
         raise ConfigurationError(f"{task_name}: {name} must be a whole number of bytes above 0, or None, not {value!r}")
 
 
@@ -138,11 +144,11 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
         raise ConfigurationError(f"{task_name}: idempotency_ttl must be at most {MAX_TTL:.0f} s (ten years), not {ttl}")
     for name in ("busy_countdown", "store_retry_max_delay"):
         if name in values:
-            _number(task_name, name, values[name], zero=name == "busy_countdown")
+            _number(task_name, name, values[name], zero=True)
     for name in ("max_args_bytes", "max_result_bytes"):
         if name in values:
             _byte_limit(task_name, name, values[name])
-    if "pipeline_completions" in values and not isinstance(values["pipeline_completions"], bool):
+    if "pipeline_completions" in values and values["pipeline_completions"] not in (True, False):  # 1, numpy's too
         raise ConfigurationError(f"{task_name}: pipeline_completions must be True or False, not "
                                  f"{values['pipeline_completions']!r}")
     # The record must outlive any lease on it, or a running operation could expire and its key start a second one.

@@ -118,8 +118,10 @@ def dump_json(value: Any, *, what: str, limit: int | None = None, canonical: boo
         return "null"
     try:
         text: str = _ENCODERS[canonical].encode(value)
-    except Exception as exc:  # TypeError, ValueError, RecursionError; or whatever a type's own hook raised
-        raise NotSerializable(f"{what} cannot be stored as JSON: {type(exc).__name__}: {exc}", what=what) from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        # Not any exception: a type's own JSON hook that raises something else (a connection it needed) passes it
+        # on, and a body's retry_on still applies to it.
+        raise NotSerializable(f"{what} cannot be stored as JSON: {exc}", what=what) from exc
     if text.isascii():  # most values: one byte per character, and nothing to check
         size = len(text)
     else:

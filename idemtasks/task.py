@@ -23,7 +23,7 @@ from celery.utils.time import maybe_iso8601
 
 from . import checks, config, revoked  # noqa: F401 - revoked connects the handler of discarded messages
 from .config import ACCEPT_WINDOW
-from .errors import IdemtasksError, NotSerializable, PublishFailed
+from .errors import IdemtasksError, PublishFailed
 from .execution import HEADER, Attempt, header_of, retry_payload, run_attempt
 from .forks import fresh_in_child
 from .identity import (
@@ -108,14 +108,6 @@ def record_ttl(task: Any, due: float) -> float:
     """The TTL a submitted record is created with: ``idempotency_ttl`` beyond the time its message is ``due``, so
     that a scheduled message still finds its record when it runs, and a client's retry meanwhile is a replay."""
     return float(task.idempotency_ttl or config.DEFAULT_TTL) + due
-
-
-def _refused_as_given(exc: Exception) -> bool:
-    """Whether ``apply_async`` refused the call itself (kombu's encoding error, or a TypeError or ValueError raised
-    before anything reached the broker) rather than failed to reach the broker."""
-    from kombu.exceptions import EncodeError
-
-    return isinstance(exc, (EncodeError, TypeError, ValueError))
 
 
 class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
@@ -397,11 +389,6 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 except IdemtasksError as cleanup_exc:
                     # Left pending and flagged: a repeat after ACCEPT_WINDOW (or the sweeper) publishes it.
                     logger.error("idemtasks: could not remove unpublished operation %s: %s", op.id, cleanup_exc)
-            if _refused_as_given(exc):
-                # Not the broker: Celery or kombu refused this call as given (arguments its serializer cannot
-                # encode, an option of the wrong type), which would fail the same way however often it was retried.
-                raise NotSerializable(f"operation {op.id} was recorded but its message could not be sent as given: "
-                                      f"{type(exc).__name__}: {exc}", what="message") from exc
             raise PublishFailed(f"operation {op.id} was recorded but its message was not published: {exc}",
                                 operation_id=op.id) from exc
         try:

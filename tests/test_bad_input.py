@@ -11,6 +11,8 @@ import sys
 import time
 import uuid
 from collections import Counter
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,6 @@ from idemtasks import (
     ConfigurationError,
     IdempotentTask,
     InvalidKey,
-    NotSerializable,
     Status,
     StoreUnavailable,
     TooLarge,
@@ -151,9 +152,15 @@ def test_settings_that_would_break_the_guarantees_are_refused() -> None:
         validate("t", {**base, "on_busy": "run-anyway"})
 
 
+_GOOD_SETTINGS = {"lease_seconds": 60.0, "idempotency_ttl": 3600.0, "on_busy": "retry", "busy_countdown": 1.0,
+                  "store_retry_max_delay": 60.0, "max_args_bytes": None, "max_result_bytes": 1024,
+                  "pipeline_completions": True, "max_crashes": 3}
+
+
 @pytest.mark.parametrize(("setting", "value"), [
     ("lease_seconds", float("nan")),  # every comparison false: a lease that never ran out, its operation stuck
-    ("lease_seconds", "60"),  # a string from the environment
+    ("lease_seconds", "nan"),
+    ("lease_seconds", "sixty"),
     ("idempotency_ttl", float("inf")),  # on Redis, stored as no record at all: every duplicate ran again
     ("idempotency_ttl", 1e300),
     ("idempotency_ttl", 20 * 365 * 24 * 3600.0),
@@ -167,12 +174,20 @@ def test_settings_that_would_break_the_guarantees_are_refused() -> None:
 ])
 def test_settings_of_the_wrong_type_or_out_of_range_are_refused_when_the_task_is_bound(setting: str,
                                                                                       value: object) -> None:
-    base = {"lease_seconds": 60.0, "idempotency_ttl": 3600.0, "on_busy": "retry", "busy_countdown": 1.0,
-            "store_retry_max_delay": 60.0, "max_args_bytes": None, "max_result_bytes": 1024,
-            "pipeline_completions": True, "max_crashes": 3}
-    validate("t", base)
+    validate("t", _GOOD_SETTINGS)
     with pytest.raises(ConfigurationError, match=setting):
-        validate("t", {**base, setting: value})
+        validate("t", {**_GOOD_SETTINGS, setting: value})
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("lease_seconds", "60"),  # a string from the environment
+    ("lease_seconds", Decimal("30")),
+    ("idempotency_ttl", Fraction(7200)),
+    ("store_retry_max_delay", 0),
+    ("pipeline_completions", 1),
+])
+def test_settings_given_as_other_kinds_of_numbers_still_bind(setting: str, value: object) -> None:
+    validate("t", {**_GOOD_SETTINGS, setting: value})
 
 
 def test_a_task_name_longer_than_the_stores_hold_is_refused_when_the_task_is_bound() -> None:
@@ -677,25 +692,3 @@ def test_values_over_the_mariadb_servers_packet_limit_are_too_large_and_a_body_r
         task_failure.disconnect(failed)
         drop(store)
         engine.dispose()
-
-
-def test_a_call_celery_refuses_as_given_is_not_serializable_not_a_broker_outage() -> None:
-    """kombu cannot encode it, or Celery refuses an option: it would fail the same way at every retry, so it is not a
-    PublishFailed (HTTP 503, "retry later"), and no record is left behind."""
-    app = Celery(f"r{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    store = MemoryStore()
-
-    @app.task(shared=False, base=IdempotentTask, store_url=store, name=f"{app.main}.pay")
-    def pay(*args: object, **kwargs: object) -> None:
-        return None
-
-    class Hooked:
-        def __json__(self) -> object:  # a type's own JSON hook, which fails
-            raise KeyError("missing")
-
-    with pytest.raises(NotSerializable, match="KeyError"):
-        pay.submit((Hooked(),), key="hooked")
-    for key, options in (("countdown", {"countdown": float("nan")}), ("expires", {"expires": "garbage"})):
-        with pytest.raises(NotSerializable, match="could not be sent as given"):
-            pay.submit((1,), key=key, **options)
-        assert store.get("global", key) is None
