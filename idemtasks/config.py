@@ -144,7 +144,9 @@ def validate(task_name: str, values: dict[str, Any]) -> None:
         raise ConfigurationError(f"{task_name}: idempotency_ttl must be at most {MAX_TTL:.0f} s (ten years), not {ttl}")
     for name in ("busy_countdown", "store_retry_max_delay"):
         if name in values:
-            _number(task_name, name, values[name], zero=True)
+            # No zero store_retry_max_delay: while the store is away, each message would go round the broker at once,
+            # again and again.
+            _number(task_name, name, values[name], zero=name == "busy_countdown")
     for name in ("max_args_bytes", "max_result_bytes"):
         if name in values:
             _byte_limit(task_name, name, values[name])

@@ -167,6 +167,7 @@ _GOOD_SETTINGS = {"lease_seconds": 60.0, "idempotency_ttl": 3600.0, "on_busy": "
     ("busy_countdown", "x"),
     ("busy_countdown", float("nan")),
     ("store_retry_max_delay", -1.0),
+    ("store_retry_max_delay", 0),  # each message would go round the broker at once while the store is away
     ("max_result_bytes", "100"),  # every result failed with a TypeError
     ("max_args_bytes", 0),
     ("pipeline_completions", "no"),
@@ -183,7 +184,7 @@ def test_settings_of_the_wrong_type_or_out_of_range_are_refused_when_the_task_is
     ("lease_seconds", "60"),  # a string from the environment
     ("lease_seconds", Decimal("30")),
     ("idempotency_ttl", Fraction(7200)),
-    ("store_retry_max_delay", 0),
+    ("busy_countdown", 0),
     ("pipeline_completions", 1),
 ])
 def test_settings_given_as_other_kinds_of_numbers_still_bind(setting: str, value: object) -> None:
