@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
-from .config import ACCEPT_WINDOW
+from .config import being_accepted
 from .errors import IdempotencyKeyMismatch
 from .forks import fresh_in_child
 from .identity import (
@@ -217,6 +217,6 @@ async def submit_async(task: Any, args: Any = None, kwargs: Any = None, *, key: 
     elif op.status is Status.PENDING and op.needs_publish:  # see IdempotentTask.submit
         checked_at = await astore.now()
         sub = dataclasses.replace(sub, checked_at=checked_at)
-        if checked_at - op.created_at >= ACCEPT_WINDOW:
+        if not being_accepted(op, checked_at):
             await asyncio.to_thread(_pooled, task.publish, op, args, kwargs, due=due, **first_deadline(op, options))
     return sub

@@ -30,6 +30,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 from .identity import DEFAULT_SCOPE
+from .models import Operation, Status
 
 __all__ = [
     "ACCEPT_WINDOW",
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_TTL",
     "ON_BUSY_POLICIES",
     "SETTINGS",
+    "being_accepted",
 ]
 
 #: The embedded default: a SQLite file in the working directory, so nothing needs a server to try idemtasks.
@@ -84,6 +86,13 @@ DEFAULT_MAX_CRASHES = 3
 #: A duplicate inside this window is told to come back (HTTP 409); after it, the first request is presumed dead and
 #: the message is published again, which is safe because the worker's claim deduplicates.
 ACCEPT_WINDOW = 10.0
+
+
+def being_accepted(op: Operation, now: float) -> bool:
+    """Whether ``op`` is still being accepted at ``now`` (the store's clock): created less than ACCEPT_WINDOW ago and
+    not yet published. Its creator may still publish it, or remove it should that fail: a repeat is told to come back
+    (HTTP 409, the outbox's "try again") rather than answered with its id, and does not publish it itself."""
+    return op.status is Status.PENDING and op.needs_publish and now - op.created_at < ACCEPT_WINDOW
 
 #: (task attribute, ``app.conf`` key, default)
 SETTINGS: tuple[tuple[str, str, Any], ...] = (

@@ -20,10 +20,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from .config import ACCEPT_WINDOW, DEFAULT_TTL
+from .config import DEFAULT_TTL, being_accepted
 from .errors import ConfigurationError, IdempotencyKeyMismatch, StoreUnavailable
 from .identity import fingerprint_of_call, key_digest, new_operation_id, stored_call, validate_key, validate_scope
-from .models import Operation, Status
+from .models import Operation
 from .stores import SQL_SCHEMES, Store, public_url, url_scheme
 from .stores.base import CreateRequest, decide_create
 from .stores.sql import _MYSQL_DUPLICATE_KEY, _PG_UNIQUE_VIOLATION, DEFAULT_TABLE, SQLStore, _mysql_code, _pg_code
@@ -130,7 +130,7 @@ class Outbox:
         if existing.fingerprint != fp:
             raise IdempotencyKeyMismatch(scope=scope, key=key, operation_id=existing.id,
                                          stored_fingerprint=existing.fingerprint, fingerprint=fp)
-        if existing.status is Status.PENDING and existing.needs_publish and now - existing.created_at < ACCEPT_WINDOW:
+        if being_accepted(existing, now):
             # Created and not yet published, by a caller that may still be publishing it: a submit whose publish fails
             # removes the record (Store.abandon), and rows this transaction commits would name an operation that is
             # gone. Such a repeat is what HTTP answers 409 for; here: roll back and try again, and by then the record

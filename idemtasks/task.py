@@ -22,7 +22,7 @@ from celery.exceptions import Retry
 from celery.utils.time import maybe_iso8601
 
 from . import checks, config, revoked  # noqa: F401 - revoked connects the handler of discarded messages
-from .config import ACCEPT_WINDOW
+from .config import ACCEPT_WINDOW, being_accepted
 from .errors import IdemtasksError, PublishFailed
 from .execution import HEADER, Attempt, header_of, retry_payload, run_attempt
 from .forks import fresh_in_child
@@ -357,7 +357,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # a second copy harmless. The reading goes with the answer (an HTTP 409 or a replay is decided on it).
             checked_at = store.now()
             sub = dataclasses.replace(sub, checked_at=checked_at)
-            if checked_at - op.created_at >= ACCEPT_WINDOW:
+            if not being_accepted(op, checked_at):
                 self.publish(op, args, kwargs, due=due, **first_deadline(op, options))
         return sub
 

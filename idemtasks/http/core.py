@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 from uuid import UUID
 
-from ..config import ACCEPT_WINDOW
+from ..config import ACCEPT_WINDOW, being_accepted
 from ..errors import (
     IdempotencyKeyMismatch,
     IdemtasksError,
@@ -345,7 +345,7 @@ def accepted(sub: Submission, location: str, policy: HttpPolicy, *, now: float) 
     if sub.created:
         # Created just now, on the store's clock: the delay it was created with, exactly.
         return Reply(202, op.to_dict(), {"Location": location, "Retry-After": poll_after(op, policy, op.created_at)})
-    if op.status is Status.PENDING and op.needs_publish and now - op.created_at < ACCEPT_WINDOW:
+    if being_accepted(op, now):
         return problem(409, "idempotency_key_in_use", "Request in progress",
                        "a request with this idempotency key is still being processed; retry later",
                        retry_after=policy.retry_after)
