@@ -22,7 +22,7 @@ from celery.exceptions import Retry
 from celery.utils.time import maybe_iso8601
 
 from . import checks, config, revoked  # noqa: F401 - revoked connects the handler of discarded messages
-from .config import ACCEPT_WINDOW, being_accepted
+from .config import being_accepted
 from .errors import IdemtasksError, PublishFailed
 from .execution import HEADER, Attempt, header_of, retry_payload, run_attempt
 from .forks import fresh_in_child
@@ -37,21 +37,21 @@ from .identity import (
 )
 from .models import Operation, Status, Submission
 from .stores import Store, shared_store
-from .stores.base import held_to
+from .stores.base import ABANDON_WITHIN, held_to
 
 __all__ = ["IdempotentTask"]
 
 logger = logging.getLogger("idemtasks.task")
-#: How much sooner than ACCEPT_WINDOW after its creation a publish must have failed for submit to remove its record
-#: (see abandon_deadline): the clocks of this process and of the store, by which a duplicate judges, never agree.
-_ABANDON_MARGIN = 1.0
 
 
 def abandon_deadline() -> float:
     """The monotonic time until which a submit about to create a record may remove it, should its publish fail: a
     duplicate finds the record unpublished once ACCEPT_WINDOW has passed since the creation, and may then publish it
-    and answer its client with its id. Taken before the create, whose answer may come late."""
-    return time.monotonic() + ACCEPT_WINDOW - _ABANDON_MARGIN
+    and answer its client with its id. Taken before the create, whose answer may come late; the store keeps to the
+    same window (ABANDON_WITHIN, a second short of ACCEPT_WINDOW) on its own clock."""
+    return time.monotonic() + ABANDON_WITHIN
+
+
 _configure_lock = threading.RLock()
 fresh_in_child(sys.modules[__name__], "_configure_lock", threading.RLock)  # the parent's sweeper may hold it
 

@@ -60,7 +60,7 @@ def test_a_publish_that_fails_after_the_accept_window_keeps_its_record(server_st
     may be publishing it, its client answered with this id. Removed, that accepted work was lost (its Location a
     404, another payload under the key taken as new). Kept, the duplicate's message, the client's retry or recovery
     runs it."""
-    monkeypatch.setattr(task_module, "ACCEPT_WINDOW", 1.5)  # the window less the margin: 0.5 s
+    monkeypatch.setattr(task_module, "ABANDON_WITHIN", 0.5)  # the window less the margin
     with socket.socket() as silent:  # accepts, never answers: the publish waits for the broker's socket timeout
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -76,7 +76,7 @@ def test_a_publish_that_fails_at_once_after_a_late_creation_keeps_its_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The window runs from the creation, not from the publish: a creation whose answer came late (here, waiting
     for another writer's lock) leaves a duplicate as long to find the record past ACCEPT_WINDOW and publish it."""
-    monkeypatch.setattr(task_module, "ACCEPT_WINDOW", 4.5)  # the window less the margin: 3.5 s
+    monkeypatch.setattr(task_module, "ABANDON_WITHIN", 3.5)  # the window less the margin
     store = make_store("sqlite", tmp_path)
     path = str(store.engine.url.database)  # type: ignore[attr-defined]
     writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

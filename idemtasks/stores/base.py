@@ -51,6 +51,8 @@ PURGE_GRACE = 600.0
 
 #: Seconds after its creation (on the store's clock) past which :meth:`Store.abandon` keeps a record: a second short of
 #: ACCEPT_WINDOW, from which a duplicate finding it unpublished takes it over (publishes it and answers with its id).
+#: A submit counts the same window on its own clock (``task.abandon_deadline``), which never agrees with the store's:
+#: hence the second.
 ABANDON_WITHIN = ACCEPT_WINDOW - 1.0
 
 #: Fewest seconds between suspecting a lapsed lease and taking the operation over (by a claim or by recovery): twice
