@@ -62,8 +62,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .sql_errors import driver_outage
 
-__all__ = ["ALTER_LOCK_WAIT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PACKET_OVERHEAD", "PG_KEEPALIVES",
-           "SQLITE_IMMEDIATE", "add_missing_columns", "create_tables", "dispose_after_fork", "dispose_for_good",
+__all__ = ["ALTER_LOCK_WAIT", "CONNECT_TIMEOUT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PACKET_OVERHEAD",
+           "PG_KEEPALIVES", "SQLITE_IMMEDIATE", "add_missing_columns", "create_tables", "dispose_after_fork", "dispose_for_good",
            "is_outage", "make_engine", "operations_table", "packet_limit", "packet_value_limit", "pg_connect_args",
            "ping_when_idle", "watch_packet_limit"]
 
@@ -72,6 +72,10 @@ DEFAULT_TABLE = "idemtasks_operations"
 
 #: Seconds a pooled connection may sit unused before it is checked with a ping on its next checkout.
 IDLE_BEFORE_PING = 1.0
+
+#: Seconds the store's engines wait to connect (PostgreSQL, MariaDB/MySQL; and, through PyMySQL, for the server's
+#: greeting and the login) unless the URL or the caller says otherwise: an unreachable server is an outage at once.
+CONNECT_TIMEOUT = 5
 
 #: libpq's connection settings for a peer that goes silent: probe after 30 s of quiet, every 10 s, give up after
 #: 3 unanswered probes; and drop a connection whose sent data stays unacknowledged for 60 s.
@@ -171,7 +175,7 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
         # time zone: the store's clock reads UTC_TIMESTAMP(), so a caller's engine or init_command may set any.)
         kwargs.update(pool_recycle=3600, isolation_level="READ COMMITTED")
         if "connect_timeout" not in u.query:  # the URL's own wins, as on PostgreSQL
-            connect_args.update(connect_timeout=5)
+            connect_args.update(connect_timeout=CONNECT_TIMEOUT)
     kwargs.update(options)
     kwargs["connect_args"] = {**connect_args, **options.get("connect_args", {})}
     bounded = _pymysql_handshake_bounds(u, kwargs["connect_args"])
@@ -201,7 +205,7 @@ def _pymysql_handshake_bounds(url: sa.URL, connect_args: dict[str, Any]) -> tupl
     too; :func:`_lift_bounds` lifts those again once connected (statements may be long). The names set, if any."""
     if url.get_driver_name() != "pymysql":
         return ()
-    given: Any = connect_args.get("connect_timeout") or url.query.get("connect_timeout") or 5
+    given: Any = connect_args.get("connect_timeout") or url.query.get("connect_timeout") or CONNECT_TIMEOUT
     bound = float(given if not isinstance(given, tuple) else given[-1])
     unset = tuple(name for name in ("read_timeout", "write_timeout")
                   if name not in url.query and name not in connect_args)
@@ -242,7 +246,7 @@ def pg_connect_args(url: sa.URL) -> dict[str, Any]:
     # connection would leave a thread waiting for an answer for as long as the kernel keeps retrying (15 minutes or
     # more on Linux): keepalives find a silent peer once the connection is idle, and tcp_user_timeout bounds data
     # left unacknowledged, so the wait ends as StoreUnavailable within about a minute.
-    return {k: v for k, v in {"connect_timeout": 5, **PG_KEEPALIVES}.items() if k not in url.query}
+    return {k: v for k, v in {"connect_timeout": CONNECT_TIMEOUT, **PG_KEEPALIVES}.items() if k not in url.query}
 
 
 def ping_when_idle(engine: sa.Engine) -> None:
