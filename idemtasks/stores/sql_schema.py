@@ -63,9 +63,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .sql_errors import driver_outage
 
 __all__ = ["ALTER_LOCK_WAIT", "CONNECT_TIMEOUT", "DEFAULT_TABLE", "IDLE_BEFORE_PING", "PACKET_OVERHEAD",
-           "PG_KEEPALIVES", "SQLITE_IMMEDIATE", "add_missing_columns", "create_tables", "dispose_after_fork", "dispose_for_good",
-           "is_outage", "make_engine", "operations_table", "packet_limit", "packet_value_limit", "pg_connect_args",
-           "ping_when_idle", "watch_packet_limit"]
+           "PG_KEEPALIVES", "SQLITE_IMMEDIATE", "add_missing_columns", "create_tables", "dispose_after_fork",
+           "dispose_for_good", "is_outage", "make_engine", "operations_table", "packet_limit", "packet_value_limit",
+           "pg_connect_args", "ping_when_idle", "watch_packet_limit"]
 
 #: The table of a store opened from a URL alone.
 DEFAULT_TABLE = "idemtasks_operations"
