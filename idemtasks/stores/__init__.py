@@ -40,31 +40,39 @@ def open_store(url: str, **options: Any) -> Store:
         raise ConfigurationError(f"store URL {url!r} is not a URL (expected e.g. redis://, postgresql+psycopg://, "
                                  "sqlite:///, mysql+pymysql://, memory://)")
     scheme = url_scheme(url)
-    try:
-        if scheme in REDIS_SCHEMES:
-            from .redis import RedisStore
+    if scheme in REDIS_SCHEMES:
+        from .redis import RedisStore
 
+        try:
             return RedisStore(url, **options)
-        if scheme in SQL_SCHEMES:
-            # .sql first: without SQLAlchemy, its ImportError says what to install.
-            from .sql import SQLStore  # noqa: I001
+        except ConfigurationError:
+            raise  # the store's own, which names the problem already
+        except (TypeError, ValueError) as exc:
+            raise _unusable(url, exc) from exc
+    if scheme in SQL_SCHEMES:
+        # .sql first: without SQLAlchemy, its ImportError says what to install.
+        from .sql import SQLStore  # noqa: I001
 
-            from sqlalchemy.exc import ArgumentError
+        from sqlalchemy.exc import ArgumentError
 
-            try:
-                return SQLStore(url, **options)
-            except ArgumentError as exc:  # no such dialect or driver, a URL SQLAlchemy cannot read
-                raise ValueError(str(exc)) from exc
-    except (TypeError, ValueError) as exc:
-        # What the URL says cannot be used: a port out of range, a query value of the wrong type, a driver that
-        # takes other arguments.
-        raise ConfigurationError(f"store URL {public_url(url)} cannot be opened: {type(exc).__name__}: {exc}") from exc
+        try:
+            return SQLStore(url, **options)
+        except ConfigurationError:
+            raise
+        except (TypeError, ValueError, ArgumentError) as exc:  # ArgumentError: no such dialect or driver
+            raise _unusable(url, exc) from exc
     if scheme == "memory":
         from .memory import MemoryStore
 
         return MemoryStore(url, **options)
     raise ConfigurationError(f"store URL scheme {scheme!r} is not supported; use redis, rediss, postgresql, "
                              "sqlite, mysql, mariadb or memory")
+
+
+def _unusable(url: str, exc: Exception) -> ConfigurationError:
+    """What the URL says cannot be used: a port out of range, a query value of the wrong type, no such driver, a
+    driver that takes other arguments. No retry mends it."""
+    return ConfigurationError(f"store URL {public_url(url)} cannot be opened: {type(exc).__name__}: {exc}")
 
 
 _shared: dict[tuple[int, str], Store] = {}
