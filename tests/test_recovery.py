@@ -760,9 +760,9 @@ class TestDeadlines:
         """The first request died before publishing; the client's repeat publishes the message: with the deadline
         stored, not one counted from the repeat (recovery would otherwise fail an operation whose message is
         still valid, or a copy would run past the first deadline)."""
-        import idemtasks.task
+        import idemtasks.config
 
-        monkeypatch.setattr(idemtasks.task, "ACCEPT_WINDOW", 0.0)  # the first request is presumed dead at once
+        monkeypatch.setattr(idemtasks.config, "ACCEPT_WINDOW", 0.0)  # the first request is presumed dead at once
         key, op_id = rig.lost_submit(6, expires=60)
         stored = parse_stored_call(rig.store.get_by_id(op_id).payload or "")[3]["expires"]  # type: ignore[union-attr]
         with published_deadlines() as sent:
